@@ -1,0 +1,338 @@
+"""The Python API: `search(...)` and `merge(...)` return a `MergeResult`; the CLI and the Space call these.
+
+>>> from hf_bomerge import search
+>>> result = search("EleutherAI/pythia-160m", revisions="step140000..step143000", trials=12)  # doctest: +SKIP
+>>> result.save_pretrained("pythia-160m-bomerge")                                           # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from . import __version__
+from . import weights as W
+from .checkpoints import CheckpointSet
+from .errors import BOMergeError, HubError, OutputError
+from .heldout import DEFAULT_MAX_EVAL_TOKENS, HeldOutSpec, heldout_blocks, mean_nll
+from .hub import SIDE_FILES, Source, default_cache_dir, open_source
+from .engine import DEFAULT_MAX_SHARD_SIZE, ResidentMerger, export_merge, replace_dir
+from .revisions import resolve_revisions
+from .study import make_space, default_study_name, run_search
+
+SCHEMA = 1
+RECIPE_FILE = "bomerge_recipe.yaml"
+RESULT_FILE = "bomerge_result.json"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class MergeResult:
+    """What a merge is: the revisions (oldest first, pinned to shas), their weights, and how it scored.
+
+    The public fields are the `--json` object; `save_pretrained` writes the merged model.
+    """
+
+    source: str
+    revisions: list[str]
+    shas: list[str]
+    weights: list[float]
+    objective: str = "loss"
+    loss: float | None = None
+    baselines: dict[str, float] = field(default_factory=dict)
+    generalization: dict[str, dict[str, float]] = field(default_factory=dict)
+    trials: int = 0
+    study: str | None = None
+    output: str | None = None
+    # Not part of --json: what is needed to write and describe the merge.
+    source_kind: str = "hub"
+    search: str | None = None
+    dataset: str | None = None
+    dataset_is_hub: bool = False
+    eval_tokens: int = 0
+    dtype: str | None = None
+    folders: list[Path] = field(default_factory=list, repr=False)
+    tokenizer_folder: Path | None = field(default=None, repr=False)
+
+    def summary(self) -> dict:
+        """The `--json` object."""
+        keys = ("source", "revisions", "shas", "weights", "objective", "loss", "baselines", "generalization",
+                "trials", "study", "output")
+        return {"schema": SCHEMA, **{k: getattr(self, k) for k in keys}}
+
+    def recipe(self) -> dict:
+        return {"hf_bomerge_version": __version__, "source": self.source, "source_kind": self.source_kind,
+                "revisions": [{"name": n, "sha": s} for n, s in zip(self.revisions, self.shas)],
+                "weights": self.weights, "dtype": self.dtype}
+
+    def save_pretrained(self, output: str | Path, *, overwrite: bool = False, dtype: str | None = None,
+                        max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE, progress: bool = True) -> Path:
+        """Write the merged model (sharded safetensors, config, tokenizer, card, recipe) to `output`.
+
+        Everything is written to a temporary sibling folder that is renamed when complete, so `output`
+        never holds half a model. An existing folder is replaced only with `overwrite=True` or when it
+        holds an earlier result of the same study.
+        """
+        import yaml
+
+        from .card import render_card
+
+        target = Path(output).expanduser().resolve()
+        _check_output(target, self, overwrite)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self.dtype = dtype or self.dtype
+        ckpts = CheckpointSet(self.folders, self.revisions)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+        try:
+            export_merge(ckpts, self.weights, staging, dtype=_DTYPES[self.dtype] if self.dtype else None,
+                         max_shard_size=max_shard_size)
+            _copy_side_files(self.folders[-1], self.tokenizer_folder, staging, self.dtype)
+            self.output = str(target)
+            (staging / RECIPE_FILE).write_text(yaml.safe_dump(self.recipe(), sort_keys=False))
+            (staging / RESULT_FILE).write_text(json.dumps(self.summary(), indent=2) + "\n")
+            render_card(self).save(staging / "README.md")
+            replace_dir(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return target
+
+
+def _check_output(target: Path, result: MergeResult, overwrite: bool) -> None:
+    if not target.exists() or overwrite:
+        return
+    previous = target / RESULT_FILE
+    if previous.is_file():
+        old = json.loads(previous.read_text())
+        if old.get("study") and old.get("study") == result.study:
+            return
+    if target.is_dir() and not any(target.iterdir()):
+        return
+    raise OutputError(f"{target} already exists and was not written by hf-bomerge for this study; "
+                      "choose another --output or pass --overwrite to replace it.")
+
+
+def _copy_side_files(reference: Path, tokenizer_folder: Path | None, staging: Path, dtype: str | None) -> None:
+    for folder in dict.fromkeys(f for f in (tokenizer_folder, reference) if f is not None):
+        for name in SIDE_FILES:
+            if (folder / name).is_file() and not (staging / name).exists():
+                shutil.copyfile(folder / name, staging / name)
+    config = staging / "config.json"
+    if dtype and config.is_file():
+        data = json.loads(config.read_text())
+        for key in ("dtype", "torch_dtype"):
+            if key in data or key == "dtype":
+                data[key] = str(_DTYPES[dtype]).removeprefix("torch.")
+        config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+@dataclass
+class _Prepared:
+    source: Source
+    names: list[str]
+    shas: list[str]
+    folders: list[Path]
+    tokenizer_folder: Path
+    note: str | None
+
+
+def _prepare(source: str, revisions: str, max_checkpoints: int, token, cache_dir, progress: bool,
+             shas: Sequence[str] | None = None) -> _Prepared:
+    """Resolve the revisions (or take the pinned `shas` of a recipe) and download them."""
+    src = open_source(source, token=token, cache_dir=cache_dir)
+    resolved = resolve_revisions(revisions, src.refs(), max_checkpoints)
+    pins = [r.sha for r in resolved.revisions]
+    if shas is not None:
+        if src.kind == "folder" and list(shas) != pins:
+            changed = [n for n, a, b in zip(resolved.names, shas, pins) if a != b]
+            raise HubError(f"The checkpoint folders {changed} of {src.id} changed since the recipe was written; "
+                           "the recipe cannot be reproduced from them.")
+        pins = list(shas)
+    folders = [src.fetch(name, pin) for name, pin in _bar(list(zip(resolved.names, pins)), "download", progress)]
+    return _Prepared(src, resolved.names, pins, folders, _tokenizer_folder(src, folders[-1]), resolved.note)
+
+
+def _tokenizer_folder(src: Source, latest: Path) -> Path:
+    """The tokenizer of the latest revision, else of `main` / the folder root."""
+    if any((latest / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return latest
+    if src.kind == "folder" and (src.path / "tokenizer_config.json").is_file():
+        return src.path
+    refs = src.refs()
+    if "main" in refs:
+        return src.fetch("main", refs["main"])
+    raise HubError(f"No tokenizer in the latest revision of {src.id} nor in its main branch.")
+
+
+def _bar(items, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="rev", disable=not enabled)
+
+
+def _eval_dtype(name: str | None, device: str, ckpts: CheckpointSet) -> torch.dtype:
+    if name:
+        return _DTYPES[name]
+    if device.startswith("cuda"):
+        ref = ckpts.reference.infos[ckpts.merged_names[0]].dtype
+        return ref if ref in (torch.float16, torch.bfloat16) else torch.bfloat16
+    return torch.float32  # half-precision matmul on CPUs is ~100x slower
+
+
+class _Evaluator:
+    """A resident model, the N checkpoints beside it, and the held-out blocks: weights in, loss out."""
+
+    def __init__(self, prep: _Prepared, ckpts: CheckpointSet, *, dataset: HeldOutSpec, block_size: int | None,
+                 max_eval_tokens: int, batch_size: int, eval_dtype: str | None, device: str | None,
+                 trust_remote_code: bool, cache_dir: Path):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = _eval_dtype(eval_dtype, self.device, ckpts)
+        hf_logging.set_verbosity_error()  # legacy Pythia buffers are "unexpected keys": expected here
+        self.model = AutoModelForCausalLM.from_pretrained(
+            prep.folders[-1], dtype=dtype, trust_remote_code=trust_remote_code).to(self.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(prep.tokenizer_folder, trust_remote_code=trust_remote_code)
+        context = getattr(self.model.config, "max_position_embeddings", 2048) or 2048
+        self.block_size = min(block_size or 2048, context)
+        self.batch_size, self.max_eval_tokens, self.cache_dir = batch_size, max_eval_tokens, cache_dir
+        self.tokenizer_folder = prep.tokenizer_folder
+        self.blocks = self.blocks_for(dataset)
+        self.merger = ResidentMerger(self.model, ckpts)
+
+    def blocks_for(self, spec: HeldOutSpec) -> torch.Tensor:
+        return heldout_blocks(spec, self.tokenizer, self.tokenizer_folder, self.block_size, self.max_eval_tokens,
+                              self.cache_dir)
+
+    def __call__(self, weights: Sequence[float], blocks: torch.Tensor | None = None) -> float:
+        self.merger.apply(weights)
+        return mean_nll(self.model, self.blocks if blocks is None else blocks, self.batch_size)
+
+
+def _heldout(dataset, dataset_config, split, text_column) -> HeldOutSpec:
+    if dataset is None:
+        return HeldOutSpec(text_column=text_column)
+    spec = HeldOutSpec.parse(dataset, text_column)
+    if Path(dataset).expanduser().exists():
+        return spec
+    return HeldOutSpec(spec.dataset, dataset_config or spec.config, split or spec.split, text_column)
+
+
+def search(source: str, revisions: str = "last:2", *, dataset: str | None = None,
+           dataset_config: str | None = None, split: str | None = None, text_column: str = "text",
+           eval_datasets: Sequence[str] = (), max_eval_tokens: int = DEFAULT_MAX_EVAL_TOKENS,
+           block_size: int | None = None, batch_size: int = 4, eval_dtype: str | None = None,
+           search: str = "auto", trials: int = 20, lambda_min: float = 0.0, seed: int | None = 0,
+           ema_alpha: float = 0.2, max_checkpoints: int = 8, storage: str | None = None,
+           study_name: str | None = None, device: str | None = None, token: str | bool | None = None,
+           cache_dir: str | Path | None = None, trust_remote_code: bool = False,
+           progress: bool = True) -> MergeResult:
+    """Search merge weights for `revisions` of `source` with a GP on held-out loss.
+
+    >>> result = search("EleutherAI/pythia-160m", revisions="last:4", trials=16)   # doctest: +SKIP
+    >>> result.weights, result.loss, result.baselines                               # doctest: +SKIP
+    """
+    cache = Path(cache_dir or default_cache_dir())
+    prep = _prepare(source, revisions, max_checkpoints, token, cache_dir, progress)
+    ckpts = CheckpointSet(prep.folders, prep.names)
+    space = make_space(search, len(ckpts), lambda_min)
+    spec = _heldout(dataset, dataset_config, split, text_column)
+    evaluator = _Evaluator(prep, ckpts, dataset=spec, block_size=block_size, max_eval_tokens=max_eval_tokens,
+                           batch_size=batch_size, eval_dtype=eval_dtype, device=device,
+                           trust_remote_code=trust_remote_code, cache_dir=cache)
+    inputs = {"source": prep.source.id, "shas": prep.shas, "dataset": spec.label, "objective": "loss",
+              "space": space.kind, "lambda_min": lambda_min, "block_size": evaluator.block_size,
+              "max_eval_tokens": max_eval_tokens, "ema_alpha": ema_alpha}
+    name = study_name or default_study_name(inputs)
+    url = storage or f"sqlite:///{cache / 'studies.db'}"
+    outcome = run_search(evaluator, space, prep.names, trials=trials, storage=url, study_name=name, inputs=inputs,
+                         seed=seed, ema_alpha=ema_alpha, progress=progress)
+    best = outcome.best
+    generalization = _generalization(evaluator, eval_datasets, text_column, best.weights, outcome, prep.names)
+    return MergeResult(
+        source=prep.source.id, revisions=prep.names, shas=prep.shas, weights=best.weights, loss=best.loss,
+        baselines=outcome.baselines, generalization=generalization, trials=len(outcome.trials), study=name,
+        source_kind=prep.source.kind, search=space.kind, dataset=spec.label,
+        dataset_is_hub=not Path(spec.dataset).expanduser().exists(),
+        eval_tokens=int(evaluator.blocks.numel()), folders=prep.folders, tokenizer_folder=prep.tokenizer_folder)
+
+
+def _generalization(evaluator: _Evaluator, eval_datasets, text_column, best_weights, outcome, names) -> dict:
+    """Loss of the merge, the best single checkpoint and the uniform average on each extra eval set."""
+    if not eval_datasets:
+        return {}
+    singles = {k: v for k, v in outcome.baselines.items() if k in names}
+    best_single = min(singles, key=singles.get) if singles else names[-1]
+    candidates = {"merged": best_weights, "best_single": W.one_hot(len(names), names.index(best_single)),
+                  "uniform": W.uniform(len(names))}
+    report = {}
+    for text in eval_datasets:
+        spec = HeldOutSpec.parse(text, text_column)
+        blocks = evaluator.blocks_for(spec)
+        report[spec.label] = {k: evaluator(w, blocks) for k, w in candidates.items()}
+        report[spec.label]["best_single_revision"] = best_single
+    evaluator.merger.apply(best_weights)
+    return report
+
+
+def merge(source: str, revisions: str = "last:2", *, weights: Sequence[float] | None = None,
+          method: str | None = None, ema_alpha: float = 0.2, allow_extrapolation: bool = False,
+          max_checkpoints: int = 8, evaluate: bool = True, dataset: str | None = None,
+          dataset_config: str | None = None, split: str | None = None, text_column: str = "text",
+          max_eval_tokens: int = DEFAULT_MAX_EVAL_TOKENS, block_size: int | None = None, batch_size: int = 4,
+          eval_dtype: str | None = None, device: str | None = None, token: str | bool | None = None,
+          cache_dir: str | Path | None = None, trust_remote_code: bool = False, progress: bool = True,
+          shas: Sequence[str] | None = None) -> MergeResult:
+    """A fixed merge (explicit `weights` or `method` sma/ema/wma), no search.
+
+    >>> merge("EleutherAI/pythia-160m", "last:4", method="ema").save_pretrained("ema")   # doctest: +SKIP
+    """
+    cache = Path(cache_dir or default_cache_dir())
+    prep = _prepare(source, revisions, max_checkpoints, token, cache_dir, progress, shas)
+    n = len(prep.names)
+    if weights is None:
+        weights = W.rule(method or "sma", n, ema_alpha)
+    weights = W.check(weights, n, allow_extrapolation)
+    result = MergeResult(source=prep.source.id, revisions=prep.names, shas=prep.shas, weights=list(weights),
+                         source_kind=prep.source.kind, folders=prep.folders, tokenizer_folder=prep.tokenizer_folder)
+    if evaluate:
+        ckpts = CheckpointSet(prep.folders, prep.names)
+        spec = _heldout(dataset, dataset_config, split, text_column)
+        evaluator = _Evaluator(prep, ckpts, dataset=spec, block_size=block_size, max_eval_tokens=max_eval_tokens,
+                               batch_size=batch_size, eval_dtype=eval_dtype, device=device,
+                               trust_remote_code=trust_remote_code, cache_dir=cache)
+        result.loss = evaluator(result.weights)
+        result.dataset, result.eval_tokens = spec.label, int(evaluator.blocks.numel())
+        result.dataset_is_hub = not Path(spec.dataset).expanduser().exists()
+    return result
+
+
+def from_recipe(path: str | Path, *, token: str | bool | None = None, cache_dir: str | Path | None = None,
+                progress: bool = True) -> MergeResult:
+    """The merge a `bomerge_recipe.yaml` describes, pinned to its commits, ready to `save_pretrained`.
+
+    >>> from_recipe("merged/bomerge_recipe.yaml").save_pretrained("again")   # doctest: +SKIP
+    """
+    import yaml
+
+    try:
+        recipe = yaml.safe_load(Path(path).read_text())
+        names = [r["name"] for r in recipe["revisions"]]
+        shas = [r["sha"] for r in recipe["revisions"]]
+        source, weights = recipe["source"], recipe["weights"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError) as err:
+        raise BOMergeError(f"Cannot read the recipe {path}: {err}. A recipe is the bomerge_recipe.yaml "
+                           "that hf-bomerge writes next to a merged model.") from err
+    result = merge(source, ",".join(names), weights=weights, allow_extrapolation=True, evaluate=False,
+                   max_checkpoints=0, token=token, cache_dir=cache_dir, progress=progress, shas=shas)
+    result.dtype = recipe.get("dtype")
+    return result

@@ -1,0 +1,227 @@
+"""A lazy, validated view over the N checkpoints of one training run.
+
+Tensors are read one at a time: safetensors through `safe_open` (memory-mapped), `.bin` through
+`torch.load(weights_only=True, mmap=True)`, which never unpickles anything but tensors. Names, shapes
+and dtypes are checked across all checkpoints once, up front, from the headers alone where the format
+allows it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from safetensors import safe_open
+
+from .errors import CheckpointError
+
+# Buffers that Pythia-era GPT-NeoX files carry and current models do not treat as parameters. They are
+# copied from the reference checkpoint: averaging `masked_bias` (-1e9, i.e. -inf in fp16) gives NaN.
+LEGACY_BUFFER_SUFFIXES = ("masked_bias", "inv_freq", "position_ids", "attention.bias", "attn.bias")
+
+# Weight files in order of preference, as transformers looks for them.
+WEIGHT_LAYOUTS = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * _itemsize(self.dtype)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def find_weight_files(folder: Path) -> list[Path]:
+    """The weight files of one checkpoint folder, in transformers' order of preference.
+
+    Only weights are listed: an HF Trainer folder's `optimizer.pt` or `training_args.bin` are never opened.
+    """
+    folder = Path(folder)
+    for layout in WEIGHT_LAYOUTS:
+        path = folder / layout
+        if path.is_file():
+            if layout.endswith(".index.json"):
+                weight_map = json.loads(path.read_text())["weight_map"]
+                return [folder / f for f in dict.fromkeys(weight_map.values())]
+            return [path]
+    raise CheckpointError(
+        f"No model weights in {folder}: expected one of {', '.join(WEIGHT_LAYOUTS)}. "
+        "Point hf-bomerge at a folder (or revision) that holds a transformers checkpoint."
+    )
+
+
+class Checkpoint:
+    """One checkpoint's tensors, read lazily by name.
+
+    >>> ckpt = Checkpoint("run/step1000")           # doctest: +SKIP
+    >>> ckpt.infos["embed_out.weight"].shape        # doctest: +SKIP
+    (50304, 2048)
+    """
+
+    def __init__(self, folder: str | Path, label: str | None = None):
+        self.folder = Path(folder)
+        self.label = label or self.folder.name
+        self.files = find_weight_files(self.folder)
+        self.infos: dict[str, TensorInfo] = {}
+        self._where: dict[str, int] = {}
+        self._handles: dict[int, object] = {}
+        for index, path in enumerate(self.files):
+            for info in self._read_header(index, path):
+                self.infos[info.name] = info
+                self._where[info.name] = index
+
+    def _read_header(self, index: int, path: Path) -> list[TensorInfo]:
+        if path.suffix == ".safetensors":
+            try:
+                with open(path, "rb") as f:
+                    size = int.from_bytes(f.read(8), "little")
+                    header = json.loads(f.read(size))
+            except (OSError, ValueError) as err:
+                raise CheckpointError(f"Cannot read the safetensors header of {path}: {err}. "
+                                      "The file is truncated or corrupt; delete it and download it again.") from err
+            header.pop("__metadata__", None)
+            return [TensorInfo(n, tuple(h["shape"]), _ST_DTYPES[h["dtype"]]) for n, h in header.items()]
+        state = self._open(index)
+        return [TensorInfo(n, tuple(t.shape), t.dtype) for n, t in state.items()]
+
+    def _open(self, index: int):
+        if index not in self._handles:
+            path = self.files[index]
+            if path.suffix == ".safetensors":
+                self._handles[index] = safe_open(str(path), framework="pt")
+            else:
+                self._handles[index] = load_bin(path)
+        return self._handles[index]
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor `name`, in its stored dtype, on CPU."""
+        handle = self._open(self._where[name])
+        if isinstance(handle, dict):
+            return handle[name]
+        return handle.get_tensor(name)
+
+    def aliases(self) -> dict[str, str]:
+        """Names whose tensor shares storage with an earlier name (tied weights in .bin files)."""
+        seen: dict[tuple, str] = {}
+        out: dict[str, str] = {}
+        for index in range(len(self.files)):
+            handle = self._open(index)
+            if not isinstance(handle, dict):
+                continue  # safetensors cannot store shared tensors
+            for name, t in handle.items():
+                if t.numel() == 0:
+                    continue
+                key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+                if key in seen:
+                    out[name] = seen[key]
+                else:
+                    seen[key] = name
+        return out
+
+
+def load_bin(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a `.bin` file, never unpickling anything else; mmap'd where the format allows."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as err:
+        if "zip" not in str(err).lower() and "mmap" not in str(err).lower():
+            raise CheckpointError(f"Cannot read {path}: {err}. The file may be truncated or corrupt; "
+                                  "delete it and download it again.") from err
+    except Exception as err:  # UnpicklingError for non-tensor content, EOFError for truncation
+        raise CheckpointError(f"Cannot read {path} as tensors only (weights_only=True): {err}. "
+                              "hf-bomerge never unpickles arbitrary objects; convert the file to "
+                              "safetensors or check that it is not truncated.") from err
+    try:  # legacy (pre-1.6, non-zip) format: no mmap, still weights_only
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"Cannot read {path} as tensors only: {err}.") from err
+
+
+def is_merged(info: TensorInfo) -> bool:
+    """Whether a tensor is a weighted parameter (floating point and not a legacy buffer)."""
+    return info.dtype.is_floating_point and not info.name.endswith(LEGACY_BUFFER_SUFFIXES)
+
+
+class CheckpointSet:
+    """N checkpoints of one model, validated to share tensor names and shapes; the last is the reference.
+
+    >>> ckpts = CheckpointSet(["run/step1000", "run/step2000"])   # doctest: +SKIP
+    >>> [name for name in ckpts.merged_names][:1]                 # doctest: +SKIP
+    ['gpt_neox.embed_in.weight']
+    """
+
+    def __init__(self, folders: Sequence[str | Path], labels: Sequence[str] | None = None):
+        if not folders:
+            raise CheckpointError("No checkpoints to merge.")
+        labels = list(labels) if labels is not None else [Path(f).name for f in folders]
+        self.checkpoints = [Checkpoint(f, label) for f, label in zip(folders, labels)]
+        self.reference = self.checkpoints[-1]
+        self._validate()
+        self.aliases = self.reference.aliases()
+        self.infos = self.reference.infos
+
+    def __len__(self) -> int:
+        return len(self.checkpoints)
+
+    @property
+    def labels(self) -> list[str]:
+        return [c.label for c in self.checkpoints]
+
+    def _validate(self) -> None:
+        ref = self.reference
+        for ckpt in self.checkpoints[:-1]:
+            missing = sorted(set(ref.infos) - set(ckpt.infos))
+            extra = sorted(set(ckpt.infos) - set(ref.infos))
+            if missing or extra:
+                what = f"lacks {missing[:3]}" if missing else f"has extra {extra[:3]}"
+                raise CheckpointError(
+                    f"Checkpoint {ckpt.label!r} {what} compared with {ref.label!r}"
+                    f"{' (and more)' if len(missing) > 3 or len(extra) > 3 else ''}: the revisions are not "
+                    "checkpoints of the same architecture. Choose revisions from one training run."
+                )
+            for name, info in ref.infos.items():
+                other = ckpt.infos[name]
+                if other.shape != info.shape:
+                    raise CheckpointError(
+                        f"Tensor {name!r} has shape {list(other.shape)} in {ckpt.label!r} but "
+                        f"{list(info.shape)} in {ref.label!r}: these checkpoints cannot be averaged. "
+                        "Choose revisions from one training run."
+                    )
+                if other.dtype.is_floating_point != info.dtype.is_floating_point:
+                    raise CheckpointError(
+                        f"Tensor {name!r} is {other.dtype} in {ckpt.label!r} but {info.dtype} in {ref.label!r}."
+                    )
+
+    @property
+    def merged_names(self) -> list[str]:
+        """Names that are weighted (aliases of tied weights excluded: they are merged once)."""
+        return [n for n, i in self.infos.items() if is_merged(i) and n not in self.aliases]
+
+    def tensors(self, name: str) -> list[torch.Tensor]:
+        return [c.get(name) for c in self.checkpoints]
+
+    def iter_names(self) -> Iterator[str]:
+        return iter(self.infos)

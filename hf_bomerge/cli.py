@@ -1,0 +1,204 @@
+"""`hf-bomerge`: a thin shell over the Python API (see DESIGN.md for the contract)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import BOMergeError
+from .heldout import DEFAULT_MAX_EVAL_TOKENS, perplexity
+from .engine import DEFAULT_MAX_SHARD_SIZE
+from .study import SEARCHES
+
+DEMO_REVISIONS = "last:4"
+EPILOG = """examples:
+  hf-bomerge EleutherAI/pythia-1b --revisions step100000..step143000
+  hf-bomerge EleutherAI/pythia-160m --revisions last:2 --search pairwise --trials 12 --json
+  hf-bomerge ./trainer-output --revisions checkpoint-1000.. --method ema
+  hf-bomerge --recipe merged/bomerge_recipe.yaml --output again
+  hf-bomerge demo"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hf-bomerge", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Merge intermediate checkpoints of one pretraining run with weights found by Bayesian "
+                    "optimization on held-out loss. SOURCE is a Hub repo id, a folder of checkpoints or a "
+                    "local git repository; `demo` runs the built-in offline demo.")
+    p.add_argument("source", nargs="?", help="Hub repo id ORG/NAME, a local folder, or `demo`")
+    p.add_argument("--version", action="version", version=f"hf-bomerge {__version__}")
+    g = p.add_argument_group("revisions")
+    g.add_argument("--revisions", default="last:2",
+                   help="A..B (training order, ends inclusive), R1,R2,..., or last:N (default: last:2)")
+    g.add_argument("--max-checkpoints", type=int, default=8, help="keep K evenly spaced (default 8; 0 = all)")
+    g = p.add_argument_group("held-out data")
+    g.add_argument("--dataset", help="Hub dataset id or local file/folder (default Salesforce/wikitext)")
+    g.add_argument("--dataset-config", help="dataset config (default wikitext-2-raw-v1 for the default dataset)")
+    g.add_argument("--split", help="split (default validation; a local file is its own single split)")
+    g.add_argument("--text-column", default="text")
+    g.add_argument("--eval-dataset", action="append", default=[], metavar="DATASET[:CONFIG][@SPLIT]",
+                   help="extra set for the generalization report (repeatable; or a local file)")
+    g.add_argument("--max-eval-tokens", type=int, default=DEFAULT_MAX_EVAL_TOKENS)
+    g.add_argument("--block-size", type=int, help="default: min(model context, 2048)")
+    g.add_argument("--batch-size", type=int, default=4)
+    g.add_argument("--eval-dtype", choices=["float32", "float16", "bfloat16"],
+                   help="default float32 on CPU, the checkpoint dtype on CUDA")
+    g.add_argument("--objective", default="loss", help="loss (default)")
+    g = p.add_argument_group("search")
+    g.add_argument("--search", choices=SEARCHES, default="auto")
+    g.add_argument("--trials", type=int, default=20, help="total COMPLETE trials of the study, seeds included")
+    g.add_argument("--lambda-min", type=float, default=0.0, help="pairwise lower bound of λ (default 0.0)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--storage", help="Optuna storage URL (default: SQLite under the cache dir)")
+    g.add_argument("--study-name", help="default: derived from the inputs")
+    g = p.add_argument_group("fixed merges (no search)")
+    g.add_argument("--weights", help="W1,W2,... one per revision, oldest first")
+    g.add_argument("--method", choices=["sma", "ema", "wma"])
+    g.add_argument("--ema-alpha", type=float, default=0.2)
+    g.add_argument("--allow-extrapolation", action="store_true", help="allow negative/unnormalized weights")
+    g.add_argument("--no-eval", action="store_true", help="fixed merges: skip the held-out evaluation")
+    g.add_argument("--recipe", help="reproduce the merge of a bomerge_recipe.yaml exactly, no search")
+    g = p.add_argument_group("output")
+    g.add_argument("--output", help="default ./<model-name>-bomerge")
+    g.add_argument("--overwrite", action="store_true")
+    g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: the checkpoints' dtype")
+    g.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE)
+    g.add_argument("--token", help="Hub token (default: HF_TOKEN or the login cache); never printed")
+    g = p.add_argument_group("other")
+    g.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    g.add_argument("--cache-dir", help="downloads, tokenized held-out data and the default study storage")
+    g.add_argument("--trust-remote-code", action="store_true", help="run the repo's own model code (off by default)")
+    g.add_argument("--dry-run", action="store_true", help="resolve the revisions and print the plan only")
+    g.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument("--debug", action="store_true", help="tracebacks for every error")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, stream=sys.stderr)
+    try:
+        result = run(args)
+    except BOMergeError as err:
+        if args.debug:
+            raise
+        print(f"hf-bomerge: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hf-bomerge: interrupted. Finished trials are saved in the study; run the same command again "
+              "to resume.", file=sys.stderr)
+        return 130
+    if result is not None:
+        report(result, args)
+    return 0
+
+
+def run(args: argparse.Namespace):
+    from . import api
+
+    progress = not args.quiet
+    if args.recipe:
+        result = api.from_recipe(args.recipe, token=args.token, cache_dir=args.cache_dir, progress=progress)
+        return _save(result, args, default_name=Path(args.recipe).resolve().parent.name + "-reproduced")
+    if args.source is None:
+        raise BOMergeError("Give a SOURCE (a Hub repo id such as EleutherAI/pythia-160m, or a folder of "
+                           "checkpoints), `--recipe FILE`, or `demo`. See hf-bomerge --help.")
+    if args.source == "demo":
+        return _demo(args)
+    if args.objective != "loss":
+        raise BOMergeError(f"--objective {args.objective!r} is not available yet: only `loss` (mean token NLL "
+                           "on the held-out split) is implemented in this version.")
+    if args.dry_run:
+        return _dry_run(args)
+    common = dict(dataset=args.dataset, dataset_config=args.dataset_config, split=args.split,
+                  text_column=args.text_column, max_eval_tokens=args.max_eval_tokens, block_size=args.block_size,
+                  batch_size=args.batch_size, eval_dtype=args.eval_dtype, device=args.device, token=args.token,
+                  cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code, progress=progress,
+                  max_checkpoints=args.max_checkpoints, ema_alpha=args.ema_alpha)
+    if args.weights or args.method:
+        from .weights import parse_weights
+
+        weights = parse_weights(args.weights) if args.weights else None
+        result = api.merge(args.source, args.revisions, weights=weights, method=args.method,
+                           allow_extrapolation=args.allow_extrapolation, evaluate=not args.no_eval, **common)
+    else:
+        result = api.search(args.source, args.revisions, eval_datasets=args.eval_dataset, search=args.search,
+                            trials=args.trials, lambda_min=args.lambda_min, seed=args.seed, storage=args.storage,
+                            study_name=args.study_name, **common)
+    return _save(result, args, default_name=Path(result.source.rstrip("/")).name + "-bomerge")
+
+
+def _demo(args):
+    """The built-in offline demo: a tiny GPT-NeoX trained here on Python's standard library, its
+    checkpoints merged by the full pipeline (GP search, export, card)."""
+    from . import api
+    from .demo import build_trajectory
+
+    root = build_trajectory(quiet=args.quiet)
+    result = api.search(str(root), args.revisions if args.revisions != "last:2" else DEMO_REVISIONS,
+                        dataset=str(root / "heldout" / "validation.jsonl"),
+                        eval_datasets=[str(root / "heldout" / "ood.jsonl")], trials=args.trials,
+                        search=args.search, seed=args.seed, max_eval_tokens=args.max_eval_tokens,
+                        batch_size=args.batch_size, cache_dir=args.cache_dir, progress=not args.quiet,
+                        storage=args.storage, study_name=args.study_name)
+    return _save(result, args, default_name="pythia-tiny-demo-bomerge")
+
+
+def _save(result, args, default_name: str):
+    output = args.output or default_name
+    result.save_pretrained(output, overwrite=args.overwrite, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                           progress=not args.quiet)
+    return result
+
+
+def _dry_run(args):
+    from .hub import open_source
+    from .revisions import resolve_revisions
+
+    src = open_source(args.source, token=args.token, cache_dir=args.cache_dir)
+    resolved = resolve_revisions(args.revisions, src.refs(), args.max_checkpoints)
+    plan = {"source": src.id, "revisions": resolved.names, "shas": resolved.shas, "note": resolved.note}
+    print(json.dumps(plan) if args.json else "\n".join(
+        [f"would merge {len(resolved.names)} revisions of {src.id}:"] +
+        [f"  {n}  {s}" for n, s in zip(resolved.names, resolved.shas)] + ([resolved.note] if resolved.note else [])))
+    return None
+
+
+def report(result, args) -> None:
+    """The human summary (stderr under --json) and the JSON object on stdout's last line."""
+    out = sys.stderr if args.json else sys.stdout
+    print(format_summary(result), file=out)
+    if args.json:
+        print(json.dumps(result.summary()), flush=True)
+
+
+def format_summary(result) -> str:
+    lines = [f"merged {len(result.revisions)} revisions of {result.source} -> {result.output}", "", "weights:"]
+    lines += [f"  {name:<24} {w:9.5f}" for name, w in zip(result.revisions, result.weights)]
+    if result.loss is not None:
+        lines += ["", f"held-out loss on {result.dataset} ({result.eval_tokens} tokens):",
+                  f"  {'merged':<24} {result.loss:9.5f}  (ppl {perplexity(result.loss):.3f})"]
+        lines += [f"  {k:<24} {v:9.5f}  (ppl {perplexity(v):.3f})" for k, v in result.baselines.items()]
+        singles = {k: v for k, v in result.baselines.items() if k in result.revisions}
+        if singles:
+            best = min(singles, key=singles.get)
+            delta = result.loss - singles[best]
+            verdict = "better than" if delta < 0 else "NOT better than"
+            lines += ["", f"the merge is {verdict} the best single checkpoint ({best}) by {abs(delta):.5f} nats/token"]
+            if "uniform" in result.baselines:
+                du = result.loss - result.baselines["uniform"]
+                lines += [f"and {'better' if du < 0 else 'not better'} than the uniform average by {abs(du):.5f}"]
+    for name, row in result.generalization.items():
+        lines += ["", f"generalization on {name}: merged {row['merged']:.5f}, best single "
+                  f"({row['best_single_revision']}) {row['best_single']:.5f}, uniform {row['uniform']:.5f}"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

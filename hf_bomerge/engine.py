@@ -1,0 +1,202 @@
+"""θ = Σ wᵢ θᵢ, two ways with one arithmetic path (`weighted_sum_`):
+
+- `export_merge`: disk to disk, tensor by tensor, into sharded safetensors; a few tensors in memory.
+- `ResidentMerger`: the N checkpoints held on the model's devices; each trial rewrites the model's
+  parameters in place with fused `torch._foreach_*` ops, no allocation and no disk I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .checkpoints import CheckpointSet, TensorInfo, is_merged
+from .errors import CheckpointError, OutputError
+
+_ST_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+DEFAULT_MAX_SHARD_SIZE = "2GB"
+
+
+def weighted_sum_(out: list[torch.Tensor], sources: Sequence[Sequence[torch.Tensor]],
+                  weights: Sequence[float]) -> None:
+    """out[k] = Σᵢ weights[i]·sources[i][k], accumulated in out's dtype (float32), in place.
+
+    The one arithmetic path of every merge: export and trials call it, so they agree bit for bit.
+    """
+    torch._foreach_copy_(out, list(sources[0]))
+    torch._foreach_mul_(out, float(weights[0]))
+    for w, src in zip(weights[1:], sources[1:]):
+        if w != 0.0:
+            torch._foreach_add_(out, list(src), alpha=float(w))
+
+
+def parse_size(size: str | int) -> int:
+    """'2GB' → 2_000_000_000; '500MiB' → 524_288_000; an int is bytes."""
+    if isinstance(size, int):
+        return size
+    text = size.strip().upper()
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+             "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+    for unit, factor in units.items():
+        if text.endswith(unit):
+            try:
+                return int(float(text[: -len(unit)]) * factor)
+            except ValueError:
+                break
+    if text.isdigit():
+        return int(text)
+    raise OutputError(f"Cannot read the size {size!r}; write it like 2GB, 500MB or 1GiB.")
+
+
+def output_infos(ckpts: CheckpointSet, dtype: torch.dtype | None) -> list[TensorInfo]:
+    """Names, shapes and dtypes of the merged checkpoint: merged tensors in `dtype` (default: the
+    reference's), buffers as the reference has them."""
+    return [TensorInfo(i.name, i.shape, dtype if (dtype and is_merged(i)) else i.dtype)
+            for i in ckpts.infos.values()]
+
+
+def plan_shards(infos: Sequence[TensorInfo], max_shard_size: int) -> list[list[TensorInfo]]:
+    shards: list[list[TensorInfo]] = [[]]
+    size = 0
+    for info in infos:
+        if shards[-1] and size + info.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(info)
+        size += info.nbytes
+    return shards
+
+
+def _header(infos: Sequence[TensorInfo]) -> bytes:
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for info in infos:
+        header[info.name] = {"dtype": _ST_NAMES[info.dtype], "shape": list(info.shape),
+                             "data_offsets": [offset, offset + info.nbytes]}
+        offset += info.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def merged_tensor(ckpts: CheckpointSet, name: str, weights: Sequence[float], dtype: torch.dtype | None) -> torch.Tensor:
+    """One tensor of the merge: weighted in float32 if it is a parameter, else the reference's copy."""
+    info = ckpts.infos[name]
+    name = ckpts.aliases.get(name, name)
+    if not is_merged(info):
+        return ckpts.reference.get(name)
+    acc = torch.empty(info.shape, dtype=torch.float32)
+    weighted_sum_([acc], [[t] for t in ckpts.tensors(name)], weights)
+    return acc.to(dtype or info.dtype)
+
+
+def _write_bytes(f, tensor: torch.Tensor) -> None:
+    flat = tensor.contiguous().reshape(-1)
+    if flat.numel():
+        f.write(memoryview(flat.view(torch.uint8).numpy()))
+
+
+def export_merge(ckpts: CheckpointSet, weights: Sequence[float], out_dir: str | Path, *,
+                 dtype: torch.dtype | None = None, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+                 progress=None) -> list[Path]:
+    """Write Σ wᵢθᵢ into `out_dir` as (sharded) safetensors, tensor by tensor.
+
+    `out_dir` should be a fresh staging folder (the caller renames it when everything is written).
+    Returns the files written.
+
+    >>> export_merge(CheckpointSet(["run/step1", "run/step2"]), [0.5, 0.5], "merged.tmp")  # doctest: +SKIP
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    infos = output_infos(ckpts, dtype)
+    shards = plan_shards(infos, parse_size(max_shard_size))
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for shard, filename in zip(shards, names):
+        with open(out_dir / filename, "wb") as f:
+            f.write(_header(shard))
+            for info in shard:
+                tensor = merged_tensor(ckpts, info.name, weights, dtype)
+                if not is_merged(info) and tensor.dtype != info.dtype:
+                    tensor = tensor.to(info.dtype)
+                _write_bytes(f, tensor)
+                if progress is not None:
+                    progress.update(info.nbytes)
+            f.flush()
+            os.fsync(f.fileno())
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(i.nbytes for i in infos)},
+                 "weight_map": {i.name: fn for shard, fn in zip(shards, names) for i in shard}}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return [out_dir / n for n in names]
+
+
+def replace_dir(staging: Path, target: Path) -> None:
+    """Move a completed staging folder into place (the old target is removed only after it is complete)."""
+    if target.exists():
+        backup = target.with_name(target.name + ".old-bomerge")
+        shutil.rmtree(backup, ignore_errors=True)
+        target.rename(backup)
+        staging.rename(target)
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        staging.rename(target)
+
+
+def checkpoint_names(model: torch.nn.Module, stored: Sequence[str]) -> dict[str, str]:
+    """{model parameter name: checkpoint tensor name}.
+
+    transformers renames some stored keys when loading (GPT-NeoX's `embed_out` is now `lm_head`), and a
+    checkpoint may carry or lack the base-model prefix; both are undone here, using transformers' own
+    renaming rules where this version has them.
+    """
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, apply_renamings
+
+        renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    except Exception:  # older transformers: stored names are the model's names
+        renamings, apply_renamings = [], None
+    renamed = {(apply_renamings(k, renamings) if renamings else k): k for k in stored}
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    out = {}
+    for name, _ in model.named_parameters():
+        for candidate in (name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")):
+            if candidate in renamed:
+                out[name] = renamed[candidate]
+                break
+    return out
+
+
+class ResidentMerger:
+    """Keeps the N checkpoints beside a loaded model and writes Σ wᵢθᵢ into its parameters per trial.
+
+    Each parameter's N sources live on that parameter's device (so a model spread over devices by
+    Accelerate never moves weights between devices during a trial).
+
+    >>> merger = ResidentMerger(model, ckpts)     # doctest: +SKIP
+    >>> merger.apply([0.25, 0.75])                # doctest: +SKIP
+    """
+
+    def __init__(self, model: torch.nn.Module, ckpts: CheckpointSet):
+        names = checkpoint_names(model, ckpts.merged_names)
+        params = list(model.named_parameters())
+        missing = [n for n, _ in params if n not in names]
+        if missing:
+            raise CheckpointError(f"The model has parameters the checkpoints lack: {missing[:3]}; the "
+                                  "checkpoints do not match the model class of the latest revision's config.")
+        self.targets = [p.data for _, p in params]
+        self.sources = [[c.get(names[n]).to(p.device) for n, p in params] for c in ckpts.checkpoints]
+
+    @torch.no_grad()
+    def apply(self, weights: Sequence[float]) -> None:
+        weighted_sum_(self.targets, self.sources, weights)

@@ -1,0 +1,33 @@
+"""One family of errors. Each message says what was wrong and what to do next."""
+
+
+class BOMergeError(Exception):
+    """Base class of every error a user can cause; the CLI prints it as one paragraph, no traceback."""
+
+
+class RevisionError(BOMergeError):
+    """A revision spec names nothing, or cannot be parsed."""
+
+
+class HubError(BOMergeError):
+    """The Hub (or a local source) cannot give what was asked: missing repo, no access, no files."""
+
+
+class CheckpointError(BOMergeError):
+    """Checkpoints cannot be merged: different names/shapes, corrupt files, NaN/inf."""
+
+
+class WeightsError(BOMergeError):
+    """A weight vector is invalid (wrong length, negative, does not sum to 1)."""
+
+
+class DataError(BOMergeError):
+    """The held-out data is missing, empty, lacks the text column or is too short."""
+
+
+class OutputError(BOMergeError):
+    """The output folder cannot be written as asked."""
+
+
+class StudyError(BOMergeError):
+    """The Optuna study cannot be created or resumed as asked."""

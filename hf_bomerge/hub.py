@@ -1,0 +1,196 @@
+"""Where checkpoints come from: a Hub repo's branches, a local folder's subfolders, a local git repo's
+branches. Every huggingface_hub call of the project lives here (downloads, refs, create_repo, uploads).
+
+A source lists its revisions with a pin (the commit sha; a content fingerprint for plain folders) and
+materializes one revision as a local folder holding only what a merge needs: weights, config, tokenizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import tarfile
+import tempfile
+from pathlib import Path
+
+from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                    RepositoryNotFoundError, RevisionNotFoundError)
+
+from .checkpoints import WEIGHT_LAYOUTS, find_weight_files
+from .errors import HubError
+
+# What a merge reads besides weights. Never optimizer states or training_args pickles.
+SIDE_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
+              "tokenizer.model", "chat_template.jinja"]
+RESERVED_WORDS = {"demo"}
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("HF_BOMERGE_CACHE", Path.home() / ".cache" / "hf_bomerge"))
+
+
+class Source:
+    """Base: `refs()` → {revision name: pin}; `fetch(name, pin)` → local folder."""
+
+    id: str
+    kind: str
+
+    def refs(self) -> dict[str, str]:
+        raise NotImplementedError
+
+    def fetch(self, name: str, pin: str) -> Path:
+        raise NotImplementedError
+
+
+class HubSource(Source):
+    """A Hub model repo; revisions are its branches, pinned to their commit shas."""
+
+    kind = "hub"
+
+    def __init__(self, repo_id: str, token: str | bool | None = None, cache_dir: str | Path | None = None):
+        self.id = repo_id
+        self.token = token
+        self.cache_dir = cache_dir
+        self.api = HfApi(token=token)
+
+    def refs(self) -> dict[str, str]:
+        with hub_errors(self.id):
+            refs = self.api.list_repo_refs(self.id)
+        return {b.name: b.target_commit for b in refs.branches}
+
+    def fetch(self, name: str, pin: str) -> Path:
+        with hub_errors(self.id, name):
+            files = [s.rfilename for s in self.api.model_info(self.id, revision=pin).siblings or []]
+            weights = self._weight_files(files, pin)
+            wanted = [f for f in files if f in SIDE_FILES or f.endswith(".py")] + weights
+            folder = snapshot_download(self.id, revision=pin, allow_patterns=wanted, token=self.token,
+                                       cache_dir=self.cache_dir)
+        return Path(folder)
+
+    def _weight_files(self, files: list[str], pin: str) -> list[str]:
+        for layout in WEIGHT_LAYOUTS:
+            if layout in files:
+                if not layout.endswith(".index.json"):
+                    return [layout]
+                index = hf_hub_download(self.id, layout, revision=pin, token=self.token, cache_dir=self.cache_dir)
+                shards = sorted(set(json.loads(Path(index).read_text())["weight_map"].values()))
+                return [layout, *shards]
+        raise HubError(f"Revision {pin[:12]} of {self.id} has no transformers weights "
+                       f"({', '.join(WEIGHT_LAYOUTS)}); choose revisions that hold checkpoints.")
+
+
+class FolderSource(Source):
+    """A local folder whose subfolders are the revisions (HF Trainer `checkpoint-N`, or branch-like names).
+
+    Pins are content fingerprints (names, sizes and mtimes of the weight files), so a changed folder is
+    noticed when a study is resumed.
+    """
+
+    kind = "folder"
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).resolve()
+        self.id = str(self.path)
+
+    def refs(self) -> dict[str, str]:
+        out = {}
+        for sub in sorted(p for p in self.path.iterdir() if p.is_dir()):
+            try:
+                weights = find_weight_files(sub)
+            except Exception:
+                continue
+            digest = hashlib.sha256()
+            for f in weights:
+                st = f.stat()
+                digest.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+            out[sub.name] = digest.hexdigest()[:40]
+        if not out:
+            raise HubError(f"{self.path} has no subfolders with model weights. A local source is a folder "
+                           "of checkpoints, e.g. an HF Trainer output with checkpoint-N subfolders.")
+        return out
+
+    def fetch(self, name: str, pin: str) -> Path:
+        return self.path / name
+
+
+class GitSource(Source):
+    """A local git repository; revisions are its branches, extracted once per commit into the cache."""
+
+    kind = "git"
+
+    def __init__(self, path: str | Path, cache_dir: str | Path | None = None):
+        self.path = Path(path).resolve()
+        self.id = str(self.path)
+        self.cache_dir = Path(cache_dir or default_cache_dir()) / "git"
+
+    def _git(self, *args: str) -> bytes:
+        return subprocess.run(["git", "-C", str(self.path), *args], check=True, capture_output=True).stdout
+
+    def refs(self) -> dict[str, str]:
+        lines = self._git("for-each-ref", "--format=%(refname:short) %(objectname)", "refs/heads").decode()
+        return dict(line.split(" ", 1) for line in lines.splitlines() if line)
+
+    def fetch(self, name: str, pin: str) -> Path:
+        target = self.cache_dir / pin
+        if not target.exists():
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(dir=self.cache_dir))
+            with tempfile.TemporaryFile() as archive:
+                archive.write(self._git("archive", pin))
+                archive.seek(0)
+                with tarfile.open(fileobj=archive) as tar:
+                    tar.extractall(staging, filter="data")
+            for weight in find_weight_files(staging):
+                with open(weight, "rb") as f:
+                    if f.read(24).startswith(b"version https://git-lfs"):
+                        raise HubError(f"{weight.name} on branch {name} of {self.path} is a git-lfs pointer; "
+                                       "run `git lfs fetch --all` in that repository first.")
+            staging.rename(target)
+        return target
+
+
+def open_source(source: str, token: str | bool | None = None, cache_dir: str | Path | None = None) -> Source:
+    """A path that exists wins; otherwise SOURCE is a Hub repo id.
+
+    >>> open_source("EleutherAI/pythia-160m").kind    # doctest: +SKIP
+    'hub'
+    """
+    path = Path(source).expanduser()
+    if path.exists():
+        if (path / ".git").exists() or (path / "HEAD").is_file() and (path / "refs").is_dir():
+            return GitSource(path, cache_dir)
+        if path.is_dir():
+            return FolderSource(path)
+        raise HubError(f"{source} is a file; SOURCE must be a Hub repo id or a folder of checkpoints.")
+    if source.count("/") != 1 or source.startswith(("/", ".", "~")):
+        raise HubError(f"{source!r} is neither an existing folder nor a Hub repo id of the form ORG/NAME.")
+    return HubSource(source, token=token, cache_dir=cache_dir)
+
+
+class hub_errors:
+    """Turn huggingface_hub's exceptions into one-paragraph errors that say what to do."""
+
+    def __init__(self, repo_id: str, revision: str | None = None):
+        self.repo_id, self.revision = repo_id, revision
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb):
+        if err is None or not isinstance(err, (HfHubHTTPError, LocalEntryNotFoundError, OSError)):
+            return False
+        if isinstance(err, GatedRepoError):
+            msg = (f"{self.repo_id} is gated: accept its terms on the Hub and pass a token "
+                   "(--token, HF_TOKEN or `hf auth login`).")
+        elif isinstance(err, RepositoryNotFoundError):
+            msg = (f"Repository {self.repo_id} was not found on {os.environ.get('HF_ENDPOINT', 'the Hub')}, or it is "
+                   "private and no valid token was given: check the id, or pass --token / set HF_TOKEN.")
+        elif isinstance(err, RevisionNotFoundError):
+            msg = f"Revision {self.revision} of {self.repo_id} does not exist (any more)."
+        else:
+            msg = f"Could not reach {self.repo_id}{' @ ' + self.revision if self.revision else ''}: {err}"
+        raise HubError(msg) from err

@@ -1,0 +1,207 @@
+"""The Optuna study: a GP (`optuna.samplers.GPSampler`) proposes weight vectors, seeded with the baselines.
+
+A search space only maps the GP's parameters to a weight vector over the checkpoints (oldest first):
+- `pairwise`: θ = λ·θ_t + (1−λ)·θ_{t−1}, λ ∈ [λ_min, 1]; both bounds are evaluated first.
+- `simplex`: N−1 stick-breaking coordinates in [0, 1] mapped onto the N-simplex.
+- `family`: the last `window` checkpoints weighted ∝ (1−decay)^age: two dimensions for any N.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import optuna
+
+from . import weights as W
+from .errors import StudyError
+
+SEARCHES = ("auto", "pairwise", "simplex", "family")
+MAX_SIMPLEX = 8
+
+
+@dataclass
+class Space:
+    """A search space over N checkpoints."""
+
+    kind: str
+    n: int
+    lambda_min: float = 0.0
+
+    def suggest(self, trial: optuna.Trial) -> list[float]:
+        if self.kind == "pairwise":
+            return W.pairwise(trial.suggest_float("lambda", self.lambda_min, 1.0))
+        if self.kind == "simplex":
+            return W.from_simplex_coords([trial.suggest_float(f"z{k}", 0.0, 1.0) for k in range(self.n - 1)])
+        return W.window_decay(self.n, trial.suggest_int("window", 1, self.n), trial.suggest_float("decay", 0.0, 1.0))
+
+    def params_for(self, weights: Sequence[float]) -> dict | None:
+        """The parameters that give `weights`, or None when the space does not contain them."""
+        if self.kind == "pairwise":
+            params = {"lambda": weights[1]} if weights[1] >= self.lambda_min - 1e-12 else None
+        elif self.kind == "simplex":
+            params = {f"z{k}": z for k, z in enumerate(W.to_simplex_coords(weights))}
+        else:
+            used = [w for w in weights if w > 0]
+            params = {"window": len(used), "decay": 0.0}
+        if params is None or not _close(self.weights(params), weights):
+            return None
+        return params
+
+    def weights(self, params: dict) -> list[float]:
+        if self.kind == "pairwise":
+            return W.pairwise(params["lambda"])
+        if self.kind == "simplex":
+            return W.from_simplex_coords([params[f"z{k}"] for k in range(self.n - 1)])
+        return W.window_decay(self.n, params["window"], params["decay"])
+
+    def seeds(self, labels: Sequence[str], ema_alpha: float = 0.2) -> list[tuple[str, list[float]]]:
+        """The baselines, in the order they are evaluated: single checkpoints (pairwise: both bounds of
+        λ first), then the uniform average and EMA."""
+        n = self.n
+        if self.kind == "pairwise":
+            singles = [(labels[1], W.one_hot(2, 1)), (f"λ={self.lambda_min:g}" if self.lambda_min > 0 else labels[0],
+                                                      W.pairwise(self.lambda_min))]
+        elif self.kind == "simplex":
+            singles = [(labels[i], W.one_hot(n, i)) for i in reversed(range(n))]
+        else:
+            singles = [(labels[-1], W.one_hot(n, n - 1))]
+        return singles + [("uniform", W.uniform(n)), ("ema", W.ema(n, ema_alpha))]
+
+
+def make_space(search: str, n: int, lambda_min: float = 0.0) -> Space:
+    """`auto` picks pairwise for 2 checkpoints, simplex up to 8, the 2-D family beyond."""
+    if search not in SEARCHES:
+        raise StudyError(f"Unknown --search {search!r}; choose one of {', '.join(SEARCHES)}.")
+    if n < 2:
+        raise StudyError(f"A merge needs at least 2 checkpoints, got {n}; widen --revisions.")
+    if search == "auto":
+        search = "pairwise" if n == 2 else "simplex" if n <= MAX_SIMPLEX else "family"
+    if search == "pairwise" and n != 2:
+        raise StudyError(f"--search pairwise merges two adjacent checkpoints, but {n} were selected; "
+                         "select two (e.g. --revisions last:2) or use --search simplex/family.")
+    if not 0.0 <= lambda_min < 1.0:
+        raise StudyError(f"--lambda-min must be in [0, 1), got {lambda_min}.")
+    return Space(search, n, lambda_min)
+
+
+def _close(a: Sequence[float], b: Sequence[float]) -> bool:
+    return all(abs(x - y) < 1e-9 for x, y in zip(a, b))
+
+
+@dataclass
+class Trial:
+    """One evaluated weight vector."""
+
+    number: int
+    weights: list[float]
+    loss: float
+    seed: str | None = None  # the baseline it is, if it is one
+
+
+@dataclass
+class SearchOutcome:
+    trials: list[Trial]
+    baselines: dict[str, float]
+    best: Trial
+    study_name: str
+    storage: str
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def default_study_name(inputs: dict) -> str:
+    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]
+    name = str(inputs.get("source", "merge")).rstrip("/").split("/")[-1]
+    return f"bomerge-{name}-{digest}"
+
+
+def open_study(storage: str, study_name: str, inputs: dict, space: Space, seed: int | None,
+               n_seeds: int) -> optuna.Study:
+    """Create or resume the study; a study made from different inputs is refused."""
+    sampler = optuna.samplers.GPSampler(seed=seed, n_startup_trials=n_seeds, deterministic_objective=True)
+    if storage.startswith("sqlite:///"):
+        Path(storage[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=30, grace_period=90,
+                                     failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=2))
+    study = optuna.create_study(storage=rdb, study_name=study_name, sampler=sampler, direction="minimize",
+                                load_if_exists=True)
+    stored = study.user_attrs.get("inputs")
+    if stored is None:
+        study.set_user_attr("inputs", inputs)
+    elif stored != inputs:
+        changed = sorted(k for k in set(stored) | set(inputs) if stored.get(k) != inputs.get(k))
+        raise StudyError(f"Study {study_name!r} in {storage} was made from different inputs ({', '.join(changed)} "
+                         "differ); resuming it would mix incomparable trials. Use another --study-name, or "
+                         "drop --study-name to get one derived from the inputs.")
+    return study
+
+
+def run_search(evaluate: Callable[[list[float]], float], space: Space, labels: Sequence[str], *, trials: int,
+               storage: str, study_name: str, inputs: dict, seed: int | None = None, ema_alpha: float = 0.2,
+               progress: bool = True) -> SearchOutcome:
+    """Run (or resume) the study until it holds `trials` COMPLETE trials, seeds included.
+
+    `evaluate(weights) -> loss` is called once per trial; a NaN/inf loss is recorded as a failed trial
+    and does not count toward the budget.
+    """
+    seeds = space.seeds(labels, ema_alpha)
+    enqueued = [(label, w, space.params_for(w)) for label, w in seeds]
+    enqueued_seeds = [(label, w, p) for label, w, p in enqueued if p is not None]
+    if trials < 1:
+        raise StudyError("--trials must be at least 1.")
+    optuna.logging.set_verbosity(logging.WARNING)
+    study = open_study(storage, study_name, inputs, space, seed, len(enqueued_seeds))
+    if not study.trials:
+        for label, _, params in enqueued_seeds[:trials]:
+            study.enqueue_trial(params, user_attrs={"seed": label})
+
+    def objective(trial: optuna.Trial) -> float:
+        w = space.weights(trial.params) if trial.user_attrs.get("seed") else space.suggest(trial)
+        trial.set_user_attr("weights", w)
+        loss = evaluate(w)
+        return loss if math.isfinite(loss) else float("nan")
+
+    bar = _bar(trials, progress)
+    failures = 0
+    while (done := _complete(study)) < trials:
+        bar.n = done
+        bar.refresh()
+        before = len(study.trials)
+        study.optimize(objective, n_trials=1, catch=())
+        if study.trials[before:] and study.trials[-1].state == optuna.trial.TrialState.FAIL:
+            failures += 1
+            if failures > max(3, trials):
+                raise StudyError(f"{failures} trials failed (NaN/inf loss); the checkpoints or the data are "
+                                 "broken. Check for NaN/inf in the weights.")
+        if done and (best := _best(study)):
+            bar.set_postfix(best=f"{best.loss:.4f}")
+    bar.n = _complete(study)
+    bar.close()
+    found = [_to_trial(t) for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    baselines = {t.seed: t.loss for t in found if t.seed}
+    extra = {label: evaluate(w) for label, w, p in enqueued if p is None}
+    return SearchOutcome(found, {**baselines, **extra}, min(found, key=lambda t: t.loss), study_name, storage, extra)
+
+
+def _complete(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+
+
+def _best(study: optuna.Study) -> Trial | None:
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    return _to_trial(min(done, key=lambda t: t.value)) if done else None
+
+
+def _to_trial(t: optuna.trial.FrozenTrial) -> Trial:
+    return Trial(t.number, list(t.user_attrs["weights"]), float(t.value), t.user_attrs.get("seed"))
+
+
+def _bar(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="trials", unit="trial", disable=not enabled)

@@ -1,0 +1,146 @@
+"""Weight vectors over checkpoints (oldest first). Every merge here is one: θ = Σ wᵢ θᵢ.
+
+Fixed rules (SMA, EMA, WMA, pairwise λ, explicit) and the parameterizations the search uses
+(pairwise λ, the simplex, a low-dimensional window/decay family) all end in a weight vector.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from .errors import WeightsError
+
+TOLERANCE = 1e-6
+
+
+def uniform(n: int) -> list[float]:
+    """Simple moving average (SMA, a uniform soup): wᵢ = 1/N.
+
+    >>> uniform(4)
+    [0.25, 0.25, 0.25, 0.25]
+    """
+    return [1.0 / n] * n
+
+
+def ema(n: int, alpha: float = 0.2) -> list[float]:
+    """Exponential moving average as in PMA: wᵢ = α(1−α)^(N−i), the oldest taking the remainder.
+
+    >>> [round(w, 3) for w in ema(3, 0.2)]
+    [0.64, 0.16, 0.2]
+    """
+    if not 0.0 < alpha <= 1.0:
+        raise WeightsError(f"--ema-alpha must be in (0, 1], got {alpha}.")
+    w = [alpha * (1 - alpha) ** (n - 1 - i) for i in range(n)]
+    w[0] = 1.0 - sum(w[1:])
+    return w
+
+
+def wma(n: int) -> list[float]:
+    """Weighted moving average: wᵢ ∝ i (the latest weighs most).
+
+    >>> wma(3)
+    [0.16666666666666666, 0.3333333333333333, 0.5]
+    """
+    total = n * (n + 1) / 2
+    return [(i + 1) / total for i in range(n)]
+
+
+def pairwise(lam: float) -> list[float]:
+    """θ = λ·θ_t + (1−λ)·θ_{t−1}, as [1−λ, λ] (oldest first).
+
+    >>> pairwise(0.75)
+    [0.25, 0.75]
+    """
+    return [1.0 - lam, lam]
+
+
+def one_hot(n: int, i: int) -> list[float]:
+    return [1.0 if j == i else 0.0 for j in range(n)]
+
+
+def window_decay(n: int, window: int, decay: float) -> list[float]:
+    """The `family` search space: the last `window` checkpoints, weighted ∝ (1−decay)^age.
+
+    decay=0 is the uniform average of the window, decay=1 is the latest checkpoint alone.
+
+    >>> window_decay(4, 2, 0.0)
+    [0.0, 0.0, 0.5, 0.5]
+    """
+    window = max(1, min(int(window), n))
+    raw = [0.0] * (n - window) + [(1.0 - decay) ** (n - 1 - i) for i in range(n - window, n)]
+    if decay >= 1.0:
+        raw = one_hot(n, n - 1)
+    total = sum(raw)
+    return [r / total for r in raw]
+
+
+def from_simplex_coords(z: Sequence[float]) -> list[float]:
+    """Map N−1 numbers in [0, 1] onto the N-simplex by stick-breaking.
+
+    Uniformly random z gives uniformly random (Dirichlet(1)) weights, so the GP's box is the simplex.
+
+    >>> [round(w, 6) for w in from_simplex_coords(to_simplex_coords([0.25, 0.25, 0.5]))]
+    [0.25, 0.25, 0.5]
+    """
+    n = len(z) + 1
+    weights, rest = [], 1.0
+    for k, zk in enumerate(z):
+        u = 1.0 - (1.0 - zk) ** (1.0 / (n - 1 - k))
+        weights.append(rest * u)
+        rest -= rest * u
+    weights.append(rest)
+    return weights
+
+
+def to_simplex_coords(w: Sequence[float]) -> list[float]:
+    """Inverse of `from_simplex_coords` (where the stick is used up, the remaining coordinates are 0)."""
+    n = len(w)
+    z, rest = [], 1.0
+    for k in range(n - 1):
+        u = min(1.0, w[k] / rest) if rest > TOLERANCE else 0.0
+        z.append(1.0 - (1.0 - u) ** (n - 1 - k))
+        rest -= w[k]
+    return z
+
+
+def rule(method: str, n: int, ema_alpha: float = 0.2) -> list[float]:
+    """A named fixed rule: `sma`/`uniform`, `ema`, `wma`."""
+    rules = {"sma": lambda: uniform(n), "uniform": lambda: uniform(n),
+             "ema": lambda: ema(n, ema_alpha), "wma": lambda: wma(n)}
+    if method not in rules:
+        raise WeightsError(f"Unknown --method {method!r}; choose one of sma, ema, wma.")
+    return rules[method]()
+
+
+def parse_weights(text: str) -> list[float]:
+    """`"0.25,0.75"` → [0.25, 0.75]."""
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError as err:
+        raise WeightsError(f"--weights must be comma-separated numbers, got {text!r}.") from err
+
+
+def check(weights: Sequence[float], n: int, allow_extrapolation: bool = False) -> list[float]:
+    """Validate a weight vector for N checkpoints (oldest first).
+
+    Without `allow_extrapolation` the weights must be finite, non-negative and sum to 1.
+
+    >>> check([0.5, 0.5], 2)
+    [0.5, 0.5]
+    """
+    weights = [float(w) for w in weights]
+    if len(weights) != n:
+        raise WeightsError(f"Got {len(weights)} weights for {n} checkpoints; give one weight per "
+                           "revision, oldest first.")
+    if not all(math.isfinite(w) for w in weights):
+        raise WeightsError(f"Weights must be finite numbers, got {weights}.")
+    if allow_extrapolation:
+        return weights
+    if any(w < 0 for w in weights):
+        raise WeightsError(f"Negative weights {weights} extrapolate beyond the checkpoints; pass "
+                           "--allow-extrapolation if that is what you want.")
+    if abs(sum(weights) - 1.0) > TOLERANCE:
+        raise WeightsError(f"Weights {weights} sum to {sum(weights):.6g}, not 1; normalize them or pass "
+                           "--allow-extrapolation.")
+    return weights
