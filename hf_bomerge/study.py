@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -126,8 +127,11 @@ def open_study(storage: str, study_name: str, inputs: dict, space: Space, seed: 
     sampler = optuna.samplers.GPSampler(seed=seed, n_startup_trials=n_seeds, deterministic_objective=True)
     if storage.startswith("sqlite:///"):
         Path(storage[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=30, grace_period=90,
-                                     failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=2))
+    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna; they are what we want
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
+        rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=30, grace_period=90,
+                                         heartbeat_stale_trial_callback=retry)
     study = optuna.create_study(storage=rdb, study_name=study_name, sampler=sampler, direction="minimize",
                                 load_if_exists=True)
     stored = study.user_attrs.get("inputs")
@@ -161,7 +165,7 @@ def run_search(evaluate: Callable[[list[float]], float], space: Space, labels: S
             study.enqueue_trial(params, user_attrs={"seed": label})
 
     def objective(trial: optuna.Trial) -> float:
-        w = space.weights(trial.params) if trial.user_attrs.get("seed") else space.suggest(trial)
+        w = space.suggest(trial)  # an enqueued seed gets its fixed parameters here
         trial.set_user_attr("weights", w)
         loss = evaluate(w)
         return loss if math.isfinite(loss) else float("nan")
@@ -183,9 +187,11 @@ def run_search(evaluate: Callable[[list[float]], float], space: Space, labels: S
     bar.n = _complete(study)
     bar.close()
     found = [_to_trial(t) for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    baselines = {t.seed: t.loss for t in found if t.seed}
+    seeded = {t.seed: t.loss for t in found if t.seed}
     extra = {label: evaluate(w) for label, w, p in enqueued if p is None}
-    return SearchOutcome(found, {**baselines, **extra}, min(found, key=lambda t: t.loss), study_name, storage, extra)
+    order = [*labels, *(label for label, _ in seeds)]  # oldest first, then uniform and ema
+    baselines = {k: v for k, v in sorted({**seeded, **extra}.items(), key=lambda kv: order.index(kv[0]))}
+    return SearchOutcome(found, baselines, min(found, key=lambda t: t.loss), study_name, storage, extra)
 
 
 def _complete(study: optuna.Study) -> int:

@@ -1,0 +1,74 @@
+"""Weight rules: every rule is a valid weight vector, oldest first; the search spaces map onto them."""
+
+import math
+
+import pytest
+from hypothesis import given, strategies as st
+
+from hf_bomerge import weights as W
+from hf_bomerge.errors import WeightsError
+from hf_bomerge.study import Space, make_space
+
+
+@given(st.integers(1, 64), st.floats(0.01, 1.0))
+def test_every_rule_sums_to_one_and_is_non_negative(n, alpha):
+    for w in (W.uniform(n), W.ema(n, alpha), W.wma(n)):
+        assert len(w) == n
+        assert math.isclose(sum(w), 1.0, abs_tol=1e-9)
+        assert all(x >= 0 for x in w)
+        W.check(w, n)
+
+
+def test_ema_follows_pma_and_the_oldest_takes_the_remainder():
+    w = W.ema(4, 0.2)
+    assert w[1:] == pytest.approx([0.2 * 0.8**2, 0.2 * 0.8, 0.2])
+    assert w[0] == pytest.approx(0.8**3)
+
+
+def test_wma_weights_grow_with_training_progress():
+    assert W.wma(4) == pytest.approx([0.1, 0.2, 0.3, 0.4])
+
+
+@given(st.lists(st.floats(0.0, 1.0), min_size=1, max_size=10))
+def test_simplex_coordinates_always_give_valid_weights_and_invert(z):
+    w = W.from_simplex_coords(z)
+    assert len(w) == len(z) + 1
+    assert math.isclose(sum(w), 1.0, abs_tol=1e-9) and all(x >= -1e-12 for x in w)
+    assert W.from_simplex_coords(W.to_simplex_coords(w)) == pytest.approx(w, abs=1e-9)
+
+
+@given(st.integers(2, 50), st.integers(1, 50), st.floats(0.0, 1.0))
+def test_window_decay_family_is_valid_and_covers_the_baselines(n, window, decay):
+    w = W.window_decay(n, window, decay)
+    assert math.isclose(sum(w), 1.0, abs_tol=1e-9) and all(x >= 0 for x in w)
+    assert W.window_decay(n, n, 0.0) == pytest.approx(W.uniform(n))
+    assert W.window_decay(n, n, 1.0) == W.one_hot(n, n - 1)
+
+
+@pytest.mark.parametrize("bad, match", [([0.5], "2 checkpoints"), ([-0.5, 1.5], "--allow-extrapolation"),
+                                        ([0.3, 0.3], "sum to"), ([float("nan"), 1.0], "finite")])
+def test_invalid_weights_are_refused_with_the_fix(bad, match):
+    with pytest.raises(WeightsError, match=match):
+        W.check(bad, 2)
+
+
+def test_extrapolation_only_when_asked():
+    assert W.check([-0.5, 1.5], 2, allow_extrapolation=True) == [-0.5, 1.5]
+
+
+@pytest.mark.parametrize("n, kind", [(2, "pairwise"), (4, "simplex"), (8, "simplex"), (9, "family"), (44, "family")])
+def test_auto_picks_the_space_by_number_of_checkpoints(n, kind):
+    assert make_space("auto", n).kind == kind
+
+
+def test_seeds_are_in_their_space():
+    labels = ["a", "b", "c", "d"]
+    simplex = Space("simplex", 4)
+    for label, w in simplex.seeds(labels):
+        assert simplex.params_for(w) is not None, label
+    pair = Space("pairwise", 2)
+    first = [w for _, w in pair.seeds(["old", "new"])][:2]
+    assert first == [[0.0, 1.0], [1.0, 0.0]]  # both bounds of λ first
+    family = Space("family", 20)
+    names = [label for label, w in family.seeds([f"s{i}" for i in range(20)]) if family.params_for(w) is not None]
+    assert names == ["s19", "uniform"]  # PMA's EMA is not in the window/decay family: evaluated beside it
