@@ -88,12 +88,11 @@ class MergeResult:
         target = Path(output).expanduser().resolve()
         _check_output(target, self, overwrite)
         target.parent.mkdir(parents=True, exist_ok=True)
-        self.dtype = dtype or self.dtype
         ckpts = CheckpointSet(self.folders, self.revisions)
+        self.dtype = dtype or self.dtype or str(ckpts.infos[ckpts.merged_names[0]].dtype).removeprefix("torch.")
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
         try:
-            export_merge(ckpts, self.weights, staging, dtype=_DTYPES[self.dtype] if self.dtype else None,
-                         max_shard_size=max_shard_size)
+            export_merge(ckpts, self.weights, staging, dtype=_DTYPES[self.dtype], max_shard_size=max_shard_size)
             _copy_side_files(self.folders[-1], self.tokenizer_folder, staging, self.dtype)
             self.output = str(target)
             (staging / RECIPE_FILE).write_text(yaml.safe_dump(self.recipe(), sort_keys=False))
@@ -120,13 +119,13 @@ def _check_output(target: Path, result: MergeResult, overwrite: bool) -> None:
                       "choose another --output or pass --overwrite to replace it.")
 
 
-def _copy_side_files(reference: Path, tokenizer_folder: Path | None, staging: Path, dtype: str | None) -> None:
+def _copy_side_files(reference: Path, tokenizer_folder: Path | None, staging: Path, dtype: str) -> None:
     for folder in dict.fromkeys(f for f in (tokenizer_folder, reference) if f is not None):
         for name in SIDE_FILES:
             if (folder / name).is_file() and not (staging / name).exists():
                 shutil.copyfile(folder / name, staging / name)
     config = staging / "config.json"
-    if dtype and config.is_file():
+    if config.is_file():
         data = json.loads(config.read_text())
         for key in ("dtype", "torch_dtype"):
             if key in data or key == "dtype":
@@ -192,7 +191,7 @@ class _Evaluator:
 
     def __init__(self, prep: _Prepared, ckpts: CheckpointSet, *, dataset: HeldOutSpec, block_size: int | None,
                  max_eval_tokens: int, batch_size: int, eval_dtype: str | None, device: str | None,
-                 trust_remote_code: bool, cache_dir: Path):
+                 trust_remote_code: bool, cache_dir: Path, store_dtype: str | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -207,7 +206,7 @@ class _Evaluator:
         self.batch_size, self.max_eval_tokens, self.cache_dir = batch_size, max_eval_tokens, cache_dir
         self.tokenizer_folder = prep.tokenizer_folder
         self.blocks = self.blocks_for(dataset)
-        self.merger = ResidentMerger(self.model, ckpts)
+        self.merger = ResidentMerger(self.model, ckpts, _DTYPES[store_dtype] if store_dtype else None)
 
     def blocks_for(self, spec: HeldOutSpec) -> torch.Tensor:
         return heldout_blocks(spec, self.tokenizer, self.tokenizer_folder, self.block_size, self.max_eval_tokens,
@@ -234,7 +233,7 @@ def search(source: str, revisions: str = "last:2", *, dataset: str | None = None
            search: str = "auto", trials: int = 20, lambda_min: float = 0.0, seed: int | None = 0,
            ema_alpha: float = 0.2, max_checkpoints: int = 8, storage: str | None = None,
            study_name: str | None = None, device: str | None = None, token: str | bool | None = None,
-           cache_dir: str | Path | None = None, trust_remote_code: bool = False,
+           cache_dir: str | Path | None = None, trust_remote_code: bool = False, dtype: str | None = None,
            progress: bool = True) -> MergeResult:
     """Search merge weights for `revisions` of `source` with a GP on held-out loss.
 
@@ -248,10 +247,10 @@ def search(source: str, revisions: str = "last:2", *, dataset: str | None = None
     spec = _heldout(dataset, dataset_config, split, text_column)
     evaluator = _Evaluator(prep, ckpts, dataset=spec, block_size=block_size, max_eval_tokens=max_eval_tokens,
                            batch_size=batch_size, eval_dtype=eval_dtype, device=device,
-                           trust_remote_code=trust_remote_code, cache_dir=cache)
+                           trust_remote_code=trust_remote_code, cache_dir=cache, store_dtype=dtype)
     inputs = {"source": prep.source.id, "shas": prep.shas, "dataset": spec.label, "objective": "loss",
               "space": space.kind, "lambda_min": lambda_min, "block_size": evaluator.block_size,
-              "max_eval_tokens": max_eval_tokens, "ema_alpha": ema_alpha}
+              "max_eval_tokens": max_eval_tokens, "ema_alpha": ema_alpha, "dtype": dtype}
     name = study_name or default_study_name(inputs)
     url = storage or f"sqlite:///{cache / 'studies.db'}"
     outcome = run_search(evaluator, space, prep.names, trials=trials, storage=url, study_name=name, inputs=inputs,
@@ -263,7 +262,8 @@ def search(source: str, revisions: str = "last:2", *, dataset: str | None = None
         baselines=outcome.baselines, generalization=generalization, trials=len(outcome.trials), study=name,
         source_kind=prep.source.kind, search=space.kind, dataset=spec.label,
         dataset_is_hub=not Path(spec.dataset).expanduser().exists(),
-        eval_tokens=int(evaluator.blocks.numel()), folders=prep.folders, tokenizer_folder=prep.tokenizer_folder)
+        eval_tokens=int(evaluator.blocks.numel()), dtype=dtype, folders=prep.folders,
+        tokenizer_folder=prep.tokenizer_folder)
 
 
 def _generalization(evaluator: _Evaluator, eval_datasets, text_column, best_weights, outcome, names) -> dict:
@@ -290,8 +290,8 @@ def merge(source: str, revisions: str = "last:2", *, weights: Sequence[float] | 
           dataset_config: str | None = None, split: str | None = None, text_column: str = "text",
           max_eval_tokens: int = DEFAULT_MAX_EVAL_TOKENS, block_size: int | None = None, batch_size: int = 4,
           eval_dtype: str | None = None, device: str | None = None, token: str | bool | None = None,
-          cache_dir: str | Path | None = None, trust_remote_code: bool = False, progress: bool = True,
-          shas: Sequence[str] | None = None) -> MergeResult:
+          cache_dir: str | Path | None = None, trust_remote_code: bool = False, dtype: str | None = None,
+          progress: bool = True, shas: Sequence[str] | None = None) -> MergeResult:
     """A fixed merge (explicit `weights` or `method` sma/ema/wma), no search.
 
     >>> merge("EleutherAI/pythia-160m", "last:4", method="ema").save_pretrained("ema")   # doctest: +SKIP
@@ -303,13 +303,14 @@ def merge(source: str, revisions: str = "last:2", *, weights: Sequence[float] | 
         weights = W.rule(method or "sma", n, ema_alpha)
     weights = W.check(weights, n, allow_extrapolation)
     result = MergeResult(source=prep.source.id, revisions=prep.names, shas=prep.shas, weights=list(weights),
-                         source_kind=prep.source.kind, folders=prep.folders, tokenizer_folder=prep.tokenizer_folder)
+                         source_kind=prep.source.kind, dtype=dtype, folders=prep.folders,
+                         tokenizer_folder=prep.tokenizer_folder)
     if evaluate:
         ckpts = CheckpointSet(prep.folders, prep.names)
         spec = _heldout(dataset, dataset_config, split, text_column)
         evaluator = _Evaluator(prep, ckpts, dataset=spec, block_size=block_size, max_eval_tokens=max_eval_tokens,
                                batch_size=batch_size, eval_dtype=eval_dtype, device=device,
-                               trust_remote_code=trust_remote_code, cache_dir=cache)
+                               trust_remote_code=trust_remote_code, cache_dir=cache, store_dtype=dtype)
         result.loss = evaluator(result.weights)
         result.dataset, result.eval_tokens = spec.label, int(evaluator.blocks.numel())
         result.dataset_is_hub = not Path(spec.dataset).expanduser().exists()
@@ -332,7 +333,6 @@ def from_recipe(path: str | Path, *, token: str | bool | None = None, cache_dir:
     except (OSError, KeyError, TypeError, yaml.YAMLError) as err:
         raise BOMergeError(f"Cannot read the recipe {path}: {err}. A recipe is the bomerge_recipe.yaml "
                            "that hf-bomerge writes next to a merged model.") from err
-    result = merge(source, ",".join(names), weights=weights, allow_extrapolation=True, evaluate=False,
-                   max_checkpoints=0, token=token, cache_dir=cache_dir, progress=progress, shas=shas)
-    result.dtype = recipe.get("dtype")
-    return result
+    return merge(source, ",".join(names), weights=weights, allow_extrapolation=True, evaluate=False,
+                 max_checkpoints=0, token=token, cache_dir=cache_dir, progress=progress, shas=shas,
+                 dtype=recipe.get("dtype"))

@@ -120,7 +120,7 @@ def run(args: argparse.Namespace):
                   text_column=args.text_column, max_eval_tokens=args.max_eval_tokens, block_size=args.block_size,
                   batch_size=args.batch_size, eval_dtype=args.eval_dtype, device=args.device, token=args.token,
                   cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code, progress=progress,
-                  max_checkpoints=args.max_checkpoints, ema_alpha=args.ema_alpha)
+                  max_checkpoints=args.max_checkpoints, ema_alpha=args.ema_alpha, dtype=args.dtype)
     if args.weights or args.method:
         from .weights import parse_weights
 
@@ -146,13 +146,13 @@ def _demo(args):
                         eval_datasets=[str(root / "heldout" / "ood.jsonl")], trials=args.trials,
                         search=args.search, seed=args.seed, max_eval_tokens=args.max_eval_tokens,
                         batch_size=args.batch_size, cache_dir=args.cache_dir, progress=not args.quiet,
-                        storage=args.storage, study_name=args.study_name)
+                        storage=args.storage, study_name=args.study_name, dtype=args.dtype)
     return _save(result, args, default_name="pythia-tiny-demo-bomerge")
 
 
 def _save(result, args, default_name: str):
     output = args.output or default_name
-    result.save_pretrained(output, overwrite=args.overwrite, dtype=args.dtype, max_shard_size=args.max_shard_size,
+    result.save_pretrained(output, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
                            progress=not args.quiet)
     return result
 

@@ -187,7 +187,7 @@ class ResidentMerger:
     >>> merger.apply([0.25, 0.75])                # doctest: +SKIP
     """
 
-    def __init__(self, model: torch.nn.Module, ckpts: CheckpointSet):
+    def __init__(self, model: torch.nn.Module, ckpts: CheckpointSet, store_dtype: torch.dtype | None = None):
         names = checkpoint_names(model, ckpts.merged_names)
         params = list(model.named_parameters())
         missing = [n for n, _ in params if n not in names]
@@ -196,7 +196,13 @@ class ResidentMerger:
                                   "checkpoints do not match the model class of the latest revision's config.")
         self.targets = [p.data for _, p in params]
         self.sources = [[c.get(names[n]).to(p.device) for n, p in params] for c in ckpts.checkpoints]
+        # Round each trial's merge to the dtype it will be saved in, so the loss a trial reports is the
+        # loss of the model that gets written (by default the reference checkpoint's dtype).
+        self.store_dtypes = [store_dtype or ckpts.infos[names[n]].dtype for n, _ in params]
 
     @torch.no_grad()
     def apply(self, weights: Sequence[float]) -> None:
         weighted_sum_(self.targets, self.sources, weights)
+        for target, dtype in zip(self.targets, self.store_dtypes):
+            if dtype != target.dtype:
+                target.copy_(target.to(dtype))
