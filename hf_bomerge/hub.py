@@ -186,7 +186,7 @@ class hub_errors:
         if isinstance(err, GatedRepoError):
             msg = (f"{self.repo_id} is gated: accept its terms on the Hub and pass a token "
                    "(--token, HF_TOKEN or `hf auth login`).")
-        elif isinstance(err, RepositoryNotFoundError):
+        elif isinstance(err, RepositoryNotFoundError) or (self.revision is None and _status(err) in (401, 403, 404)):
             msg = (f"Repository {self.repo_id} was not found on {os.environ.get('HF_ENDPOINT', 'the Hub')}, or it is "
                    "private and no valid token was given: check the id, or pass --token / set HF_TOKEN.")
         elif isinstance(err, RevisionNotFoundError):
@@ -194,3 +194,8 @@ class hub_errors:
         else:
             msg = f"Could not reach {self.repo_id}{' @ ' + self.revision if self.revision else ''}: {err}"
         raise HubError(msg) from err
+
+
+def _status(err: BaseException) -> int | None:
+    response = getattr(err, "response", None)
+    return getattr(response, "status_code", None)

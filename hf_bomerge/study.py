@@ -124,11 +124,11 @@ def default_study_name(inputs: dict) -> str:
 def open_study(storage: str, study_name: str, inputs: dict, space: Space, seed: int | None,
                n_seeds: int) -> optuna.Study:
     """Create or resume the study; a study made from different inputs is refused."""
-    sampler = optuna.samplers.GPSampler(seed=seed, n_startup_trials=n_seeds, deterministic_objective=True)
     if storage.startswith("sqlite:///"):
         Path(storage[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna; they are what we want
+    with warnings.catch_warnings():  # "experimental" in Optuna, and exactly what we want
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.GPSampler(seed=seed, n_startup_trials=n_seeds, deterministic_objective=True)
         retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
         rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=30, grace_period=90,
                                          heartbeat_stale_trial_callback=retry)

@@ -1,0 +1,184 @@
+"""End to end, as a user types it: `hf-bomerge` against the test Hub (olah on 127.0.0.1) and local sources."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hf_bomerge.cli import main
+
+JSON_KEYS = {"schema", "source", "revisions", "shas", "weights", "objective", "loss", "baselines",
+             "generalization", "trials", "study", "output"}
+
+
+def hf_bomerge(*args: str, cache: Path) -> subprocess.CompletedProcess:
+    """The installed console script, in a real subprocess (downloads, studies and data cached in `cache`)."""
+    exe = shutil.which("hf-bomerge")
+    cmd = [exe] if exe else [sys.executable, "-m", "hf_bomerge.cli"]
+    return subprocess.run([*cmd, *args, "--cache-dir", str(cache)], capture_output=True, text=True, timeout=900)
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def heldout_loss(folder: Path, dataset: str, cache: Path, **spec) -> float:
+    """Re-evaluate a saved model on the same held-out blocks, independently of the search."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_bomerge.heldout import HeldOutSpec, heldout_blocks, mean_nll
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    blocks = heldout_blocks(HeldOutSpec(dataset, **spec), tokenizer, folder,
+                            min(2048, model.config.max_position_embeddings), 16384, cache)
+    return mean_nll(model, blocks)
+
+
+@pytest.fixture(scope="module")
+def hub_run(test_hub, tmp_path_factory):
+    """One full search against the test Hub, shared by the assertions below."""
+    tmp = tmp_path_factory.mktemp("hub_run")
+    first, last = test_hub.step_branches[-4], test_hub.step_branches[-1]
+    proc = hf_bomerge(test_hub.repo_id, "--revisions", f"{first}..{last}", "--dataset", test_hub.dataset_id,
+                      "--split", "validation", "--eval-dataset", f"{test_hub.dataset_id}@ood", "--trials", "10",
+                      "--output", str(tmp / "merged"), "--json", cache=tmp / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp, proc, last_json(proc.stdout)
+
+
+def test_json_summary_has_the_contract_shape(hub_run, test_hub):
+    tmp, proc, summary = hub_run
+    assert set(summary) == JSON_KEYS and summary["schema"] == 1
+    assert summary["source"] == test_hub.repo_id
+    assert summary["revisions"] == test_hub.step_branches[-4:]  # training order, oldest first
+    assert summary["shas"] == [test_hub.shas[r] for r in summary["revisions"]]
+    assert len(summary["weights"]) == 4 and abs(sum(summary["weights"]) - 1) < 1e-9
+    assert summary["trials"] == 10
+    assert summary["output"] == str(tmp / "merged")
+    assert set(summary["baselines"]) == {*summary["revisions"], "uniform", "ema"}
+    assert list(summary["generalization"]) == [f"{test_hub.dataset_id}@ood"]
+    assert "trials" in proc.stderr  # progress goes to stderr, the JSON object alone is stdout's last line
+
+
+def test_search_beats_every_baseline(hub_run):
+    _, _, summary = hub_run
+    assert summary["loss"] <= min(summary["baselines"].values())
+
+
+def test_output_loads_and_its_loss_matches_the_report(hub_run, test_hub):
+    from transformers import AutoModelForCausalLM
+
+    tmp, _, summary = hub_run
+    out = Path(summary["output"])
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md", "bomerge_recipe.yaml",
+            "bomerge_result.json"} <= {p.name for p in out.iterdir()}
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.model_type == "gpt_neox"
+    again = heldout_loss(out, test_hub.dataset_id, tmp / "cache", config=None, split="validation")
+    assert again == pytest.approx(summary["loss"], abs=1e-5)
+    assert not list(out.parent.glob(".merged.*"))  # no staging folder left behind
+
+
+def test_card_lists_every_revision_with_its_sha(hub_run):
+    from huggingface_hub import ModelCard
+
+    _, _, summary = hub_run
+    card = ModelCard.load(Path(summary["output"]) / "README.md")
+    for sha in summary["shas"]:
+        assert sha in card.text
+    assert card.data.base_model == summary["source"]
+    assert card.data.eval_results[0].metric_value == pytest.approx(summary["loss"], abs=1e-6)
+
+
+def test_recipe_reproduces_the_merge_bit_for_bit(hub_run, tmp_path):
+    _, _, summary = hub_run
+    out = Path(summary["output"])
+    code = main(["--recipe", str(out / "bomerge_recipe.yaml"), "--output", str(tmp_path / "again"), "--quiet",
+                 "--cache-dir", str(tmp_path / "cache")])
+    assert code == 0
+    a, b = load_file(out / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_rerun_resumes_the_study_instead_of_starting_over(hub_run, test_hub, capsys):
+    tmp, _, summary = hub_run
+    first, last = summary["revisions"][0], summary["revisions"][-1]
+    code = main([test_hub.repo_id, "--revisions", f"{first}..{last}", "--dataset", test_hub.dataset_id,
+                 "--split", "validation", "--eval-dataset", f"{test_hub.dataset_id}@ood", "--trials", "10",
+                 "--output", summary["output"], "--json", "--quiet", "--cache-dir", str(tmp / "cache")])
+    assert code == 0
+    again = last_json(capsys.readouterr().out)
+    assert again["study"] == summary["study"] and again["trials"] == 10
+    assert again["weights"] == summary["weights"]  # nothing re-run: the same best trial
+
+
+@pytest.mark.parametrize("spec, expect", [("step999999", "nearest"), ("step1..step2", "nearest")])
+def test_unknown_revision_lists_the_nearest_branches(test_hub, tmp_path, capsys, spec, expect):
+    code = main([test_hub.repo_id, "--revisions", spec, "--output", str(tmp_path / "x"), "--quiet",
+                 "--cache-dir", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert any(b in err for b in test_hub.step_branches), err
+    assert not (tmp_path / "x").exists()
+
+
+def test_missing_repo_is_a_clear_error(test_hub, tmp_path, capsys):
+    code = main(["nobody/no-such-model", "--output", str(tmp_path / "x"), "--quiet", "--cache-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "nobody/no-such-model" in err and "token" in err and "Traceback" not in err
+
+
+def test_dry_run_prints_the_plan_with_shas(test_hub, capsys):
+    code = main([test_hub.repo_id, "--revisions", "last:3", "--dry-run", "--json"])
+    plan = last_json(capsys.readouterr().out)
+    assert code == 0 and plan["revisions"] == test_hub.step_branches[-3:]
+    assert plan["shas"] == [test_hub.shas[r] for r in plan["revisions"]]
+
+
+def test_demo_json(tmp_path):
+    proc = hf_bomerge("demo", "--json", "--trials", "8", "--output", str(tmp_path / "demo"), cache=tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = last_json(proc.stdout)
+    assert set(summary) == JSON_KEYS
+    singles = [summary["baselines"][r] for r in summary["revisions"]]
+    assert summary["loss"] < min(singles)  # the demo's promise: better than the best single checkpoint
+    assert "better than the best single checkpoint" in proc.stderr
+
+
+def test_trainer_output_folder_never_opens_its_pickles(trajectory, tmp_path):
+    """An HF Trainer output: checkpoint-N subfolders with optimizer.pt and training_args.bin beside the weights."""
+    run = tmp_path / "trainer-output"
+    marker = tmp_path / "unpickled"
+    evil = f"cos\nsystem\n(S'touch {marker}'\ntR.".encode()  # a pickle that runs a command if loaded
+    for i, step in enumerate(json.loads((trajectory / "trajectory.json").read_text())["revisions"][-3:]):
+        folder = run / f"checkpoint-{(i + 1) * 500}"
+        shutil.copytree(trajectory / step, folder)
+        (folder / "optimizer.pt").write_bytes(evil)
+        (folder / "training_args.bin").write_bytes(evil)
+    code = main([str(run), "--revisions", "checkpoint-500..", "--method", "ema", "--no-eval",
+                 "--output", str(tmp_path / "ema"), "--quiet", "--json", "--cache-dir", str(tmp_path / "cache")])
+    assert code == 0 and not marker.exists()
+    recipe = (tmp_path / "ema" / "bomerge_recipe.yaml").read_text()
+    assert "checkpoint-500" in recipe and "checkpoint-1500" in recipe
+
+
+def test_local_git_repository_branches_are_revisions(trajectory, tmp_path, capsys):
+    from testhub import make_git_repo
+
+    steps = json.loads((trajectory / "trajectory.json").read_text())["revisions"][-2:]
+    branches = {s: {p.name: p for p in (trajectory / s).iterdir() if p.is_file()} for s in steps}
+    shas = make_git_repo(tmp_path / "repo", branches, lfs=False)
+    code = main([str(tmp_path / "repo"), "--revisions", ",".join(reversed(steps)), "--weights", "0.25,0.75",
+                 "--no-eval", "--output", str(tmp_path / "out"), "--quiet", "--json", "--cache-dir", str(tmp_path / "c")])
+    summary = last_json(capsys.readouterr().out)
+    assert code == 0 and summary["revisions"] == steps and summary["shas"] == [shas[s] for s in steps]
+    assert summary["weights"] == [0.25, 0.75]
