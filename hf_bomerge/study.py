@@ -39,7 +39,8 @@ class Space:
             return W.pairwise(trial.suggest_float("lambda", self.lambda_min, 1.0))
         if self.kind == "simplex":
             return W.from_simplex_coords([trial.suggest_float(f"z{k}", 0.0, 1.0) for k in range(self.n - 1)])
-        return W.window_decay(self.n, trial.suggest_int("window", 1, self.n), trial.suggest_float("decay", 0.0, 1.0))
+        return W.window_decay(self.n, trial.suggest_int("window", 1, self.n, log=True),
+                              trial.suggest_float("decay", 0.0, 1.0))
 
     def params_for(self, weights: Sequence[float]) -> dict | None:
         """The parameters that give `weights`, or None when the space does not contain them."""

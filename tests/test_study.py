@@ -1,0 +1,121 @@
+"""The Optuna study: seeding, budget, resume, reproducibility and NaN handling.
+
+The objective here is the real held-out loss of the trained test trajectory (the `trajectory` fixture),
+evaluated by the same resident model the CLI uses, so the GP sees a real loss landscape.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import optuna
+import pytest
+
+from hf_bomerge.errors import StudyError
+from hf_bomerge.study import make_space, run_search
+
+
+@pytest.fixture(scope="module")
+def evaluator(trajectory, tmp_path_factory):
+    """weights -> held-out loss over the last 4 checkpoints of the trajectory (resident, in memory)."""
+    from hf_bomerge.api import _Evaluator, _prepare
+    from hf_bomerge.checkpoints import CheckpointSet
+    from hf_bomerge.heldout import HeldOutSpec
+
+    cache = tmp_path_factory.mktemp("cache")
+    prep = _prepare(str(trajectory), "last:4", 8, None, cache, progress=False)
+    ckpts = CheckpointSet(prep.folders, prep.names)
+    spec = HeldOutSpec.parse(str(trajectory / "heldout" / "validation.jsonl"))
+    ev = _Evaluator(prep, ckpts, dataset=spec, block_size=None, max_eval_tokens=4096, batch_size=8,
+                    eval_dtype=None, device="cpu", trust_remote_code=False, cache_dir=cache)
+    calls: list[list[float]] = []
+
+    def evaluate(weights):
+        calls.append(list(weights))
+        return ev(weights)
+
+    evaluate.calls = calls
+    evaluate.labels = prep.names
+    return evaluate
+
+
+def _run(evaluate, tmp_path: Path, kind: str, n: int, trials: int, name="s", seed=0, labels=None, **kw):
+    space = make_space(kind, n, kw.pop("lambda_min", 0.0))
+    return run_search(evaluate, space, labels or [f"step{i}" for i in range(n)], trials=trials,
+                      storage=f"sqlite:///{tmp_path / 'studies.db'}", study_name=name, inputs={"n": n, "kind": kind},
+                      seed=seed, progress=False, **kw)
+
+
+def test_pairwise_evaluates_both_bounds_first(evaluator, tmp_path):
+    pair = lambda w: evaluator([0.0, 0.0, *w])  # the last two checkpoints  # noqa: E731
+    start = len(evaluator.calls)
+    out = _run(pair, tmp_path, "pairwise", 2, trials=8, labels=evaluator.labels[-2:], lambda_min=0.3)
+    first = evaluator.calls[start:start + 2]
+    assert [w[2:] for w in first] == [[0.0, 1.0], [pytest.approx(0.7), pytest.approx(0.3)]]
+    assert len(out.trials) == 8
+    lam = out.best.weights[1]
+    assert 0.3 - 1e-9 <= lam <= 1.0
+    assert out.best.loss <= min(out.baselines.values())
+
+
+def test_simplex_is_seeded_with_the_baselines_and_beats_them(evaluator, tmp_path):
+    out = _run(evaluator, tmp_path, "simplex", 4, trials=12, labels=evaluator.labels)
+    assert [t.seed for t in out.trials[:6]] == [*reversed(evaluator.labels), "uniform", "ema"]
+    assert list(out.baselines) == [*evaluator.labels, "uniform", "ema"]
+    assert len(out.trials) == 12
+    assert out.best.loss < min(out.baselines.values())
+
+
+def test_resume_finishes_the_budget_without_repeating_trials(evaluator, tmp_path):
+    _run(evaluator, tmp_path, "simplex", 4, trials=7, labels=evaluator.labels)
+    start = len(evaluator.calls)
+    out = _run(evaluator, tmp_path, "simplex", 4, trials=9, labels=evaluator.labels)
+    assert len(evaluator.calls) - start == 2  # only the two new trials ran
+    assert [t.number for t in out.trials] == list(range(9))
+
+
+def test_same_seed_same_trials(evaluator, tmp_path):
+    a = _run(evaluator, tmp_path, "simplex", 4, trials=9, name="a", seed=7, labels=evaluator.labels)
+    b = _run(evaluator, tmp_path, "simplex", 4, trials=9, name="b", seed=7, labels=evaluator.labels)
+    assert [t.weights for t in a.trials] == [t.weights for t in b.trials]
+
+
+def test_family_scales_to_dozens_of_checkpoints(tmp_path):
+    """A 44-revision range searched in two dimensions; EMA is evaluated beside the study (not in the space)."""
+    target = [0.0] * 34 + [0.1] * 10
+
+    def loss(w):
+        return sum((a - b) ** 2 for a, b in zip(w, target))
+
+    out = _run(loss, tmp_path, "family", 44, trials=14)
+    assert set(out.baselines) == {"step43", "uniform", "ema"} and "ema" in out.extra
+    assert out.best.loss < min(out.baselines.values())  # beats the latest, the uniform average and EMA
+    assert sum(1 for w in out.best.weights if w > 0) < 44  # and concentrates on a late window
+
+
+def test_nan_trials_fail_and_do_not_count(tmp_path):
+    seen = []
+
+    def loss(w):
+        seen.append(w)
+        return float("nan") if len(seen) % 3 == 0 else sum(x * x for x in w)
+
+    out = _run(loss, tmp_path, "simplex", 3, trials=8)
+    assert len(out.trials) == 8 and all(math.isfinite(t.loss) for t in out.trials)
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'studies.db'}")
+    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert failed and len(seen) == 8 + len(failed)
+
+
+def test_all_nan_is_an_error_not_a_hang(tmp_path):
+    with pytest.raises(StudyError, match="NaN"):
+        _run(lambda w: float("nan"), tmp_path, "simplex", 3, trials=4)
+
+
+def test_resuming_a_study_with_different_inputs_is_refused(tmp_path):
+    space = make_space("simplex", 3)
+    kw = dict(trials=4, storage=f"sqlite:///{tmp_path / 'db.sqlite'}", study_name="mine", seed=0, progress=False)
+    run_search(lambda w: sum(w), space, ["a", "b", "c"], inputs={"dataset": "x"}, **kw)
+    with pytest.raises(StudyError, match="dataset"):
+        run_search(lambda w: sum(w), space, ["a", "b", "c"], inputs={"dataset": "y"}, **kw)
