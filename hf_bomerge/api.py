@@ -59,6 +59,7 @@ class MergeResult:
     dataset_is_hub: bool = False
     eval_tokens: int = 0
     dtype: str | None = None
+    trace: list = field(default_factory=list, repr=False)  # the study's trials, for the card's plot
     folders: list[Path] = field(default_factory=list, repr=False)
     tokenizer_folder: Path | None = field(default=None, repr=False)
 
@@ -84,6 +85,7 @@ class MergeResult:
         import yaml
 
         from .card import render_card
+        from .plot import PLOT_FILE, plot_search
 
         target = Path(output).expanduser().resolve()
         _check_output(target, self, overwrite)
@@ -97,7 +99,9 @@ class MergeResult:
             self.output = str(target)
             (staging / RECIPE_FILE).write_text(yaml.safe_dump(self.recipe(), sort_keys=False))
             (staging / RESULT_FILE).write_text(json.dumps(self.summary(), indent=2) + "\n")
-            render_card(self).save(staging / "README.md")
+            if self.trace:
+                plot_search(self.trace, self.revisions, self.weights, staging / PLOT_FILE)
+            render_card(self, plot=PLOT_FILE if self.trace else None).save(staging / "README.md")
             replace_dir(staging, target)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -146,6 +150,8 @@ class _Prepared:
 def _prepare(source: str, revisions: str, max_checkpoints: int, token, cache_dir, progress: bool,
              shas: Sequence[str] | None = None) -> _Prepared:
     """Resolve the revisions (or take the pinned `shas` of a recipe) and download them."""
+    if not progress:
+        _quiet_libraries()
     src = open_source(source, token=token, cache_dir=cache_dir)
     resolved = resolve_revisions(revisions, src.refs(), max_checkpoints)
     pins = [r.sha for r in resolved.revisions]
@@ -169,6 +175,16 @@ def _tokenizer_folder(src: Source, latest: Path) -> Path:
     if "main" in refs:
         return src.fetch("main", refs["main"])
     raise HubError(f"No tokenizer in the latest revision of {src.id} nor in its main branch.")
+
+
+def _quiet_libraries() -> None:
+    import datasets
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    datasets.disable_progress_bars()
+    disable_progress_bars()
+    hf_logging.disable_progress_bar()
 
 
 def _bar(items, desc: str, enabled: bool):
@@ -262,7 +278,7 @@ def search(source: str, revisions: str = "last:2", *, dataset: str | None = None
         baselines=outcome.baselines, generalization=generalization, trials=len(outcome.trials), study=name,
         source_kind=prep.source.kind, search=space.kind, dataset=spec.label,
         dataset_is_hub=not Path(spec.dataset).expanduser().exists(),
-        eval_tokens=int(evaluator.blocks.numel()), dtype=dtype, folders=prep.folders,
+        eval_tokens=int(evaluator.blocks.numel()), dtype=dtype, trace=outcome.trials, folders=prep.folders,
         tokenizer_folder=prep.tokenizer_folder)
 
 

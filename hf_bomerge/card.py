@@ -16,7 +16,8 @@ if TYPE_CHECKING:
     from .api import MergeResult
 
 
-def render_card(result: "MergeResult", repo_id: str | None = None, license: str | None = None) -> ModelCard:
+def render_card(result: "MergeResult", repo_id: str | None = None, license: str | None = None,
+                plot: str | None = None) -> ModelCard:
     """The README.md of a merged model.
 
     >>> render_card(result).save("merged/README.md")   # doctest: +SKIP
@@ -57,6 +58,7 @@ def render_card(result: "MergeResult", repo_id: str | None = None, license: str 
         ppl=perplexity(result.loss) if result.loss is not None else None,
         baselines=[{"name": k, "loss": v, "ppl": perplexity(v)} for k, v in result.baselines.items()],
         generalization=result.generalization,
+        plot=plot,
     )
 
 
