@@ -19,7 +19,7 @@ import torch
 
 from . import __version__
 from . import weights as W
-from .checkpoints import CheckpointSet
+from .checkpoints import CheckpointSet, check_remote_code, check_same_tokenizer
 from .errors import BOMergeError, HubError, OutputError
 from .heldout import DEFAULT_MAX_EVAL_TOKENS, HeldOutSpec, heldout_blocks, mean_nll
 from .hub import SIDE_FILES, Source, default_cache_dir, open_source
@@ -162,6 +162,7 @@ def _prepare(source: str, revisions: str, max_checkpoints: int, token, cache_dir
                            "the recipe cannot be reproduced from them.")
         pins = list(shas)
     folders = [src.fetch(name, pin) for name, pin in _bar(list(zip(resolved.names, pins)), "download", progress)]
+    check_same_tokenizer(folders, resolved.names)
     return _Prepared(src, resolved.names, pins, folders, _tokenizer_folder(src, folders[-1]), resolved.note)
 
 
@@ -211,6 +212,7 @@ class _Evaluator:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
+        check_remote_code(prep.folders[-1], trust_remote_code)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = _eval_dtype(eval_dtype, self.device, ckpts)
         hf_logging.set_verbosity_error()  # legacy Pythia buffers are "unexpected keys": expected here

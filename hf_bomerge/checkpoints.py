@@ -225,3 +225,35 @@ class CheckpointSet:
 
     def iter_names(self) -> Iterator[str]:
         return iter(self.infos)
+
+
+def tokenizer_vocabulary(folder: Path) -> bytes | None:
+    """What makes token ids mean the same thing: the vocabulary, merges and added tokens (not metadata)."""
+    folder = Path(folder)
+    if (folder / "tokenizer.json").is_file():
+        data = json.loads((folder / "tokenizer.json").read_text())
+        return json.dumps([data.get("model"), data.get("added_tokens")], sort_keys=True).encode()
+    parts = [(folder / f).read_bytes() for f in ("vocab.json", "merges.txt", "tokenizer.model") if (folder / f).is_file()]
+    return b"\0".join(parts) or None
+
+
+def check_same_tokenizer(folders: Sequence[Path], labels: Sequence[str]) -> None:
+    """Refuse revisions whose tokenizers map token ids differently (they are not one training run)."""
+    seen = [(label, vocab) for label, f in zip(labels, folders) if (vocab := tokenizer_vocabulary(f)) is not None]
+    for label, vocab in seen[:-1]:
+        if vocab != seen[-1][1]:
+            raise CheckpointError(
+                f"Revisions {label!r} and {seen[-1][0]!r} have different tokenizer vocabularies, so the same "
+                "weights mean different tokens: they are not checkpoints of one training run. Choose revisions "
+                "from one run.")
+
+
+def check_remote_code(folder: Path, trust_remote_code: bool) -> None:
+    """A model whose config points at its own Python code runs only when the user asks for it."""
+    config = Path(folder) / "config.json"
+    auto_map = json.loads(config.read_text()).get("auto_map") if config.is_file() else None
+    if auto_map and not trust_remote_code:
+        raise CheckpointError(
+            f"This model needs its own code ({', '.join(sorted(set(auto_map.values())))[:200]}) to load, and "
+            "running a repository's code is off by default. Read that code, then pass --trust-remote-code "
+            "(trust_remote_code=True in Python) if you trust it.")

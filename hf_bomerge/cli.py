@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
+import signal
 import sys
 from pathlib import Path
 
@@ -82,6 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's SIGTERM ends the run like Ctrl-C
+    try:
+        return _main(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, stream=sys.stderr)
     try:
         result = run(args)
@@ -91,12 +99,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hf-bomerge: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("hf-bomerge: interrupted. Finished trials are saved in the study; run the same command again "
-              "to resume.", file=sys.stderr)
+        print("hf-bomerge: interrupted. Finished trials are saved in the study and no output folder was "
+              "left half-written; run the same command again to resume.", file=sys.stderr)
         return 130
     if result is not None:
         report(result, args)
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def run(args: argparse.Namespace):

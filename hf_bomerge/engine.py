@@ -95,8 +95,20 @@ def merged_tensor(ckpts: CheckpointSet, name: str, weights: Sequence[float], dty
     if not is_merged(info):
         return ckpts.reference.get(name)
     acc = torch.empty(info.shape, dtype=torch.float32)
-    weighted_sum_([acc], [[t] for t in ckpts.tensors(name)], weights)
+    sources = ckpts.tensors(name)
+    weighted_sum_([acc], [[t] for t in sources], weights)
+    if not torch.isfinite(acc).all():  # name the culprit rather than write a broken model
+        for tensor, ckpt in zip(sources, ckpts.checkpoints):
+            _finite(tensor, name, ckpt.label)
+        raise CheckpointError(f"Merging {name!r} overflowed to inf with weights {list(weights)}.")
     return acc.to(dtype or info.dtype)
+
+
+def _finite(tensor: torch.Tensor, name: str, label: str) -> torch.Tensor:
+    if not torch.isfinite(tensor).all():
+        raise CheckpointError(f"Tensor {name!r} of revision {label!r} holds NaN or inf values: that checkpoint "
+                              "is broken (a diverged step or a corrupt file). Leave it out of --revisions.")
+    return tensor
 
 
 def _write_bytes(f, tensor: torch.Tensor) -> None:
@@ -195,7 +207,8 @@ class ResidentMerger:
             raise CheckpointError(f"The model has parameters the checkpoints lack: {missing[:3]}; the "
                                   "checkpoints do not match the model class of the latest revision's config.")
         self.targets = [p.data for _, p in params]
-        self.sources = [[c.get(names[n]).to(p.device) for n, p in params] for c in ckpts.checkpoints]
+        self.sources = [[_finite(c.get(names[n]), names[n], c.label).to(p.device) for n, p in params]
+                        for c in ckpts.checkpoints]
         # Round each trial's merge to the dtype it will be saved in, so the loss a trial reports is the
         # loss of the model that gets written (by default the reference checkpoint's dtype).
         self.store_dtypes = [store_dtype or ckpts.infos[names[n]].dtype for n, _ in params]

@@ -24,6 +24,9 @@ from .errors import StudyError
 
 SEARCHES = ("auto", "pairwise", "simplex", "family")
 MAX_SIMPLEX = 8
+# A running trial writes a heartbeat every HEARTBEAT_S; one silent for GRACE_S belonged to a dead process:
+# it is marked failed and its parameters are queued again (nothing finished is lost).
+HEARTBEAT_S, GRACE_S = 2, 10
 
 
 @dataclass
@@ -131,7 +134,7 @@ def open_study(storage: str, study_name: str, inputs: dict, space: Space, seed: 
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sampler = optuna.samplers.GPSampler(seed=seed, n_startup_trials=n_seeds, deterministic_objective=True)
         retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
-        rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=30, grace_period=90,
+        rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
                                          heartbeat_stale_trial_callback=retry)
     study = optuna.create_study(storage=rdb, study_name=study_name, sampler=sampler, direction="minimize",
                                 load_if_exists=True)
@@ -159,11 +162,12 @@ def run_search(evaluate: Callable[[list[float]], float], space: Space, labels: S
     enqueued_seeds = [(label, w, p) for label, w, p in enqueued if p is not None]
     if trials < 1:
         raise StudyError("--trials must be at least 1.")
-    optuna.logging.set_verbosity(logging.WARNING)
+    optuna.logging.set_verbosity(logging.ERROR)  # failed trials are reported by us, without tracebacks
     study = open_study(storage, study_name, inputs, space, seed, len(enqueued_seeds))
-    if not study.trials:
-        for label, _, params in enqueued_seeds[:trials]:
-            study.enqueue_trial(params, user_attrs={"seed": label})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    _enqueue_missing_seeds(study, enqueued_seeds[:trials])
 
     def objective(trial: optuna.Trial) -> float:
         w = space.suggest(trial)  # an enqueued seed gets its fixed parameters here
@@ -193,6 +197,16 @@ def run_search(evaluate: Callable[[list[float]], float], space: Space, labels: S
     order = [*labels, *(label for label, _ in seeds)]  # oldest first, then uniform and ema
     baselines = {k: v for k, v in sorted({**seeded, **extra}.items(), key=lambda kv: order.index(kv[0]))}
     return SearchOutcome(found, baselines, min(found, key=lambda t: t.loss), study_name, storage, extra)
+
+
+def _enqueue_missing_seeds(study: optuna.Study, seeds) -> None:
+    """Enqueue each baseline that has no finished, queued or running trial yet: a new study gets them all,
+    a resumed one gets back a seed whose trial was interrupted."""
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING)
+    have = {t.user_attrs.get("seed") for t in study.get_trials(deepcopy=False, states=states)}
+    for label, _, params in seeds:
+        if label not in have:
+            study.enqueue_trial(params, user_attrs={"seed": label})
 
 
 def _complete(study: optuna.Study) -> int:
