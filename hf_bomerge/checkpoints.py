@@ -103,6 +103,10 @@ class Checkpoint:
                 raise CheckpointError(f"Cannot read the safetensors header of {path}: {err}. "
                                       "The file is truncated or corrupt; delete it and download it again.") from err
             header.pop("__metadata__", None)
+            expected = 8 + size + max((h["data_offsets"][1] for h in header.values()), default=0)
+            if path.stat().st_size != expected:
+                raise CheckpointError(f"{path} is {path.stat().st_size} bytes but its header describes {expected}: "
+                                      "the file is truncated or corrupt; delete it and download it again.")
             return [TensorInfo(n, tuple(h["shape"]), _ST_DTYPES[h["dtype"]]) for n, h in header.items()]
         state = self._open(index)
         return [TensorInfo(n, tuple(t.shape), t.dtype) for n, t in state.items()]

@@ -1,0 +1,173 @@
+"""What happens when… : every user mistake is one paragraph and exit code 2; nothing finished is lost."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+
+from hf_bomerge.cli import main
+
+
+@pytest.fixture()
+def run(trajectory: Path, tmp_path: Path):
+    """A private copy of the last 3 demo checkpoints (to break), and a CLI runner over it."""
+    steps = json.loads((trajectory / "trajectory.json").read_text())["revisions"][-3:]
+    src = tmp_path / "run"
+    for s in steps:
+        shutil.copytree(trajectory / s, src / s)
+    shutil.copytree(trajectory / "heldout", tmp_path / "heldout")
+
+    def cli(*args: str, capsys=None):
+        code = main([*args, "--quiet", "--cache-dir", str(tmp_path / "cache")])
+        return code
+
+    cli.src, cli.steps, cli.tmp, cli.heldout = src, steps, tmp_path, tmp_path / "heldout"
+    return cli
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("hf-bomerge: error:")]
+    assert len(lines) == 1, err  # one paragraph
+    return lines[0]
+
+
+def _fixed(run, *extra: str) -> list[str]:
+    return [str(run.src), "--revisions", "last:3", "--method", "sma", "--output", str(run.tmp / "out"), *extra]
+
+
+def test_missing_dataset(run, capsys):
+    assert run(*_fixed(run, "--dataset", str(run.tmp / "nope.jsonl"))) == 2
+    assert "nope.jsonl" in _error(capsys)
+
+
+def test_dataset_without_the_text_column_lists_its_columns(run, capsys):
+    (run.tmp / "qa.jsonl").write_text('{"question": "a", "answer": "b"}\n' * 50)
+    assert run(*_fixed(run, "--dataset", str(run.tmp / "qa.jsonl"))) == 2
+    msg = _error(capsys)
+    assert "'text'" in msg and "question" in msg and "--text-column" in msg
+
+
+def test_empty_dataset(run, capsys):
+    (run.tmp / "empty.jsonl").write_text('{"text": ""}\n{"text": "   "}\n')
+    assert run(*_fixed(run, "--dataset", str(run.tmp / "empty.jsonl"))) == 2
+    assert "no non-empty text" in _error(capsys)
+
+
+def test_dataset_shorter_than_one_block(run, capsys):
+    (run.tmp / "short.txt").write_text("x = 1\n")
+    assert run(*_fixed(run, "--dataset", str(run.tmp / "short.txt"))) == 2
+    msg = _error(capsys)
+    assert "fewer than one block" in msg and "--block-size" in msg
+
+
+def test_different_tokenizers_are_refused(run, capsys):
+    tok = run.src / run.steps[0] / "tokenizer.json"
+    data = json.loads(tok.read_text())
+    vocab = data["model"]["vocab"]
+    a, b = list(vocab)[100:102]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # two token ids swapped
+    tok.write_text(json.dumps(data))
+    assert run(*_fixed(run, "--no-eval")) == 2
+    msg = _error(capsys)
+    assert run.steps[0] in msg and run.steps[-1] in msg and "tokenizer" in msg
+
+
+def test_nan_in_a_checkpoint_names_tensor_and_revision(run, capsys):
+    path = run.src / run.steps[1] / "pytorch_model.bin"
+    state = torch.load(path, weights_only=True)
+    state["gpt_neox.layers.1.mlp.dense_h_to_4h.weight"][0, 0] = float("nan")
+    torch.save(state, path)
+    assert run(*_fixed(run, "--no-eval")) == 2
+    msg = _error(capsys)
+    assert "gpt_neox.layers.1.mlp.dense_h_to_4h.weight" in msg and run.steps[1] in msg
+    assert not (run.tmp / "out").exists()
+
+
+def test_truncated_safetensors_names_the_file(run, capsys):
+    folder = run.src / run.steps[0]
+    from safetensors.torch import save_file
+
+    state = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, folder / "model.safetensors")
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    assert run(*_fixed(run, "--no-eval")) == 2
+    assert "model.safetensors" in _error(capsys)
+
+
+def test_remote_code_needs_the_flag(run, capsys):
+    config = run.src / run.steps[-1] / "config.json"
+    data = json.loads(config.read_text())
+    data["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    config.write_text(json.dumps(data))
+    assert run(*_fixed(run)) == 2
+    msg = _error(capsys)
+    assert "--trust-remote-code" in msg and "modeling_evil" in msg
+
+
+def test_existing_output_not_ours_is_refused_unless_overwrite(run, capsys):
+    out = run.tmp / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("my work")
+    assert run(*_fixed(run, "--no-eval")) == 2
+    assert "--overwrite" in _error(capsys)
+    assert (out / "precious.txt").read_text() == "my work"
+    assert run(*_fixed(run, "--no-eval", "--overwrite")) == 0
+    assert (out / "model.safetensors").is_file() and not (out / "precious.txt").exists()
+
+
+def test_invalid_weights_and_unknown_revisions(run, capsys):
+    assert run(str(run.src), "--revisions", "last:3", "--weights", "0.5,0.5", "--output", str(run.tmp / "o")) == 2
+    assert "3 checkpoints" in _error(capsys)
+    assert run(str(run.src), "--revisions", "step1", "--method", "sma", "--output", str(run.tmp / "o")) == 2
+    assert run.steps[0] in _error(capsys)
+
+
+def test_search_killed_mid_trial_resumes_to_the_same_budget(run, tmp_path):
+    """A real subprocess, SIGKILLed while the study runs; the re-run finishes the budget and exports once."""
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    args = [sys.executable, "-m", "hf_bomerge.cli", str(run.src), "--revisions", "last:3",
+            "--dataset", str(run.heldout / "validation.jsonl"), "--max-eval-tokens", "65536", "--trials", "9",
+            "--storage", storage, "--study-name", "killed", "--output", str(tmp_path / "out"), "--quiet",
+            "--cache-dir", str(tmp_path / "cache"), "--json"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    done = 0
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            study = optuna.load_study(study_name="killed", storage=storage)
+            done = len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)))
+        except Exception:
+            done = 0
+        if done >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    time.sleep(0.4)  # into the next trial (~1 s each), past its first heartbeat
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "out").exists()
+    time.sleep(11)  # the dead trial's heartbeat goes stale (study.GRACE_S)
+    again = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    summary = json.loads(again.stdout.strip().splitlines()[-1])
+    study = optuna.load_study(study_name="killed", storage=storage)
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert summary["trials"] == len(complete) == 9
+    assert set(summary["baselines"]) == {*run.steps, "uniform", "ema"}  # an interrupted seed was re-run
+    params = [json.dumps(t.params, sort_keys=True) for t in complete]
+    assert len(set(params)) == len(params)  # no trial ran twice
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "out")
