@@ -2,8 +2,8 @@
 
 The Hugging Face environment is set here, at import time, before any test module imports
 huggingface_hub, datasets or transformers (they read it at import): HF_ENDPOINT points at a loopback
-port where the `test_hub` fixture starts olah, so no test can reach the real Hub; HF_HOME is a
-fresh folder for this session (no user token, no user cache).
+port where the `test_hub` fixture starts the test Hub (a write proxy in front of olah), so no test can
+reach the real Hub; HF_HOME is a fresh folder for this session (no user token, no user cache).
 """
 
 from __future__ import annotations
@@ -61,7 +61,9 @@ def trajectory() -> Path:
 def test_hub(trajectory: Path):
     """olah serving, offline on 127.0.0.1, a Pythia-like model repo (``test_hub.repo_id``, branches
     ``main`` + ``test_hub.step_branches``) and a held-out dataset repo (``test_hub.dataset_id``).
-    More repos: ``test_hub.add_model_repo(repo_id, {branch: {relpath: path_or_content}})``."""
+    More repos: ``test_hub.add_model_repo(repo_id, {branch: {relpath: path_or_content}})``. Pushes (token
+    ``hf_test…``) commit into the same mirrors; ``test_hub.fail_next_commits(n, status)`` injects faults,
+    ``test_hub.writer.calls_of(kind, repo_id)`` lists the write calls, ``test_hub.branch_log`` the commits."""
     _check_hub_constants()
     hub = TestHub(root=_SESSION_DIR / "hub", port=_HUB_PORT)
     hub.hf_home = Path(os.environ["HF_HOME"])

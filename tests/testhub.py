@@ -3,7 +3,9 @@
 `make_git_repo` writes a Hub-like git repository (one commit per branch, large files as git-LFS pointers
 with their objects in ``.git/lfs/objects``, where olah 0.5.4 reads them) under olah's ``mirrors-path``;
 `TestHub` runs olah in offline mirror mode over that folder. Repositories added while olah runs are
-served at once: olah reads the git repositories on every request.
+served at once: olah reads the git repositories on every request. olah listens on a port of its own;
+``TestHub.endpoint`` (the port ``HF_ENDPOINT`` names) is the write proxy of tests/hubwrite.py, which answers
+create_repo / create_branch / upload_folder by committing into the same mirrors and forwards the rest to olah.
 
 What olah 0.5.4 serves from such a mirror (checked by tests/test_testhub.py): ``list_repo_refs``,
 ``model_info``/``dataset_info`` with an explicit ``revision``, ``hf_hub_download``, ``snapshot_download``,
@@ -53,6 +55,26 @@ def _git(repo: Path, *args: str, input: bytes | None = None) -> str:
     return done.stdout.decode()
 
 
+def is_lfs_file(rel: str, size: int) -> bool:
+    """Whether the Hub stores ``rel`` (of ``size`` bytes) with git-LFS."""
+    return rel.endswith(LFS_SUFFIXES) or size > LFS_MIN_SIZE
+
+
+def lfs_object_path(repo: Path, oid: str) -> Path:
+    """Where olah 0.5.4 reads the bytes of LFS object ``oid`` (sha256 hex) of non-bare repo ``repo``."""
+    return Path(repo) / ".git" / "lfs" / "objects" / oid[:2] / oid[2:4] / oid
+
+
+def lfs_pointer(repo: Path, data: bytes) -> bytes:
+    """Store ``data`` as an LFS object of ``repo``; returns the pointer file that goes into git."""
+    oid = hashlib.sha256(data).hexdigest()
+    obj = lfs_object_path(repo, oid)
+    if not obj.exists():
+        obj.parent.mkdir(parents=True, exist_ok=True)
+        obj.write_bytes(data)
+    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{oid}\nsize {len(data)}\n".encode()
+
+
 def make_git_repo(path: Path, branches: Mapping[str, Mapping[str, Source]], *,
                   message: str = "Upload checkpoint", lfs: bool = True) -> dict[str, str]:
     """Create (or update) a non-bare git repository at ``path`` laid out as the Hub stores one.
@@ -81,13 +103,8 @@ def make_git_repo(path: Path, branches: Mapping[str, Mapping[str, Source]], *,
         entries = {".gitattributes": blob(GITATTRIBUTES.encode())} if lfs else {}
         for rel, source in files.items():
             data = _content(source)
-            if lfs and (rel.endswith(LFS_SUFFIXES) or len(data) > LFS_MIN_SIZE):
-                oid = hashlib.sha256(data).hexdigest()
-                obj = path / ".git" / "lfs" / "objects" / oid[:2] / oid[2:4] / oid
-                if not obj.exists():
-                    obj.parent.mkdir(parents=True, exist_ok=True)
-                    obj.write_bytes(data)
-                data = f"version https://git-lfs.github.com/spec/v1\noid sha256:{oid}\nsize {len(data)}\n".encode()
+            if lfs and is_lfs_file(rel, len(data)):
+                data = lfs_pointer(path, data)
             entries[rel] = blob(data)
         msg = f"{message} ({branch})".encode()
         stream.extend(f"commit refs/heads/{branch}\n"
@@ -156,15 +173,20 @@ def free_port() -> int:
 
 @dataclass
 class TestHub:
-    """olah serving git repositories from ``mirrors`` at ``endpoint`` (offline, loopback only)."""
+    """olah serving git repositories from ``mirrors``, behind the write proxy of tests/hubwrite.py at
+    ``endpoint`` (``port``, the one ``HF_ENDPOINT`` names); olah itself listens on ``olah_port``
+    (a free port when 0). Pushes through ``endpoint`` commit into the same mirrors; ``writer`` is the
+    `hubwrite.HubWriter` (call records, ``fail_next``); ``fail_next_commits(n, status)`` injects faults."""
 
     __test__ = False  # not a test class, despite the name
 
     root: Path
     port: int
+    olah_port: int = 0
     mirrors: Path = field(init=False)
     endpoint: str = field(init=False)
     process: subprocess.Popen | None = field(default=None, init=False)
+    writer: object | None = field(default=None, init=False)  # hubwrite.HubWriter once started
     # Filled by `add_pythia_repos`: the Pythia-like model repo and the held-out dataset repo.
     repo_id: str | None = None
     dataset_id: str | None = None
@@ -191,6 +213,14 @@ class TestHub:
         """The git repository behind ``repo_id`` (``ORG/NAME``) in the mirror."""
         return self.mirrors / f"{repo_type}s" / repo_id
 
+    def fail_next_commits(self, n: int = 1, status: int = 500) -> None:
+        """The next ``n`` commit calls (``upload_folder``/``create_commit``) answer ``status``, committing nothing."""
+        self.writer.fail_next_commits(n, status)
+
+    def branch_log(self, repo_id: str, branch: str = "main", repo_type: str = "model") -> list[str]:
+        """The commit shas of ``branch`` in the mirror, newest first."""
+        return _git(self.repo_path(repo_id, repo_type), "rev-list", f"refs/heads/{branch}").split()
+
     def add_model_repo(self, repo_id: str, branches: Mapping[str, Mapping[str, Source]], **kw) -> dict[str, str]:
         """Create or update model repo ``repo_id`` with ``{branch: {relpath: source}}``; returns branch shas."""
         return make_git_repo(self.repo_path(repo_id, "model"), branches, **kw)
@@ -213,7 +243,8 @@ class TestHub:
         self.dataset_id = dataset_id
 
     def start(self, timeout: float = 60.0) -> None:
-        """Start olah and wait until it answers; never reaches beyond 127.0.0.1."""
+        """Start olah and the write proxy in front of it; never reaches beyond 127.0.0.1."""
+        self.olah_port = self.olah_port or free_port()
         self.mirrors.mkdir(parents=True, exist_ok=True)
         probe = "probe-org/probe"
         self.add_model_repo(probe, {"main": {"README.md": "probe\n"}})
@@ -224,7 +255,7 @@ class TestHub:
         config = self.root / "olah.toml"
         config.write_text(
             "[basic]\n"
-            f'host = "127.0.0.1"\nport = {self.port}\n'
+            f'host = "127.0.0.1"\nport = {self.olah_port}\n'
             f'repos-path = "{self.root / "olah-cache"}"\n'
             f'mirrors-path = ["{self.mirrors}"]\n'
             f'hf-scheme = "http"\nhf-netloc = "{dead}"\nhf-lfs-netloc = "{dead}"\n'
@@ -240,7 +271,7 @@ class TestHub:
                 cwd=self.root, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env={k: v for k, v in os.environ.items() if not k.endswith(("_proxy", "_PROXY"))},
             )
-        url = f"{self.endpoint}/api/models/{probe}/refs"
+        url = f"http://127.0.0.1:{self.olah_port}/api/models/{probe}/refs"
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -251,12 +282,23 @@ class TestHub:
                 pass
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"olah did not start on {self.endpoint}:\n{self.log.read_text()[-3000:]}")
+                raise RuntimeError(f"olah did not start on port {self.olah_port}:\n{self.log.read_text()[-3000:]}")
             time.sleep(0.2)
         shutil.rmtree(self.repo_path(probe), ignore_errors=True)
+        from hubwrite import HubWriter  # the write endpoints, and the proxy to olah for everything else
+
+        self.writer = HubWriter(self.repo_path, f"http://127.0.0.1:{self.olah_port}", self.port)
+        try:
+            self.writer.start()
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> None:
-        """Stop olah (only the process this object started)."""
+        """Stop the write proxy and olah (only what this object started)."""
+        if self.writer is not None:
+            self.writer.stop()
+            self.writer = None
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
