@@ -59,6 +59,7 @@ class MergeResult:
     dataset_is_hub: bool = False
     eval_tokens: int = 0
     dtype: str | None = None
+    license: str | None = None
     trace: list = field(default_factory=list, repr=False)  # the study's trials, for the card's plot
     folders: list[Path] = field(default_factory=list, repr=False)
     tokenizer_folder: Path | None = field(default=None, repr=False)
@@ -101,12 +102,33 @@ class MergeResult:
             (staging / RESULT_FILE).write_text(json.dumps(self.summary(), indent=2) + "\n")
             if self.trace:
                 plot_search(self.trace, self.revisions, self.weights, staging / PLOT_FILE)
-            render_card(self, plot=PLOT_FILE if self.trace else None).save(staging / "README.md")
+            render_card(self, license=self.license, plot=PLOT_FILE if self.trace else None).save(staging / "README.md")
             replace_dir(staging, target)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return target
+
+
+    def push_to_hub(self, repo_id: str, *, token: str | None = None, private: bool | None = None,
+                    revision: str | None = None, commit_message: str | None = None) -> str:
+        """Publish the merged model (saved first if it was not) in one commit; returns the commit URL.
+
+        The card is rendered for `repo_id`. Re-pushing an unchanged folder creates no commit.
+
+        >>> result.push_to_hub("me/pythia-160m-bomerge", private=True)   # doctest: +SKIP
+        """
+        from .card import render_card
+        from .hub import push_folder
+        from .plot import PLOT_FILE
+
+        if self.output is None or not Path(self.output).is_dir():
+            self.save_pretrained(Path(tempfile.mkdtemp(prefix="bomerge-push-")) / repo_id.split("/")[-1])
+        folder = Path(self.output)
+        plot = PLOT_FILE if (folder / PLOT_FILE).is_file() else None
+        render_card(self, repo_id=repo_id, license=self.license, plot=plot).save(folder / "README.md")
+        message = commit_message or f"Upload a merge of {len(self.revisions)} checkpoints of {self.source} (hf-bomerge)"
+        return push_folder(folder, repo_id, token=token, private=private, revision=revision, commit_message=message)
 
 
 def _check_output(target: Path, result: MergeResult, overwrite: bool) -> None:
@@ -280,7 +302,8 @@ def search(source: str, revisions: str = "last:2", *, dataset: str | None = None
         baselines=outcome.baselines, generalization=generalization, trials=len(outcome.trials), study=name,
         source_kind=prep.source.kind, search=space.kind, dataset=spec.label,
         dataset_is_hub=not Path(spec.dataset).expanduser().exists(),
-        eval_tokens=int(evaluator.blocks.numel()), dtype=dtype, trace=outcome.trials, folders=prep.folders,
+        eval_tokens=int(evaluator.blocks.numel()), dtype=dtype, license=prep.source.license(),
+        trace=outcome.trials, folders=prep.folders,
         tokenizer_folder=prep.tokenizer_folder)
 
 
@@ -321,7 +344,7 @@ def merge(source: str, revisions: str = "last:2", *, weights: Sequence[float] | 
         weights = W.rule(method or "sma", n, ema_alpha)
     weights = W.check(weights, n, allow_extrapolation)
     result = MergeResult(source=prep.source.id, revisions=prep.names, shas=prep.shas, weights=list(weights),
-                         source_kind=prep.source.kind, dtype=dtype, folders=prep.folders,
+                         source_kind=prep.source.kind, dtype=dtype, license=prep.source.license(), folders=prep.folders,
                          tokenizer_folder=prep.tokenizer_folder)
     if evaluate:
         ckpts = CheckpointSet(prep.folders, prep.names)

@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true")
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: the checkpoints' dtype")
     g.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE)
+    g.add_argument("--push-to-hub", metavar="REPO_ID", help="publish the merged model to this Hub repo")
+    g.add_argument("--private", action="store_true", help="create the Hub repo private")
+    g.add_argument("--hub-revision", metavar="BRANCH", help="push to this branch (created if missing)")
+    g.add_argument("--commit-message")
     g.add_argument("--token", help="Hub token (default: HF_TOKEN or the login cache); never printed")
     g = p.add_argument_group("other")
     g.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
@@ -166,6 +170,10 @@ def _save(result, args, default_name: str):
     output = args.output or default_name
     result.save_pretrained(output, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
                            progress=not args.quiet)
+    if args.push_to_hub:
+        url = result.push_to_hub(args.push_to_hub, token=args.token, private=args.private or None,
+                                 revision=args.hub_revision, commit_message=args.commit_message)
+        print(f"pushed to {url}", file=sys.stderr)
     return result
 
 

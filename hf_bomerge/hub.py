@@ -48,6 +48,9 @@ class Source:
     def fetch(self, name: str, pin: str) -> Path:
         raise NotImplementedError
 
+    def license(self) -> str | None:
+        return None
+
 
 class HubSource(Source):
     """A Hub model repo; revisions are its branches, pinned to their commit shas."""
@@ -84,6 +87,18 @@ class HubSource(Source):
                 return [layout, *shards]
         raise HubError(f"Revision {pin[:12]} of {self.id} has no transformers weights "
                        f"({', '.join(WEIGHT_LAYOUTS)}); choose revisions that hold checkpoints.")
+
+
+    def license(self) -> str | None:
+        """The license in the source repo's model card (main branch), carried over to the merge's card."""
+        from huggingface_hub import ModelCard
+
+        try:
+            main = self.refs().get("main")
+            path = hf_hub_download(self.id, "README.md", revision=main, token=self.token, cache_dir=self.cache_dir)
+            return ModelCard.load(path).data.license
+        except Exception:  # no card, or one without metadata: the merge's card then names no license
+            return None
 
 
 class FolderSource(Source):

@@ -1,0 +1,81 @@
+"""The model card and `--push-to-hub` from the command line, read back through the test Hub."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import HfApi, ModelCard, snapshot_download
+
+from hf_bomerge.api import MergeResult
+from hf_bomerge.card import render_card
+from hf_bomerge.cli import main
+from hf_bomerge.study import Trial
+
+TOKEN = "hf_test_card_token_456"
+
+
+def _result(revisions, weights, search) -> MergeResult:
+    shas = [f"{i:040x}" for i in range(1, len(revisions) + 1)]
+    trace = [Trial(i, weights, 3.0 - 0.1 * i, seed=r) for i, r in enumerate(revisions)]
+    return MergeResult(source="EleutherAI/pythia-160m", revisions=revisions, shas=shas, weights=weights,
+                       loss=2.5, baselines={**{r: 3.0 for r in revisions}, "uniform": 2.7, "ema": 2.8},
+                       generalization={"ood.jsonl": {"merged": 3.1, "best_single": 3.3, "uniform": 3.2,
+                                                     "best_single_revision": revisions[-1]}},
+                       trials=12, study="s", search=search, dataset="Salesforce/wikitext:wikitext-2-raw-v1@validation",
+                       dataset_is_hub=True, eval_tokens=16384, license="apache-2.0", trace=trace)
+
+
+@pytest.mark.parametrize("search, revisions, weights", [
+    ("pairwise", ["step142000", "step143000"], [0.35, 0.65]),
+    ("simplex", ["step140000", "step141000", "step142000", "step143000"], [0.1, 0.2, 0.3, 0.4]),
+])
+def test_card_renders_parses_back_and_is_byte_stable(tmp_path, search, revisions, weights):
+    result = _result(revisions, weights, search)
+    card = render_card(result, repo_id="me/merged", license=result.license, plot="bomerge_search.png")
+    card.save(tmp_path / "README.md")
+    again = ModelCard.load(tmp_path / "README.md")
+    assert again.data.base_model == "EleutherAI/pythia-160m" and again.data.base_model_relation == "merge"
+    assert again.data.license == "apache-2.0" and again.data.library_name == "transformers"
+    assert {"hf-bomerge", "merge", "checkpoint-merging"} <= set(again.data.tags)
+    metrics = {(e.dataset_name, e.metric_type): e.metric_value for e in again.data.eval_results}
+    assert metrics[("Salesforce/wikitext:wikitext-2-raw-v1@validation", "loss")] == 2.5
+    assert metrics[("ood.jsonl", "loss")] == 3.1
+    for r, sha in zip(revisions, result.shas):
+        assert f"`{r}` | `{sha}`" in again.text
+    assert f"{search} search" in again.text and "bomerge_search.png" in again.text
+    assert 'from_pretrained("me/merged")' in again.text and "--recipe bomerge_recipe.yaml" in again.text
+    assert "Liu" in again.text and "Li, Yunshui" in again.text  # the methods' citations
+    render_card(result, repo_id="me/merged", license=result.license, plot="bomerge_search.png").save(tmp_path / "b.md")
+    assert (tmp_path / "README.md").read_bytes() == (tmp_path / "b.md").read_bytes()
+
+
+def test_cli_push_to_hub_publishes_a_loadable_model_with_its_card(test_hub, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    code = main([test_hub.repo_id, "--revisions", "last:2", "--dataset", test_hub.dataset_id, "--split",
+                 "validation", "--trials", "5", "--output", str(tmp_path / "out"), "--push-to-hub",
+                 "bomerge-tester/pythia-tiny-bomerge", "--private", "--token", TOKEN, "--quiet", "--json",
+                 "--cache-dir", str(tmp_path / "c")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "pushed to" in captured.err and "bomerge-tester/pythia-tiny-bomerge" in captured.err
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    sha = HfApi().list_repo_refs("bomerge-tester/pythia-tiny-bomerge").branches[0].target_commit
+    folder = Path(snapshot_download("bomerge-tester/pythia-tiny-bomerge", revision=sha, token=TOKEN))
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.license == "apache-2.0"  # carried over from the source repo's card
+    assert card.data.base_model == test_hub.repo_id
+    assert all(s in card.text for s in summary["shas"])
+    assert 'from_pretrained("bomerge-tester/pythia-tiny-bomerge")' in card.text
+    assert (folder / "bomerge_search.png").is_file() and (folder / "bomerge_recipe.yaml").is_file()
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    local = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), local.parameters()))
+    for path in [*folder.rglob("*"), *(tmp_path / "out").rglob("*")]:
+        if path.is_file():
+            assert TOKEN.encode() not in path.read_bytes(), path
+    assert TOKEN not in captured.out + captured.err
+    assert test_hub.writer.private.get("model/bomerge-tester/pythia-tiny-bomerge") is True
