@@ -8,14 +8,17 @@ allows it.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import math
+import mmap
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
-from safetensors import safe_open
 
 from .errors import CheckpointError
 
@@ -76,6 +79,10 @@ def find_weight_files(folder: Path) -> list[Path]:
 class Checkpoint:
     """One checkpoint's tensors, read lazily by name.
 
+    safetensors are read with positioned reads from the offsets in their header, `.bin` through a
+    memory map whose pages are handed back once a tensor is used (`release`), so reading a whole
+    checkpoint never holds more than a few tensors in memory.
+
     >>> ckpt = Checkpoint("run/step1000")           # doctest: +SKIP
     >>> ckpt.infos["embed_out.weight"].shape        # doctest: +SKIP
     (50304, 2048)
@@ -86,14 +93,14 @@ class Checkpoint:
         self.label = label or self.folder.name
         self.files = find_weight_files(self.folder)
         self.infos: dict[str, TensorInfo] = {}
-        self._where: dict[str, int] = {}
+        self._where: dict[str, tuple[int, int]] = {}  # name -> (file index, byte offset; -1 for .bin)
         self._handles: dict[int, object] = {}
         for index, path in enumerate(self.files):
-            for info in self._read_header(index, path):
+            for info, offset in self._read_header(index, path):
                 self.infos[info.name] = info
-                self._where[info.name] = index
+                self._where[info.name] = (index, offset)
 
-    def _read_header(self, index: int, path: Path) -> list[TensorInfo]:
+    def _read_header(self, index: int, path: Path) -> list[tuple[TensorInfo, int]]:
         if path.suffix == ".safetensors":
             try:
                 with open(path, "rb") as f:
@@ -107,35 +114,45 @@ class Checkpoint:
             if path.stat().st_size != expected:
                 raise CheckpointError(f"{path} is {path.stat().st_size} bytes but its header describes {expected}: "
                                       "the file is truncated or corrupt; delete it and download it again.")
-            return [TensorInfo(n, tuple(h["shape"]), _ST_DTYPES[h["dtype"]]) for n, h in header.items()]
-        state = self._open(index)
-        return [TensorInfo(n, tuple(t.shape), t.dtype) for n, t in state.items()]
+            return [(TensorInfo(n, tuple(h["shape"]), _ST_DTYPES[h["dtype"]]), 8 + size + h["data_offsets"][0])
+                    for n, h in header.items()]
+        state, _ = self._open(index)
+        return [(TensorInfo(n, tuple(t.shape), t.dtype), -1) for n, t in state.items()]
 
     def _open(self, index: int):
         if index not in self._handles:
             path = self.files[index]
-            if path.suffix == ".safetensors":
-                self._handles[index] = safe_open(str(path), framework="pt")
-            else:
-                self._handles[index] = load_bin(path)
+            self._handles[index] = open(path, "rb") if path.suffix == ".safetensors" else load_bin(path)
         return self._handles[index]
 
     def get(self, name: str) -> torch.Tensor:
         """The tensor `name`, in its stored dtype, on CPU."""
-        handle = self._open(self._where[name])
-        if isinstance(handle, dict):
-            return handle[name]
-        return handle.get_tensor(name)
+        index, offset = self._where[name]
+        handle = self._open(index)
+        if offset < 0:
+            return handle[0][name]
+        info = self.infos[name]
+        out = torch.empty(info.shape, dtype=info.dtype)
+        if info.nbytes:
+            handle.seek(offset)
+            if handle.readinto(memoryview(out.reshape(-1).view(torch.uint8).numpy())) != info.nbytes:
+                raise CheckpointError(f"{self.files[index]} ended inside tensor {name!r}: the file is truncated.")
+        return out
+
+    def release(self, name: str) -> None:
+        """Hand back the memory-mapped pages of a `.bin` tensor that has been used (a no-op otherwise)."""
+        index, offset = self._where[name]
+        if offset < 0 and self._handles[index][1]:
+            _drop_pages(self._handles[index][0][name])
 
     def aliases(self) -> dict[str, str]:
         """Names whose tensor shares storage with an earlier name (tied weights in .bin files)."""
         seen: dict[tuple, str] = {}
         out: dict[str, str] = {}
-        for index in range(len(self.files)):
-            handle = self._open(index)
-            if not isinstance(handle, dict):
+        for index, path in enumerate(self.files):
+            if path.suffix == ".safetensors":
                 continue  # safetensors cannot store shared tensors
-            for name, t in handle.items():
+            for name, t in self._open(index)[0].items():
                 if t.numel() == 0:
                     continue
                 key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
@@ -146,10 +163,10 @@ class Checkpoint:
         return out
 
 
-def load_bin(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a `.bin` file, never unpickling anything else; mmap'd where the format allows."""
+def load_bin(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
+    """Tensors of a `.bin` file, never unpickling anything else, and whether they are memory-mapped."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True), True
     except RuntimeError as err:
         if "zip" not in str(err).lower() and "mmap" not in str(err).lower():
             raise CheckpointError(f"Cannot read {path}: {err}. The file may be truncated or corrupt; "
@@ -159,9 +176,25 @@ def load_bin(path: Path) -> dict[str, torch.Tensor]:
                               "hf-bomerge never unpickles arbitrary objects; convert the file to "
                               "safetensors or check that it is not truncated.") from err
     try:  # legacy (pre-1.6, non-zip) format: no mmap, still weights_only
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True), False
     except Exception as err:
         raise CheckpointError(f"Cannot read {path} as tensors only: {err}.") from err
+
+
+_PAGE = mmap.PAGESIZE
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform == "linux" else None
+
+
+def _drop_pages(tensor: torch.Tensor) -> None:
+    """madvise(MADV_DONTNEED) the whole pages under a tensor of a read-only (MAP_PRIVATE, never written)
+    file mapping: they leave this process's resident set and are read again from the page cache if needed."""
+    if _libc is None or tensor.numel() == 0:
+        return
+    start = tensor.data_ptr()
+    first = -(-start // _PAGE) * _PAGE  # only pages wholly inside the tensor
+    last = (start + tensor.numel() * tensor.element_size()) // _PAGE * _PAGE
+    if last > first:
+        _libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # 4 = MADV_DONTNEED
 
 
 def is_merged(info: TensorInfo) -> bool:
@@ -226,6 +259,10 @@ class CheckpointSet:
 
     def tensors(self, name: str) -> list[torch.Tensor]:
         return [c.get(name) for c in self.checkpoints]
+
+    def release(self, name: str) -> None:
+        for c in self.checkpoints:
+            c.release(name)
 
     def iter_names(self) -> Iterator[str]:
         return iter(self.infos)

@@ -97,8 +97,10 @@ def merged_tensor(ckpts: CheckpointSet, name: str, weights: Sequence[float], dty
     acc = torch.empty(info.shape, dtype=torch.float32)
     sources = ckpts.tensors(name)
     weighted_sum_([acc], [[t] for t in sources], weights)
+    del sources
+    ckpts.release(name)
     if not torch.isfinite(acc).all():  # name the culprit rather than write a broken model
-        for tensor, ckpt in zip(sources, ckpts.checkpoints):
+        for tensor, ckpt in zip(ckpts.tensors(name), ckpts.checkpoints):
             _finite(tensor, name, ckpt.label)
         raise CheckpointError(f"Merging {name!r} overflowed to inf with weights {list(weights)}.")
     return acc.to(dtype or info.dtype)
