@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import json
-import os
+import logging
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -20,13 +20,14 @@ import torch
 from . import __version__
 from . import weights as W
 from .checkpoints import CheckpointSet, check_remote_code, check_same_tokenizer
-from .errors import BOMergeError, HubError, OutputError
+from .errors import BOMergeError, CorruptFileError, HubError, OutputError
 from .heldout import DEFAULT_MAX_EVAL_TOKENS, HeldOutSpec, heldout_blocks, mean_nll
 from .hub import SIDE_FILES, Source, default_cache_dir, open_source
 from .engine import DEFAULT_MAX_SHARD_SIZE, ResidentMerger, export_merge, replace_dir
 from .revisions import resolve_revisions
 from .study import make_space, default_study_name, run_search
 
+logger = logging.getLogger("hf_bomerge")
 SCHEMA = 1
 RECIPE_FILE = "bomerge_recipe.yaml"
 RESULT_FILE = "bomerge_result.json"
@@ -167,6 +168,7 @@ class _Prepared:
     folders: list[Path]
     tokenizer_folder: Path
     note: str | None
+    ckpts: CheckpointSet
 
 
 def _prepare(source: str, revisions: str, max_checkpoints: int, token, cache_dir, progress: bool,
@@ -183,9 +185,18 @@ def _prepare(source: str, revisions: str, max_checkpoints: int, token, cache_dir
             raise HubError(f"The checkpoint folders {changed} of {src.id} changed since the recipe was written; "
                            "the recipe cannot be reproduced from them.")
         pins = list(shas)
-    folders = [src.fetch(name, pin) for name, pin in _bar(list(zip(resolved.names, pins)), "download", progress)]
+    revs = list(zip(resolved.names, pins))
+    folders = [src.fetch(name, pin) for name, pin in _bar(revs, "download", progress)]
+    try:
+        ckpts = CheckpointSet(folders, resolved.names)
+    except CorruptFileError as err:
+        if src.kind != "hub":
+            raise
+        logger.warning("%s Downloading the revisions again, once.", err)
+        folders = [src.fetch(name, pin, force=True) for name, pin in revs]
+        ckpts = CheckpointSet(folders, resolved.names)
     check_same_tokenizer(folders, resolved.names)
-    return _Prepared(src, resolved.names, pins, folders, _tokenizer_folder(src, folders[-1]), resolved.note)
+    return _Prepared(src, resolved.names, pins, folders, _tokenizer_folder(src, folders[-1]), resolved.note, ckpts)
 
 
 def _tokenizer_folder(src: Source, latest: Path) -> Path:
@@ -282,7 +293,7 @@ def search(source: str, revisions: str = "last:2", *, dataset: str | None = None
     """
     cache = Path(cache_dir or default_cache_dir())
     prep = _prepare(source, revisions, max_checkpoints, token, cache_dir, progress)
-    ckpts = CheckpointSet(prep.folders, prep.names)
+    ckpts = prep.ckpts
     space = make_space(search, len(ckpts), lambda_min)
     spec = _heldout(dataset, dataset_config, split, text_column)
     evaluator = _Evaluator(prep, ckpts, dataset=spec, block_size=block_size, max_eval_tokens=max_eval_tokens,
@@ -347,7 +358,7 @@ def merge(source: str, revisions: str = "last:2", *, weights: Sequence[float] | 
                          source_kind=prep.source.kind, dtype=dtype, license=prep.source.license(), folders=prep.folders,
                          tokenizer_folder=prep.tokenizer_folder)
     if evaluate:
-        ckpts = CheckpointSet(prep.folders, prep.names)
+        ckpts = prep.ckpts
         spec = _heldout(dataset, dataset_config, split, text_column)
         evaluator = _Evaluator(prep, ckpts, dataset=spec, block_size=block_size, max_eval_tokens=max_eval_tokens,
                                batch_size=batch_size, eval_dtype=eval_dtype, device=device,

@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, CorruptFileError
 
 # Buffers that Pythia-era GPT-NeoX files carry and current models do not treat as parameters. They are
 # copied from the reference checkpoint: averaging `masked_bias` (-1e9, i.e. -inf in fp16) gives NaN.
@@ -107,12 +107,12 @@ class Checkpoint:
                     size = int.from_bytes(f.read(8), "little")
                     header = json.loads(f.read(size))
             except (OSError, ValueError) as err:
-                raise CheckpointError(f"Cannot read the safetensors header of {path}: {err}. "
+                raise CorruptFileError(f"Cannot read the safetensors header of {path}: {err}. "
                                       "The file is truncated or corrupt; delete it and download it again.") from err
             header.pop("__metadata__", None)
             expected = 8 + size + max((h["data_offsets"][1] for h in header.values()), default=0)
             if path.stat().st_size != expected:
-                raise CheckpointError(f"{path} is {path.stat().st_size} bytes but its header describes {expected}: "
+                raise CorruptFileError(f"{path} is {path.stat().st_size} bytes but its header describes {expected}: "
                                       "the file is truncated or corrupt; delete it and download it again.")
             return [(TensorInfo(n, tuple(h["shape"]), _ST_DTYPES[h["dtype"]]), 8 + size + h["data_offsets"][0])
                     for n, h in header.items()]
@@ -136,7 +136,7 @@ class Checkpoint:
         if info.nbytes:
             handle.seek(offset)
             if handle.readinto(memoryview(out.reshape(-1).view(torch.uint8).numpy())) != info.nbytes:
-                raise CheckpointError(f"{self.files[index]} ended inside tensor {name!r}: the file is truncated.")
+                raise CorruptFileError(f"{self.files[index]} ended inside tensor {name!r}: the file is truncated.")
         return out
 
     def release(self, name: str) -> None:
@@ -169,7 +169,7 @@ def load_bin(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True), True
     except RuntimeError as err:
         if "zip" not in str(err).lower() and "mmap" not in str(err).lower():
-            raise CheckpointError(f"Cannot read {path}: {err}. The file may be truncated or corrupt; "
+            raise CorruptFileError(f"Cannot read {path}: {err}. The file may be truncated or corrupt; "
                                   "delete it and download it again.") from err
     except Exception as err:  # UnpicklingError for non-tensor content, EOFError for truncation
         raise CheckpointError(f"Cannot read {path} as tensors only (weights_only=True): {err}. "
@@ -178,7 +178,8 @@ def load_bin(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
     try:  # legacy (pre-1.6, non-zip) format: no mmap, still weights_only
         return torch.load(path, map_location="cpu", weights_only=True), False
     except Exception as err:
-        raise CheckpointError(f"Cannot read {path} as tensors only: {err}.") from err
+        raise CorruptFileError(f"Cannot read {path} as tensors only: {err}. The file is truncated or corrupt, "
+                               "or holds more than tensors; delete it and download it again.") from err
 
 
 _PAGE = mmap.PAGESIZE

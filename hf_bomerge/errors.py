@@ -17,6 +17,10 @@ class CheckpointError(BOMergeError):
     """Checkpoints cannot be merged: different names/shapes, corrupt files, NaN/inf."""
 
 
+class CorruptFileError(CheckpointError):
+    """A weight file is truncated or corrupt (a Hub download is then fetched again, once)."""
+
+
 class WeightsError(BOMergeError):
     """A weight vector is invalid (wrong length, negative, does not sum to 1)."""
 

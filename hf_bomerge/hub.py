@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import tarfile
 import tempfile
@@ -45,7 +46,8 @@ class Source:
     def refs(self) -> dict[str, str]:
         raise NotImplementedError
 
-    def fetch(self, name: str, pin: str) -> Path:
+    def fetch(self, name: str, pin: str, force: bool = False) -> Path:
+        """The revision as a local folder; `force` downloads it again (a corrupt file in the cache)."""
         raise NotImplementedError
 
     def license(self) -> str | None:
@@ -68,13 +70,13 @@ class HubSource(Source):
             refs = self.api.list_repo_refs(self.id)
         return {b.name: b.target_commit for b in refs.branches}
 
-    def fetch(self, name: str, pin: str) -> Path:
+    def fetch(self, name: str, pin: str, force: bool = False) -> Path:
         with hub_errors(self.id, name):
             files = [s.rfilename for s in self.api.model_info(self.id, revision=pin).siblings or []]
             weights = self._weight_files(files, pin)
             wanted = [f for f in files if f in SIDE_FILES or f.endswith(".py")] + weights
             folder = snapshot_download(self.id, revision=pin, allow_patterns=wanted, token=self.token,
-                                       cache_dir=self.cache_dir)
+                                       cache_dir=self.cache_dir, force_download=force)
         return Path(folder)
 
     def _weight_files(self, files: list[str], pin: str) -> list[str]:
@@ -131,7 +133,7 @@ class FolderSource(Source):
                            "of checkpoints, e.g. an HF Trainer output with checkpoint-N subfolders.")
         return out
 
-    def fetch(self, name: str, pin: str) -> Path:
+    def fetch(self, name: str, pin: str, force: bool = False) -> Path:
         return self.path / name
 
 
@@ -152,8 +154,10 @@ class GitSource(Source):
         lines = self._git("for-each-ref", "--format=%(refname:short) %(objectname)", "refs/heads").decode()
         return dict(line.split(" ", 1) for line in lines.splitlines() if line)
 
-    def fetch(self, name: str, pin: str) -> Path:
+    def fetch(self, name: str, pin: str, force: bool = False) -> Path:
         target = self.cache_dir / pin
+        if force:
+            shutil.rmtree(target, ignore_errors=True)
         if not target.exists():
             self.cache_dir.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(dir=self.cache_dir))

@@ -171,3 +171,18 @@ def test_search_killed_mid_trial_resumes_to_the_same_budget(run, tmp_path):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+
+
+def test_corrupt_download_is_fetched_again_once(test_hub, tmp_path, caplog):
+    """A weight file truncated in the HF cache (a disk fault, a killed copy) is downloaded again."""
+    args = [test_hub.repo_id, "--revisions", "last:2", "--method", "sma", "--no-eval", "--quiet",
+            "--cache-dir", str(tmp_path / "cache")]
+    assert main([*args, "--output", str(tmp_path / "a")]) == 0
+    blobs = [p for p in (tmp_path / "cache").rglob("pytorch_model.bin")]
+    assert len(blobs) == 2
+    target = blobs[0].resolve()  # the snapshot entry is a link to the blob
+    target.write_bytes(target.read_bytes()[:1000])
+    assert main([*args, "--output", str(tmp_path / "b")]) == 0
+    assert "Downloading the revisions again" in caplog.text and "pytorch_model.bin" in caplog.text
+    a = (tmp_path / "a" / "model.safetensors").read_bytes()
+    assert a == (tmp_path / "b" / "model.safetensors").read_bytes()
