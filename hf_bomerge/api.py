@@ -110,7 +110,6 @@ class MergeResult:
             raise
         return target
 
-
     def push_to_hub(self, repo_id: str, *, token: str | None = None, private: bool | None = None,
                     revision: str | None = None, commit_message: str | None = None) -> str:
         """Publish the merged model (saved first if it was not) in one commit; returns the commit URL.
