@@ -22,8 +22,9 @@ from . import weights as W
 from .checkpoints import CheckpointSet, check_remote_code, check_same_tokenizer
 from .errors import BOMergeError, CorruptFileError, HubError, OutputError
 from .heldout import DEFAULT_MAX_EVAL_TOKENS, HeldOutSpec, heldout_blocks, mean_nll
-from .hub import SIDE_FILES, Source, default_cache_dir, open_source
-from .engine import DEFAULT_MAX_SHARD_SIZE, ResidentMerger, export_merge, replace_dir
+from .hub import SIDE_FILES, Source, default_cache_dir, open_source, weight_sizes
+from .plan import Plan, make_plan
+from .engine import DEFAULT_MAX_SHARD_SIZE, ResidentMerger, export_merge, parse_size, replace_dir
 from .revisions import resolve_revisions
 from .study import make_space, default_study_name, run_search
 
@@ -170,11 +171,9 @@ class _Prepared:
     ckpts: CheckpointSet
 
 
-def _prepare(source: str, revisions: str, max_checkpoints: int, token, cache_dir, progress: bool,
-             shas: Sequence[str] | None = None) -> _Prepared:
-    """Resolve the revisions (or take the pinned `shas` of a recipe) and download them."""
-    if not progress:
-        _quiet_libraries()
+def _resolve(source: str, revisions: str, max_checkpoints: int, token, cache_dir,
+             shas: Sequence[str] | None = None):
+    """The source, the chosen revision names (oldest first), their pins, and the thinning note."""
     src = open_source(source, token=token, cache_dir=cache_dir)
     resolved = resolve_revisions(revisions, src.refs(), max_checkpoints)
     pins = [r.sha for r in resolved.revisions]
@@ -184,18 +183,54 @@ def _prepare(source: str, revisions: str, max_checkpoints: int, token, cache_dir
             raise HubError(f"The checkpoint folders {changed} of {src.id} changed since the recipe was written; "
                            "the recipe cannot be reproduced from them.")
         pins = list(shas)
-    revs = list(zip(resolved.names, pins))
+    return src, resolved.names, pins, resolved.note
+
+
+def _plan(src: Source, names: Sequence[str], pins: Sequence[str], *, device: str | None = None,
+          eval_dtype: str | None = None, batch_size: int = 4, block_size: int | None = None, evaluate: bool = True,
+          cache_dir=None, max_memory: str | int | None = None) -> Plan:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    itemsize = _DTYPES[eval_dtype].itemsize if eval_dtype else (4 if device == "cpu" else 2)
+    listings = [src.listing(n, p) for n, p in zip(names, pins)]
+    return make_plan([weight_sizes(listing) for listing in listings], [src.is_local(n, p) for n, p in zip(names, pins)],
+                     src.config(names[-1], pins[-1]), names, device=device, eval_itemsize=itemsize,
+                     batch_size=batch_size, block_size=block_size, evaluate=evaluate,
+                     paths=[Path(cache_dir or default_cache_dir())],
+                     max_memory=parse_size(max_memory) if max_memory else None)
+
+
+def plan(source: str, revisions: str = "last:2", *, max_checkpoints: int = 8, token: str | bool | None = None,
+         cache_dir: str | Path | None = None, **kwargs) -> Plan:
+    """What a run would download, hold in memory and write, from listings and config.json alone.
+
+    >>> print(plan("EleutherAI/pythia-1b", "step100000..step143000").describe())   # doctest: +SKIP
+    """
+    src, names, pins, note = _resolve(source, revisions, max_checkpoints, token, cache_dir)
+    result = _plan(src, names, pins, cache_dir=cache_dir, **kwargs)
+    result.source, result.shas, result.note = src.id, list(pins), note
+    return result
+
+
+def _prepare(source: str, revisions: str, max_checkpoints: int, token, cache_dir, progress: bool,
+             shas: Sequence[str] | None = None, planning: dict | None = None) -> _Prepared:
+    """Resolve the revisions (or take the pinned `shas` of a recipe), check the plan fits, download them."""
+    if not progress:
+        _quiet_libraries()
+    src, names, pins, note = _resolve(source, revisions, max_checkpoints, token, cache_dir, shas)
+    if planning is not None:
+        _plan(src, names, pins, cache_dir=cache_dir, **planning).check()
+    revs = list(zip(names, pins))
     folders = [src.fetch(name, pin) for name, pin in _bar(revs, "download", progress)]
     try:
-        ckpts = CheckpointSet(folders, resolved.names)
+        ckpts = CheckpointSet(folders, names)
     except CorruptFileError as err:
         if src.kind != "hub":
             raise
         logger.warning("%s Downloading the revisions again, once.", err)
         folders = [src.fetch(name, pin, force=True) for name, pin in revs]
-        ckpts = CheckpointSet(folders, resolved.names)
-    check_same_tokenizer(folders, resolved.names)
-    return _Prepared(src, resolved.names, pins, folders, _tokenizer_folder(src, folders[-1]), resolved.note, ckpts)
+        ckpts = CheckpointSet(folders, names)
+    check_same_tokenizer(folders, names)
+    return _Prepared(src, names, pins, folders, _tokenizer_folder(src, folders[-1]), note, ckpts)
 
 
 def _tokenizer_folder(src: Source, latest: Path) -> Path:
@@ -284,14 +319,16 @@ def search(source: str, revisions: str = "last:2", *, dataset: str | None = None
            ema_alpha: float = 0.2, max_checkpoints: int = 8, storage: str | None = None,
            study_name: str | None = None, device: str | None = None, token: str | bool | None = None,
            cache_dir: str | Path | None = None, trust_remote_code: bool = False, dtype: str | None = None,
-           progress: bool = True) -> MergeResult:
+           max_memory: str | int | None = None, progress: bool = True) -> MergeResult:
     """Search merge weights for `revisions` of `source` with a GP on held-out loss.
 
     >>> result = search("EleutherAI/pythia-160m", revisions="last:4", trials=16)   # doctest: +SKIP
     >>> result.weights, result.loss, result.baselines                               # doctest: +SKIP
     """
     cache = Path(cache_dir or default_cache_dir())
-    prep = _prepare(source, revisions, max_checkpoints, token, cache_dir, progress)
+    planning = dict(device=device, eval_dtype=eval_dtype, batch_size=batch_size, block_size=block_size,
+                    max_memory=max_memory)
+    prep = _prepare(source, revisions, max_checkpoints, token, cache_dir, progress, planning=planning)
     ckpts = prep.ckpts
     space = make_space(search, len(ckpts), lambda_min)
     spec = _heldout(dataset, dataset_config, split, text_column)
@@ -342,13 +379,16 @@ def merge(source: str, revisions: str = "last:2", *, weights: Sequence[float] | 
           max_eval_tokens: int = DEFAULT_MAX_EVAL_TOKENS, block_size: int | None = None, batch_size: int = 4,
           eval_dtype: str | None = None, device: str | None = None, token: str | bool | None = None,
           cache_dir: str | Path | None = None, trust_remote_code: bool = False, dtype: str | None = None,
-          progress: bool = True, shas: Sequence[str] | None = None) -> MergeResult:
+          max_memory: str | int | None = None, progress: bool = True,
+          shas: Sequence[str] | None = None) -> MergeResult:
     """A fixed merge (explicit `weights` or `method` sma/ema/wma), no search.
 
     >>> merge("EleutherAI/pythia-160m", "last:4", method="ema").save_pretrained("ema")   # doctest: +SKIP
     """
     cache = Path(cache_dir or default_cache_dir())
-    prep = _prepare(source, revisions, max_checkpoints, token, cache_dir, progress, shas)
+    planning = dict(device=device, eval_dtype=eval_dtype, batch_size=batch_size, block_size=block_size,
+                    max_memory=max_memory, evaluate=evaluate)
+    prep = _prepare(source, revisions, max_checkpoints, token, cache_dir, progress, shas, planning)
     n = len(prep.names)
     if weights is None:
         weights = W.rule(method or "sma", n, ema_alpha)

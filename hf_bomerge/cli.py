@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--token", help="Hub token (default: HF_TOKEN or the login cache); never printed")
     g = p.add_argument_group("other")
     g.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    g.add_argument("--max-memory", help="memory the run may use on the device, e.g. 20GB (default: what is free)")
     g.add_argument("--cache-dir", help="downloads, tokenized held-out data and the default study storage")
     g.add_argument("--trust-remote-code", action="store_true", help="run the repo's own model code (off by default)")
     g.add_argument("--dry-run", action="store_true", help="resolve the revisions and print the plan only")
@@ -136,7 +137,8 @@ def run(args: argparse.Namespace):
                   text_column=args.text_column, max_eval_tokens=args.max_eval_tokens, block_size=args.block_size,
                   batch_size=args.batch_size, eval_dtype=args.eval_dtype, device=args.device, token=args.token,
                   cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code, progress=progress,
-                  max_checkpoints=args.max_checkpoints, ema_alpha=args.ema_alpha, dtype=args.dtype)
+                  max_checkpoints=args.max_checkpoints, ema_alpha=args.ema_alpha, dtype=args.dtype,
+                  max_memory=args.max_memory)
     if args.weights or args.method:
         from .weights import parse_weights
 
@@ -178,15 +180,26 @@ def _save(result, args, default_name: str):
 
 
 def _dry_run(args):
-    from .hub import open_source
-    from .revisions import resolve_revisions
+    """Resolve the revisions, estimate downloads, memory and disk, and stop (nothing is downloaded)."""
+    from . import api
 
-    src = open_source(args.source, token=args.token, cache_dir=args.cache_dir)
-    resolved = resolve_revisions(args.revisions, src.refs(), args.max_checkpoints)
-    plan = {"source": src.id, "revisions": resolved.names, "shas": resolved.shas, "note": resolved.note}
-    print(json.dumps(plan) if args.json else "\n".join(
-        [f"would merge {len(resolved.names)} revisions of {src.id}:"] +
-        [f"  {n}  {s}" for n, s in zip(resolved.names, resolved.shas)] + ([resolved.note] if resolved.note else [])))
+    fixed = bool(args.weights or args.method)
+    plan = api.plan(args.source, args.revisions, max_checkpoints=args.max_checkpoints, token=args.token,
+                    cache_dir=args.cache_dir, device=args.device, eval_dtype=args.eval_dtype,
+                    batch_size=args.batch_size, block_size=args.block_size, max_memory=args.max_memory,
+                    evaluate=not (fixed and args.no_eval))
+    names, pins, note = plan.revisions, plan.shas, plan.note
+    fits = True
+    try:
+        plan.check()
+    except BOMergeError as err:
+        fits, reason = False, str(err)
+    if args.json:
+        print(json.dumps({**plan.as_dict(), "fits": fits}))
+    else:
+        print("\n".join([f"would merge {len(names)} revisions of {plan.source}:"] +
+                         [f"  {n}  {s}" for n, s in zip(names, pins)] + ([note] if note else []) +
+                         [plan.describe()] + ([] if fits else [f"does NOT fit: {reason}"])))
     return None
 
 

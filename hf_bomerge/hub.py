@@ -50,6 +50,18 @@ class Source:
         """The revision as a local folder; `force` downloads it again (a corrupt file in the cache)."""
         raise NotImplementedError
 
+    def listing(self, name: str, pin: str) -> dict[str, int]:
+        """{file: bytes} of the revision's top folder, without downloading it."""
+        raise NotImplementedError
+
+    def config(self, name: str, pin: str) -> dict:
+        """The revision's config.json (a few bytes: fetched even for a plan)."""
+        raise NotImplementedError
+
+    def is_local(self, name: str, pin: str) -> bool:
+        """Whether the revision's weights are on this machine already."""
+        return True
+
     def license(self) -> str | None:
         return None
 
@@ -78,6 +90,24 @@ class HubSource(Source):
             folder = snapshot_download(self.id, revision=pin, allow_patterns=wanted, token=self.token,
                                        cache_dir=self.cache_dir, force_download=force)
         return Path(folder)
+
+    def listing(self, name: str, pin: str) -> dict[str, int]:
+        from huggingface_hub import RepoFile
+
+        with hub_errors(self.id, name):
+            return {e.path: e.size for e in self.api.list_repo_tree(self.id, revision=pin) if isinstance(e, RepoFile)}
+
+    def config(self, name: str, pin: str) -> dict:
+        with hub_errors(self.id, name):
+            path = hf_hub_download(self.id, "config.json", revision=pin, token=self.token, cache_dir=self.cache_dir)
+        return json.loads(Path(path).read_text())
+
+    def is_local(self, name: str, pin: str) -> bool:
+        from huggingface_hub import try_to_load_from_cache
+
+        files = weight_sizes(self.listing(name, pin))
+        return all(isinstance(try_to_load_from_cache(self.id, f, revision=pin, cache_dir=self.cache_dir), str)
+                   for f in files)
 
     def _weight_files(self, files: list[str], pin: str) -> list[str]:
         for layout in WEIGHT_LAYOUTS:
@@ -136,6 +166,13 @@ class FolderSource(Source):
     def fetch(self, name: str, pin: str, force: bool = False) -> Path:
         return self.path / name
 
+    def listing(self, name: str, pin: str) -> dict[str, int]:
+        return {p.name: p.stat().st_size for p in (self.path / name).iterdir() if p.is_file()}
+
+    def config(self, name: str, pin: str) -> dict:
+        config = self.path / name / "config.json"
+        return json.loads(config.read_text()) if config.is_file() else {}
+
 
 class GitSource(Source):
     """A local git repository; revisions are its branches, extracted once per commit into the cache."""
@@ -153,6 +190,19 @@ class GitSource(Source):
     def refs(self) -> dict[str, str]:
         lines = self._git("for-each-ref", "--format=%(refname:short) %(objectname)", "refs/heads").decode()
         return dict(line.split(" ", 1) for line in lines.splitlines() if line)
+
+    def listing(self, name: str, pin: str) -> dict[str, int]:
+        rows = [line.split(None, 4) for line in self._git("ls-tree", "-l", pin).decode().splitlines()]
+        return {row[4]: int(row[3]) for row in rows if row[1] == "blob"}
+
+    def config(self, name: str, pin: str) -> dict:
+        try:
+            return json.loads(self._git("show", f"{pin}:config.json"))
+        except subprocess.CalledProcessError:
+            return {}
+
+    def is_local(self, name: str, pin: str) -> bool:
+        return (self.cache_dir / pin).exists()
 
     def fetch(self, name: str, pin: str, force: bool = False) -> Path:
         target = self.cache_dir / pin
@@ -173,6 +223,16 @@ class GitSource(Source):
                                        "run `git lfs fetch --all` in that repository first.")
             staging.rename(target)
         return target
+
+
+def weight_sizes(listing: dict[str, int]) -> dict[str, int]:
+    """The weight files (and their sizes) transformers would load from a folder listing."""
+    for layout in WEIGHT_LAYOUTS:
+        if layout in listing:
+            if "safetensors" in layout:
+                return {f: n for f, n in listing.items() if f.endswith(".safetensors")}
+            return {f: n for f, n in listing.items() if f.startswith("pytorch_model") and f.endswith(".bin")}
+    return {}
 
 
 def open_source(source: str, token: str | bool | None = None, cache_dir: str | Path | None = None) -> Source:

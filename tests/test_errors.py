@@ -186,3 +186,22 @@ def test_corrupt_download_is_fetched_again_once(test_hub, tmp_path, caplog):
     assert "Downloading the revisions again" in caplog.text and "pytorch_model.bin" in caplog.text
     a = (tmp_path / "a" / "model.safetensors").read_bytes()
     assert a == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_a_plan_that_does_not_fit_is_refused_before_downloading(test_hub, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    args = [test_hub.repo_id, "--revisions", "last:4", "--dataset", test_hub.dataset_id, "--split", "validation",
+            "--cache-dir", str(cache), "--output", str(tmp_path / "out"), "--quiet"]
+    assert main([*args, "--dry-run", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    sizes = [(test_hub.trajectory / r / "pytorch_model.bin").stat().st_size for r in plan["revisions"]]
+    assert plan["download_bytes"] == sum(sizes) and plan["fits"] is True
+    assert not list(cache.rglob("*.bin"))  # a plan downloads no weights
+
+    budget = str(plan["resident_bytes"] - 1)  # one byte short
+    assert main([*args, "--max-memory", budget]) == 2
+    msg = _error(capsys)
+    assert "--max-checkpoints" in msg and "available" in msg
+    assert not list(cache.rglob("*.bin")) and not (tmp_path / "out").exists()
+    # a fixed merge without evaluation streams tensor by tensor: the same budget is enough
+    assert main([*args, "--max-memory", budget, "--method", "ema", "--no-eval"]) == 0

@@ -1,0 +1,118 @@
+"""Plan before work: from the file listing and config.json alone (nothing downloaded yet), estimate what a
+run downloads, holds in memory and writes, and refuse a plan that cannot fit, saying how to make it fit."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+from .errors import BOMergeError
+
+
+
+def human(n: float) -> str:
+    """Bytes as people read them: 1.23 GB, 45.6 MB."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+class PlanError(BOMergeError):
+    """The run would not fit in memory or on disk."""
+
+
+@dataclass
+class Plan:
+    """What a run of N checkpoints costs. Sizes in bytes.
+
+    Resident mode (the only mode so far): the N checkpoints stay in memory beside one model in the
+    evaluation dtype, so a trial re-merges without any I/O.
+    """
+
+    revisions: list[str]
+    checkpoint_bytes: int  # one checkpoint's weight files
+    download_bytes: int  # weight files not in the cache yet
+    model_bytes: int  # the model the trials evaluate, in the evaluation dtype
+    activation_bytes: int  # one evaluation batch (logits dominate)
+    device: str
+    memory_available: int
+    disk_free: int
+    evaluate: bool = True
+    source: str = ""
+    shas: list[str] | None = None
+    note: str | None = None
+
+    @property
+    def resident_bytes(self) -> int:
+        if not self.evaluate:  # a fixed merge without evaluation streams tensor by tensor
+            return 0
+        return len(self.revisions) * self.checkpoint_bytes + self.model_bytes + self.activation_bytes
+
+    @property
+    def disk_bytes(self) -> int:
+        return self.download_bytes + self.checkpoint_bytes  # downloads + the merged model
+
+    def fitting_checkpoints(self) -> int:
+        spare = self.memory_available - self.model_bytes - self.activation_bytes
+        return max(0, int(spare // max(self.checkpoint_bytes, 1)))
+
+    def check(self) -> None:
+        """Raise `PlanError` (before anything is downloaded) when the plan cannot fit."""
+        if self.resident_bytes > self.memory_available:
+            k = self.fitting_checkpoints()
+            fix = (f"keep at most {k} revisions (--max-checkpoints {k}, or --revisions last:{k})" if k >= 2 else
+                   "use a device with more memory (--device), or fewer and smaller checkpoints")
+            raise PlanError(
+                f"The search needs about {human(self.resident_bytes)} on {self.device} "
+                f"({len(self.revisions)} checkpoints of {human(self.checkpoint_bytes)}, the model in the "
+                f"evaluation dtype {human(self.model_bytes)}, activations {human(self.activation_bytes)}) "
+                f"but {human(self.memory_available)} are available. To fit: {fix}; or merge with fixed "
+                "weights (--weights/--method with --no-eval), which streams and needs little memory.")
+        if self.disk_bytes > self.disk_free:
+            raise PlanError(
+                f"The run downloads {human(self.download_bytes)} and writes {human(self.checkpoint_bytes)}, "
+                f"but only {human(self.disk_free)} are free. Free some space, choose another --cache-dir "
+                "or --output, or fewer revisions.")
+
+    def describe(self) -> str:
+        lines = [f"plan: {len(self.revisions)} revisions, {human(self.checkpoint_bytes)} each",
+                 f"  download  {human(self.download_bytes)} (not cached yet)",
+                 f"  disk      {human(self.disk_bytes)} needed, {human(self.disk_free)} free"]
+        if self.evaluate:
+            lines.append(f"  memory    {human(self.resident_bytes)} on {self.device} (resident mode: "
+                         f"{len(self.revisions)} checkpoints + model + activations), "
+                         f"{human(self.memory_available)} available")
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "resident_bytes": self.resident_bytes, "disk_bytes": self.disk_bytes}
+
+
+def memory_available(device: str) -> int:
+    """Free memory on `device` now (host RAM for cpu, free device memory for cuda)."""
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def make_plan(sizes: Sequence[dict[str, int]], cached: Sequence[bool], config: dict, revisions: Sequence[str], *,
+              device: str, eval_itemsize: int, batch_size: int, block_size: int | None, evaluate: bool,
+              paths: Sequence[Path], max_memory: int | None = None) -> Plan:
+    """`sizes`: per revision, {weight file: bytes}; `cached`: per revision, whether it is local already."""
+    per_checkpoint = max((sum(s.values()) for s in sizes), default=0)
+    stored_itemsize = {"float32": 4, "float64": 8}.get(str(config.get("dtype") or config.get("torch_dtype")), 2)
+    params = per_checkpoint // stored_itemsize
+    context = config.get("max_position_embeddings") or 2048
+    tokens = batch_size * min(block_size or 2048, context)
+    activations = 2 * tokens * int(config.get("vocab_size") or 50_000) * 4
+    free_disk = min(shutil.disk_usage(p if p.exists() else p.parent).free for p in paths)
+    return Plan(list(revisions), per_checkpoint, sum(sum(s.values()) for s, c in zip(sizes, cached) if not c),
+                params * eval_itemsize, activations, device, max_memory or memory_available(device),
+                free_disk, evaluate)
