@@ -217,7 +217,13 @@ class ResidentMerger:
 
     @torch.no_grad()
     def apply(self, weights: Sequence[float]) -> None:
-        weighted_sum_(self.targets, self.sources, weights)
-        for target, dtype in zip(self.targets, self.store_dtypes):
-            if dtype != target.dtype:
-                target.copy_(target.to(dtype))
+        if all(t.dtype == torch.float32 for t in self.targets):  # merge in place, fused
+            weighted_sum_(self.targets, self.sources, weights)
+            for target, dtype in zip(self.targets, self.store_dtypes):
+                if dtype != target.dtype:
+                    target.copy_(target.to(dtype))
+            return
+        for k, target in enumerate(self.targets):  # a half-precision model: accumulate in float32 anyway
+            acc = torch.empty(target.shape, dtype=torch.float32, device=target.device)
+            weighted_sum_([acc], [[source[k]] for source in self.sources], weights)
+            target.copy_(acc.to(self.store_dtypes[k]))

@@ -146,10 +146,12 @@ def test_tied_weights_are_merged_once_and_stay_tied(tmp_path):
     assert torch.equal(out["embed_out.weight"], out["gpt_neox.embed_in.weight"])
 
 
-def test_resident_merger_matches_export_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16])
+def test_resident_merger_matches_export_bit_for_bit(tmp_path, model_dtype):
+    """Also for a half-precision model (as on GPU): the merge is still accumulated in float32."""
     folders, states = _trajectory(tmp_path, ["bin", "safetensors", "bin"])
     ckpts = CheckpointSet(folders)
-    model = AutoModelForCausalLM.from_pretrained(folders[-1], dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folders[-1], dtype=model_dtype)
     merger = ResidentMerger(model, ckpts)
     merger.apply(WEIGHTS)
     export_merge(ckpts, WEIGHTS, tmp_path / "out")
@@ -158,9 +160,9 @@ def test_resident_merger_matches_export_bit_for_bit(tmp_path):
     assert params
     stored = {"lm_head.weight": "embed_out.weight"}
     for name, p in params.items():
-        assert torch.equal(p.detach().to(torch.float16), out[stored.get(name, name)]), name
+        assert torch.equal(p.detach(), out[stored.get(name, name)].to(model_dtype)), name
     merger.apply([0.0, 0.0, 1.0])  # a new trial overwrites in place
-    assert torch.equal(params["lm_head.weight"].detach(), states[-1]["embed_out.weight"].float())
+    assert torch.equal(params["lm_head.weight"].detach(), states[-1]["embed_out.weight"].to(model_dtype))
 
 
 def test_mismatched_names_and_shapes_name_the_tensor_and_revisions(tmp_path):
