@@ -135,11 +135,18 @@ def export_merge(ckpts: CheckpointSet, weights: Sequence[float], out_dir: str | 
     shards = plan_shards(infos, parse_size(max_shard_size))
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    tied = set(ckpts.aliases.values())
+    kept: dict[str, torch.Tensor] = {}  # merged tied weights, written again under their other names
     for shard, filename in zip(shards, names):
         with open(out_dir / filename, "wb") as f:
             f.write(_header(shard))
             for info in shard:
-                tensor = merged_tensor(ckpts, info.name, weights, dtype)
+                source = ckpts.aliases.get(info.name, info.name)
+                tensor = kept.get(source)
+                if tensor is None:
+                    tensor = merged_tensor(ckpts, info.name, weights, dtype)
+                    if source in tied:
+                        kept[source] = tensor
                 if not is_merged(info) and tensor.dtype != info.dtype:
                     tensor = tensor.to(info.dtype)
                 _write_bytes(f, tensor)
