@@ -263,9 +263,14 @@ class hub_errors:
         return self
 
     def __exit__(self, kind, err, tb):
-        if err is None or not isinstance(err, (HfHubHTTPError, LocalEntryNotFoundError, OSError)):
+        if err is None or not (isinstance(err, (HfHubHTTPError, LocalEntryNotFoundError, OSError))
+                               or _is_connection_error(err)):
             return False
-        if isinstance(err, GatedRepoError):
+        if _is_connection_error(err) and not isinstance(err, HfHubHTTPError):
+            msg = (f"Could not connect to {os.environ.get('HF_ENDPOINT', 'the Hub')} to reach {self.repo_id} "
+                   f"({type(err).__name__}). Check the network (or HF_ENDPOINT); already downloaded revisions "
+                   "are used from the cache only when the Hub can be reached to pin them.")
+        elif isinstance(err, GatedRepoError):
             msg = (f"{self.repo_id} is gated: accept its terms on the Hub and pass a token "
                    "(--token, HF_TOKEN or `hf auth login`).")
         elif isinstance(err, RepositoryNotFoundError) or (self.revision is None and _status(err) in (401, 403, 404)):

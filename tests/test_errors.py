@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -205,3 +206,13 @@ def test_a_plan_that_does_not_fit_is_refused_before_downloading(test_hub, tmp_pa
     assert not list(cache.rglob("*.bin")) and not (tmp_path / "out").exists()
     # a fixed merge without evaluation streams tensor by tensor: the same budget is enough
     assert main([*args, "--max-memory", budget, "--method", "ema", "--no-eval"]) == 0
+
+
+def test_unreachable_hub_is_one_paragraph(tmp_path):
+    from testhub import free_port
+
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}  # nothing listens
+    proc = subprocess.run([sys.executable, "-m", "hf_bomerge.cli", "EleutherAI/pythia-160m", "--dry-run",
+                           "--cache-dir", str(tmp_path)], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "Could not connect" in proc.stderr and "EleutherAI/pythia-160m" in proc.stderr
