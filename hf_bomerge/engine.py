@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -26,12 +26,44 @@ _ST_NAMES = {
 DEFAULT_MAX_SHARD_SIZE = "2GB"
 
 
-def weighted_sum_(out: list[torch.Tensor], sources: Sequence[Sequence[torch.Tensor]],
-                  weights: Sequence[float]) -> None:
-    """out[k] = Σᵢ weights[i]·sources[i][k], accumulated in out's dtype (float32), in place.
+class Pair(NamedTuple):
+    """Two checkpoints held as θ₀ and Δ = θ₁ − θ₀ (float32), so a trial's merge is one axpy per tensor."""
 
-    The one arithmetic path of every merge: export and trials call it, so they agree bit for bit.
+    base: list[torch.Tensor]
+    delta: list[torch.Tensor]
+
+
+def as_sources(per_checkpoint: Sequence[Sequence[torch.Tensor]]) -> Pair | list[list[torch.Tensor]]:
+    """The form `weighted_sum_` merges from: a `Pair` for two checkpoints, else the N lists as they are."""
+    if len(per_checkpoint) == 2:
+        base, top = per_checkpoint
+        return Pair(list(base), [t.float() - b.float() for b, t in zip(base, top)])
+    return [list(s) for s in per_checkpoint]
+
+
+def select(sources: Pair | list[list[torch.Tensor]], k: int) -> Pair | list[list[torch.Tensor]]:
+    """The sources of the k-th tensor only."""
+    if isinstance(sources, Pair):
+        return Pair([sources.base[k]], [sources.delta[k]])
+    return [[s[k]] for s in sources]
+
+
+def weighted_sum_(out: list[torch.Tensor], sources: Pair | Sequence[Sequence[torch.Tensor]],
+                  weights: Sequence[float]) -> None:
+    """out[k] = Σᵢ weights[i]·θᵢ[k], accumulated in out's dtype (float32), in place.
+
+    The one arithmetic path of every merge: export and trials call it on the same `as_sources` form, so
+    they agree bit for bit. Two checkpoints: (w₀+w₁)·θ₀ + w₁·Δ, one axpy when the weights sum to 1.
     """
+    if isinstance(sources, Pair):
+        scale, lam = float(weights[0]) + float(weights[1]), float(weights[1])
+        for o, base, delta in zip(out, sources.base, sources.delta):
+            if abs(scale - 1.0) < 1e-12:
+                torch.add(base, delta, alpha=lam, out=o)
+            else:  # extrapolation (--allow-extrapolation): the weights need not sum to 1
+                torch.mul(base, scale, out=o)
+                o.add_(delta, alpha=lam)
+        return
     torch._foreach_copy_(out, list(sources[0]))
     torch._foreach_mul_(out, float(weights[0]))
     for w, src in zip(weights[1:], sources[1:]):
@@ -95,9 +127,7 @@ def merged_tensor(ckpts: CheckpointSet, name: str, weights: Sequence[float], dty
     if not is_merged(info):
         return ckpts.reference.get(name)
     acc = torch.empty(info.shape, dtype=torch.float32)
-    sources = ckpts.tensors(name)
-    weighted_sum_([acc], [[t] for t in sources], weights)
-    del sources
+    weighted_sum_([acc], as_sources([[t] for t in ckpts.tensors(name)]), weights)
     ckpts.release(name)
     if not torch.isfinite(acc).all():  # name the culprit rather than write a broken model
         for tensor, ckpt in zip(ckpts.tensors(name), ckpts.checkpoints):
@@ -216,8 +246,8 @@ class ResidentMerger:
             raise CheckpointError(f"The model has parameters the checkpoints lack: {missing[:3]}; the "
                                   "checkpoints do not match the model class of the latest revision's config.")
         self.targets = [p.data for _, p in params]
-        self.sources = [[_finite(c.get(names[n]), names[n], c.label).to(p.device) for n, p in params]
-                        for c in ckpts.checkpoints]
+        self.sources = as_sources([[_finite(c.get(names[n]), names[n], c.label).to(p.device) for n, p in params]
+                                   for c in ckpts.checkpoints])
         # Round each trial's merge to the dtype it will be saved in, so the loss a trial reports is the
         # loss of the model that gets written (by default the reference checkpoint's dtype).
         self.store_dtypes = [store_dtype or ckpts.infos[names[n]].dtype for n, _ in params]
@@ -232,5 +262,5 @@ class ResidentMerger:
             return
         for k, target in enumerate(self.targets):  # a half-precision model: accumulate in float32 anyway
             acc = torch.empty(target.shape, dtype=torch.float32, device=target.device)
-            weighted_sum_([acc], [[source[k]] for source in self.sources], weights)
+            weighted_sum_([acc], select(self.sources, k), weights)
             target.copy_(acc.to(self.store_dtypes[k]))

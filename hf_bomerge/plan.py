@@ -34,6 +34,7 @@ class Plan:
 
     revisions: list[str]
     checkpoint_bytes: int  # one checkpoint's weight files
+    params: int  # parameters (estimated from the file size and the stored dtype)
     download_bytes: int  # weight files not in the cache yet
     model_bytes: int  # the model the trials evaluate, in the evaluation dtype
     activation_bytes: int  # one evaluation batch (logits dominate)
@@ -49,7 +50,10 @@ class Plan:
     def resident_bytes(self) -> int:
         if not self.evaluate:  # a fixed merge without evaluation streams tensor by tensor
             return 0
-        return len(self.revisions) * self.checkpoint_bytes + self.model_bytes + self.activation_bytes
+        checkpoints = len(self.revisions) * self.checkpoint_bytes
+        if len(self.revisions) == 2:  # θ₀ as stored + Δ = θ₁ − θ₀ in float32 (one axpy per trial)
+            checkpoints = self.checkpoint_bytes + 4 * self.params
+        return checkpoints + self.model_bytes + self.activation_bytes
 
     @property
     def disk_bytes(self) -> int:
@@ -113,6 +117,6 @@ def make_plan(sizes: Sequence[dict[str, int]], cached: Sequence[bool], config: d
     tokens = batch_size * min(block_size or 2048, context)
     activations = 2 * tokens * int(config.get("vocab_size") or 50_000) * 4
     free_disk = min(shutil.disk_usage(p if p.exists() else p.parent).free for p in paths)
-    return Plan(list(revisions), per_checkpoint, sum(sum(s.values()) for s, c in zip(sizes, cached) if not c),
+    return Plan(list(revisions), per_checkpoint, params, sum(sum(s.values()) for s, c in zip(sizes, cached) if not c),
                 params * eval_itemsize, activations, device, max_memory or memory_available(device),
                 free_disk, evaluate)

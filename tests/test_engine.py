@@ -90,15 +90,16 @@ def _read_output(folder: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("layout", ["bin", "safetensors", "sharded-safetensors", "sharded-bin"])
-def test_export_is_exact_on_every_layout(tmp_path, layout):
-    folders, states = _trajectory(tmp_path, [layout] * 3)
+@pytest.mark.parametrize("weights", [WEIGHTS, [0.35, 0.65]], ids=["n3", "pairwise"])
+def test_export_is_exact_on_every_layout(tmp_path, layout, weights):
+    folders, states = _trajectory(tmp_path, [layout] * len(weights))
     ckpts = CheckpointSet(folders)
-    export_merge(ckpts, WEIGHTS, tmp_path / "out", max_shard_size=20_000)
+    export_merge(ckpts, weights, tmp_path / "out", max_shard_size=20_000)
     out = _read_output(tmp_path / "out")
     assert set(out) == set(states[-1])
     for name, tensor in out.items():
         if is_merged_name(name):
-            ref = _reference(states, name)
+            ref = _reference(states, name, weights)
             assert tensor.dtype == torch.float16
             # fp32 accumulation then one rounding: within half an fp16 ulp of the exact float64 sum
             assert torch.allclose(tensor.double(), ref, rtol=2**-11, atol=2**-24), name
@@ -146,22 +147,24 @@ def test_tied_weights_are_merged_once_and_stay_tied(tmp_path):
     assert torch.equal(out["embed_out.weight"], out["gpt_neox.embed_in.weight"])
 
 
-@pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16])
-def test_resident_merger_matches_export_bit_for_bit(tmp_path, model_dtype):
-    """Also for a half-precision model (as on GPU): the merge is still accumulated in float32."""
-    folders, states = _trajectory(tmp_path, ["bin", "safetensors", "bin"])
+@pytest.mark.parametrize("model_dtype, weights", [(torch.float32, WEIGHTS), (torch.bfloat16, WEIGHTS),
+                                                  (torch.float32, [0.35, 0.65]), (torch.float32, [-0.5, 1.5])])
+def test_resident_merger_matches_export_bit_for_bit(tmp_path, model_dtype, weights):
+    """N checkpoints, and two (θ₀ + λΔ, one axpy per trial, extrapolation included); also for a
+    half-precision model (as on GPU), which still accumulates in float32."""
+    folders, states = _trajectory(tmp_path, ["bin", "safetensors", "bin"][-len(weights):])
     ckpts = CheckpointSet(folders)
     model = AutoModelForCausalLM.from_pretrained(folders[-1], dtype=model_dtype)
     merger = ResidentMerger(model, ckpts)
-    merger.apply(WEIGHTS)
-    export_merge(ckpts, WEIGHTS, tmp_path / "out")
+    merger.apply(weights)
+    export_merge(ckpts, weights, tmp_path / "out")
     out = _read_output(tmp_path / "out")
     params = dict(model.named_parameters())
     assert params
     stored = {"lm_head.weight": "embed_out.weight"}
     for name, p in params.items():
         assert torch.equal(p.detach(), out[stored.get(name, name)].to(model_dtype)), name
-    merger.apply([0.0, 0.0, 1.0])  # a new trial overwrites in place
+    merger.apply([0.0] * (len(weights) - 1) + [1.0])  # a new trial overwrites in place
     assert torch.equal(params["lm_head.weight"].detach(), states[-1]["embed_out.weight"].to(model_dtype))
 
 
