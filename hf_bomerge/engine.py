@@ -203,6 +203,9 @@ def replace_dir(staging: Path, target: Path) -> None:
         staging.rename(target)
 
 
+LEGACY_NAMES = {"lm_head.weight": "embed_out.weight"}  # GPT-NeoX (Pythia) files
+
+
 def checkpoint_names(model: torch.nn.Module, stored: Sequence[str]) -> dict[str, str]:
     """{model parameter name: checkpoint tensor name}.
 
@@ -221,7 +224,8 @@ def checkpoint_names(model: torch.nn.Module, stored: Sequence[str]) -> dict[str,
     prefix = getattr(model, "base_model_prefix", "") or ""
     out = {}
     for name, _ in model.named_parameters():
-        for candidate in (name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")):
+        legacy = LEGACY_NAMES.get(name, name)  # for transformers versions without the renaming rule
+        for candidate in (name, f"{prefix}.{name}", name.removeprefix(f"{prefix}."), legacy):
             if candidate in renamed:
                 out[name] = renamed[candidate]
                 break
