@@ -216,3 +216,42 @@ def test_unreachable_hub_is_one_paragraph(tmp_path):
                            "--cache-dir", str(tmp_path)], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "Could not connect" in proc.stderr and "EleutherAI/pythia-160m" in proc.stderr
+
+
+def test_a_bin_that_is_not_only_tensors_is_never_unpickled(run, capsys):
+    marker = run.tmp / "unpickled"
+    (run.src / run.steps[0] / "pytorch_model.bin").write_bytes(f"cos\nsystem\n(S'touch {marker}'\ntR.".encode())
+    assert run(*_fixed(run, "--no-eval")) == 2
+    msg = _error(capsys)
+    assert "pytorch_model.bin" in msg and "tensors" in msg
+    assert not marker.exists()
+
+
+def test_sigterm_during_the_search_saves_the_study_and_says_how_to_resume(run, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    args = [sys.executable, "-m", "hf_bomerge.cli", str(run.src), "--revisions", "last:3",
+            "--dataset", str(run.heldout / "validation.jsonl"), "--max-eval-tokens", "65536", "--trials", "8",
+            "--storage", storage, "--study-name", "term", "--output", str(tmp_path / "out"), "--quiet",
+            "--cache-dir", str(tmp_path / "cache")]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline, done = time.time() + 300, 0
+    while time.time() < deadline and proc.poll() is None and done < 2:
+        try:
+            done = len(optuna.load_study(study_name="term", storage=storage).get_trials(
+                states=(optuna.trial.TrialState.COMPLETE,)))
+        except Exception:
+            pass
+        time.sleep(0.05)
+    time.sleep(0.4)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "run the same command again" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    study = optuna.load_study(study_name="term", storage=storage)
+    finished = len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)))
+    assert finished >= 2
+    assert all(t.state != optuna.trial.TrialState.RUNNING for t in study.trials)  # marked failed, not left running
+    again = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    study = optuna.load_study(study_name="term", storage=storage)
+    assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 8
