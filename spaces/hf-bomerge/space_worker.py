@@ -1,0 +1,33 @@
+"""The Space's heavy work, in a child process: `hf_bomerge.search(...)` then `save_pretrained(...)`.
+
+A child process (not a thread) so that Stop really stops: the app terminates the process, which frees its
+memory and CPU at once, and the next queued run starts on an idle machine. Progress is read by the app from
+the study's SQLite storage, which the search writes after every trial. Deliberately free of gradio imports:
+the app's fork server preloads this module and `hf_bomerge.api` (torch, transformers, optuna) once.
+"""
+
+from __future__ import annotations
+
+import traceback
+from typing import Any
+
+
+def run(kwargs: dict[str, Any], output: str, conn) -> None:
+    """Search, save the merged model to `output`, send `("ok", MergeResult)` or `("error", message)`."""
+    try:
+        import hf_bomerge
+        from hf_bomerge.errors import BOMergeError
+
+        try:
+            result = hf_bomerge.search(**kwargs)
+            result.save_pretrained(output, progress=False)
+            conn.send(("ok", result))
+        except BOMergeError as err:
+            conn.send(("error", str(err)))
+    except BaseException as err:  # noqa: BLE001 - reported to the app, which shows it to the user
+        traceback.print_exc()
+        token = kwargs.get("token")
+        message = f"{type(err).__name__}: {err}"
+        conn.send(("error", message.replace(token, "***") if isinstance(token, str) and token else message))
+    finally:
+        conn.close()

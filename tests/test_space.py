@@ -1,0 +1,284 @@
+"""The Gradio Space (spaces/hf-bomerge/app.py), launched on 127.0.0.1 against the offline test Hub and driven
+with gradio_client (listing, a full run, publishing, the queue, Stop) and with Chromium through Playwright.
+
+Nothing here is skipped: without gradio, gradio_client, playwright or Debian's chromium the tests fail and
+say what to install (CI installs them: `pip install -e ".[test]"`, `apt-get install chromium`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import HfApi, snapshot_download
+
+from testhub import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+SPACE = ROOT / "spaces" / "hf-bomerge"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+TOKEN = "hf_test_space_token"
+PUSH_REPO = "bomerge-tester/space-merge"
+
+
+def _need(module: str, install: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        pytest.fail(f"{module} is not installed ({err}); install it: {install}", pytrace=False)
+
+
+def _app_module():
+    _need("gradio", 'pip install "gradio==6.31.0" (or pip install -e ".[test]")')
+    _need("gradio_client", 'pip install gradio_client (comes with gradio; or pip install -e ".[test]")')
+    if str(SPACE) not in sys.path:
+        sys.path.insert(0, str(SPACE))
+    return importlib.import_module("app")
+
+
+class Running:
+    """A launched Space: the app module, the Blocks, its URL and its cache folder."""
+
+    def __init__(self, module, cache: Path, limits=None):
+        self.module, self.cache = module, cache
+        self.demo = module.build_app(limits=limits, cache_dir=cache, oauth=False)
+        self.demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
+                         ssr_mode=False)
+        self.url = self.demo.local_url
+
+    def client(self):
+        from gradio_client import Client
+
+        return Client(self.url, verbose=False, download_files=False)
+
+    def close(self) -> None:
+        self.demo.close()
+
+
+@pytest.fixture(scope="module")
+def space(test_hub, tmp_path_factory):
+    module = _app_module()
+    running = Running(module, tmp_path_factory.mktemp("space-cache"),
+                      limits=module.Limits(max_eval_tokens=4096))
+    try:
+        yield running
+    finally:
+        running.close()
+
+
+def _run_args(test_hub, trials: int = 5, spec: str = "last:2", eval_sets: str = ""):
+    return (test_hub.repo_id, spec, test_hub.dataset_id, "", "validation", "text", eval_sets, "auto", trials, "")
+
+
+def _rows(table) -> list[list]:
+    return table["data"] if isinstance(table, dict) else table
+
+
+def test_list_run_and_publish(space, test_hub, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    client = space.client()
+    note, table, picked = client.predict(test_hub.repo_id, "", api_name="/list_revisions")
+    assert [row[1] for row in _rows(table)] == test_hub.step_branches  # training order
+    assert "`main`" in note and f"{len(test_hub.step_branches)} checkpoint branches" in note
+
+    job = client.submit(*_run_args(test_hub, eval_sets=f"{test_hub.dataset_id}@ood"), api_name="/run")
+    progress = []
+    while not job.done():
+        status = job.status()
+        if status.progress_data:
+            progress += [(p.index, p.length, p.unit) for p in status.progress_data]
+        time.sleep(0.05)
+    plan, status, trials, curve, summary, baselines, general, plot, card, result = job.result()
+    assert "2 revisions" in plan and test_hub.step_branches[-1] in plan
+    assert status.startswith("Done") and "5 trials" in status
+    assert [r[1] for r in _rows(trials)][:4] == [test_hub.step_branches[-1], test_hub.step_branches[-2],
+                                                  "uniform", "ema"]  # the seeds first, then the GP
+    assert sum(r[2] == "complete" for r in _rows(trials)) == 5
+    assert any(length == 5 and unit == "trials" for _, length, unit in progress), progress
+    live = [o for o in job.outputs() if isinstance(o, (list, tuple)) and len(o) == 10 and isinstance(o[2], dict)]
+    assert len(live) >= 2  # the trial table was updated while the search ran
+    assert result["revisions"] == test_hub.step_branches[-2:] and result["trials"] == 5
+    assert result["loss"] <= min(result["baselines"].values()) + 1e-9
+    models = [r[0] for r in _rows(baselines)]
+    assert models == ["this merge", *test_hub.step_branches[-2:], "uniform", "ema"]
+    assert _rows(general)[0][0] == f"{test_hub.dataset_id}@ood"
+    assert "Merged held-out loss" in summary and "Merged revisions and weights" in card
+    assert all(sha in card for sha in result["shas"])
+
+    out = Path(result["output"])
+    assert out.is_relative_to(space.cache) and (out / "model.safetensors").is_file()
+
+    pushed_md, pushed_card = client.predict(PUSH_REPO, True, TOKEN, api_name="/publish")
+    assert PUSH_REPO in pushed_md and "private" in pushed_md and TOKEN not in pushed_md
+    assert f'from_pretrained("{PUSH_REPO}")' in pushed_card
+    sha = HfApi().list_repo_refs(PUSH_REPO).branches[0].target_commit
+    folder = Path(snapshot_download(PUSH_REPO, revision=sha, token=TOKEN, cache_dir=tmp_path / "hf"))
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    local = AutoModelForCausalLM.from_pretrained(out)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), local.parameters()))
+    assert test_hub.writer.private.get(f"model/{PUSH_REPO}") is True
+    for path in [*folder.rglob("*"), *space.cache.rglob("*")]:
+        if path.is_file():
+            assert TOKEN.encode() not in path.read_bytes(), path
+
+
+def test_runs_wait_in_the_queue_and_stop_ends_the_search(space, test_hub):
+    from gradio_client.utils import Status
+
+    first, second = space.client(), space.client()  # two users
+    a = first.submit(*_run_args(test_hub, trials=4), api_name="/run")
+    deadline = time.monotonic() + 60
+    while a.status().code not in (Status.PROCESSING, Status.ITERATING, Status.PROGRESS):
+        assert not a.done() and time.monotonic() < deadline, a.status()
+        time.sleep(0.02)
+    b = second.submit(*_run_args(test_hub, trials=4), api_name="/run")
+    workers = space.module.WORKERS  # the app's live search processes, by run id
+    queued, order, most = [], [], 0
+    while not (a.done() and b.done()):
+        s = b.status()
+        if s.code == Status.IN_QUEUE and s.rank is not None and not order[1:]:
+            queued.append((s.rank, s.queue_size))
+        live = list(workers)
+        most = max(most, len(live))
+        order += [r for r in live if r not in order]
+        time.sleep(0.01)
+    assert queued and queued[0][0] == 0, queued  # first in line, behind the running search
+    assert most == 1 and len(order) == 2, (most, order)  # one search process at a time: A's, then B's
+    assert a.result()[1].startswith("Done") and b.result()[1].startswith("Done")
+
+    # Stop: a long search is cancelled mid-way, and its process is gone.
+    c = first.submit(*_run_args(test_hub, trials=40, spec="last:4"), api_name="/run")
+    deadline = time.monotonic() + 90
+    while not space.module.WORKERS:
+        assert not c.done() and time.monotonic() < deadline, c.status()
+        time.sleep(0.05)
+    (proc,) = space.module.WORKERS.values()
+    assert not Path(a.result()[-1]["output"]).exists()  # a session keeps one merged model: its latest
+    time.sleep(1.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        c.cancel()  # gradio_client triggers the event that cancels /run: the Stop button's
+    assert not [w for w in caught if "will not stop the server" in str(w.message)]
+    deadline = time.monotonic() + 20
+    while proc.is_alive() or space.module.WORKERS:
+        assert time.monotonic() < deadline, "Stop did not end the search process"
+        time.sleep(0.1)
+
+
+def test_a_plan_too_large_is_refused_before_downloading(test_hub, tmp_path, monkeypatch):
+    from gradio_client.exceptions import AppError
+
+    module = _app_module()
+    monkeypatch.setenv("BOMERGE_SPACE_MAX_PARAMS", "1000")
+    cache = tmp_path / "cache"
+    running = Running(module, cache)  # limits from the environment
+    try:
+        assert running.demo is not None and "1 K parameters" in module.Limits.from_env().markdown()
+        with pytest.raises(AppError, match=r"Refused before downloading anything: .*BOMERGE_SPACE_MAX_PARAMS"):
+            running.client().predict(*_run_args(test_hub), api_name="/run")
+    finally:
+        running.close()
+    # The memory check (hf_bomerge.plan against the Space's limit), on the same metadata.
+    with pytest.raises(module.PlanError, match=r"Refused before downloading anything: .* available"):
+        module.plan_run(test_hub.repo_id, "last:8", None, module.Limits(max_memory_gb=0.001), cache)
+    plan = module.plan_run(test_hub.repo_id, "last:8", None, module.Limits(), cache)
+    size = (test_hub.trajectory / test_hub.step_branches[-1] / "pytorch_model.bin").stat().st_size
+    assert plan.revisions == test_hub.step_branches and plan.checkpoint_bytes == size and plan.params == size // 2
+    weights = [p for p in [*cache.rglob("*"), *Path(os.environ["HF_HOME"]).rglob("*")]
+               if p.suffix in (".bin", ".safetensors") and "space-merge" not in str(p)]
+    assert not weights, weights  # config.json only: not one weight file was downloaded
+
+
+def test_in_a_space_sign_in_replaces_the_token_box(tmp_path, monkeypatch):
+    """With OAuth (a Space with `hf_oauth: true`): a LoginButton, no token box, and the events take the
+    signed-in user's token (gradio injects `gr.OAuthToken | None` parameters)."""
+    import gradio as gr
+    import gradio.oauth
+    from gradio.utils import oauth_token_requirement
+
+    module = _app_module()
+    # Outside a Space gradio mocks the login with the machine's own Hub login, which the tests do not have.
+    monkeypatch.setattr(gradio.oauth, "_get_mocked_oauth_info", lambda: {"access_token": "unused"})
+    demo = module.build_app(cache_dir=tmp_path, oauth=True)
+    assert demo.expects_oauth
+    boxes = [b for b in demo.blocks.values() if isinstance(b, gr.Textbox) and b.type == "password"]
+    assert len(boxes) == 1 and boxes[0].visible is False
+    fns = {f.api_name: f.fn for f in demo.fns.values() if f.api_name}
+    assert {name: oauth_token_requirement(fns[name]) for name in ("list_revisions", "run", "publish")} == {
+        "list_revisions": "optional", "run": "optional", "publish": "optional"}
+    signed_in = gr.OAuthToken(token="hf_oauth_user", scope="openid profile write-repos manage-repos", expires_at=0)
+    assert module._token("", signed_in) == "hf_oauth_user" and module._token(" hf_box ", None) == "hf_box"
+    assert module._token("", None) is None
+
+
+def test_browser_lists_runs_and_shows_the_result(space, test_hub, tmp_path):
+    sync_api = _need("playwright.sync_api", 'pip install playwright (no `playwright install`: the test uses '
+                                            'Debian\'s chromium)')
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"{CHROMIUM} is missing; install Debian's chromium: apt-get install -y chromium", pytrace=False)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 2000})
+            page.goto(space.url)
+            page.locator("#model-id textarea").fill(test_hub.repo_id)
+            page.get_by_role("button", name="List revisions").click()
+            page.get_by_text(f"{len(test_hub.step_branches)} checkpoint branches").wait_for(timeout=30_000)
+            page.locator("#spec textarea").fill("last:3")
+            page.locator("#dataset textarea").fill(test_hub.dataset_id)
+            page.locator("#dataset-config textarea").fill("")
+            page.locator("#eval-sets textarea").fill(f"{test_hub.dataset_id}@ood")
+            trials = page.locator("#trials input[type=number]")
+            trials.fill("6")
+            trials.press("Enter")
+            page.get_by_role("button", name="Run", exact=True).click()
+            page.locator("#summary").get_by_text("Merged held-out loss").wait_for(timeout=120_000)
+            page.locator("#baselines").get_by_text("this merge").last.wait_for(timeout=10_000)
+            assert page.locator("#status").get_by_text("Done in").count() == 1
+            assert page.locator("#trials-table").get_by_text("uniform").count() >= 1
+            shot = page.screenshot(full_page=True)
+        except Exception:
+            page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
+            print("screenshot of the failure:", tmp_path / "failure.png")
+            raise
+        finally:
+            browser.close()
+    (tmp_path / "screenshot.png").write_bytes(shot)
+    (SPACE / "screenshot.png").write_bytes(shot)
+
+
+def test_build_space_assembles_a_self_contained_folder(tmp_path):
+    from huggingface_hub import SpaceCard
+
+    gradio = _need("gradio", 'pip install "gradio==6.31.0" (or pip install -e ".[test]")')
+    sys.path.insert(0, str(ROOT / "spaces"))
+    try:
+        build_space = importlib.import_module("build_space")
+    finally:
+        sys.path.remove(str(ROOT / "spaces"))
+    out = build_space.build(tmp_path / "space")  # verifies the folder imports its own hf_bomerge + template
+    assert {"app.py", "space_worker.py", "README.md", "requirements.txt", "screenshot.png"} <= {
+        p.name for p in out.iterdir()}
+    assert (out / "hf_bomerge" / "model_cards" / "__init__.py").is_file()
+    template = (ROOT / "model_cards" / "bomerge.md").read_text()
+    assert (out / "hf_bomerge" / "model_cards" / "bomerge.md").read_text() == template
+    assert not list(out.rglob("__pycache__"))
+    card = SpaceCard.load(out / "README.md").data
+    assert (card.sdk, card.sdk_version, card.app_file) == ("gradio", gradio.__version__, "app.py")
+    assert card.hf_oauth is True and set(card.hf_oauth_scopes) == {"write-repos", "manage-repos"}
+    assert card.title and card.emoji and card.colorFrom and card.colorTo and card.pinned is False
+    with pytest.raises(build_space.BuildError, match="not empty"):
+        build_space.build(out)
+    short = tmp_path / "requirements.txt"
+    short.write_text("torch\n")
+    with pytest.raises(build_space.BuildError, match="lacks .*transformers"):
+        build_space.check_requirements(short)
