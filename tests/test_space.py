@@ -174,6 +174,16 @@ def test_runs_wait_in_the_queue_and_stop_ends_the_search(space, test_hub):
         time.sleep(0.1)
 
 
+def test_an_error_in_the_search_reaches_the_user(space, test_hub):
+    from gradio_client.exceptions import AppError
+
+    args = list(_run_args(test_hub, trials=2))
+    args[2] = "bomerge-test/no-such-dataset"  # fails in the search process, after the plan
+    with pytest.raises(AppError, match="no-such-dataset"):
+        space.client().predict(*args, api_name="/run")
+    assert not space.module.WORKERS
+
+
 def test_a_plan_too_large_is_refused_before_downloading(test_hub, tmp_path, monkeypatch):
     from gradio_client.exceptions import AppError
 

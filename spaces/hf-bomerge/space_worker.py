@@ -15,19 +15,24 @@ from typing import Any
 def run(kwargs: dict[str, Any], output: str, conn) -> None:
     """Search, save the merged model to `output`, send `("ok", MergeResult)` or `("error", message)`."""
     try:
+        conn.send(_search(kwargs, output))
+    finally:
+        conn.close()
+
+
+def _search(kwargs: dict[str, Any], output: str) -> tuple[str, Any]:
+    try:
         import hf_bomerge
         from hf_bomerge.errors import BOMergeError
 
         try:
             result = hf_bomerge.search(**kwargs)
             result.save_pretrained(output, progress=False)
-            conn.send(("ok", result))
-        except BOMergeError as err:
-            conn.send(("error", str(err)))
-    except BaseException as err:  # noqa: BLE001 - reported to the app, which shows it to the user
+            return "ok", result
+        except BOMergeError as err:  # a user's mistake: its message says what to do
+            message = str(err)
+    except BaseException as err:  # noqa: BLE001 - internal: reported to the app, the traceback to stderr
         traceback.print_exc()
-        token = kwargs.get("token")
         message = f"{type(err).__name__}: {err}"
-        conn.send(("error", message.replace(token, "***") if isinstance(token, str) and token else message))
-    finally:
-        conn.close()
+    token = kwargs.get("token")
+    return "error", message.replace(token, "***") if isinstance(token, str) and token else message
