@@ -255,3 +255,20 @@ def test_sigterm_during_the_search_saves_the_study_and_says_how_to_resume(run, t
     assert again.returncode == 0, again.stderr[-2000:]
     study = optuna.load_study(study_name="term", storage=storage)
     assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 8
+
+
+def test_not_enough_disk_is_refused_before_downloading(test_hub, tmp_path, capsys, monkeypatch):
+    """A full disk cannot be produced here safely, so only `shutil.disk_usage` is replaced (the one mock)."""
+    import shutil as _shutil
+
+    from hf_bomerge import plan as plan_module
+
+    usage = _shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(plan_module.shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    cache = tmp_path / "cache"
+    code = main([test_hub.repo_id, "--revisions", "last:2", "--method", "sma", "--no-eval", "--quiet",
+                 "--cache-dir", str(cache), "--output", str(tmp_path / "out")])
+    assert code == 2
+    msg = _error(capsys)
+    assert "free" in msg and "--cache-dir" in msg
+    assert not list(cache.rglob("*.bin")) and not (tmp_path / "out").exists()
