@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -26,7 +26,7 @@ from .hub import SIDE_FILES, Source, default_cache_dir, open_source, weight_size
 from .plan import Plan, make_plan
 from .engine import DEFAULT_MAX_SHARD_SIZE, ResidentMerger, export_merge, parse_size, replace_dir
 from .revisions import resolve_revisions
-from .study import make_space, default_study_name, run_search
+from .study import Trial, default_study_name, make_space, run_search
 
 logger = logging.getLogger("hf_bomerge")
 SCHEMA = 1
@@ -319,8 +319,11 @@ def search(source: str, revisions: str = "last:2", *, dataset: str | None = None
            ema_alpha: float = 0.2, max_checkpoints: int = 8, storage: str | None = None,
            study_name: str | None = None, device: str | None = None, token: str | bool | None = None,
            cache_dir: str | Path | None = None, trust_remote_code: bool = False, dtype: str | None = None,
-           max_memory: str | int | None = None, progress: bool = True) -> MergeResult:
+           max_memory: str | int | None = None, progress: bool = True,
+           on_trial: Callable[[Trial, int, int], None] | None = None) -> MergeResult:
     """Search merge weights for `revisions` of `source` with a GP on held-out loss.
+
+    `on_trial(trial, complete, budget)` is called after every trial (for progress in a UI).
 
     >>> result = search("EleutherAI/pythia-160m", revisions="last:4", trials=16)   # doctest: +SKIP
     >>> result.weights, result.loss, result.baselines                               # doctest: +SKIP
@@ -341,7 +344,7 @@ def search(source: str, revisions: str = "last:2", *, dataset: str | None = None
     name = study_name or default_study_name(inputs)
     url = storage or f"sqlite:///{cache / 'studies.db'}"
     outcome = run_search(evaluator, space, prep.names, trials=trials, storage=url, study_name=name, inputs=inputs,
-                         seed=seed, ema_alpha=ema_alpha, progress=progress)
+                         seed=seed, ema_alpha=ema_alpha, progress=progress, on_trial=on_trial)
     best = outcome.best
     generalization = _generalization(evaluator, eval_datasets, text_column, best.weights, outcome, prep.names)
     return MergeResult(

@@ -151,11 +151,12 @@ def open_study(storage: str, study_name: str, inputs: dict, space: Space, seed: 
 
 def run_search(evaluate: Callable[[list[float]], float], space: Space, labels: Sequence[str], *, trials: int,
                storage: str, study_name: str, inputs: dict, seed: int | None = None, ema_alpha: float = 0.2,
-               progress: bool = True) -> SearchOutcome:
+               progress: bool = True, on_trial: Callable[[Trial, int, int], None] | None = None) -> SearchOutcome:
     """Run (or resume) the study until it holds `trials` COMPLETE trials, seeds included.
 
     `evaluate(weights) -> loss` is called once per trial; a NaN/inf loss is recorded as a failed trial
-    and does not count toward the budget.
+    and does not count toward the budget. `on_trial(trial, complete, budget)` is called after each trial
+    this process ran (a failed one with a NaN loss), e.g. to show progress in a UI.
     """
     seeds = space.seeds(labels, ema_alpha)
     enqueued = [(label, w, space.params_for(w)) for label, w in seeds]
@@ -169,11 +170,14 @@ def run_search(evaluate: Callable[[list[float]], float], space: Space, labels: S
         optuna.storages.fail_stale_trials(study)
     _enqueue_missing_seeds(study, enqueued_seeds[:trials])
 
+    ran: list[Trial] = []
+
     def objective(trial: optuna.Trial) -> float:
         w = space.suggest(trial)  # an enqueued seed gets its fixed parameters here
         trial.set_user_attr("weights", w)
         loss = evaluate(w)
-        return loss if math.isfinite(loss) else float("nan")
+        ran.append(Trial(trial.number, w, loss if math.isfinite(loss) else float("nan"), trial.user_attrs.get("seed")))
+        return ran[-1].loss
 
     bar = _bar(trials, progress)
     failures = 0
@@ -189,6 +193,8 @@ def run_search(evaluate: Callable[[list[float]], float], space: Space, labels: S
                                  "broken. Check for NaN/inf in the weights.")
         if done and (best := _best(study)):
             bar.set_postfix(best=f"{best.loss:.4f}")
+        if on_trial is not None and ran:
+            on_trial(ran.pop(), _complete(study), trials)
     bar.n = _complete(study)
     bar.close()
     found = [_to_trial(t) for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]

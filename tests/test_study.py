@@ -95,13 +95,16 @@ def test_family_scales_to_dozens_of_checkpoints(tmp_path):
 
 
 def test_nan_trials_fail_and_do_not_count(tmp_path):
-    seen = []
+    seen, reported = [], []
 
     def loss(w):
         seen.append(w)
         return float("nan") if len(seen) % 3 == 0 else sum(x * x for x in w)
 
-    out = _run(loss, tmp_path, "simplex", 3, trials=8)
+    out = _run(loss, tmp_path, "simplex", 3, trials=8, on_trial=lambda t, done, budget: reported.append((t, done)))
+    assert [t.weights for t, _ in reported] == seen  # every trial this process ran, in order
+    assert sum(math.isnan(t.loss) for t, _ in reported) == len(seen) - 8
+    assert reported[-1][1] == 8 and reported[0][0].seed == "step2"
     assert len(out.trials) == 8 and all(math.isfinite(t.loss) for t in out.trials)
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'studies.db'}")
     failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
