@@ -190,6 +190,12 @@ def test_a_plan_too_large_is_refused_before_downloading(test_hub, tmp_path, monk
     module = _app_module()
     monkeypatch.setenv("BOMERGE_SPACE_MAX_PARAMS", "1000")
     cache = tmp_path / "cache"
+
+    def weight_files() -> set[Path]:  # other tests share HF_HOME: compare before and after
+        return {p for p in [*cache.rglob("*"), *Path(os.environ["HF_HOME"]).rglob("*")]
+                if p.suffix in (".bin", ".safetensors")}
+
+    before = weight_files()
     running = Running(module, cache)  # limits from the environment
     try:
         assert running.demo is not None and "1 K parameters" in module.Limits.from_env().markdown()
@@ -203,9 +209,7 @@ def test_a_plan_too_large_is_refused_before_downloading(test_hub, tmp_path, monk
     plan = module.plan_run(test_hub.repo_id, "last:8", None, module.Limits(), cache)
     size = (test_hub.trajectory / test_hub.step_branches[-1] / "pytorch_model.bin").stat().st_size
     assert plan.revisions == test_hub.step_branches and plan.checkpoint_bytes == size and plan.params == size // 2
-    weights = [p for p in [*cache.rglob("*"), *Path(os.environ["HF_HOME"]).rglob("*")]
-               if p.suffix in (".bin", ".safetensors") and "space-merge" not in str(p)]
-    assert not weights, weights  # config.json only: not one weight file was downloaded
+    assert weight_files() == before  # config.json only: not one weight file was downloaded
 
 
 def test_in_a_space_sign_in_replaces_the_token_box(tmp_path, monkeypatch):
