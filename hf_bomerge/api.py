@@ -192,7 +192,8 @@ def _plan(src: Source, names: Sequence[str], pins: Sequence[str], *, device: str
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     itemsize = _DTYPES[eval_dtype].itemsize if eval_dtype else (4 if device == "cpu" else 2)
     listings = [src.listing(n, p) for n, p in zip(names, pins)]
-    return make_plan([weight_sizes(listing) for listing in listings], [src.is_local(n, p) for n, p in zip(names, pins)],
+    local = [src.is_local(n, p, listing) for n, p, listing in zip(names, pins, listings)]
+    return make_plan([weight_sizes(listing) for listing in listings], local,
                      src.config(names[-1], pins[-1]), names, device=device, eval_itemsize=itemsize,
                      batch_size=batch_size, block_size=block_size, evaluate=evaluate,
                      paths=[Path(cache_dir or default_cache_dir())],

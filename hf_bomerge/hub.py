@@ -58,8 +58,8 @@ class Source:
         """The revision's config.json (a few bytes: fetched even for a plan)."""
         raise NotImplementedError
 
-    def is_local(self, name: str, pin: str) -> bool:
-        """Whether the revision's weights are on this machine already."""
+    def is_local(self, name: str, pin: str, listing: dict[str, int]) -> bool:
+        """Whether the revision's weights (named in its `listing`) are on this machine already."""
         return True
 
     def license(self) -> str | None:
@@ -76,11 +76,14 @@ class HubSource(Source):
         self.token = token
         self.cache_dir = cache_dir
         self.api = HfApi(token=token)
+        self._refs: dict[str, str] | None = None
 
     def refs(self) -> dict[str, str]:
-        with hub_errors(self.id):
-            refs = self.api.list_repo_refs(self.id)
-        return {b.name: b.target_commit for b in refs.branches}
+        if self._refs is None:  # one listing per run: every later step uses these pins
+            with hub_errors(self.id):
+                refs = self.api.list_repo_refs(self.id)
+            self._refs = {b.name: b.target_commit for b in refs.branches}
+        return self._refs
 
     def fetch(self, name: str, pin: str, force: bool = False) -> Path:
         with hub_errors(self.id, name):
@@ -102,10 +105,10 @@ class HubSource(Source):
             path = hf_hub_download(self.id, "config.json", revision=pin, token=self.token, cache_dir=self.cache_dir)
         return json.loads(Path(path).read_text())
 
-    def is_local(self, name: str, pin: str) -> bool:
+    def is_local(self, name: str, pin: str, listing: dict[str, int]) -> bool:
         from huggingface_hub import try_to_load_from_cache
 
-        files = weight_sizes(self.listing(name, pin))
+        files = weight_sizes(listing)
         return all(isinstance(try_to_load_from_cache(self.id, f, revision=pin, cache_dir=self.cache_dir), str)
                    for f in files)
 
@@ -201,7 +204,7 @@ class GitSource(Source):
         except subprocess.CalledProcessError:
             return {}
 
-    def is_local(self, name: str, pin: str) -> bool:
+    def is_local(self, name: str, pin: str, listing: dict[str, int]) -> bool:
         return (self.cache_dir / pin).exists()
 
     def fetch(self, name: str, pin: str, force: bool = False) -> Path:
