@@ -96,7 +96,7 @@ def main() -> None:
     tokens = ids.numel()
     flops = 2 * n_params * tokens
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-    print(f"\n| evaluation forward (bf16) | tokens/s | TFLOP/s | of dense bf16 peak |")
+    print("\n| evaluation forward (bf16) | tokens/s | TFLOP/s | of dense bf16 peak |")
     print("| --- | ---: | ---: | ---: |")
     print(f"| batch {args.batch} × 2048 | {tokens / forward_s:,.0f} | {flops / forward_s / 1e12:.0f} | "
           f"{'%.0f%%' % (100 * flops / forward_s / 1e12 / peak) if peak else 'n/a'} |")

@@ -16,7 +16,7 @@ import mmap
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 
@@ -43,14 +43,10 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * _itemsize(self.dtype)
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-_ST_DTYPES = {
+ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
@@ -114,7 +110,7 @@ class Checkpoint:
             if path.stat().st_size != expected:
                 raise CorruptFileError(f"{path} is {path.stat().st_size} bytes but its header describes {expected}: "
                                       "the file is truncated or corrupt; delete it and download it again.")
-            return [(TensorInfo(n, tuple(h["shape"]), _ST_DTYPES[h["dtype"]]), 8 + size + h["data_offsets"][0])
+            return [(TensorInfo(n, tuple(h["shape"]), ST_DTYPES[h["dtype"]]), 8 + size + h["data_offsets"][0])
                     for n, h in header.items()]
         state, _ = self._open(index)
         return [(TensorInfo(n, tuple(t.shape), t.dtype), -1) for n, t in state.items()]
@@ -224,10 +220,6 @@ class CheckpointSet:
     def __len__(self) -> int:
         return len(self.checkpoints)
 
-    @property
-    def labels(self) -> list[str]:
-        return [c.label for c in self.checkpoints]
-
     def _validate(self) -> None:
         ref = self.reference
         for ckpt in self.checkpoints[:-1]:
@@ -265,8 +257,6 @@ class CheckpointSet:
         for c in self.checkpoints:
             c.release(name)
 
-    def iter_names(self) -> Iterator[str]:
-        return iter(self.infos)
 
 
 def tokenizer_vocabulary(folder: Path) -> bytes | None:

@@ -15,15 +15,11 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from .checkpoints import CheckpointSet, TensorInfo, is_merged
+from .checkpoints import ST_DTYPES, CheckpointSet, TensorInfo, is_merged
 from .errors import CheckpointError, OutputError
 
-_ST_NAMES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
 DEFAULT_MAX_SHARD_SIZE = "2GB"
+_ST_NAMES = {dtype: name for name, dtype in ST_DTYPES.items()}
 
 
 class Pair(NamedTuple):

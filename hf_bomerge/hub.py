@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tarfile
@@ -77,6 +78,7 @@ class HubSource(Source):
         self.cache_dir = cache_dir
         self.api = HfApi(token=token)
         self._refs: dict[str, str] | None = None
+        self._listings: dict[str, dict[str, int]] = {}
 
     def refs(self) -> dict[str, str]:
         if self._refs is None:  # one listing per run: every later step uses these pins
@@ -87,7 +89,7 @@ class HubSource(Source):
 
     def fetch(self, name: str, pin: str, force: bool = False) -> Path:
         with hub_errors(self.id, name):
-            files = [s.rfilename for s in self.api.model_info(self.id, revision=pin).siblings or []]
+            files = list(self.listing(name, pin))
             weights = self._weight_files(files, pin)
             wanted = [f for f in files if f in SIDE_FILES or f.endswith(".py")] + weights
             folder = snapshot_download(self.id, revision=pin, allow_patterns=wanted, token=self.token,
@@ -97,8 +99,11 @@ class HubSource(Source):
     def listing(self, name: str, pin: str) -> dict[str, int]:
         from huggingface_hub import RepoFile
 
-        with hub_errors(self.id, name):
-            return {e.path: e.size for e in self.api.list_repo_tree(self.id, revision=pin) if isinstance(e, RepoFile)}
+        if pin not in self._listings:  # the plan and the download read the same listing
+            with hub_errors(self.id, name):
+                tree = self.api.list_repo_tree(self.id, revision=pin)
+                self._listings[pin] = {e.path: e.size for e in tree if isinstance(e, RepoFile)}
+        return self._listings[pin]
 
     def config(self, name: str, pin: str) -> dict:
         with hub_errors(self.id, name):
@@ -232,9 +237,11 @@ def weight_sizes(listing: dict[str, int]) -> dict[str, int]:
     """The weight files (and their sizes) transformers would load from a folder listing."""
     for layout in WEIGHT_LAYOUTS:
         if layout in listing:
-            if "safetensors" in layout:
-                return {f: n for f, n in listing.items() if f.endswith(".safetensors")}
-            return {f: n for f, n in listing.items() if f.startswith("pytorch_model") and f.endswith(".bin")}
+            if not layout.endswith(".index.json"):
+                return {layout: listing[layout]}
+            stem, ext = layout.removesuffix(".index.json").rsplit(".", 1)
+            shard = re.compile(rf"{stem}-\d+-of-\d+\.{ext}")  # transformers' shard names
+            return {f: n for f, n in listing.items() if shard.fullmatch(f)}
     return {}
 
 
