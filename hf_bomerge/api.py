@@ -20,13 +20,13 @@ import torch
 from . import __version__
 from . import weights as W
 from .checkpoints import CheckpointSet, check_remote_code, check_same_tokenizer
-from .errors import BOMergeError, CorruptFileError, HubError, OutputError
+from .errors import BOMergeError, CorruptFileError, HubError, OutputError, StudyError
 from .heldout import DEFAULT_MAX_EVAL_TOKENS, HeldOutSpec, heldout_blocks, mean_nll
 from .hub import SIDE_FILES, Source, default_cache_dir, open_source, weight_sizes
 from .plan import Plan, make_plan
 from .engine import DEFAULT_MAX_SHARD_SIZE, ResidentMerger, export_merge, parse_size, replace_dir
 from .revisions import resolve_revisions
-from .study import Trial, default_study_name, make_space, run_search
+from .study import Trial, default_study_name, load_study, make_space, run_search, set_study_attr, study_outcome
 
 logger = logging.getLogger("hf_bomerge")
 SCHEMA = 1
@@ -65,6 +65,8 @@ class MergeResult:
     trace: list = field(default_factory=list, repr=False)  # the study's trials, for the card's plot
     folders: list[Path] = field(default_factory=list, repr=False)
     tokenizer_folder: Path | None = field(default=None, repr=False)
+    storage: str | None = field(default=None, repr=False)  # the study's storage URL, and its budget
+    budget: int = 0
 
     def summary(self) -> dict:
         """The `--json` object."""
@@ -344,18 +346,48 @@ def search(source: str, revisions: str = "last:2", *, dataset: str | None = None
               "max_eval_tokens": max_eval_tokens, "ema_alpha": ema_alpha, "dtype": dtype}
     name = study_name or default_study_name(inputs)
     url = storage or f"sqlite:///{cache / 'studies.db'}"
+    dataset_is_hub = not Path(spec.dataset).expanduser().exists()
+    recipe = {"source": prep.source.id, "source_kind": prep.source.kind, "revisions": prep.names, "shas": prep.shas,
+              "search": space.kind, "dataset": spec.label, "dataset_is_hub": dataset_is_hub,
+              "eval_tokens": int(evaluator.blocks.numel()), "dtype": dtype}
     outcome = run_search(evaluator, space, prep.names, trials=trials, storage=url, study_name=name, inputs=inputs,
-                         seed=seed, ema_alpha=ema_alpha, progress=progress, on_trial=on_trial)
+                         seed=seed, ema_alpha=ema_alpha, progress=progress, on_trial=on_trial, recipe=recipe)
     best = outcome.best
     generalization = _generalization(evaluator, eval_datasets, text_column, best.weights, outcome, prep.names)
+    if generalization:
+        set_study_attr(url, name, "generalization", generalization)
     return MergeResult(
         source=prep.source.id, revisions=prep.names, shas=prep.shas, weights=best.weights, loss=best.loss,
         baselines=outcome.baselines, generalization=generalization, trials=len(outcome.trials), study=name,
-        source_kind=prep.source.kind, search=space.kind, dataset=spec.label,
-        dataset_is_hub=not Path(spec.dataset).expanduser().exists(),
-        eval_tokens=int(evaluator.blocks.numel()), dtype=dtype, license=prep.source.license(),
-        trace=outcome.trials, folders=prep.folders,
-        tokenizer_folder=prep.tokenizer_folder)
+        source_kind=prep.source.kind, search=space.kind, dataset=spec.label, dataset_is_hub=dataset_is_hub,
+        eval_tokens=recipe["eval_tokens"], dtype=dtype, license=prep.source.license(), trace=outcome.trials,
+        folders=prep.folders, tokenizer_folder=prep.tokenizer_folder, storage=url, budget=trials)
+
+
+def from_study(study_name: str | None = None, storage: str | None = None, *, token: str | bool | None = None,
+               cache_dir: str | Path | None = None, progress: bool = True) -> MergeResult:
+    """The best merge of an existing study (e.g. one that several workers ran), ready to `save_pretrained`.
+
+    Without `study_name`, the storage must hold exactly one study.
+
+    >>> from_study("bomerge-pythia-1b-0123abcd", "postgresql+psycopg://db/bomerge").save_pretrained("out")  # doctest: +SKIP
+    """
+    url = storage or f"sqlite:///{Path(cache_dir or default_cache_dir()) / 'studies.db'}"
+    study = load_study(url, study_name)
+    recipe = study.user_attrs.get("recipe") or {}
+    if not recipe.get("revisions"):
+        raise StudyError(f"Study {study.study_name!r} was not written by hf-bomerge {__version__} or later "
+                         "(it records no recipe); re-run the search that made it.")
+    outcome = study_outcome(study, recipe["revisions"])
+    result = merge(recipe["source"], ",".join(recipe["revisions"]), weights=outcome.best.weights,
+                   allow_extrapolation=True, evaluate=False, max_checkpoints=0, token=token, cache_dir=cache_dir,
+                   progress=progress, shas=recipe["shas"], dtype=recipe.get("dtype"))
+    result.loss, result.baselines, result.trials = outcome.best.loss, outcome.baselines, len(outcome.trials)
+    result.study, result.search, result.dataset = study.study_name, recipe.get("search"), recipe.get("dataset")
+    result.dataset_is_hub, result.eval_tokens = recipe.get("dataset_is_hub", False), recipe.get("eval_tokens", 0)
+    result.generalization, result.trace = study.user_attrs.get("generalization", {}), outcome.trials
+    result.storage, result.budget = url, len(outcome.trials)
+    return result
 
 
 def _generalization(evaluator: _Evaluator, eval_datasets, text_column, best_weights, outcome, names) -> dict:

@@ -26,7 +26,10 @@ EPILOG = """examples:
   hf-bomerge EleutherAI/pythia-160m --revisions last:2 --search pairwise --trials 12 --json
   hf-bomerge ./trainer-output --revisions checkpoint-1000.. --method ema
   hf-bomerge --recipe merged/bomerge_recipe.yaml --output again
-  hf-bomerge demo"""
+  hf-bomerge demo
+  hf-bomerge show --storage postgresql+psycopg://db-host/bomerge         (a study's trials)
+  hf-bomerge export --storage postgresql+psycopg://db-host/bomerge --output merged"""
+SUBCOMMANDS = ("show", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,8 +93,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def build_study_parser(command: str) -> argparse.ArgumentParser:
+    """`show` prints a study's trials; `export` writes (and pushes) the best merge of an existing study."""
+    what = {"show": "Print the trials of a study (all studies of the storage without --study-name).",
+            "export": "Write the best merge of an existing study (e.g. one that several workers ran)."}[command]
+    p = argparse.ArgumentParser(prog=f"hf-bomerge {command}", description=what)
+    p.add_argument("--storage", help="Optuna storage URL (default: the SQLite file under the cache dir)")
+    p.add_argument("--study-name", help="default: the only study in the storage")
+    p.add_argument("--cache-dir")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
+    p.add_argument("--debug", action="store_true")
+    if command == "export":
+        p.add_argument("--output", help="default ./<model-name>-bomerge")
+        p.add_argument("--overwrite", action="store_true")
+        p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE)
+        p.add_argument("--push-to-hub", metavar="REPO_ID")
+        p.add_argument("--private", action="store_true")
+        p.add_argument("--hub-revision", metavar="BRANCH")
+        p.add_argument("--commit-message")
+        p.add_argument("--token", help="Hub token (default: HF_TOKEN or the login cache); never printed")
+        p.add_argument("--quiet", action="store_true")
+    p.set_defaults(command=command, quiet=True, dry_run=False, source=None, recipe=None)
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        args = build_study_parser(argv[0]).parse_args(argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's SIGTERM ends the run like Ctrl-C
     try:
         return _main(args)
@@ -125,6 +156,12 @@ def run(args: argparse.Namespace):
     from . import api
 
     progress = not args.quiet
+    if getattr(args, "command", None) == "show":
+        return _show(args)
+    if getattr(args, "command", None) == "export":
+        result = api.from_study(args.study_name, args.storage, token=args.token, cache_dir=args.cache_dir,
+                                progress=progress)
+        return _save(result, args, default_name=Path(result.source.rstrip("/")).name + "-bomerge", claim=False)
     if args.recipe:
         result = api.from_recipe(args.recipe, token=args.token, cache_dir=args.cache_dir, progress=progress)
         return _save(result, args, default_name=Path(args.recipe).resolve().parent.name + "-reproduced")
@@ -173,15 +210,67 @@ def _demo(args):
     return _save(result, args, default_name="pythia-tiny-demo-bomerge")
 
 
-def _save(result, args, default_name: str):
-    output = args.output or default_name
+def _save(result, args, default_name: str, claim: bool = True):
+    """Write (and push) the merge. For a search, the study's storage decides which worker does it: exactly
+    one, the first to finish once the budget is spent; the others report where it went."""
+    from . import workers
+    from .study import open_storage, safe_url
+
+    output = Path(args.output or default_name).expanduser().resolve()
+    storage = open_storage(result.storage) if claim and result.storage else None
+    if storage is not None:
+        winner = workers.claim_export(storage, result.study, result.budget,
+                                      {"output": str(output), "push_to_hub": args.push_to_hub})
+        if winner is not None:
+            result.output = winner.get("output")
+            print(f"hf-bomerge: the budget of {result.budget} trials of study {result.study} is spent and its merge "
+                  f"is exported by {winner.get('worker')} (to {winner.get('output')}, since {winner.get('at')}"
+                  f"{'' if winner.get('done') else ', maybe still running'}); this run writes nothing. To write it "
+                  f"again: hf-bomerge export --storage {safe_url(result.storage)} --study-name {result.study} --output DIR",
+                  file=sys.stderr)
+            return result
     result.save_pretrained(output, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
                            progress=not args.quiet)
     if args.push_to_hub:
         url = result.push_to_hub(args.push_to_hub, token=args.token, private=args.private or None,
                                  revision=args.hub_revision, commit_message=args.commit_message)
         print(f"pushed to {url}", file=sys.stderr)
+    if storage is not None:
+        workers.finish_export(storage, result.study, result.budget)
     return result
+
+
+def _show(args) -> None:
+    """A study's trials, or the studies of a storage."""
+    from .study import show_study
+
+    report = show_study(args.storage, args.study_name, args.cache_dir)
+    print(json.dumps(report) if args.json else format_study(report))
+    return None
+
+
+def format_study(report: dict) -> str:
+    if "studies" in report:
+        return "\n".join([f"{len(report['studies'])} studies in {report['storage']}:"] +
+                         [f"  {s['study']}  {s['complete']} complete, best {_value(s['best'])}  ({s['source']})"
+                          for s in report["studies"]])
+    c = report["counts"]
+    lines = [f"study {report['study']} in {report['storage']} ({report['source']}, {report['search']}):",
+             f"  {c['complete']} complete, {c['running']} running, {c['waiting']} queued, {c['failed']} failed",
+             "", f"  {'#':>4}  {'state':<8} {'loss':>9}  {'baseline':<12} weights (oldest first)"]
+    for t in report["trials"]:
+        weights = " ".join(f"{w:.3f}" for w in t["weights"]) if t["weights"] else ""
+        lines.append(f"  {t['number']:>4}  {t['state']:<8} {_value(t['loss']):>9}  {t['seed'] or '':<12} {weights}")
+    if report["best"]:
+        lines += ["", f"best: trial {report['best']['number']} loss {report['best']['loss']:.5f}"]
+    for e in report["exports"]:
+        lines.append(f"exported at {e['budget']} trials by {e.get('worker')} to {e.get('output')} "
+                     f"({'done ' + e['done'] if e.get('done') else 'not finished'})")
+    return "\n".join(lines)
+
+
+def _value(v) -> str:
+    return "-" if v is None else f"{v:.5f}"
 
 
 def _dry_run(args):

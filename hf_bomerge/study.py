@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import math
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,13 +21,17 @@ from typing import Callable, Sequence
 import optuna
 
 from . import weights as W
+from . import workers
 from .errors import StudyError
+
+logger = logging.getLogger("hf_bomerge")
 
 SEARCHES = ("auto", "pairwise", "simplex", "family")
 MAX_SIMPLEX = 8
 # A running trial writes a heartbeat every HEARTBEAT_S; one silent for GRACE_S belonged to a dead process:
 # it is marked failed and its parameters are queued again (nothing finished is lost).
 HEARTBEAT_S, GRACE_S = 2, 10
+POLL_S = 1.0  # how often a worker with nothing to run looks at the study again
 
 
 @dataclass
@@ -114,9 +119,7 @@ class SearchOutcome:
     trials: list[Trial]
     baselines: dict[str, float]
     best: Trial
-    study_name: str
-    storage: str
-    extra: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, float] = field(default_factory=dict)  # baselines evaluated beside the study (not trials)
 
 
 def default_study_name(inputs: dict) -> str:
@@ -126,93 +129,217 @@ def default_study_name(inputs: dict) -> str:
 
 
 def open_study(storage: str, study_name: str, inputs: dict, space: Space, seed: int | None,
-               n_seeds: int) -> optuna.Study:
-    """Create or resume the study; a study made from different inputs is refused."""
+               seeds: Sequence[tuple[str, dict]], recipe: dict | None = None) -> optuna.Study:
+    """Create the study, or join/resume it; a study made from different inputs is refused.
+
+    Whoever creates the study enqueues the baseline seeds, then marks it ready by storing its inputs; a
+    worker that joins meanwhile waits for that, so the seeds are enqueued exactly once.
+    """
+    sampler = _gp_sampler(seed, len(seeds))
+    rdb = open_storage(storage)
+    try:
+        study = optuna.create_study(storage=rdb, study_name=study_name, sampler=sampler, direction="minimize")
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=study_name, storage=rdb, sampler=sampler)
+    else:
+        for label, params in seeds:
+            study.enqueue_trial(params, user_attrs={"seed": label})
+        study.set_user_attr("recipe", recipe or {})
+        study.set_user_attr("inputs", inputs)
+    stored = _ready(study, storage)
+    if stored != inputs:
+        changed = sorted(k for k in set(stored) | set(inputs) if stored.get(k) != inputs.get(k))
+        raise StudyError(f"Study {study_name!r} in {safe_url(storage)} was made from different inputs "
+                         f"({', '.join(changed)} differ); resuming it would mix incomparable trials. Use another "
+                         "--study-name, or drop --study-name to get one derived from the inputs.")
+    return study
+
+
+def open_storage(storage: str) -> optuna.storages.RDBStorage:
+    """An RDB storage with heartbeats: a dead worker's trial is failed after GRACE_S and queued again."""
     if storage.startswith("sqlite:///"):
         Path(storage[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():  # "experimental" in Optuna, and exactly what we want
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = optuna.samplers.GPSampler(seed=seed, n_startup_trials=n_seeds, deterministic_objective=True)
         retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
-        rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                                         heartbeat_stale_trial_callback=retry)
-    study = optuna.create_study(storage=rdb, study_name=study_name, sampler=sampler, direction="minimize",
-                                load_if_exists=True)
-    stored = study.user_attrs.get("inputs")
-    if stored is None:
-        study.set_user_attr("inputs", inputs)
-    elif stored != inputs:
-        changed = sorted(k for k in set(stored) | set(inputs) if stored.get(k) != inputs.get(k))
-        raise StudyError(f"Study {study_name!r} in {storage} was made from different inputs ({', '.join(changed)} "
-                         "differ); resuming it would mix incomparable trials. Use another --study-name, or "
-                         "drop --study-name to get one derived from the inputs.")
-    return study
+        try:
+            return optuna.storages.RDBStorage(storage, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                                              heartbeat_stale_trial_callback=retry)
+        except (ImportError, ModuleNotFoundError, ValueError, optuna.exceptions.StorageInternalError) as err:
+            raise StudyError(f"Cannot open the study storage {safe_url(storage)}: {err}. Use an SQLAlchemy URL "
+                             "such as sqlite:///studies.db or postgresql+psycopg://user@host/db (PostgreSQL needs "
+                             "`pip install psycopg[binary]`).") from err
+
+
+def _gp_sampler(seed: int | None, n_seeds: int) -> optuna.samplers.GPSampler:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=n_seeds, deterministic_objective=True)
+
+
+def _ready(study: optuna.Study, storage: str, timeout: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while (inputs := study.user_attrs.get("inputs")) is None:
+        if time.monotonic() > deadline:
+            raise StudyError(f"Study {study.study_name!r} in {safe_url(storage)} exists but was never set up "
+                             "(the worker that created it died while enqueueing the baselines). Delete it "
+                             f"(optuna delete-study --study-name {study.study_name} --storage URL) or use another "
+                             "--study-name.")
+        time.sleep(0.5)
+    return inputs
+
+
+def safe_url(storage: str) -> str:
+    """The storage URL without a password."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(storage).render_as_string(hide_password=True)
+    except Exception:
+        return storage.split("@")[-1]
 
 
 def run_search(evaluate: Callable[[list[float]], float], space: Space, labels: Sequence[str], *, trials: int,
                storage: str, study_name: str, inputs: dict, seed: int | None = None, ema_alpha: float = 0.2,
-               progress: bool = True, on_trial: Callable[[Trial, int, int], None] | None = None) -> SearchOutcome:
-    """Run (or resume) the study until it holds `trials` COMPLETE trials, seeds included.
+               progress: bool = True, on_trial: Callable[[Trial, int, int], None] | None = None,
+               recipe: dict | None = None) -> SearchOutcome:
+    """Run (or resume, or join) the study until it holds `trials` COMPLETE trials, seeds included.
 
     `evaluate(weights) -> loss` is called once per trial; a NaN/inf loss is recorded as a failed trial
     and does not count toward the budget. `on_trial(trial, complete, budget)` is called after each trial
-    this process ran (a failed one with a NaN loss), e.g. to show progress in a UI.
+    this process ran (a failed one with a NaN loss), e.g. to show progress in a UI. Several processes with
+    the same storage and study name share the budget (see `hf_bomerge.workers`).
     """
     seeds = space.seeds(labels, ema_alpha)
     enqueued = [(label, w, space.params_for(w)) for label, w in seeds]
-    enqueued_seeds = [(label, w, p) for label, w, p in enqueued if p is not None]
     if trials < 1:
         raise StudyError("--trials must be at least 1.")
     optuna.logging.set_verbosity(logging.ERROR)  # failed trials are reported by us, without tracebacks
-    study = open_study(storage, study_name, inputs, space, seed, len(enqueued_seeds))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
-    _enqueue_missing_seeds(study, enqueued_seeds[:trials])
+    study = open_study(storage, study_name, inputs, space, seed,
+                       [(label, p) for label, _, p in enqueued if p is not None], recipe)
+    rdb = study._storage
 
     ran: list[Trial] = []
+    current: dict = {}
 
     def objective(trial: optuna.Trial) -> float:
-        w = space.suggest(trial)  # an enqueued seed gets its fixed parameters here
+        current.update(number=trial.number, over=False)
+        if not workers.within_budget(study, trial.number, trials):
+            current["over"] = True
+            trial.set_user_attr(workers.OVER_BUDGET, True)
+            raise workers.OverBudget
+        trial.set_user_attr(workers.STARTED, {"trial": trial.number, "worker": workers.worker_id()})
+        w = space.suggest(trial)  # an enqueued seed or a retried trial gets its fixed parameters here
         trial.set_user_attr("weights", w)
         loss = evaluate(w)
         ran.append(Trial(trial.number, w, loss if math.isfinite(loss) else float("nan"), trial.user_attrs.get("seed")))
         return ran[-1].loss
 
     bar = _bar(trials, progress)
-    failures = 0
-    while (done := _complete(study)) < trials:
-        bar.n = done
+    failures, waited = 0, False
+    while True:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        workers.fail_orphans(study, rdb)
+        state = workers.counts(study)
+        bar.n = done = state[optuna.trial.TrialState.COMPLETE]
         bar.refresh()
-        before = len(study.trials)
-        study.optimize(objective, n_trials=1, catch=())
-        if study.trials[before:] and study.trials[-1].state == optuna.trial.TrialState.FAIL:
+        if done >= trials:
+            break
+        if done + state[optuna.trial.TrialState.RUNNING] >= trials:  # the rest of the budget runs elsewhere
+            if not waited:
+                logger.info("waiting for %d running trials of other workers (a dead worker's trial is re-run "
+                            "after %d s)", state[optuna.trial.TrialState.RUNNING], GRACE_S)
+            waited = True
+            time.sleep(POLL_S)
+            continue
+        study.optimize(objective, n_trials=1, catch=(workers.OverBudget,))
+        if current.get("over"):
+            workers.requeue_set_aside(study, current["number"])
+            continue
+        if ran and not math.isfinite(ran[-1].loss):
             failures += 1
             if failures > max(3, trials):
                 raise StudyError(f"{failures} trials failed (NaN/inf loss); the checkpoints or the data are "
                                  "broken. Check for NaN/inf in the weights.")
-        if done and (best := _best(study)):
+        if (best := _best(study)):
             bar.set_postfix(best=f"{best.loss:.4f}")
         if on_trial is not None and ran:
             on_trial(ran.pop(), _complete(study), trials)
-    bar.n = _complete(study)
     bar.close()
-    found = [_to_trial(t) for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    seeded = {t.seed: t.loss for t in found if t.seed}
     extra = {label: evaluate(w) for label, w, p in enqueued if p is None}
-    order = [*labels, *(label for label, _ in seeds)]  # oldest first, then uniform and ema
-    baselines = {k: v for k, v in sorted({**seeded, **extra}.items(), key=lambda kv: order.index(kv[0]))}
-    return SearchOutcome(found, baselines, min(found, key=lambda t: t.loss), study_name, storage, extra)
+    if extra and study.user_attrs.get("extra_baselines") != extra:
+        study.set_user_attr("extra_baselines", extra)
+    return study_outcome(study, labels)
 
 
-def _enqueue_missing_seeds(study: optuna.Study, seeds) -> None:
-    """Enqueue each baseline that has no finished, queued or running trial yet: a new study gets them all,
-    a resumed one gets back a seed whose trial was interrupted."""
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING)
-    have = {t.user_attrs.get("seed") for t in study.get_trials(deepcopy=False, states=states)}
-    for label, _, params in seeds:
-        if label not in have:
-            study.enqueue_trial(params, user_attrs={"seed": label})
+def study_outcome(study: optuna.Study, labels: Sequence[str]) -> SearchOutcome:
+    """The finished trials of `study`, its baselines (revisions oldest first, then the averages) and best."""
+    found = [_to_trial(t) for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
+    if not found:
+        raise StudyError(f"Study {study.study_name!r} has no finished trial yet.")
+    extra = study.user_attrs.get("extra_baselines", {})
+    baselines = {**{t.seed: t.loss for t in found if t.seed}, **extra}
+    order = [*labels, "uniform", "ema"]
+    ranked = sorted(baselines, key=lambda k: order.index(k) if k in order else len(labels) - 0.5)
+    return SearchOutcome(found, {k: baselines[k] for k in ranked}, min(found, key=lambda t: t.loss), extra)
+
+
+def load_study(storage: str, study_name: str | None = None) -> optuna.Study:
+    """An existing study; without a name, the only study in `storage`."""
+    names = [n for n in optuna.get_all_study_names(open_storage(storage)) if not workers.is_export_lock(n)]
+    if study_name is None:
+        if len(names) != 1:
+            listed = ", ".join(names) if names else "none"
+            raise StudyError(f"{safe_url(storage)} holds {len(names)} studies ({listed}); pass --study-name.")
+        study_name = names[0]
+    if study_name not in names:
+        raise StudyError(f"No study {study_name!r} in {safe_url(storage)} (it holds: {', '.join(names) or 'none'}); "
+                         "check --storage and --study-name (the default storage is studies.db in the cache dir).")
+    return optuna.load_study(study_name=study_name, storage=open_storage(storage))
+
+
+def show_study(storage: str | None = None, study_name: str | None = None, cache_dir=None) -> dict:
+    """What `hf-bomerge show` prints: a study's trials, counts and exports, or a storage's studies.
+
+    >>> show_study("sqlite:///studies.db")["studies"][0]["best"]   # doctest: +SKIP
+    """
+    from .hub import default_cache_dir
+
+    url = storage or f"sqlite:///{Path(cache_dir or default_cache_dir()) / 'studies.db'}"
+    rdb = open_storage(url)
+    names = [n for n in optuna.get_all_study_names(rdb) if not workers.is_export_lock(n)]
+    if study_name is None and len(names) != 1:
+        studies = []
+        for name in names:
+            study = optuna.load_study(study_name=name, storage=rdb)
+            done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            studies.append({"study": name, "complete": len(done), "best": min((t.value for t in done), default=None),
+                            "source": study.user_attrs.get("inputs", {}).get("source")})
+        return {"storage": safe_url(url), "studies": studies}
+    study = load_study(url, study_name)
+    trials = [{"number": t.number, "state": t.state.name.lower(), "loss": t.value,
+               "weights": t.user_attrs.get("weights"), "seed": t.user_attrs.get("seed"),
+               "worker": (t.user_attrs.get(workers.STARTED) or {}).get("worker")}
+              for t in study.get_trials(deepcopy=False) if not t.user_attrs.get(workers.OVER_BUDGET)]
+    counts = {k: sum(1 for t in trials if t["state"] == state)
+              for k, state in (("complete", "complete"), ("running", "running"), ("waiting", "waiting"),
+                               ("failed", "fail"))}
+    done = [t for t in trials if t["state"] == "complete"]
+    exports = []
+    for name in optuna.get_all_study_names(rdb):
+        if workers.is_export_lock(name) and name.rsplit(":export@", 1)[0] == study.study_name:
+            budget = int(name.rsplit("@", 1)[1])
+            exports.append({"budget": budget, **(workers.export_status(rdb, study.study_name, budget) or {})})
+    recipe = study.user_attrs.get("recipe") or {}
+    return {"storage": safe_url(url), "study": study.study_name, "source": recipe.get("source"),
+            "search": recipe.get("search"), "revisions": recipe.get("revisions"), "counts": counts,
+            "trials": trials, "best": min(done, key=lambda t: t["loss"]) if done else None, "exports": exports}
+
+
+def set_study_attr(storage: str, study_name: str, key: str, value) -> None:
+    optuna.load_study(study_name=study_name, storage=open_storage(storage)).set_user_attr(key, value)
 
 
 def _complete(study: optuna.Study) -> int:

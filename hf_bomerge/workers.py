@@ -1,0 +1,113 @@
+"""Several workers on one study: a budget shared without overshoot, dead workers' trials re-run, and one export.
+
+Everything here is decided by the storage (an Optuna RDB: SQLite, PostgreSQL, MySQL), not by timing:
+- A trial may run only if fewer than `budget` trials numbered before it are finished or still in flight
+  (COMPLETE, RUNNING or WAITING): trial numbers are handed out under a lock on the study row, so two
+  workers that ask at once can never both take the last slot. A trial over the budget is set aside (failed,
+  marked `bomerge_over_budget`) and its parameters queued again.
+- A worker that dies mid-trial stops its heartbeat; its trial is failed after the grace period and retried
+  (Optuna's heartbeat + RetryHeartbeatStaleTrialCallback). One that dies between Optuna's `ask` and its
+  first heartbeat leaves a RUNNING trial that nothing would ever fail: it is failed here after ORPHAN_S.
+- The export is claimed by creating a study named `<study>:export@<budget>`: study names are unique in
+  the storage, so exactly one worker wins, whatever the timing.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+
+import optuna
+from optuna.trial import TrialState
+
+OVER_BUDGET = "bomerge_over_budget"  # user attr of a trial set aside because it was handed out over the budget
+STARTED = "bomerge_started"  # user attr set by the process that runs a trial: {"trial": number, "worker": ...}
+ORPHAN_S = 60
+LIVE = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class OverBudget(Exception):
+    """Raised inside the objective when the trial was handed out beyond the budget."""
+
+
+def within_budget(study: optuna.Study, number: int, budget: int) -> bool:
+    """Whether trial `number` is among the first `budget` trials that finished or are in flight."""
+    ahead = study.get_trials(deepcopy=False, states=LIVE)
+    return sum(1 for t in ahead if t.number < number) < budget
+
+
+def counts(study: optuna.Study) -> dict[TrialState, int]:
+    found = {state: 0 for state in TrialState}
+    for t in study.get_trials(deepcopy=False):
+        found[t.state] += 1
+    return found
+
+
+def requeue_set_aside(study: optuna.Study, number: int) -> None:
+    """Queue again the parameters of trial `number`, which was set aside over the budget (a baseline seed or a
+    retried trial carries fixed parameters that must not be lost)."""
+    t = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+    system = dict(t.system_attrs)
+    user = {k: v for k, v in t.user_attrs.items() if k not in (STARTED, OVER_BUDGET)}
+    if t.params or "fixed_params" in system:
+        study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING, params=t.params,
+                                                  distributions=t.distributions, user_attrs=user,
+                                                  system_attrs=system))
+
+
+def fail_orphans(study: optuna.Study, storage: optuna.storages.BaseStorage) -> list[int]:
+    """Fail RUNNING trials that no process started running for ORPHAN_S (their worker died between `ask`
+    and the first heartbeat), and queue their parameters again. Returns their numbers."""
+    now = datetime.datetime.now()
+    failed = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        started = t.user_attrs.get(STARTED) or {}
+        if started.get("trial") == t.number or t.datetime_start is None:
+            continue
+        if (now - t.datetime_start).total_seconds() > ORPHAN_S:
+            try:
+                if storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+                    failed.append(t.number)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # another worker failed it first
+    for number in failed:
+        requeue_set_aside(study, number)
+    return failed
+
+
+def claim_export(storage: optuna.storages.BaseStorage, study_name: str, budget: int, claim: dict) -> dict | None:
+    """Claim the export of `study_name` at `budget` trials. Returns None if this caller won the claim, else
+    the winner's claim (who, where to, when)."""
+    name = f"{study_name}:export@{budget}"
+    try:
+        lock = optuna.create_study(storage=storage, study_name=name)
+    except optuna.exceptions.DuplicatedStudyError:
+        return export_status(storage, study_name, budget) or {}
+    lock.set_user_attr("claim", {**claim, "worker": worker_id(), "at": _now()})
+    return None
+
+
+def finish_export(storage: optuna.storages.BaseStorage, study_name: str, budget: int) -> None:
+    lock = optuna.load_study(study_name=f"{study_name}:export@{budget}", storage=storage)
+    lock.set_user_attr("done", _now())
+
+
+def export_status(storage: optuna.storages.BaseStorage, study_name: str, budget: int) -> dict | None:
+    try:
+        lock = optuna.load_study(study_name=f"{study_name}:export@{budget}", storage=storage)
+    except KeyError:
+        return None
+    return {"worker": "?", **lock.user_attrs.get("claim", {}), "done": lock.user_attrs.get("done")}
+
+
+def is_export_lock(study_name: str) -> bool:
+    return ":export@" in study_name
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
