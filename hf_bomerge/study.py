@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import optuna
+import sqlalchemy.exc
 
 from . import weights as W
 from . import workers
@@ -140,6 +141,7 @@ def open_study(storage: str, study_name: str, inputs: dict, space: Space, seed: 
     try:
         study = optuna.create_study(storage=rdb, study_name=study_name, sampler=sampler, direction="minimize")
     except optuna.exceptions.DuplicatedStudyError:
+        sampler = _gp_sampler(workers.worker_seed(seed), len(seeds))
         study = optuna.load_study(study_name=study_name, storage=rdb, sampler=sampler)
     else:
         for label, params in seeds:
@@ -162,13 +164,19 @@ def open_storage(storage: str) -> optuna.storages.RDBStorage:
     with warnings.catch_warnings():  # "experimental" in Optuna, and exactly what we want
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
-        try:
-            return optuna.storages.RDBStorage(storage, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                                              heartbeat_stale_trial_callback=retry)
-        except (ImportError, ModuleNotFoundError, ValueError, optuna.exceptions.StorageInternalError) as err:
-            raise StudyError(f"Cannot open the study storage {safe_url(storage)}: {err}. Use an SQLAlchemy URL "
-                             "such as sqlite:///studies.db or postgresql+psycopg://user@host/db (PostgreSQL needs "
-                             "`pip install psycopg[binary]`).") from err
+        for attempt in range(3):
+            try:
+                return optuna.storages.RDBStorage(storage, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                                                  heartbeat_stale_trial_callback=retry)
+            except (ImportError, ValueError) as err:
+                raise StudyError(f"Cannot open the study storage {safe_url(storage)}: {err}. Use an SQLAlchemy "
+                                 "URL such as sqlite:///studies.db or postgresql+psycopg://user@host/db "
+                                 "(PostgreSQL needs `pip install psycopg[binary]`).") from err
+            except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as err:
+                # Workers that open a new database at the same moment race to create Optuna's tables.
+                if attempt == 2:
+                    raise StudyError(f"Cannot open the study storage {safe_url(storage)}: {err}") from err
+                time.sleep(1.0 + attempt)
 
 
 def _gp_sampler(seed: int | None, n_seeds: int) -> optuna.samplers.GPSampler:
@@ -223,17 +231,22 @@ def run_search(evaluate: Callable[[list[float]], float], space: Space, labels: S
     current: dict = {}
 
     def objective(trial: optuna.Trial) -> float:
-        current.update(number=trial.number, over=False)
+        current.update(number=trial.number, set_aside=None)
         if not workers.within_budget(study, trial.number, trials):
-            current["over"] = True
-            trial.set_user_attr(workers.OVER_BUDGET, True)
-            raise workers.OverBudget
+            _set_aside(trial, "over the budget")
         trial.set_user_attr(workers.STARTED, {"trial": trial.number, "worker": workers.worker_id()})
         w = space.suggest(trial)  # an enqueued seed or a retried trial gets its fixed parameters here
         trial.set_user_attr("weights", w)
+        if (twin := workers.duplicate_of(study, trial.number, w)) is not None:
+            _set_aside(trial, f"duplicate of trial {twin}")
         loss = evaluate(w)
         ran.append(Trial(trial.number, w, loss if math.isfinite(loss) else float("nan"), trial.user_attrs.get("seed")))
         return ran[-1].loss
+
+    def _set_aside(trial: optuna.Trial, reason: str):
+        current["set_aside"] = reason
+        trial.set_user_attr(workers.SET_ASIDE, reason)
+        raise workers.SetAside(reason)
 
     bar = _bar(trials, progress)
     failures, waited = 0, False
@@ -254,9 +267,10 @@ def run_search(evaluate: Callable[[list[float]], float], space: Space, labels: S
             waited = True
             time.sleep(POLL_S)
             continue
-        study.optimize(objective, n_trials=1, catch=(workers.OverBudget,))
-        if current.get("over"):
+        study.optimize(objective, n_trials=1, catch=(workers.SetAside,))
+        if current.get("set_aside") == "over the budget":
             workers.requeue_set_aside(study, current["number"])
+        if current.get("set_aside"):
             continue
         if ran and not math.isfinite(ran[-1].loss):
             failures += 1
@@ -322,7 +336,7 @@ def show_study(storage: str | None = None, study_name: str | None = None, cache_
     trials = [{"number": t.number, "state": t.state.name.lower(), "loss": t.value,
                "weights": t.user_attrs.get("weights"), "seed": t.user_attrs.get("seed"),
                "worker": (t.user_attrs.get(workers.STARTED) or {}).get("worker")}
-              for t in study.get_trials(deepcopy=False) if not t.user_attrs.get(workers.OVER_BUDGET)]
+              for t in study.get_trials(deepcopy=False) if not t.user_attrs.get(workers.SET_ASIDE)]
     counts = {k: sum(1 for t in trials if t["state"] == state)
               for k, state in (("complete", "complete"), ("running", "running"), ("waiting", "waiting"),
                                ("failed", "fail"))}

@@ -4,7 +4,10 @@ Everything here is decided by the storage (an Optuna RDB: SQLite, PostgreSQL, My
 - A trial may run only if fewer than `budget` trials numbered before it are finished or still in flight
   (COMPLETE, RUNNING or WAITING): trial numbers are handed out under a lock on the study row, so two
   workers that ask at once can never both take the last slot. A trial over the budget is set aside (failed,
-  marked `bomerge_over_budget`) and its parameters queued again.
+  marked `bomerge_set_aside`) and its parameters queued again.
+- Two workers that ask at the same moment see the same history; the GP (which accounts for running trials
+  only once their parameters are stored) could propose the same point to both. Joining workers use their own
+  sampler seed, and a trial whose weights equal those of an earlier-numbered running trial is set aside.
 - A worker that dies mid-trial stops its heartbeat; its trial is failed after the grace period and retried
   (Optuna's heartbeat + RetryHeartbeatStaleTrialCallback). One that dies between Optuna's `ask` and its
   first heartbeat leaves a RUNNING trial that nothing would ever fail: it is failed here after ORPHAN_S.
@@ -15,13 +18,14 @@ Everything here is decided by the storage (an Optuna RDB: SQLite, PostgreSQL, My
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import socket
 
 import optuna
 from optuna.trial import TrialState
 
-OVER_BUDGET = "bomerge_over_budget"  # user attr of a trial set aside because it was handed out over the budget
+SET_ASIDE = "bomerge_set_aside"  # user attr: why a trial was not run (over the budget, a duplicate)
 STARTED = "bomerge_started"  # user attr set by the process that runs a trial: {"trial": number, "worker": ...}
 ORPHAN_S = 60
 LIVE = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
@@ -31,14 +35,31 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-class OverBudget(Exception):
-    """Raised inside the objective when the trial was handed out beyond the budget."""
+class SetAside(Exception):
+    """Raised inside the objective for a trial not to run (handed out over the budget, or a duplicate)."""
 
+
+def worker_seed(seed: int | None) -> int | None:
+    """The sampler seed of a worker that joins an existing study: its own, so that workers asking at the
+    same moment do not propose the same point."""
+    if seed is None:
+        return None
+    return int.from_bytes(hashlib.sha256(f"{seed}:{worker_id()}".encode()).digest()[:4], "little")
 
 def within_budget(study: optuna.Study, number: int, budget: int) -> bool:
     """Whether trial `number` is among the first `budget` trials that finished or are in flight."""
     ahead = study.get_trials(deepcopy=False, states=LIVE)
     return sum(1 for t in ahead if t.number < number) < budget
+
+
+def duplicate_of(study: optuna.Study, number: int, weights: list[float]) -> int | None:
+    """An earlier-numbered trial in flight with the same weights, if there is one. (A proposal equal to a
+    finished trial is the GP's own choice, e.g. a bound, and runs: setting it aside would loop.)"""
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+        other = t.user_attrs.get("weights")
+        if t.number < number and other and all(abs(a - b) < 1e-12 for a, b in zip(other, weights)):
+            return t.number
+    return None
 
 
 def counts(study: optuna.Study) -> dict[TrialState, int]:
@@ -53,7 +74,7 @@ def requeue_set_aside(study: optuna.Study, number: int) -> None:
     retried trial carries fixed parameters that must not be lost)."""
     t = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
     system = dict(t.system_attrs)
-    user = {k: v for k, v in t.user_attrs.items() if k not in (STARTED, OVER_BUDGET)}
+    user = {k: v for k, v in t.user_attrs.items() if k not in (STARTED, SET_ASIDE)}
     if t.params or "fixed_params" in system:
         study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING, params=t.params,
                                                   distributions=t.distributions, user_attrs=user,

@@ -73,3 +73,15 @@ def test_hub(trajectory: Path):
         yield hub
     finally:
         hub.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A real PostgreSQL server on 127.0.0.1 (tests/pgserver.py); its SQLAlchemy URL, database `bomerge`."""
+    from pgserver import PostgresServer
+
+    server = PostgresServer()
+    try:
+        yield server.url
+    finally:
+        server.stop()
