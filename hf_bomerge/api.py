@@ -17,11 +17,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import __version__
+from . import __version__, parallel
 from . import weights as W
 from .checkpoints import CheckpointSet, check_remote_code, check_same_tokenizer
 from .errors import BOMergeError, CorruptFileError, HubError, OutputError, StudyError
-from .heldout import DEFAULT_MAX_EVAL_TOKENS, HeldOutSpec, heldout_blocks, mean_nll
+from .heldout import DEFAULT_MAX_EVAL_TOKENS, HeldOutSpec, heldout_blocks, nll_sums
 from .hub import SIDE_FILES, Source, default_cache_dir, open_source, weight_sizes
 from .plan import Plan, make_plan
 from .engine import DEFAULT_MAX_SHARD_SIZE, ResidentMerger, export_merge, parse_size, replace_dir
@@ -274,35 +274,72 @@ def _eval_dtype(name: str | None, device: str, ckpts: CheckpointSet) -> torch.dt
 
 
 class _Evaluator:
-    """A resident model, the N checkpoints beside it, and the held-out blocks: weights in, loss out."""
+    """A resident model, the N checkpoints beside it, and the held-out blocks: weights in, loss out.
+
+    Under `accelerate launch` each process scores its share of the batches and the sums are reduced
+    (`hf_bomerge.parallel`), so every process returns the same loss.
+    """
 
     def __init__(self, prep: _Prepared, ckpts: CheckpointSet, *, dataset: HeldOutSpec, block_size: int | None,
                  max_eval_tokens: int, batch_size: int, eval_dtype: str | None, device: str | None,
-                 trust_remote_code: bool, cache_dir: Path, store_dtype: str | None = None):
+                 trust_remote_code: bool, cache_dir: Path, store_dtype: str | None = None,
+                 device_map: str | dict | None = None, max_memory: str | int | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         check_remote_code(prep.folders[-1], trust_remote_code)
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = device or parallel.device() or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = _eval_dtype(eval_dtype, self.device, ckpts)
         hf_logging.set_verbosity_error()  # legacy Pythia buffers are "unexpected keys": expected here
+        placement = _placement(device_map, max_memory) if device_map else {}
         self.model = AutoModelForCausalLM.from_pretrained(
-            prep.folders[-1], dtype=dtype, trust_remote_code=trust_remote_code).to(self.device)
+            prep.folders[-1], dtype=dtype, trust_remote_code=trust_remote_code, **placement)
+        if not device_map:
+            self.model.to(self.device)
+        _check_placement(self.model)
         self.tokenizer = AutoTokenizer.from_pretrained(prep.tokenizer_folder, trust_remote_code=trust_remote_code)
         context = getattr(self.model.config, "max_position_embeddings", 2048) or 2048
         self.block_size = min(block_size or 2048, context)
         self.batch_size, self.max_eval_tokens, self.cache_dir = batch_size, max_eval_tokens, cache_dir
         self.tokenizer_folder = prep.tokenizer_folder
+        self.shard = parallel.world()
         self.blocks = self.blocks_for(dataset)
+        self._blocks = {None: self.blocks}
         self.merger = ResidentMerger(self.model, ckpts, _DTYPES[store_dtype] if store_dtype else None)
 
     def blocks_for(self, spec: HeldOutSpec) -> torch.Tensor:
         return heldout_blocks(spec, self.tokenizer, self.tokenizer_folder, self.block_size, self.max_eval_tokens,
                               self.cache_dir)
 
-    def __call__(self, weights: Sequence[float], blocks: torch.Tensor | None = None) -> float:
+    def __call__(self, weights: Sequence[float], data: HeldOutSpec | None = None) -> float:
+        """The mean token NLL of the merge `weights` on the held-out blocks (or on the set `data`)."""
+        if data not in self._blocks:
+            self._blocks[data] = self.blocks_for(data)
         self.merger.apply(weights)
-        return mean_nll(self.model, self.blocks if blocks is None else blocks, self.batch_size)
+        total, count = parallel.reduce_sums(*nll_sums(self.model, self._blocks[data], self.batch_size, *self.shard))
+        return total / count
+
+
+def _placement(device_map: str | dict, max_memory: str | int | None) -> dict:
+    """`from_pretrained` arguments that spread the model over the visible devices with Accelerate."""
+    if parallel.world()[1] > 1:
+        raise BOMergeError("--device-map spreads one model over several devices; under `accelerate launch` each "
+                           "process holds its own copy (data parallel). Use one or the other.")
+    placement: dict = {"device_map": device_map}
+    if max_memory:
+        budget = parse_size(max_memory)
+        devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"]
+        placement["max_memory"] = {(int(d[5:]) if d.startswith("cuda:") else d): budget for d in devices}
+    return placement
+
+
+def _check_placement(model: torch.nn.Module) -> None:
+    """The merger writes each trial's weights into the parameters: none may be offloaded (on `meta`)."""
+    offloaded = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if offloaded:
+        raise BOMergeError(f"{len(offloaded)} parameters (e.g. {offloaded[0]}) did not fit on the devices and "
+                           "were offloaded; the search keeps every weight resident. Raise --max-memory, use more "
+                           "devices, or fewer checkpoints (--max-checkpoints).")
 
 
 def _heldout(dataset, dataset_config, split, text_column) -> HeldOutSpec:
@@ -322,7 +359,7 @@ def search(source: str, revisions: str = "last:2", *, dataset: str | None = None
            ema_alpha: float = 0.2, max_checkpoints: int = 8, storage: str | None = None,
            study_name: str | None = None, device: str | None = None, token: str | bool | None = None,
            cache_dir: str | Path | None = None, trust_remote_code: bool = False, dtype: str | None = None,
-           max_memory: str | int | None = None, progress: bool = True,
+           max_memory: str | int | None = None, device_map: str | None = None, progress: bool = True,
            on_trial: Callable[[Trial, int, int], None] | None = None) -> MergeResult:
     """Search merge weights for `revisions` of `source` with a GP on held-out loss.
 
@@ -334,13 +371,15 @@ def search(source: str, revisions: str = "last:2", *, dataset: str | None = None
     cache = Path(cache_dir or default_cache_dir())
     planning = dict(device=device, eval_dtype=eval_dtype, batch_size=batch_size, block_size=block_size,
                     max_memory=max_memory)
-    prep = _prepare(source, revisions, max_checkpoints, token, cache_dir, progress, planning=planning)
-    ckpts = prep.ckpts
-    space = make_space(search, len(ckpts), lambda_min)
-    spec = _heldout(dataset, dataset_config, split, text_column)
-    evaluator = _Evaluator(prep, ckpts, dataset=spec, block_size=block_size, max_eval_tokens=max_eval_tokens,
-                           batch_size=batch_size, eval_dtype=eval_dtype, device=device,
-                           trust_remote_code=trust_remote_code, cache_dir=cache, store_dtype=dtype)
+    progress = progress and parallel.is_main()
+    with parallel.main_process_first():  # downloads and the tokenized held-out cache, once
+        prep = _prepare(source, revisions, max_checkpoints, token, cache_dir, progress, planning=planning)
+        space = make_space(search, len(prep.ckpts), lambda_min)
+        spec = _heldout(dataset, dataset_config, split, text_column)
+        evaluator = _Evaluator(prep, prep.ckpts, dataset=spec, block_size=block_size, max_eval_tokens=max_eval_tokens,
+                               batch_size=batch_size, eval_dtype=eval_dtype, device=device,
+                               trust_remote_code=trust_remote_code, cache_dir=cache, store_dtype=dtype,
+                               device_map=device_map, max_memory=max_memory)
     inputs = {"source": prep.source.id, "shas": prep.shas, "dataset": spec.label, "objective": "loss",
               "space": space.kind, "lambda_min": lambda_min, "block_size": evaluator.block_size,
               "max_eval_tokens": max_eval_tokens, "ema_alpha": ema_alpha, "dtype": dtype}
@@ -350,18 +389,23 @@ def search(source: str, revisions: str = "last:2", *, dataset: str | None = None
     recipe = {"source": prep.source.id, "source_kind": prep.source.kind, "revisions": prep.names, "shas": prep.shas,
               "search": space.kind, "dataset": spec.label, "dataset_is_hub": dataset_is_hub,
               "eval_tokens": int(evaluator.blocks.numel()), "dtype": dtype}
-    outcome = run_search(evaluator, space, prep.names, trials=trials, storage=url, study_name=name, inputs=inputs,
-                         seed=seed, ema_alpha=ema_alpha, progress=progress, on_trial=on_trial, recipe=recipe)
-    best = outcome.best
-    generalization = _generalization(evaluator, eval_datasets, text_column, best.weights, outcome, prep.names)
-    if generalization:
-        set_study_attr(url, name, "generalization", generalization)
-    return MergeResult(
-        source=prep.source.id, revisions=prep.names, shas=prep.shas, weights=best.weights, loss=best.loss,
-        baselines=outcome.baselines, generalization=generalization, trials=len(outcome.trials), study=name,
-        source_kind=prep.source.kind, search=space.kind, dataset=spec.label, dataset_is_hub=dataset_is_hub,
-        eval_tokens=recipe["eval_tokens"], dtype=dtype, license=prep.source.license(), trace=outcome.trials,
-        folders=prep.folders, tokenizer_folder=prep.tokenizer_folder, storage=url, budget=trials)
+
+    def main(evaluate) -> MergeResult:  # on the main process only; `evaluate` runs on all of them
+        outcome = run_search(evaluate, space, prep.names, trials=trials, storage=url, study_name=name,
+                             inputs=inputs, seed=seed, ema_alpha=ema_alpha, progress=progress, on_trial=on_trial,
+                             recipe=recipe)
+        best = outcome.best
+        generalization = _generalization(evaluate, eval_datasets, text_column, best.weights, outcome, prep.names)
+        if generalization:
+            set_study_attr(url, name, "generalization", generalization)
+        return MergeResult(
+            source=prep.source.id, revisions=prep.names, shas=prep.shas, weights=best.weights, loss=best.loss,
+            baselines=outcome.baselines, generalization=generalization, trials=len(outcome.trials), study=name,
+            source_kind=prep.source.kind, search=space.kind, dataset=spec.label, dataset_is_hub=dataset_is_hub,
+            eval_tokens=recipe["eval_tokens"], dtype=dtype, license=prep.source.license(), trace=outcome.trials,
+            folders=prep.folders, tokenizer_folder=prep.tokenizer_folder, storage=url, budget=trials)
+
+    return parallel.drive(evaluator, main)
 
 
 def from_study(study_name: str | None = None, storage: str | None = None, *, token: str | bool | None = None,
@@ -390,7 +434,7 @@ def from_study(study_name: str | None = None, storage: str | None = None, *, tok
     return result
 
 
-def _generalization(evaluator: _Evaluator, eval_datasets, text_column, best_weights, outcome, names) -> dict:
+def _generalization(evaluate, eval_datasets, text_column, best_weights, outcome, names) -> dict:
     """Loss of the merge, the best single checkpoint and the uniform average on each extra eval set."""
     if not eval_datasets:
         return {}
@@ -401,10 +445,8 @@ def _generalization(evaluator: _Evaluator, eval_datasets, text_column, best_weig
     report = {}
     for text in eval_datasets:
         spec = HeldOutSpec.parse(text, text_column)
-        blocks = evaluator.blocks_for(spec)
-        report[spec.label] = {k: evaluator(w, blocks) for k, w in candidates.items()}
+        report[spec.label] = {k: evaluate(w, spec) for k, w in candidates.items()}
         report[spec.label]["best_single_revision"] = best_single
-    evaluator.merger.apply(best_weights)
     return report
 
 
@@ -415,7 +457,7 @@ def merge(source: str, revisions: str = "last:2", *, weights: Sequence[float] | 
           max_eval_tokens: int = DEFAULT_MAX_EVAL_TOKENS, block_size: int | None = None, batch_size: int = 4,
           eval_dtype: str | None = None, device: str | None = None, token: str | bool | None = None,
           cache_dir: str | Path | None = None, trust_remote_code: bool = False, dtype: str | None = None,
-          max_memory: str | int | None = None, progress: bool = True,
+          max_memory: str | int | None = None, device_map: str | None = None, progress: bool = True,
           shas: Sequence[str] | None = None) -> MergeResult:
     """A fixed merge (explicit `weights` or `method` sma/ema/wma), no search.
 
@@ -424,7 +466,9 @@ def merge(source: str, revisions: str = "last:2", *, weights: Sequence[float] | 
     cache = Path(cache_dir or default_cache_dir())
     planning = dict(device=device, eval_dtype=eval_dtype, batch_size=batch_size, block_size=block_size,
                     max_memory=max_memory, evaluate=evaluate)
-    prep = _prepare(source, revisions, max_checkpoints, token, cache_dir, progress, shas, planning)
+    progress = progress and parallel.is_main()
+    with parallel.main_process_first():
+        prep = _prepare(source, revisions, max_checkpoints, token, cache_dir, progress, shas, planning)
     n = len(prep.names)
     if weights is None:
         weights = W.rule(method or "sma", n, ema_alpha)
@@ -433,12 +477,13 @@ def merge(source: str, revisions: str = "last:2", *, weights: Sequence[float] | 
                          source_kind=prep.source.kind, dtype=dtype, license=prep.source.license(), folders=prep.folders,
                          tokenizer_folder=prep.tokenizer_folder)
     if evaluate:
-        ckpts = prep.ckpts
         spec = _heldout(dataset, dataset_config, split, text_column)
-        evaluator = _Evaluator(prep, ckpts, dataset=spec, block_size=block_size, max_eval_tokens=max_eval_tokens,
-                               batch_size=batch_size, eval_dtype=eval_dtype, device=device,
-                               trust_remote_code=trust_remote_code, cache_dir=cache, store_dtype=dtype)
-        result.loss = evaluator(result.weights)
+        with parallel.main_process_first():
+            evaluator = _Evaluator(prep, prep.ckpts, dataset=spec, block_size=block_size,
+                                   max_eval_tokens=max_eval_tokens, batch_size=batch_size, eval_dtype=eval_dtype,
+                                   device=device, trust_remote_code=trust_remote_code, cache_dir=cache,
+                                   store_dtype=dtype, device_map=device_map, max_memory=max_memory)
+        result.loss = evaluator(result.weights)  # every process scores its share; the sums are reduced
         result.dataset, result.eval_tokens = spec.label, int(evaluator.blocks.numel())
         result.dataset_is_hub = not Path(spec.dataset).expanduser().exists()
     return result

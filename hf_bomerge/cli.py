@@ -83,7 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--token", help="Hub token (default: HF_TOKEN or the login cache); never printed")
     g = p.add_argument_group("other")
     g.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
-    g.add_argument("--max-memory", help="memory the run may use on the device, e.g. 20GB (default: what is free)")
+    g.add_argument("--device-map", choices=["auto", "balanced", "balanced_low_0", "sequential"],
+                   help="spread the model (and each device's share of the checkpoints) over all visible GPUs "
+                        "with Accelerate; default: the whole model on --device")
+    g.add_argument("--max-memory", help="memory the run may use per device, e.g. 20GB (default: what is free)")
     g.add_argument("--cache-dir", help="downloads, tokenized held-out data and the default study storage")
     g.add_argument("--trust-remote-code", action="store_true", help="run the repo's own model code (off by default)")
     g.add_argument("--dry-run", action="store_true", help="resolve the revisions and print the plan only")
@@ -180,7 +183,7 @@ def run(args: argparse.Namespace):
                   batch_size=args.batch_size, eval_dtype=args.eval_dtype, device=args.device, token=args.token,
                   cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code, progress=progress,
                   max_checkpoints=args.max_checkpoints, ema_alpha=args.ema_alpha, dtype=args.dtype,
-                  max_memory=args.max_memory)
+                  max_memory=args.max_memory, device_map=args.device_map)
     if args.weights or args.method:
         from .weights import parse_weights
 
@@ -213,9 +216,11 @@ def _demo(args):
 def _save(result, args, default_name: str, claim: bool = True):
     """Write (and push) the merge. For a search, the study's storage decides which worker does it: exactly
     one, the first to finish once the budget is spent; the others report where it went."""
-    from . import workers
+    from . import parallel, workers
     from .study import open_storage, safe_url
 
+    if not parallel.is_main():  # under `accelerate launch`, only the main process writes
+        return None
     output = Path(args.output or default_name).expanduser().resolve()
     storage = open_storage(result.storage) if claim and result.storage else None
     if storage is not None:

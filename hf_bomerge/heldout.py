@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -113,29 +114,37 @@ def heldout_blocks(spec: HeldOutSpec, tokenizer, tokenizer_folder: Path, block_s
         return load_file(path)["blocks"]
     blocks = tokenize_blocks(load_texts(spec), tokenizer, block_size, max_tokens)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
     save_file({"blocks": blocks}, tmp, metadata={"spec": key})
     tmp.replace(path)
     return blocks
 
 
-@torch.no_grad()
 def mean_nll(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> float:
     """Mean next-token negative log-likelihood over all blocks (nats per token).
 
     >>> loss = mean_nll(model, blocks)   # doctest: +SKIP
     >>> math.exp(loss)                   # perplexity  # doctest: +SKIP
     """
+    total, count = nll_sums(model, blocks, batch_size)
+    return total / count
+
+
+@torch.no_grad()
+def nll_sums(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 4, rank: int = 0,
+             world: int = 1) -> tuple[float, int]:
+    """(Σ next-token NLL, token count) over the batches `rank`, `rank + world`, … of the blocks: the same
+    batches, so the same per-batch sums, whatever the number of processes."""
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for batch in blocks.split(batch_size):
+    for batch in blocks.split(batch_size)[rank::world]:
         batch = batch.to(device)
         logits = model(input_ids=batch).logits[:, :-1].float()
         targets = batch[:, 1:]
         total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum").item()
         count += targets.numel()
-    return total / count
+    return total, count
 
 
 def perplexity(loss: float) -> float:

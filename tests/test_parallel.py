@@ -1,0 +1,59 @@
+"""Data-parallel evaluation under `accelerate launch` (real processes, gloo on the CPU), against one process."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@pytest.fixture()
+def source(trajectory: Path, tmp_path: Path) -> Path:
+    steps = json.loads((trajectory / "trajectory.json").read_text())["revisions"][-3:]
+    for s in steps:
+        shutil.copytree(trajectory / s, tmp_path / "ckpts" / s)
+    return tmp_path / "ckpts"
+
+
+def _run(launcher: list[str], source: Path, trajectory: Path, tmp: Path, name: str) -> subprocess.CompletedProcess:
+    args = [str(source), "--revisions", "last:3", "--dataset", str(trajectory / "heldout" / "validation.jsonl"),
+            "--eval-dataset", str(trajectory / "heldout" / "ood.jsonl"), "--trials", "6", "--study-name", name,
+            "--output", str(tmp / name), "--quiet", "--json", "--cache-dir", str(tmp / "cache")]
+    proc = subprocess.run([*launcher, "-m", "hf_bomerge.cli", *args], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_accelerate_launch_two_processes_gives_the_loss_of_one(source, trajectory, tmp_path):
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    two = _run(accelerate, source, trajectory, tmp_path, "two")
+    one = _run([sys.executable], source, trajectory, tmp_path, "one")
+    lines = [line for line in two.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1  # only the main process reports
+    a, b = json.loads(lines[0]), json.loads(one.stdout.strip().splitlines()[-1])
+    assert a["baselines"].keys() == b["baselines"].keys()
+    for k in a["baselines"]:  # each process scored half the batches; the reduced sums give the same mean
+        assert a["baselines"][k] == pytest.approx(b["baselines"][k], rel=1e-9, abs=0)
+    assert a["generalization"]["ood.jsonl"]["uniform"] == pytest.approx(b["generalization"]["ood.jsonl"]["uniform"],
+                                                                        rel=1e-9, abs=0)
+    assert a["trials"] == 6 and (tmp_path / "two" / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("two")) == ["two"]  # one output
+
+
+def test_shards_of_the_batches_sum_to_the_whole(trajectory):
+    from transformers import AutoModelForCausalLM
+
+    from hf_bomerge.heldout import nll_sums
+
+    model = AutoModelForCausalLM.from_pretrained(trajectory / "main", dtype=torch.float32)
+    blocks = torch.randint(0, model.config.vocab_size, (7, 64), generator=torch.Generator().manual_seed(0))
+    whole = nll_sums(model, blocks, batch_size=2)
+    parts = [nll_sums(model, blocks, 2, rank, 3) for rank in range(3)]
+    assert sum(c for _, c in parts) == whole[1] == 7 * 63
+    assert sum(t for t, _ in parts) == pytest.approx(whole[0], rel=1e-12)
