@@ -190,16 +190,18 @@ def _resolve(source: str, revisions: str, max_checkpoints: int, token, cache_dir
 
 def _plan(src: Source, names: Sequence[str], pins: Sequence[str], *, device: str | None = None,
           eval_dtype: str | None = None, batch_size: int = 4, block_size: int | None = None, evaluate: bool = True,
-          cache_dir=None, max_memory: str | int | None = None) -> Plan:
+          cache_dir=None, max_memory: str | int | None = None, device_map: str | None = None) -> Plan:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    budget = parse_size(max_memory) if max_memory else None
+    if device_map and torch.cuda.is_available():  # the model and the checkpoints spread over every GPU
+        device, budget = "cuda:*", budget and budget * torch.cuda.device_count()
     itemsize = _DTYPES[eval_dtype].itemsize if eval_dtype else (4 if device == "cpu" else 2)
     listings = [src.listing(n, p) for n, p in zip(names, pins)]
     local = [src.is_local(n, p, listing) for n, p, listing in zip(names, pins, listings)]
     return make_plan([weight_sizes(listing) for listing in listings], local,
                      src.config(names[-1], pins[-1]), names, device=device, eval_itemsize=itemsize,
                      batch_size=batch_size, block_size=block_size, evaluate=evaluate,
-                     paths=[Path(cache_dir or default_cache_dir())],
-                     max_memory=parse_size(max_memory) if max_memory else None)
+                     paths=[Path(cache_dir or default_cache_dir())], max_memory=budget)
 
 
 def plan(source: str, revisions: str = "last:2", *, max_checkpoints: int = 8, token: str | bool | None = None,
@@ -370,7 +372,7 @@ def search(source: str, revisions: str = "last:2", *, dataset: str | None = None
     """
     cache = Path(cache_dir or default_cache_dir())
     planning = dict(device=device, eval_dtype=eval_dtype, batch_size=batch_size, block_size=block_size,
-                    max_memory=max_memory)
+                    max_memory=max_memory, device_map=device_map)
     progress = progress and parallel.is_main()
     with parallel.main_process_first():  # downloads and the tokenized held-out cache, once
         prep = _prepare(source, revisions, max_checkpoints, token, cache_dir, progress, planning=planning)
@@ -465,7 +467,7 @@ def merge(source: str, revisions: str = "last:2", *, weights: Sequence[float] | 
     """
     cache = Path(cache_dir or default_cache_dir())
     planning = dict(device=device, eval_dtype=eval_dtype, batch_size=batch_size, block_size=block_size,
-                    max_memory=max_memory, evaluate=evaluate)
+                    max_memory=max_memory, evaluate=evaluate, device_map=device_map)
     progress = progress and parallel.is_main()
     with parallel.main_process_first():
         prep = _prepare(source, revisions, max_checkpoints, token, cache_dir, progress, shas, planning)

@@ -286,7 +286,7 @@ def _dry_run(args):
     plan = api.plan(args.source, args.revisions, max_checkpoints=args.max_checkpoints, token=args.token,
                     cache_dir=args.cache_dir, device=args.device, eval_dtype=args.eval_dtype,
                     batch_size=args.batch_size, block_size=args.block_size, max_memory=args.max_memory,
-                    evaluate=not (fixed and args.no_eval))
+                    evaluate=not (fixed and args.no_eval), device_map=args.device_map)
     names, pins, note = plan.revisions, plan.shas, plan.note
     fits = True
     try:

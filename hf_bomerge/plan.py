@@ -96,9 +96,11 @@ class Plan:
 
 
 def memory_available(device: str) -> int:
-    """Free memory on `device` now (host RAM for cpu, free device memory for cuda)."""
+    """Free memory on `device` now (host RAM for cpu, free device memory for cuda; `cuda:*` sums all GPUs)."""
     import torch
 
+    if device == "cuda:*" and torch.cuda.is_available():
+        return sum(int(torch.cuda.mem_get_info(i)[0]) for i in range(torch.cuda.device_count()))
     if device.startswith("cuda") and torch.cuda.is_available():
         return int(torch.cuda.mem_get_info(torch.device(device))[0])
     import psutil

@@ -57,3 +57,17 @@ def test_shards_of_the_batches_sum_to_the_whole(trajectory):
     parts = [nll_sums(model, blocks, 2, rank, 3) for rank in range(3)]
     assert sum(c for _, c in parts) == whole[1] == 7 * 63
     assert sum(t for t, _ in parts) == pytest.approx(whole[0], rel=1e-12)
+
+
+def test_device_map_auto_places_the_model_with_accelerate_and_scores_the_same(source, trajectory, tmp_path, capsys):
+    """On this CPU-only machine Accelerate's map puts everything on the CPU; the multi-GPU split itself needs
+    GPUs (not available to CI): the merger keeps each parameter's checkpoints on that parameter's device."""
+    from hf_bomerge.cli import main
+
+    args = [str(source), "--revisions", "last:3", "--method", "ema", "--dataset",
+            str(trajectory / "heldout" / "validation.jsonl"), "--quiet", "--json", "--cache-dir", str(tmp_path / "c")]
+    assert main([*args, "--output", str(tmp_path / "plain")]) == 0
+    plain = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main([*args, "--output", str(tmp_path / "mapped"), "--device-map", "auto"]) == 0
+    mapped = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert mapped["loss"] == plain["loss"]
