@@ -125,8 +125,18 @@ def default_study_name(inputs: dict) -> str:
     return f"bomerge-{name}-{digest}"
 
 
+def direction(objective: str) -> str:
+    """The held-out loss is minimized; any metric objective is maximized."""
+    return "minimize" if objective == "loss" else "maximize"
+
+
+def best_of(values, key=None, *, objective: str = "loss"):
+    """The best of `values` for `objective` (the first one on a tie)."""
+    return (min if direction(objective) == "minimize" else max)(values, key=key)
+
+
 def open_study(storage: str, study_name: str, inputs: dict, space: Space, seed: int | None,
-               n_seeds: int) -> optuna.Study:
+               n_seeds: int, objective: str = "loss") -> optuna.Study:
     """Create or resume the study; a study made from different inputs is refused."""
     if storage.startswith("sqlite:///"):
         Path(storage[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
@@ -136,13 +146,13 @@ def open_study(storage: str, study_name: str, inputs: dict, space: Space, seed: 
         retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
         rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
                                          heartbeat_stale_trial_callback=retry)
-    study = optuna.create_study(storage=rdb, study_name=study_name, sampler=sampler, direction="minimize",
-                                load_if_exists=True)
+    study = optuna.create_study(storage=rdb, study_name=study_name, sampler=sampler,
+                                direction=direction(objective), load_if_exists=True)
     stored = study.user_attrs.get("inputs")
     if stored is None:
         study.set_user_attr("inputs", inputs)
-    elif stored != inputs:
-        changed = sorted(k for k in set(stored) | set(inputs) if stored.get(k) != inputs.get(k))
+    elif stored != inputs or study.direction.name.lower() != direction(objective):
+        changed = sorted(k for k in set(stored) | set(inputs) if stored.get(k) != inputs.get(k)) or ["objective"]
         raise StudyError(f"Study {study_name!r} in {storage} was made from different inputs ({', '.join(changed)} "
                          "differ); resuming it would mix incomparable trials. Use another --study-name, or "
                          "drop --study-name to get one derived from the inputs.")
@@ -151,10 +161,12 @@ def open_study(storage: str, study_name: str, inputs: dict, space: Space, seed: 
 
 def run_search(evaluate: Callable[[list[float]], float], space: Space, labels: Sequence[str], *, trials: int,
                storage: str, study_name: str, inputs: dict, seed: int | None = None, ema_alpha: float = 0.2,
-               progress: bool = True, on_trial: Callable[[Trial, int, int], None] | None = None) -> SearchOutcome:
+               progress: bool = True, on_trial: Callable[[Trial, int, int], None] | None = None,
+               objective: str = "loss") -> SearchOutcome:
     """Run (or resume) the study until it holds `trials` COMPLETE trials, seeds included.
 
-    `evaluate(weights) -> loss` is called once per trial; a NaN/inf loss is recorded as a failed trial
+    `evaluate(weights) -> loss` is called once per trial (for a metric `objective`, the metric: the study
+    then maximizes, and `Trial.loss` holds the metric); a NaN/inf value is recorded as a failed trial
     and does not count toward the budget. `on_trial(trial, complete, budget)` is called after each trial
     this process ran (a failed one with a NaN loss), e.g. to show progress in a UI.
     """
@@ -164,7 +176,7 @@ def run_search(evaluate: Callable[[list[float]], float], space: Space, labels: S
     if trials < 1:
         raise StudyError("--trials must be at least 1.")
     optuna.logging.set_verbosity(logging.ERROR)  # failed trials are reported by us, without tracebacks
-    study = open_study(storage, study_name, inputs, space, seed, len(enqueued_seeds))
+    study = open_study(storage, study_name, inputs, space, seed, len(enqueued_seeds), objective)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
@@ -172,7 +184,7 @@ def run_search(evaluate: Callable[[list[float]], float], space: Space, labels: S
 
     ran: list[Trial] = []
 
-    def objective(trial: optuna.Trial) -> float:
+    def run_trial(trial: optuna.Trial) -> float:
         w = space.suggest(trial)  # an enqueued seed gets its fixed parameters here
         trial.set_user_attr("weights", w)
         loss = evaluate(w)
@@ -185,13 +197,13 @@ def run_search(evaluate: Callable[[list[float]], float], space: Space, labels: S
         bar.n = done
         bar.refresh()
         before = len(study.trials)
-        study.optimize(objective, n_trials=1, catch=())
+        study.optimize(run_trial, n_trials=1, catch=())
         if study.trials[before:] and study.trials[-1].state == optuna.trial.TrialState.FAIL:
             failures += 1
             if failures > max(3, trials):
                 raise StudyError(f"{failures} trials failed (NaN/inf loss); the checkpoints or the data are "
                                  "broken. Check for NaN/inf in the weights.")
-        if done and (best := _best(study)):
+        if done and (best := _best(study, objective)):
             bar.set_postfix(best=f"{best.loss:.4f}")
         if on_trial is not None and ran:
             on_trial(ran.pop(), _complete(study), trials)
@@ -202,7 +214,8 @@ def run_search(evaluate: Callable[[list[float]], float], space: Space, labels: S
     extra = {label: evaluate(w) for label, w, p in enqueued if p is None}
     order = [*labels, *(label for label, _ in seeds)]  # oldest first, then uniform and ema
     baselines = {k: v for k, v in sorted({**seeded, **extra}.items(), key=lambda kv: order.index(kv[0]))}
-    return SearchOutcome(found, baselines, min(found, key=lambda t: t.loss), study_name, storage, extra)
+    best = best_of(found, key=lambda t: t.loss, objective=objective)
+    return SearchOutcome(found, baselines, best, study_name, storage, extra)
 
 
 def _enqueue_missing_seeds(study: optuna.Study, seeds) -> None:
@@ -219,9 +232,9 @@ def _complete(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
 
 
-def _best(study: optuna.Study) -> Trial | None:
+def _best(study: optuna.Study, objective: str) -> Trial | None:
     done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    return _to_trial(min(done, key=lambda t: t.value)) if done else None
+    return _to_trial(best_of(done, key=lambda t: t.value, objective=objective)) if done else None
 
 
 def _to_trial(t: optuna.trial.FrozenTrial) -> Trial:
