@@ -26,7 +26,8 @@ from .hub import SIDE_FILES, Source, default_cache_dir, open_source, weight_size
 from .plan import Plan, make_plan
 from .engine import DEFAULT_MAX_SHARD_SIZE, ResidentMerger, export_merge, parse_size, replace_dir
 from .revisions import resolve_revisions
-from .study import Trial, default_study_name, make_space, run_search
+from .study import Trial, best_of, default_study_name, make_space, run_search
+from .tasks import Metric, choice_set, objective_key, predict
 
 logger = logging.getLogger("hf_bomerge")
 SCHEMA = 1
@@ -60,6 +61,7 @@ class MergeResult:
     dataset: str | None = None
     dataset_is_hub: bool = False
     eval_tokens: int = 0
+    eval_questions: int = 0  # a metric objective: how many multiple-choice questions were scored
     dtype: str | None = None
     license: str | None = None
     trace: list = field(default_factory=list, repr=False)  # the study's trials, for the card's plot
@@ -103,7 +105,7 @@ class MergeResult:
             (staging / RECIPE_FILE).write_text(yaml.safe_dump(self.recipe(), sort_keys=False))
             (staging / RESULT_FILE).write_text(json.dumps(self.summary(), indent=2) + "\n")
             if self.trace:
-                plot_search(self.trace, self.revisions, self.weights, staging / PLOT_FILE)
+                plot_search(self.trace, self.revisions, self.weights, staging / PLOT_FILE, self.objective)
             render_card(self, license=self.license, plot=PLOT_FILE if self.trace else None).save(staging / "README.md")
             replace_dir(staging, target)
         except BaseException:
@@ -272,11 +274,13 @@ def _eval_dtype(name: str | None, device: str, ckpts: CheckpointSet) -> torch.dt
 
 
 class _Evaluator:
-    """A resident model, the N checkpoints beside it, and the held-out blocks: weights in, loss out."""
+    """A resident model, the N checkpoints beside it, and the held-out data: weights in, objective out
+    (the mean NLL of the held-out blocks, or the `metric` of the multiple-choice predictions)."""
 
     def __init__(self, prep: _Prepared, ckpts: CheckpointSet, *, dataset: HeldOutSpec, block_size: int | None,
                  max_eval_tokens: int, batch_size: int, eval_dtype: str | None, device: str | None,
-                 trust_remote_code: bool, cache_dir: Path, store_dtype: str | None = None):
+                 trust_remote_code: bool, cache_dir: Path, store_dtype: str | None = None,
+                 metric: Metric | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -291,7 +295,13 @@ class _Evaluator:
         self.block_size = min(block_size or 2048, context)
         self.batch_size, self.max_eval_tokens, self.cache_dir = batch_size, max_eval_tokens, cache_dir
         self.tokenizer_folder = prep.tokenizer_folder
-        self.blocks = self.blocks_for(dataset)
+        self.metric = metric
+        if metric is None:
+            self.blocks = self.blocks_for(dataset)
+            self.eval_tokens, self.eval_questions = int(self.blocks.numel()), 0
+        else:
+            self.pairs = choice_set(dataset, self.tokenizer, self.tokenizer_folder, context, max_eval_tokens, cache_dir)
+            self.eval_tokens, self.eval_questions = int(self.pairs["lengths"].sum()), len(self.pairs["answers"])
         self.merger = ResidentMerger(self.model, ckpts, _DTYPES[store_dtype] if store_dtype else None)
 
     def blocks_for(self, spec: HeldOutSpec) -> torch.Tensor:
@@ -299,8 +309,12 @@ class _Evaluator:
                               self.cache_dir)
 
     def __call__(self, weights: Sequence[float], blocks: torch.Tensor | None = None) -> float:
+        """The objective of the merge with `weights`; with `blocks`, the mean NLL on them instead."""
         self.merger.apply(weights)
-        return mean_nll(self.model, self.blocks if blocks is None else blocks, self.batch_size)
+        if self.metric is None or blocks is not None:
+            return mean_nll(self.model, self.blocks if blocks is None else blocks, self.batch_size)
+        predictions = predict(self.model, self.pairs, self.batch_size * self.block_size)
+        return self.metric(predictions, self.pairs["answers"].tolist())
 
 
 def _heldout(dataset, dataset_config, split, text_column) -> HeldOutSpec:
@@ -320,15 +334,20 @@ def search(source: str, revisions: str = "last:2", *, dataset: str | None = None
            ema_alpha: float = 0.2, max_checkpoints: int = 8, storage: str | None = None,
            study_name: str | None = None, device: str | None = None, token: str | bool | None = None,
            cache_dir: str | Path | None = None, trust_remote_code: bool = False, dtype: str | None = None,
-           max_memory: str | int | None = None, progress: bool = True,
+           max_memory: str | int | None = None, progress: bool = True, objective: str = "loss",
            on_trial: Callable[[Trial, int, int], None] | None = None) -> MergeResult:
-    """Search merge weights for `revisions` of `source` with a GP on held-out loss.
+    """Search merge weights for `revisions` of `source` with a GP on held-out loss (minimized), or on an
+    `evaluate` metric `objective` (a name or a local path; maximized) of multiple-choice questions.
 
-    `on_trial(trial, complete, budget)` is called after every trial (for progress in a UI).
+    For a metric, `dataset` holds the columns question, choices and answer (see `tasks`), and the
+    result's `loss` and `baselines` hold the metric. `on_trial(trial, complete, budget)` is called after
+    every trial (for progress in a UI).
 
     >>> result = search("EleutherAI/pythia-160m", revisions="last:4", trials=16)   # doctest: +SKIP
     >>> result.weights, result.loss, result.baselines                               # doctest: +SKIP
+    >>> search("EleutherAI/pythia-160m", "last:4", objective="./metrics/accuracy", dataset="mc.jsonl")  # doctest: +SKIP
     """
+    metric = _metric(objective)  # before any download: a metric that cannot load fails fast
     cache = Path(cache_dir or default_cache_dir())
     planning = dict(device=device, eval_dtype=eval_dtype, batch_size=batch_size, block_size=block_size,
                     max_memory=max_memory)
@@ -338,32 +357,44 @@ def search(source: str, revisions: str = "last:2", *, dataset: str | None = None
     spec = _heldout(dataset, dataset_config, split, text_column)
     evaluator = _Evaluator(prep, ckpts, dataset=spec, block_size=block_size, max_eval_tokens=max_eval_tokens,
                            batch_size=batch_size, eval_dtype=eval_dtype, device=device,
-                           trust_remote_code=trust_remote_code, cache_dir=cache, store_dtype=dtype)
-    inputs = {"source": prep.source.id, "shas": prep.shas, "dataset": spec.label, "objective": "loss",
+                           trust_remote_code=trust_remote_code, cache_dir=cache, store_dtype=dtype, metric=metric)
+    name_of_objective = metric.name if metric else "loss"
+    inputs = {"source": prep.source.id, "shas": prep.shas, "dataset": spec.label,
+              "objective": objective_key(objective) if metric else "loss",
               "space": space.kind, "lambda_min": lambda_min, "block_size": evaluator.block_size,
               "max_eval_tokens": max_eval_tokens, "ema_alpha": ema_alpha, "dtype": dtype}
     name = study_name or default_study_name(inputs)
     url = storage or f"sqlite:///{cache / 'studies.db'}"
     outcome = run_search(evaluator, space, prep.names, trials=trials, storage=url, study_name=name, inputs=inputs,
-                         seed=seed, ema_alpha=ema_alpha, progress=progress, on_trial=on_trial)
+                         seed=seed, ema_alpha=ema_alpha, progress=progress, on_trial=on_trial,
+                         objective=name_of_objective)
     best = outcome.best
-    generalization = _generalization(evaluator, eval_datasets, text_column, best.weights, outcome, prep.names)
+    generalization = _generalization(evaluator, eval_datasets, text_column, best.weights, outcome, prep.names,
+                                     name_of_objective)
     return MergeResult(
-        source=prep.source.id, revisions=prep.names, shas=prep.shas, weights=best.weights, loss=best.loss,
+        source=prep.source.id, revisions=prep.names, shas=prep.shas, weights=best.weights,
+        objective=name_of_objective, loss=best.loss,
         baselines=outcome.baselines, generalization=generalization, trials=len(outcome.trials), study=name,
         source_kind=prep.source.kind, search=space.kind, dataset=spec.label,
         dataset_is_hub=not Path(spec.dataset).expanduser().exists(),
-        eval_tokens=int(evaluator.blocks.numel()), dtype=dtype, license=prep.source.license(),
+        eval_tokens=evaluator.eval_tokens, eval_questions=evaluator.eval_questions, dtype=dtype,
+        license=prep.source.license(),
         trace=outcome.trials, folders=prep.folders,
         tokenizer_folder=prep.tokenizer_folder)
 
 
-def _generalization(evaluator: _Evaluator, eval_datasets, text_column, best_weights, outcome, names) -> dict:
-    """Loss of the merge, the best single checkpoint and the uniform average on each extra eval set."""
+def _metric(objective: str) -> Metric | None:
+    return None if objective == "loss" else Metric.load(objective)
+
+
+def _generalization(evaluator: _Evaluator, eval_datasets, text_column, best_weights, outcome, names,
+                    objective: str) -> dict:
+    """Loss (mean NLL, whatever the objective) of the merge, the best single checkpoint (best on the
+    objective) and the uniform average on each extra eval set."""
     if not eval_datasets:
         return {}
     singles = {k: v for k, v in outcome.baselines.items() if k in names}
-    best_single = min(singles, key=singles.get) if singles else names[-1]
+    best_single = best_of(singles, key=singles.get, objective=objective) if singles else names[-1]
     candidates = {"merged": best_weights, "best_single": W.one_hot(len(names), names.index(best_single)),
                   "uniform": W.uniform(len(names))}
     report = {}
@@ -383,12 +414,14 @@ def merge(source: str, revisions: str = "last:2", *, weights: Sequence[float] | 
           max_eval_tokens: int = DEFAULT_MAX_EVAL_TOKENS, block_size: int | None = None, batch_size: int = 4,
           eval_dtype: str | None = None, device: str | None = None, token: str | bool | None = None,
           cache_dir: str | Path | None = None, trust_remote_code: bool = False, dtype: str | None = None,
-          max_memory: str | int | None = None, progress: bool = True,
+          max_memory: str | int | None = None, progress: bool = True, objective: str = "loss",
           shas: Sequence[str] | None = None) -> MergeResult:
-    """A fixed merge (explicit `weights` or `method` sma/ema/wma), no search.
+    """A fixed merge (explicit `weights` or `method` sma/ema/wma), no search; evaluated on the held-out
+    loss or the metric `objective` (as in `search`) unless `evaluate=False`.
 
     >>> merge("EleutherAI/pythia-160m", "last:4", method="ema").save_pretrained("ema")   # doctest: +SKIP
     """
+    metric = _metric(objective) if evaluate else None
     cache = Path(cache_dir or default_cache_dir())
     planning = dict(device=device, eval_dtype=eval_dtype, batch_size=batch_size, block_size=block_size,
                     max_memory=max_memory, evaluate=evaluate)
@@ -405,9 +438,12 @@ def merge(source: str, revisions: str = "last:2", *, weights: Sequence[float] | 
         spec = _heldout(dataset, dataset_config, split, text_column)
         evaluator = _Evaluator(prep, ckpts, dataset=spec, block_size=block_size, max_eval_tokens=max_eval_tokens,
                                batch_size=batch_size, eval_dtype=eval_dtype, device=device,
-                               trust_remote_code=trust_remote_code, cache_dir=cache, store_dtype=dtype)
+                               trust_remote_code=trust_remote_code, cache_dir=cache, store_dtype=dtype,
+                               metric=metric)
+        result.objective = metric.name if metric else "loss"
         result.loss = evaluator(result.weights)
-        result.dataset, result.eval_tokens = spec.label, int(evaluator.blocks.numel())
+        result.dataset, result.eval_tokens = spec.label, evaluator.eval_tokens
+        result.eval_questions = evaluator.eval_questions
         result.dataset_is_hub = not Path(spec.dataset).expanduser().exists()
     return result
 
