@@ -25,6 +25,7 @@ EPILOG = """examples:
   hf-bomerge EleutherAI/pythia-1b --revisions step100000..step143000
   hf-bomerge EleutherAI/pythia-160m --revisions last:2 --search pairwise --trials 12 --json
   hf-bomerge ./trainer-output --revisions checkpoint-1000.. --method ema
+  hf-bomerge ./trainer-output --objective ./metrics/accuracy --dataset questions.jsonl
   hf-bomerge --recipe merged/bomerge_recipe.yaml --output again
   hf-bomerge demo"""
 
@@ -52,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cap on the tokens evaluated: the held-out text for loss; for a metric, the first "
                         "questions whose question+choice sequences (all choices) fit in it (default %(default)s)")
     g.add_argument("--block-size", type=int, help="default: min(model context, 2048)")
-    g.add_argument("--batch-size", type=int, default=4)
+    g.add_argument("--batch-size", type=int, default=4,
+                   help="blocks per forward pass (a metric: as many question+choice sequences as fit in "
+                        "batch-size x block-size tokens; default 4)")
     g.add_argument("--eval-dtype", choices=["float32", "float16", "bfloat16"],
                    help="default float32 on CPU, the checkpoint dtype on CUDA")
     g.add_argument("--objective", default="loss", metavar="loss|METRIC",
