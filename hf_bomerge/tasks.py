@@ -34,7 +34,7 @@ class Metric:
         import evaluate
 
         try:
-            module = evaluate.load(name_or_path)
+            module = evaluate.load(name_or_path, keep_in_memory=True)  # no Arrow cache file per trial
         except Exception as err:
             raise DataError(f"Could not load the evaluate metric {name_or_path!r}: {err}. A metric name such as "
                             "`accuracy` is fetched from the Hugging Face Hub and needs a connection; otherwise "
