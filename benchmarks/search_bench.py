@@ -108,7 +108,7 @@ class Objective:
         self.ev = _Evaluator(prep, ckpts, dataset=HeldOutSpec.parse(str(root / "heldout" / "validation.jsonl")),
                              block_size=None, max_eval_tokens=max_eval_tokens, batch_size=batch_size,
                              eval_dtype="float32", device="cpu", trust_remote_code=False, cache_dir=cache)
-        self.ood_blocks = self.ev.blocks_for(HeldOutSpec.parse(str(root / "heldout" / "ood.jsonl")))
+        self.ood = HeldOutSpec.parse(str(root / "heldout" / "ood.jsonl"))
         self.calls = 0
         self.seconds = 0.0
 
@@ -123,7 +123,7 @@ class Objective:
         return loss
 
     def ood(self, weights) -> float:
-        return self.ev(self.padded(weights), self.ood_blocks)
+        return self.ev(self.padded(weights), self.ood)
 
 
 # ---------------------------------------------------------------- the samplers

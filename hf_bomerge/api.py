@@ -26,7 +26,9 @@ from .hub import SIDE_FILES, Source, default_cache_dir, open_source, weight_size
 from .plan import Plan, make_plan
 from .engine import DEFAULT_MAX_SHARD_SIZE, ResidentMerger, export_merge, parse_size, replace_dir
 from .revisions import resolve_revisions
-from .study import Trial, default_study_name, load_study, make_space, run_search, set_study_attr, study_outcome
+from .study import (Trial, best_of, default_study_name, load_study, make_space, run_search, set_study_attr,
+                    study_outcome)
+from .tasks import Metric, choice_set, objective_key, predict
 
 logger = logging.getLogger("hf_bomerge")
 SCHEMA = 1
@@ -60,6 +62,7 @@ class MergeResult:
     dataset: str | None = None
     dataset_is_hub: bool = False
     eval_tokens: int = 0
+    eval_questions: int = 0  # a metric objective: how many multiple-choice questions were scored
     dtype: str | None = None
     license: str | None = None
     trace: list = field(default_factory=list, repr=False)  # the study's trials, for the card's plot
@@ -105,7 +108,7 @@ class MergeResult:
             (staging / RECIPE_FILE).write_text(yaml.safe_dump(self.recipe(), sort_keys=False))
             (staging / RESULT_FILE).write_text(json.dumps(self.summary(), indent=2) + "\n")
             if self.trace:
-                plot_search(self.trace, self.revisions, self.weights, staging / PLOT_FILE)
+                plot_search(self.trace, self.revisions, self.weights, staging / PLOT_FILE, self.objective)
             render_card(self, license=self.license, plot=PLOT_FILE if self.trace else None).save(staging / "README.md")
             replace_dir(staging, target)
         except BaseException:
@@ -276,16 +279,18 @@ def _eval_dtype(name: str | None, device: str, ckpts: CheckpointSet) -> torch.dt
 
 
 class _Evaluator:
-    """A resident model, the N checkpoints beside it, and the held-out blocks: weights in, loss out.
+    """A resident model, the N checkpoints beside it, and the held-out data: weights in, objective out
+    (the mean NLL of the held-out blocks, or the `metric` of the multiple-choice predictions).
 
-    Under `accelerate launch` each process scores its share of the batches and the sums are reduced
-    (`hf_bomerge.parallel`), so every process returns the same loss.
+    Under `accelerate launch` each process scores its share of the loss batches and the sums are reduced
+    (`hf_bomerge.parallel`), so every process returns the same loss. (A metric is computed whole on each.)
     """
 
     def __init__(self, prep: _Prepared, ckpts: CheckpointSet, *, dataset: HeldOutSpec, block_size: int | None,
                  max_eval_tokens: int, batch_size: int, eval_dtype: str | None, device: str | None,
                  trust_remote_code: bool, cache_dir: Path, store_dtype: str | None = None,
-                 device_map: str | dict | None = None, max_memory: str | int | None = None):
+                 device_map: str | dict | None = None, max_memory: str | int | None = None,
+                 metric: Metric | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -304,9 +309,15 @@ class _Evaluator:
         self.block_size = min(block_size or 2048, context)
         self.batch_size, self.max_eval_tokens, self.cache_dir = batch_size, max_eval_tokens, cache_dir
         self.tokenizer_folder = prep.tokenizer_folder
-        self.shard = parallel.world()
-        self.blocks = self.blocks_for(dataset)
-        self._blocks = {None: self.blocks}
+        self.shard, self.metric = parallel.world(), metric
+        if metric is None:
+            self.blocks = self.blocks_for(dataset)
+            self._blocks = {None: self.blocks}
+            self.eval_tokens, self.eval_questions = int(self.blocks.numel()), 0
+        else:
+            self._blocks = {}
+            self.pairs = choice_set(dataset, self.tokenizer, self.tokenizer_folder, context, max_eval_tokens, cache_dir)
+            self.eval_tokens, self.eval_questions = int(self.pairs["lengths"].sum()), len(self.pairs["answers"])
         self.merger = ResidentMerger(self.model, ckpts, _DTYPES[store_dtype] if store_dtype else None)
 
     def blocks_for(self, spec: HeldOutSpec) -> torch.Tensor:
@@ -314,10 +325,13 @@ class _Evaluator:
                               self.cache_dir)
 
     def __call__(self, weights: Sequence[float], data: HeldOutSpec | None = None) -> float:
-        """The mean token NLL of the merge `weights` on the held-out blocks (or on the set `data`)."""
+        """The objective of the merge `weights`; with `data`, the mean token NLL on that text set instead."""
+        self.merger.apply(weights)
+        if self.metric is not None and data is None:
+            predictions = predict(self.model, self.pairs, self.batch_size * self.block_size)
+            return self.metric(predictions, self.pairs["answers"].tolist())
         if data not in self._blocks:
             self._blocks[data] = self.blocks_for(data)
-        self.merger.apply(weights)
         total, count = parallel.reduce_sums(*nll_sums(self.model, self._blocks[data], self.batch_size, *self.shard))
         return total / count
 
@@ -362,14 +376,19 @@ def search(source: str, revisions: str = "last:2", *, dataset: str | None = None
            study_name: str | None = None, device: str | None = None, token: str | bool | None = None,
            cache_dir: str | Path | None = None, trust_remote_code: bool = False, dtype: str | None = None,
            max_memory: str | int | None = None, device_map: str | None = None, progress: bool = True,
-           on_trial: Callable[[Trial, int, int], None] | None = None) -> MergeResult:
-    """Search merge weights for `revisions` of `source` with a GP on held-out loss.
+           objective: str = "loss", on_trial: Callable[[Trial, int, int], None] | None = None) -> MergeResult:
+    """Search merge weights for `revisions` of `source` with a GP on held-out loss (minimized), or on an
+    `evaluate` metric `objective` (a name or a local path; maximized) of multiple-choice questions.
 
-    `on_trial(trial, complete, budget)` is called after every trial (for progress in a UI).
+    For a metric, `dataset` holds the columns question, choices and answer (see `tasks`), and the
+    result's `loss` and `baselines` hold the metric. `on_trial(trial, complete, budget)` is called after
+    every trial (for progress in a UI).
 
     >>> result = search("EleutherAI/pythia-160m", revisions="last:4", trials=16)   # doctest: +SKIP
     >>> result.weights, result.loss, result.baselines                               # doctest: +SKIP
+    >>> search("EleutherAI/pythia-160m", "last:4", objective="./metrics/accuracy", dataset="mc.jsonl")  # doctest: +SKIP
     """
+    metric = _metric(objective)  # before any download: a metric that cannot load fails fast
     cache = Path(cache_dir or default_cache_dir())
     planning = dict(device=device, eval_dtype=eval_dtype, batch_size=batch_size, block_size=block_size,
                     max_memory=max_memory, device_map=device_map)
@@ -381,30 +400,34 @@ def search(source: str, revisions: str = "last:2", *, dataset: str | None = None
         evaluator = _Evaluator(prep, prep.ckpts, dataset=spec, block_size=block_size, max_eval_tokens=max_eval_tokens,
                                batch_size=batch_size, eval_dtype=eval_dtype, device=device,
                                trust_remote_code=trust_remote_code, cache_dir=cache, store_dtype=dtype,
-                               device_map=device_map, max_memory=max_memory)
-    inputs = {"source": prep.source.id, "shas": prep.shas, "dataset": spec.label, "objective": "loss",
-              "space": space.kind, "lambda_min": lambda_min, "block_size": evaluator.block_size,
+                               device_map=device_map, max_memory=max_memory, metric=metric)
+    name_of_objective = metric.name if metric else "loss"
+    inputs = {"source": prep.source.id, "shas": prep.shas, "dataset": spec.label,
+              "objective": objective_key(objective) if metric else "loss", "space": space.kind, "lambda_min": lambda_min, "block_size": evaluator.block_size,
               "max_eval_tokens": max_eval_tokens, "ema_alpha": ema_alpha, "dtype": dtype}
     name = study_name or default_study_name(inputs)
     url = storage or f"sqlite:///{cache / 'studies.db'}"
     dataset_is_hub = not Path(spec.dataset).expanduser().exists()
     recipe = {"source": prep.source.id, "source_kind": prep.source.kind, "revisions": prep.names, "shas": prep.shas,
               "search": space.kind, "dataset": spec.label, "dataset_is_hub": dataset_is_hub,
-              "eval_tokens": int(evaluator.blocks.numel()), "dtype": dtype}
+              "eval_tokens": evaluator.eval_tokens, "eval_questions": evaluator.eval_questions, "dtype": dtype,
+              "objective": name_of_objective}
 
     def main(evaluate) -> MergeResult:  # on the main process only; `evaluate` runs on all of them
         outcome = run_search(evaluate, space, prep.names, trials=trials, storage=url, study_name=name,
                              inputs=inputs, seed=seed, ema_alpha=ema_alpha, progress=progress, on_trial=on_trial,
-                             recipe=recipe)
+                             recipe=recipe, objective=name_of_objective)
         best = outcome.best
-        generalization = _generalization(evaluate, eval_datasets, text_column, best.weights, outcome, prep.names)
+        generalization = _generalization(evaluate, eval_datasets, text_column, best.weights, outcome, prep.names,
+                                         name_of_objective)
         if generalization:
             set_study_attr(url, name, "generalization", generalization)
         return MergeResult(
-            source=prep.source.id, revisions=prep.names, shas=prep.shas, weights=best.weights, loss=best.loss,
+            source=prep.source.id, revisions=prep.names, shas=prep.shas, weights=best.weights,
+            objective=name_of_objective, loss=best.loss,
             baselines=outcome.baselines, generalization=generalization, trials=len(outcome.trials), study=name,
             source_kind=prep.source.kind, search=space.kind, dataset=spec.label, dataset_is_hub=dataset_is_hub,
-            eval_tokens=recipe["eval_tokens"], dtype=dtype, license=prep.source.license(), trace=outcome.trials,
+            eval_tokens=evaluator.eval_tokens, eval_questions=evaluator.eval_questions, dtype=dtype, license=prep.source.license(), trace=outcome.trials,
             folders=prep.folders, tokenizer_folder=prep.tokenizer_folder, storage=url, budget=trials)
 
     return parallel.drive(evaluator, main)
@@ -424,24 +447,30 @@ def from_study(study_name: str | None = None, storage: str | None = None, *, tok
     if not recipe.get("revisions"):
         raise StudyError(f"Study {study.study_name!r} was not written by hf-bomerge {__version__} or later "
                          "(it records no recipe); re-run the search that made it.")
-    outcome = study_outcome(study, recipe["revisions"])
+    outcome = study_outcome(study, recipe["revisions"], recipe.get("objective", "loss"))
     result = merge(recipe["source"], ",".join(recipe["revisions"]), weights=outcome.best.weights,
                    allow_extrapolation=True, evaluate=False, max_checkpoints=0, token=token, cache_dir=cache_dir,
                    progress=progress, shas=recipe["shas"], dtype=recipe.get("dtype"))
     result.loss, result.baselines, result.trials = outcome.best.loss, outcome.baselines, len(outcome.trials)
     result.study, result.search, result.dataset = study.study_name, recipe.get("search"), recipe.get("dataset")
     result.dataset_is_hub, result.eval_tokens = recipe.get("dataset_is_hub", False), recipe.get("eval_tokens", 0)
+    result.objective, result.eval_questions = recipe.get("objective", "loss"), recipe.get("eval_questions", 0)
     result.generalization, result.trace = study.user_attrs.get("generalization", {}), outcome.trials
     result.storage, result.budget = url, len(outcome.trials)
     return result
 
 
-def _generalization(evaluate, eval_datasets, text_column, best_weights, outcome, names) -> dict:
-    """Loss of the merge, the best single checkpoint and the uniform average on each extra eval set."""
+def _metric(objective: str) -> Metric | None:
+    return None if objective == "loss" else Metric.load(objective)
+
+
+def _generalization(evaluate, eval_datasets, text_column, best_weights, outcome, names, objective: str) -> dict:
+    """Loss (mean NLL, whatever the objective) of the merge, the best single checkpoint (best on the
+    objective) and the uniform average on each extra eval set."""
     if not eval_datasets:
         return {}
     singles = {k: v for k, v in outcome.baselines.items() if k in names}
-    best_single = min(singles, key=singles.get) if singles else names[-1]
+    best_single = best_of(singles, key=singles.get, objective=objective) if singles else names[-1]
     candidates = {"merged": best_weights, "best_single": W.one_hot(len(names), names.index(best_single)),
                   "uniform": W.uniform(len(names))}
     report = {}
@@ -460,11 +489,13 @@ def merge(source: str, revisions: str = "last:2", *, weights: Sequence[float] | 
           eval_dtype: str | None = None, device: str | None = None, token: str | bool | None = None,
           cache_dir: str | Path | None = None, trust_remote_code: bool = False, dtype: str | None = None,
           max_memory: str | int | None = None, device_map: str | None = None, progress: bool = True,
-          shas: Sequence[str] | None = None) -> MergeResult:
-    """A fixed merge (explicit `weights` or `method` sma/ema/wma), no search.
+          objective: str = "loss", shas: Sequence[str] | None = None) -> MergeResult:
+    """A fixed merge (explicit `weights` or `method` sma/ema/wma), no search; evaluated on the held-out
+    loss or the metric `objective` (as in `search`) unless `evaluate=False`.
 
     >>> merge("EleutherAI/pythia-160m", "last:4", method="ema").save_pretrained("ema")   # doctest: +SKIP
     """
+    metric = _metric(objective) if evaluate else None
     cache = Path(cache_dir or default_cache_dir())
     planning = dict(device=device, eval_dtype=eval_dtype, batch_size=batch_size, block_size=block_size,
                     max_memory=max_memory, evaluate=evaluate, device_map=device_map)
@@ -484,9 +515,11 @@ def merge(source: str, revisions: str = "last:2", *, weights: Sequence[float] | 
             evaluator = _Evaluator(prep, prep.ckpts, dataset=spec, block_size=block_size,
                                    max_eval_tokens=max_eval_tokens, batch_size=batch_size, eval_dtype=eval_dtype,
                                    device=device, trust_remote_code=trust_remote_code, cache_dir=cache,
-                                   store_dtype=dtype, device_map=device_map, max_memory=max_memory)
+                                   store_dtype=dtype, device_map=device_map, max_memory=max_memory, metric=metric)
+        result.objective = metric.name if metric else "loss"
         result.loss = evaluator(result.weights)  # every process scores its share; the sums are reduced
-        result.dataset, result.eval_tokens = spec.label, int(evaluator.blocks.numel())
+        result.dataset, result.eval_tokens = spec.label, evaluator.eval_tokens
+        result.eval_questions = evaluator.eval_questions
         result.dataset_is_hub = not Path(spec.dataset).expanduser().exists()
     return result
 

@@ -25,9 +25,11 @@ def render_card(result: "MergeResult", repo_id: str | None = None, license: str 
     model_name = (repo_id or result.output or "merged").rstrip("/").split("/")[-1]
     source_url = (f"https://huggingface.co/{result.source}" if result.source_kind == "hub" else result.source)
     evals = []
+    is_loss = result.objective == "loss"
     if result.loss is not None and result.dataset:
-        evals.append(_eval(model_name, result.dataset, "loss", result.loss))
-        evals.append(_eval(model_name, result.dataset, "perplexity", perplexity(result.loss)))
+        evals.append(_eval(model_name, result.dataset, result.objective, result.loss))
+        if is_loss:
+            evals.append(_eval(model_name, result.dataset, "perplexity", perplexity(result.loss)))
     for name, row in result.generalization.items():
         evals.append(_eval(model_name, name, "loss", row["merged"]))
     data = ModelCardData(
@@ -54,9 +56,13 @@ def render_card(result: "MergeResult", repo_id: str | None = None, license: str 
         trials=result.trials,
         dataset=result.dataset,
         eval_tokens=result.eval_tokens,
+        eval_questions=result.eval_questions,
+        objective=result.objective,
+        objective_text="loss" if is_loss else f"{result.objective} of multiple-choice questions (maximized)",
         loss=result.loss,
-        ppl=perplexity(result.loss) if result.loss is not None else None,
-        baselines=[{"name": k, "loss": v, "ppl": perplexity(v)} for k, v in result.baselines.items()],
+        ppl=perplexity(result.loss) if result.loss is not None and is_loss else None,
+        baselines=[{"name": k, "loss": v, "ppl": perplexity(v) if is_loss else None}
+                   for k, v in result.baselines.items()],
         generalization=result.generalization,
         plot=plot,
     )
@@ -64,4 +70,4 @@ def render_card(result: "MergeResult", repo_id: str | None = None, license: str 
 
 def _eval(model_name: str, dataset: str, metric: str, value: float) -> EvalResult:
     return EvalResult(task_type="text-generation", dataset_type=dataset, dataset_name=dataset,
-                      metric_type=metric, metric_value=round(float(value), 6))
+                      metric_type=metric, metric_name=metric, metric_value=round(float(value), 6))

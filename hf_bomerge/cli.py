@@ -18,13 +18,14 @@ from . import __version__  # noqa: E402
 from .errors import BOMergeError  # noqa: E402
 from .engine import DEFAULT_MAX_SHARD_SIZE  # noqa: E402
 from .heldout import DEFAULT_MAX_EVAL_TOKENS, perplexity  # noqa: E402
-from .study import SEARCHES  # noqa: E402
+from .study import SEARCHES, best_of, direction  # noqa: E402
 
 DEMO_REVISIONS = "last:4"
 EPILOG = """examples:
   hf-bomerge EleutherAI/pythia-1b --revisions step100000..step143000
   hf-bomerge EleutherAI/pythia-160m --revisions last:2 --search pairwise --trials 12 --json
   hf-bomerge ./trainer-output --revisions checkpoint-1000.. --method ema
+  hf-bomerge ./trainer-output --objective ./metrics/accuracy --dataset questions.jsonl
   hf-bomerge --recipe merged/bomerge_recipe.yaml --output again
   hf-bomerge demo
   hf-bomerge show --storage postgresql+psycopg://db-host/bomerge         (a study's trials)
@@ -36,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hf-bomerge", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Merge intermediate checkpoints of one pretraining run with weights found by Bayesian "
-                    "optimization on held-out loss. SOURCE is a Hub repo id, a folder of checkpoints or a "
-                    "local git repository; `demo` runs the built-in offline demo.")
+                    "optimization on held-out loss (or an `evaluate` metric). SOURCE is a Hub repo id, a "
+                    "folder of checkpoints or a local git repository; `demo` runs the built-in offline demo.")
     p.add_argument("source", nargs="?", help="Hub repo id ORG/NAME, a local folder, or `demo`")
     p.add_argument("--version", action="version", version=f"hf-bomerge {__version__}")
     g = p.add_argument_group("revisions")
@@ -51,12 +52,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--text-column", default="text")
     g.add_argument("--eval-dataset", action="append", default=[], metavar="DATASET[:CONFIG][@SPLIT]",
                    help="extra set for the generalization report (repeatable; or a local file)")
-    g.add_argument("--max-eval-tokens", type=int, default=DEFAULT_MAX_EVAL_TOKENS)
+    g.add_argument("--max-eval-tokens", type=int, default=DEFAULT_MAX_EVAL_TOKENS,
+                   help="cap on the tokens evaluated: the held-out text for loss; for a metric, the first "
+                        "questions whose question+choice sequences (all choices) fit in it (default %(default)s)")
     g.add_argument("--block-size", type=int, help="default: min(model context, 2048)")
-    g.add_argument("--batch-size", type=int, default=4)
+    g.add_argument("--batch-size", type=int, default=4,
+                   help="blocks per forward pass (a metric: as many question+choice sequences as fit in "
+                        "batch-size x block-size tokens; default 4)")
     g.add_argument("--eval-dtype", choices=["float32", "float16", "bfloat16"],
                    help="default float32 on CPU, the checkpoint dtype on CUDA")
-    g.add_argument("--objective", default="loss", help="loss (default)")
+    g.add_argument("--objective", default="loss", metavar="loss|METRIC",
+                   help="loss (mean token NLL, minimized; default), or an `evaluate` metric name or local path "
+                        "(maximized) graded on multiple-choice rows: --dataset with columns question, choices "
+                        "(list) and answer (index or text); each choice scored by its log-likelihood")
     g = p.add_argument_group("search")
     g.add_argument("--search", choices=SEARCHES, default="auto")
     g.add_argument("--trials", type=int, default=20, help="total COMPLETE trials of the study, seeds included")
@@ -173,9 +181,6 @@ def run(args: argparse.Namespace):
                            "checkpoints), `--recipe FILE`, or `demo`. See hf-bomerge --help.")
     if args.source == "demo":
         return _demo(args)
-    if args.objective != "loss":
-        raise BOMergeError(f"--objective {args.objective!r} is not available yet: only `loss` (mean token NLL "
-                           "on the held-out split) is implemented in this version.")
     if args.dry_run:
         return _dry_run(args)
     common = dict(dataset=args.dataset, dataset_config=args.dataset_config, split=args.split,
@@ -183,7 +188,7 @@ def run(args: argparse.Namespace):
                   batch_size=args.batch_size, eval_dtype=args.eval_dtype, device=args.device, token=args.token,
                   cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code, progress=progress,
                   max_checkpoints=args.max_checkpoints, ema_alpha=args.ema_alpha, dtype=args.dtype,
-                  max_memory=args.max_memory, device_map=args.device_map)
+                  max_memory=args.max_memory, device_map=args.device_map, objective=args.objective)
     if args.weights or args.method:
         from .weights import parse_weights
 
@@ -203,6 +208,9 @@ def _demo(args):
     from . import api
     from .demo import build_trajectory
 
+    if args.objective != "loss":
+        raise BOMergeError("The demo searches on held-out loss; --objective METRIC needs a SOURCE and a "
+                           "multiple-choice --dataset.")
     root = build_trajectory(quiet=args.quiet)
     result = api.search(str(root), args.revisions if args.revisions != "last:2" else DEMO_REVISIONS,
                         dataset=str(root / "heldout" / "validation.jsonl"),
@@ -314,23 +322,32 @@ def format_summary(result) -> str:
     lines = [f"merged {len(result.revisions)} revisions of {result.source} -> {result.output}", "", "weights:"]
     lines += [f"  {name:<24} {w:9.5f}" for name, w in zip(result.revisions, result.weights)]
     if result.loss is not None:
-        lines += ["", f"held-out loss on {result.dataset} ({result.eval_tokens} tokens):",
-                  f"  {'merged':<24} {result.loss:9.5f}  (ppl {perplexity(result.loss):.3f})"]
-        lines += [f"  {k:<24} {v:9.5f}  (ppl {perplexity(v):.3f})" for k, v in result.baselines.items()]
+        lines += ["", *_scores(result)]
+        objective, sign = result.objective, 1 if direction(result.objective) == "minimize" else -1
+        unit = " nats/token" if objective == "loss" else ""
         singles = {k: v for k, v in result.baselines.items() if k in result.revisions}
         if singles:
-            best = min(singles, key=singles.get)
-            delta = result.loss - singles[best]
+            best = best_of(singles, key=singles.get, objective=objective)
+            delta = sign * (result.loss - singles[best])
             verdict = "better than" if delta < 0 else "NOT better than"
-            lines += ["", f"the merge is {verdict} the best single checkpoint ({best}) by {abs(delta):.5f} nats/token"]
+            lines += ["", f"the merge is {verdict} the best single checkpoint ({best}) by {abs(delta):.5f}{unit}"]
             if "uniform" in result.baselines:
-                du = result.loss - result.baselines["uniform"]
+                du = sign * (result.loss - result.baselines["uniform"])
                 lines += [f"and {'better' if du < 0 else 'not better'} than the uniform average by {abs(du):.5f}"]
     for name, row in result.generalization.items():
-        lines += ["", f"generalization on {name}: merged {row['merged']:.5f}, best single "
+        lines += ["", f"generalization (loss) on {name}: merged {row['merged']:.5f}, best single "
                   f"({row['best_single_revision']}) {row['best_single']:.5f}, uniform {row['uniform']:.5f}"]
     return "\n".join(lines)
 
+
+def _scores(result) -> list[str]:
+    """The merge and the baselines on the objective: loss with perplexity, or the metric."""
+    if result.objective == "loss":
+        return [f"held-out loss on {result.dataset} ({result.eval_tokens} tokens):",
+                *(f"  {k:<24} {v:9.5f}  (ppl {perplexity(v):.3f})"
+                  for k, v in {"merged": result.loss, **result.baselines}.items())]
+    return [f"held-out {result.objective} (higher is better) on {result.dataset} ({result.eval_questions} questions):",
+            *(f"  {k:<24} {v:9.5f}" for k, v in {"merged": result.loss, **result.baselines}.items())]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -26,7 +26,7 @@ class WeightsError(BOMergeError):
 
 
 class DataError(BOMergeError):
-    """The held-out data is missing, empty, lacks the text column or is too short."""
+    """The held-out data is missing, empty, lacks its columns or is too short; or a metric objective cannot load."""
 
 
 class OutputError(BOMergeError):

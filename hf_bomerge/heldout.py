@@ -51,8 +51,8 @@ class HeldOutSpec:
         return self.dataset + (f":{self.config}" if self.config else "") + f"@{self.split}"
 
 
-def load_texts(spec: HeldOutSpec) -> list[str]:
-    """The non-empty texts of the split, in order."""
+def load_split(spec: HeldOutSpec):
+    """The split as a `datasets.Dataset` (any columns)."""
     import datasets
 
     path = Path(spec.dataset).expanduser()
@@ -61,16 +61,20 @@ def load_texts(spec: HeldOutSpec) -> list[str]:
             builder = _LOCAL_BUILDERS.get(path.suffix.lower())
             if builder is None:
                 raise DataError(f"Cannot read {path}: use a .txt, .json/.jsonl, .csv or .parquet file.")
-            ds = datasets.load_dataset(builder, data_files=str(path), split="train")
-        elif path.is_dir():
-            ds = datasets.load_dataset(str(path), split="train")
-        else:
-            ds = datasets.load_dataset(spec.dataset, spec.config, split=spec.split)
+            return datasets.load_dataset(builder, data_files=str(path), split="train")
+        if path.is_dir():
+            return datasets.load_dataset(str(path), split="train")
+        return datasets.load_dataset(spec.dataset, spec.config, split=spec.split)
     except DataError:
         raise
     except Exception as err:
         raise DataError(f"Could not load the held-out dataset {spec.label}: {err}. Check --dataset, "
                         "--dataset-config and --split (a local file is its own single split).") from err
+
+
+def load_texts(spec: HeldOutSpec) -> list[str]:
+    """The non-empty texts of the split, in order."""
+    ds = load_split(spec)
     if spec.text_column not in ds.column_names:
         raise DataError(f"The dataset {spec.label} has no column {spec.text_column!r} (it has "
                         f"{ds.column_names}); pass --text-column.")
@@ -108,16 +112,23 @@ def tokenizer_fingerprint(folder: Path) -> str:
 def heldout_blocks(spec: HeldOutSpec, tokenizer, tokenizer_folder: Path, block_size: int, max_tokens: int,
                    cache_dir: Path) -> torch.Tensor:
     """Tokenized, packed blocks for `spec`, cached on disk (safetensors) so a rerun does not re-tokenize."""
-    key = json.dumps([asdict(spec), tokenizer_fingerprint(tokenizer_folder), block_size, max_tokens])
-    path = Path(cache_dir) / "heldout" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".safetensors")
+    key = [asdict(spec), tokenizer_fingerprint(tokenizer_folder), block_size, max_tokens]
+    build = lambda: {"blocks": tokenize_blocks(load_texts(spec), tokenizer, block_size, max_tokens)}  # noqa: E731
+    return cached_tensors(Path(cache_dir) / "heldout", key, build)["blocks"]
+
+
+def cached_tensors(folder: Path, key: list, build) -> dict[str, torch.Tensor]:
+    """`build()` once per `key` (JSON-able), kept as a safetensors file in `folder`."""
+    text = json.dumps(key)
+    path = folder / (hashlib.sha256(text.encode()).hexdigest()[:24] + ".safetensors")
     if path.is_file():
-        return load_file(path)["blocks"]
-    blocks = tokenize_blocks(load_texts(spec), tokenizer, block_size, max_tokens)
-    path.parent.mkdir(parents=True, exist_ok=True)
+        return load_file(path)
+    tensors = build()
+    folder.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    save_file({"blocks": blocks}, tmp, metadata={"spec": key})
+    save_file(tensors, tmp, metadata={"spec": text})
     tmp.replace(path)
-    return blocks
+    return tensors
 
 
 def mean_nll(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> float:

@@ -1,9 +1,11 @@
-"""The search plot shown in the model card: loss per trial (baselines marked) and the chosen weights."""
+"""The search plot shown in the model card: the objective per trial (baselines marked) and the chosen weights."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from .study import best_of
 
 if TYPE_CHECKING:
     from .study import Trial
@@ -11,7 +13,8 @@ if TYPE_CHECKING:
 PLOT_FILE = "bomerge_search.png"
 
 
-def plot_search(trials: list["Trial"], revisions: list[str], weights: list[float], path: str | Path) -> Path:
+def plot_search(trials: list["Trial"], revisions: list[str], weights: list[float], path: str | Path,
+                objective: str = "loss") -> Path:
     """Write a PNG (byte-stable: no timestamp, no version metadata) and return its path."""
     import matplotlib
 
@@ -21,13 +24,14 @@ def plot_search(trials: list["Trial"], revisions: list[str], weights: list[float
     fig, (ax_loss, ax_w) = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [3, 2]})
     numbers = [t.number for t in trials]
     losses = [t.loss for t in trials]
-    best_so_far = [min(losses[: i + 1]) for i in range(len(losses))]
+    best_so_far = [best_of(losses[: i + 1], objective=objective) for i in range(len(losses))]
     seeds = [(t.number, t.loss) for t in trials if t.seed]
     ax_loss.plot(numbers, losses, "o", color="tab:blue", ms=4, label="GP trial")
     if seeds:
         ax_loss.plot(*zip(*seeds), "s", color="tab:orange", ms=5, label="baseline seed")
     ax_loss.step(numbers, best_so_far, where="post", color="black", lw=1, label="best so far")
-    ax_loss.set(xlabel="trial", ylabel="held-out loss (nats/token)", title="search")
+    label = "held-out loss (nats/token)" if objective == "loss" else f"held-out {objective} (higher is better)"
+    ax_loss.set(xlabel="trial", ylabel=label, title="search")
     ax_loss.legend(fontsize=8)
     ax_w.bar(range(len(weights)), weights, color="tab:green")
     ax_w.set_xticks(range(len(weights)), revisions, rotation=45, ha="right", fontsize=7)

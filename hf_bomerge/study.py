@@ -129,8 +129,18 @@ def default_study_name(inputs: dict) -> str:
     return f"bomerge-{name}-{digest}"
 
 
+def direction(objective: str) -> str:
+    """The held-out loss is minimized; any metric objective is maximized."""
+    return "minimize" if objective == "loss" else "maximize"
+
+
+def best_of(values, key=None, *, objective: str = "loss"):
+    """The best of `values` for `objective` (the first one on a tie)."""
+    return (min if direction(objective) == "minimize" else max)(values, key=key)
+
+
 def open_study(storage: str, study_name: str, inputs: dict, space: Space, seed: int | None,
-               seeds: Sequence[tuple[str, dict]], recipe: dict | None = None) -> optuna.Study:
+               seeds: Sequence[tuple[str, dict]], recipe: dict | None = None, objective: str = "loss") -> optuna.Study:
     """Create the study, or join/resume it; a study made from different inputs is refused.
 
     Whoever creates the study enqueues the baseline seeds, then marks it ready by storing its inputs; a
@@ -139,7 +149,8 @@ def open_study(storage: str, study_name: str, inputs: dict, space: Space, seed: 
     sampler = _gp_sampler(seed, len(seeds))
     rdb = open_storage(storage)
     try:
-        study = optuna.create_study(storage=rdb, study_name=study_name, sampler=sampler, direction="minimize")
+        study = optuna.create_study(storage=rdb, study_name=study_name, sampler=sampler,
+                                    direction=direction(objective))
     except optuna.exceptions.DuplicatedStudyError:
         sampler = _gp_sampler(workers.worker_seed(seed), len(seeds))
         study = optuna.load_study(study_name=study_name, storage=rdb, sampler=sampler)
@@ -149,8 +160,8 @@ def open_study(storage: str, study_name: str, inputs: dict, space: Space, seed: 
         study.set_user_attr("recipe", recipe or {})
         study.set_user_attr("inputs", inputs)
     stored = _ready(study, storage)
-    if stored != inputs:
-        changed = sorted(k for k in set(stored) | set(inputs) if stored.get(k) != inputs.get(k))
+    if stored != inputs or study.direction.name.lower() != direction(objective):
+        changed = sorted(k for k in set(stored) | set(inputs) if stored.get(k) != inputs.get(k)) or ["objective"]
         raise StudyError(f"Study {study_name!r} in {safe_url(storage)} was made from different inputs "
                          f"({', '.join(changed)} differ); resuming it would mix incomparable trials. Use another "
                          "--study-name, or drop --study-name to get one derived from the inputs.")
@@ -210,10 +221,11 @@ def safe_url(storage: str) -> str:
 def run_search(evaluate: Callable[[list[float]], float], space: Space, labels: Sequence[str], *, trials: int,
                storage: str, study_name: str, inputs: dict, seed: int | None = None, ema_alpha: float = 0.2,
                progress: bool = True, on_trial: Callable[[Trial, int, int], None] | None = None,
-               recipe: dict | None = None) -> SearchOutcome:
+               recipe: dict | None = None, objective: str = "loss") -> SearchOutcome:
     """Run (or resume, or join) the study until it holds `trials` COMPLETE trials, seeds included.
 
-    `evaluate(weights) -> loss` is called once per trial; a NaN/inf loss is recorded as a failed trial
+    `evaluate(weights) -> loss` is called once per trial (for a metric `objective`, the metric: the study
+    then maximizes, and `Trial.loss` holds the metric); a NaN/inf value is recorded as a failed trial
     and does not count toward the budget. `on_trial(trial, complete, budget)` is called after each trial
     this process ran (a failed one with a NaN loss), e.g. to show progress in a UI. Several processes with
     the same storage and study name share the budget (see `hf_bomerge.workers`).
@@ -224,13 +236,13 @@ def run_search(evaluate: Callable[[list[float]], float], space: Space, labels: S
         raise StudyError("--trials must be at least 1.")
     optuna.logging.set_verbosity(logging.ERROR)  # failed trials are reported by us, without tracebacks
     study = open_study(storage, study_name, inputs, space, seed,
-                       [(label, p) for label, _, p in enqueued if p is not None], recipe)
+                       [(label, p) for label, _, p in enqueued if p is not None], recipe, objective)
     rdb = study._storage
 
     ran: list[Trial] = []
     current: dict = {}
 
-    def objective(trial: optuna.Trial) -> float:
+    def run_trial(trial: optuna.Trial) -> float:
         current.update(number=trial.number, set_aside=None)
         if not workers.within_budget(study, trial.number, trials):
             _set_aside(trial, "over the budget")
@@ -267,7 +279,7 @@ def run_search(evaluate: Callable[[list[float]], float], space: Space, labels: S
             waited = True
             time.sleep(POLL_S)
             continue
-        study.optimize(objective, n_trials=1, catch=(workers.SetAside,))
+        study.optimize(run_trial, n_trials=1, catch=(workers.SetAside,))
         if current.get("set_aside") == "over the budget":
             workers.requeue_set_aside(study, current["number"])
         if current.get("set_aside"):
@@ -277,7 +289,7 @@ def run_search(evaluate: Callable[[list[float]], float], space: Space, labels: S
             if failures > max(3, trials):
                 raise StudyError(f"{failures} trials failed (NaN/inf loss); the checkpoints or the data are "
                                  "broken. Check for NaN/inf in the weights.")
-        if (best := _best(study)):
+        if (best := _best(study, objective)):
             bar.set_postfix(best=f"{best.loss:.4f}")
         if on_trial is not None and ran:
             on_trial(ran.pop(), _complete(study), trials)
@@ -285,10 +297,10 @@ def run_search(evaluate: Callable[[list[float]], float], space: Space, labels: S
     extra = {label: evaluate(w) for label, w, p in enqueued if p is None}
     if extra and study.user_attrs.get("extra_baselines") != extra:
         study.set_user_attr("extra_baselines", extra)
-    return study_outcome(study, labels)
+    return study_outcome(study, labels, objective)
 
 
-def study_outcome(study: optuna.Study, labels: Sequence[str]) -> SearchOutcome:
+def study_outcome(study: optuna.Study, labels: Sequence[str], objective: str = "loss") -> SearchOutcome:
     """The finished trials of `study`, its baselines (revisions oldest first, then the averages) and best."""
     found = [_to_trial(t) for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
     if not found:
@@ -297,7 +309,8 @@ def study_outcome(study: optuna.Study, labels: Sequence[str]) -> SearchOutcome:
     baselines = {**{t.seed: t.loss for t in found if t.seed}, **extra}
     order = [*labels, "uniform", "ema"]
     ranked = sorted(baselines, key=lambda k: order.index(k) if k in order else len(labels) - 0.5)
-    return SearchOutcome(found, {k: baselines[k] for k in ranked}, min(found, key=lambda t: t.loss), extra)
+    best = best_of(found, key=lambda t: t.loss, objective=objective)
+    return SearchOutcome(found, {k: baselines[k] for k in ranked}, best, extra)
 
 
 def load_study(storage: str, study_name: str | None = None) -> optuna.Study:
@@ -329,7 +342,8 @@ def show_study(storage: str | None = None, study_name: str | None = None, cache_
         for name in names:
             study = optuna.load_study(study_name=name, storage=rdb)
             done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-            studies.append({"study": name, "complete": len(done), "best": min((t.value for t in done), default=None),
+            best = (min if study.direction.name == "MINIMIZE" else max)((t.value for t in done), default=None)
+            studies.append({"study": name, "complete": len(done), "best": best,
                             "source": study.user_attrs.get("inputs", {}).get("source")})
         return {"storage": safe_url(url), "studies": studies}
     study = load_study(url, study_name)
@@ -349,7 +363,9 @@ def show_study(storage: str | None = None, study_name: str | None = None, cache_
     recipe = study.user_attrs.get("recipe") or {}
     return {"storage": safe_url(url), "study": study.study_name, "source": recipe.get("source"),
             "search": recipe.get("search"), "revisions": recipe.get("revisions"), "counts": counts,
-            "trials": trials, "best": min(done, key=lambda t: t["loss"]) if done else None, "exports": exports}
+            "objective": (study.user_attrs.get("inputs") or {}).get("objective", "loss"), "trials": trials,
+            "best": (min if study.direction.name == "MINIMIZE" else max)(done, key=lambda t: t["loss"]) if done else None,
+            "exports": exports}
 
 
 def set_study_attr(storage: str, study_name: str, key: str, value) -> None:
@@ -360,9 +376,9 @@ def _complete(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
 
 
-def _best(study: optuna.Study) -> Trial | None:
+def _best(study: optuna.Study, objective: str) -> Trial | None:
     done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    return _to_trial(min(done, key=lambda t: t.value)) if done else None
+    return _to_trial(best_of(done, key=lambda t: t.value, objective=objective)) if done else None
 
 
 def _to_trial(t: optuna.trial.FrozenTrial) -> Trial:
