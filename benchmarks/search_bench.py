@@ -459,7 +459,7 @@ def main() -> None:
     bases: dict = {"_model": {"layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "vocab": cfg.vocab_size,
                               "params": sum(p.numel() for p in obj.ev.model.parameters())}}
     log(f"trajectory {root.name}: {len(obj.names)} checkpoints used ({obj.names[0]}..{obj.names[-1]}); "
-        f"{obj.ev.blocks.numel()} held-out and {obj.ood_blocks.numel()} ood tokens")
+        f"{obj.ev.blocks.numel()} held-out and {obj.ev.blocks_for(obj.ood).numel()} ood tokens")
 
     tmp = Path(tempfile.mkdtemp(prefix="studies-", dir=OUT))
     if args.variants:
