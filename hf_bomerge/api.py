@@ -24,7 +24,7 @@ from .errors import BOMergeError, CorruptFileError, HubError, OutputError, Study
 from .heldout import DEFAULT_MAX_EVAL_TOKENS, HeldOutSpec, heldout_blocks, nll_sums
 from .hub import SIDE_FILES, Source, default_cache_dir, open_source, weight_sizes
 from .plan import Plan, make_plan
-from .engine import DEFAULT_MAX_SHARD_SIZE, ResidentMerger, export_merge, parse_size, replace_dir
+from .engine import DEFAULT_MAX_SHARD_SIZE, ResidentMerger, StreamedMerger, export_merge, parse_size, replace_dir
 from .revisions import resolve_revisions
 from .study import (Trial, best_of, default_study_name, load_study, make_space, run_search, set_study_attr,
                     study_outcome)
@@ -174,6 +174,7 @@ class _Prepared:
     tokenizer_folder: Path
     note: str | None
     ckpts: CheckpointSet
+    mode: str = "resident"  # the plan's: the checkpoints resident beside the model, or streamed per trial
 
 
 def _resolve(source: str, revisions: str, max_checkpoints: int, token, cache_dir,
@@ -225,8 +226,15 @@ def _prepare(source: str, revisions: str, max_checkpoints: int, token, cache_dir
     if not progress:
         _quiet_libraries()
     src, names, pins, note = _resolve(source, revisions, max_checkpoints, token, cache_dir, shas)
+    mode = "resident"
     if planning is not None:
-        _plan(src, names, pins, cache_dir=cache_dir, **planning).check()
+        plan = _plan(src, names, pins, cache_dir=cache_dir, **planning)
+        plan.check()
+        mode = plan.mode if plan.evaluate else "resident"
+        if mode == "streamed":
+            logger.warning("The %d checkpoints do not fit in memory beside the model (%s): streamed mode, every "
+                           "trial re-reads them (slower). --max-checkpoints %d would keep them resident.",
+                           len(names), plan.device, plan.fitting_checkpoints())
     revs = list(zip(names, pins))
     folders = [src.fetch(name, pin) for name, pin in _bar(revs, "download", progress)]
     try:
@@ -238,7 +246,7 @@ def _prepare(source: str, revisions: str, max_checkpoints: int, token, cache_dir
         folders = [src.fetch(name, pin, force=True) for name, pin in revs]
         ckpts = CheckpointSet(folders, names)
     check_same_tokenizer(folders, names)
-    return _Prepared(src, names, pins, folders, _tokenizer_folder(src, folders[-1]), note, ckpts)
+    return _Prepared(src, names, pins, folders, _tokenizer_folder(src, folders[-1]), note, ckpts, mode)
 
 
 def _tokenizer_folder(src: Source, latest: Path) -> Path:
@@ -318,7 +326,8 @@ class _Evaluator:
             self._blocks = {}
             self.pairs = choice_set(dataset, self.tokenizer, self.tokenizer_folder, context, max_eval_tokens, cache_dir)
             self.eval_tokens, self.eval_questions = int(self.pairs["lengths"].sum()), len(self.pairs["answers"])
-        self.merger = ResidentMerger(self.model, ckpts, _DTYPES[store_dtype] if store_dtype else None)
+        merger = StreamedMerger if prep.mode == "streamed" else ResidentMerger
+        self.merger = merger(self.model, ckpts, _DTYPES[store_dtype] if store_dtype else None)
 
     def blocks_for(self, spec: HeldOutSpec) -> torch.Tensor:
         return heldout_blocks(spec, self.tokenizer, self.tokenizer_folder, self.block_size, self.max_eval_tokens,

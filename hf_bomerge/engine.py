@@ -3,6 +3,8 @@
 - `export_merge`: disk to disk, tensor by tensor, into sharded safetensors; a few tensors in memory.
 - `ResidentMerger`: the N checkpoints held on the model's devices; each trial rewrites the model's
   parameters in place with fused `torch._foreach_*` ops, no allocation and no disk I/O.
+- `StreamedMerger`: when the N checkpoints do not fit beside the model, each trial re-reads them tensor
+  by tensor (from the page cache when host memory allows), as the export does. Slower, same numbers.
 """
 
 from __future__ import annotations
@@ -264,3 +266,26 @@ class ResidentMerger:
             acc = torch.empty(target.shape, dtype=torch.float32, device=target.device)
             weighted_sum_([acc], select(self.sources, k), weights)
             target.copy_(acc.to(self.store_dtypes[k]))
+
+
+class StreamedMerger:
+    """Writes Σ wᵢθᵢ into a loaded model's parameters per trial, reading the N checkpoints tensor by tensor
+    (a few tensors in memory), with the export's arithmetic: the same numbers as `ResidentMerger`.
+
+    >>> StreamedMerger(model, ckpts).apply([0.25, 0.75])   # doctest: +SKIP
+    """
+
+    def __init__(self, model: torch.nn.Module, ckpts: CheckpointSet, store_dtype: torch.dtype | None = None):
+        names = checkpoint_names(model, ckpts.merged_names)
+        params = list(model.named_parameters())
+        missing = [n for n, _ in params if n not in names]
+        if missing:
+            raise CheckpointError(f"The model has parameters the checkpoints lack: {missing[:3]}; the "
+                                  "checkpoints do not match the model class of the latest revision's config.")
+        self.params = [(names[n], p) for n, p in params]
+        self.ckpts, self.store_dtype = ckpts, store_dtype
+
+    @torch.no_grad()
+    def apply(self, weights: Sequence[float]) -> None:
+        for name, param in self.params:
+            param.data.copy_(merged_tensor(self.ckpts, name, weights, self.store_dtype))

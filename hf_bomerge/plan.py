@@ -59,22 +59,34 @@ class Plan:
     def disk_bytes(self) -> int:
         return self.download_bytes + self.checkpoint_bytes  # downloads + the merged model
 
+    @property
+    def streamed_bytes(self) -> int:
+        """Streamed mode: the model and activations on the device; the checkpoints are re-read per trial."""
+        return self.model_bytes + self.activation_bytes if self.evaluate else 0
+
+    @property
+    def mode(self) -> str:
+        """`resident` (the N checkpoints beside the model: no I/O per trial) when it fits, else `streamed`
+        (each trial re-reads them tensor by tensor: slower), else `none`."""
+        if self.resident_bytes <= self.memory_available:
+            return "resident"
+        return "streamed" if self.streamed_bytes <= self.memory_available else "none"
+
     def fitting_checkpoints(self) -> int:
         spare = self.memory_available - self.model_bytes - self.activation_bytes
         return max(0, int(spare // max(self.checkpoint_bytes, 1)))
 
     def check(self) -> None:
         """Raise `PlanError` (before anything is downloaded) when the plan cannot fit."""
-        if self.resident_bytes > self.memory_available:
-            k = self.fitting_checkpoints()
-            fix = (f"keep at most {k} revisions (--max-checkpoints {k}, or --revisions last:{k})" if k >= 2 else
-                   "use a device with more memory (--device), or fewer and smaller checkpoints")
+        if self.mode == "none":
             raise PlanError(
-                f"The search needs about {human(self.resident_bytes)} on {self.device} "
-                f"({len(self.revisions)} checkpoints of {human(self.checkpoint_bytes)}, the model in the "
-                f"evaluation dtype {human(self.model_bytes)}, activations {human(self.activation_bytes)}) "
-                f"but {human(self.memory_available)} are available. To fit: {fix}; or merge with fixed "
-                "weights (--weights/--method with --no-eval), which streams and needs little memory.")
+                f"The evaluation needs at least {human(self.streamed_bytes)} on {self.device} (the model in the "
+                f"evaluation dtype {human(self.model_bytes)}, activations {human(self.activation_bytes)}; "
+                f"{human(self.resident_bytes)} to also keep the {len(self.revisions)} checkpoints of "
+                f"{human(self.checkpoint_bytes)} resident) but {human(self.memory_available)} are available. To "
+                "fit: a device with more memory (--device, --device-map auto over several GPUs, --max-memory), "
+                "a smaller --batch-size or --block-size, or --eval-dtype bfloat16; or merge with fixed weights "
+                "(--weights/--method with --no-eval), which streams and needs little memory.")
         if self.disk_bytes > self.disk_free:
             raise PlanError(
                 f"The run downloads {human(self.download_bytes)} and writes {human(self.checkpoint_bytes)}, "
@@ -85,14 +97,21 @@ class Plan:
         lines = [f"plan: {len(self.revisions)} revisions, {human(self.checkpoint_bytes)} each",
                  f"  download  {human(self.download_bytes)} (not cached yet)",
                  f"  disk      {human(self.disk_bytes)} needed, {human(self.disk_free)} free"]
-        if self.evaluate:
+        if self.evaluate and self.mode == "streamed":
+            k = self.fitting_checkpoints()
+            lines.append(f"  memory    {human(self.streamed_bytes)} on {self.device} (STREAMED mode: the "
+                         f"{len(self.revisions)} checkpoints ({human(self.resident_bytes)} with the model) do not "
+                         f"fit in {human(self.memory_available)}, so every trial re-reads them from disk or the "
+                         "page cache: slower" + (f"; --max-checkpoints {k} would be resident)" if k >= 2 else ")"))
+        elif self.evaluate:
             lines.append(f"  memory    {human(self.resident_bytes)} on {self.device} (resident mode: "
                          f"{len(self.revisions)} checkpoints + model + activations), "
                          f"{human(self.memory_available)} available")
         return "\n".join(lines)
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "resident_bytes": self.resident_bytes, "disk_bytes": self.disk_bytes}
+        return {**asdict(self), "resident_bytes": self.resident_bytes, "streamed_bytes": self.streamed_bytes,
+                "disk_bytes": self.disk_bytes, "mode": self.mode}
 
 
 def memory_available(device: str) -> int:

@@ -199,13 +199,31 @@ def test_a_plan_that_does_not_fit_is_refused_before_downloading(test_hub, tmp_pa
     assert plan["download_bytes"] == sum(sizes) and plan["fits"] is True
     assert not list(cache.rglob("*.bin"))  # a plan downloads no weights
 
-    budget = str(plan["resident_bytes"] - 1)  # one byte short
+    budget = str(plan["streamed_bytes"] - 1)  # one byte short of even the model and its activations
     assert main([*args, "--max-memory", budget]) == 2
     msg = _error(capsys)
-    assert "--max-checkpoints" in msg and "available" in msg
+    assert "--device-map" in msg and "available" in msg
     assert not list(cache.rglob("*.bin")) and not (tmp_path / "out").exists()
     # a fixed merge without evaluation streams tensor by tensor: the same budget is enough
     assert main([*args, "--max-memory", budget, "--method", "ema", "--no-eval"]) == 0
+
+
+def test_checkpoints_that_do_not_fit_beside_the_model_are_streamed_with_the_same_numbers(test_hub, tmp_path,
+                                                                                       capsys, caplog):
+    args = [test_hub.repo_id, "--revisions", "last:3", "--dataset", test_hub.dataset_id, "--split", "validation",
+            "--method", "wma", "--cache-dir", str(tmp_path / "cache"), "--quiet", "--json"]
+    assert main([*args, "--dry-run"]) == 0
+    plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert plan["mode"] == "resident"
+    short = str(plan["resident_bytes"] - 1)
+    assert main([*args, "--dry-run", "--max-memory", short]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["mode"] == "streamed"
+    assert main([*args, "--output", str(tmp_path / "resident")]) == 0
+    resident = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main([*args, "--output", str(tmp_path / "streamed"), "--max-memory", short]) == 0
+    streamed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "streamed mode" in caplog.text
+    assert streamed["loss"] == resident["loss"]  # the export's arithmetic, bit for bit
 
 
 def test_unreachable_hub_is_one_paragraph(tmp_path):
