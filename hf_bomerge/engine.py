@@ -230,6 +230,17 @@ def checkpoint_names(model: torch.nn.Module, stored: Sequence[str]) -> dict[str,
     return out
 
 
+def stored_params(model: torch.nn.Module, ckpts: CheckpointSet) -> list[tuple[str, torch.nn.Parameter]]:
+    """Each parameter of `model` with the name of its tensor in the checkpoints."""
+    names = checkpoint_names(model, ckpts.merged_names)
+    params = list(model.named_parameters())
+    missing = [n for n, _ in params if n not in names]
+    if missing:
+        raise CheckpointError(f"The model has parameters the checkpoints lack: {missing[:3]}; the "
+                              "checkpoints do not match the model class of the latest revision's config.")
+    return [(names[n], p) for n, p in params]
+
+
 class ResidentMerger:
     """Keeps the N checkpoints beside a loaded model and writes Σ wᵢθᵢ into its parameters per trial.
 
@@ -241,18 +252,13 @@ class ResidentMerger:
     """
 
     def __init__(self, model: torch.nn.Module, ckpts: CheckpointSet, store_dtype: torch.dtype | None = None):
-        names = checkpoint_names(model, ckpts.merged_names)
-        params = list(model.named_parameters())
-        missing = [n for n, _ in params if n not in names]
-        if missing:
-            raise CheckpointError(f"The model has parameters the checkpoints lack: {missing[:3]}; the "
-                                  "checkpoints do not match the model class of the latest revision's config.")
+        params = stored_params(model, ckpts)
         self.targets = [p.data for _, p in params]
-        self.sources = as_sources([[_finite(c.get(names[n]), names[n], c.label).to(p.device) for n, p in params]
+        self.sources = as_sources([[_finite(c.get(n), n, c.label).to(p.device) for n, p in params]
                                    for c in ckpts.checkpoints])
         # Round each trial's merge to the dtype it will be saved in, so the loss a trial reports is the
         # loss of the model that gets written (by default the reference checkpoint's dtype).
-        self.store_dtypes = [store_dtype or ckpts.infos[names[n]].dtype for n, _ in params]
+        self.store_dtypes = [store_dtype or ckpts.infos[n].dtype for n, _ in params]
 
     @torch.no_grad()
     def apply(self, weights: Sequence[float]) -> None:
@@ -276,13 +282,7 @@ class StreamedMerger:
     """
 
     def __init__(self, model: torch.nn.Module, ckpts: CheckpointSet, store_dtype: torch.dtype | None = None):
-        names = checkpoint_names(model, ckpts.merged_names)
-        params = list(model.named_parameters())
-        missing = [n for n, _ in params if n not in names]
-        if missing:
-            raise CheckpointError(f"The model has parameters the checkpoints lack: {missing[:3]}; the "
-                                  "checkpoints do not match the model class of the latest revision's config.")
-        self.params = [(names[n], p) for n, p in params]
+        self.params = stored_params(model, ckpts)
         self.ckpts, self.store_dtype = ckpts, store_dtype
 
     @torch.no_grad()
