@@ -279,7 +279,13 @@ def run_search(evaluate: Callable[[list[float]], float], space: Space, labels: S
             waited = True
             time.sleep(POLL_S)
             continue
-        study.optimize(run_trial, n_trials=1, catch=(workers.SetAside,))
+        current.clear()
+        try:
+            study.optimize(run_trial, n_trials=1, catch=(workers.SetAside,))
+        except KeyboardInterrupt:  # Ctrl-C/SIGTERM: Optuna failed the trial; queue it again for the resume
+            if "number" in current:
+                workers.requeue_set_aside(study, current["number"])
+            raise
         if current.get("set_aside") == "over the budget":
             workers.requeue_set_aside(study, current["number"])
         if current.get("set_aside"):

@@ -70,9 +70,11 @@ def counts(study: optuna.Study) -> dict[TrialState, int]:
 
 
 def requeue_set_aside(study: optuna.Study, number: int) -> None:
-    """Queue again the parameters of trial `number`, which was set aside over the budget (a baseline seed or a
-    retried trial carries fixed parameters that must not be lost)."""
+    """Queue again the parameters of the failed trial `number` (set aside over the budget, orphaned, or
+    interrupted by Ctrl-C): a baseline seed or a retried trial carries fixed parameters that must not be lost."""
     t = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+    if t.state != TrialState.FAIL:
+        return
     system = dict(t.system_attrs)
     user = {k: v for k, v in t.user_attrs.items() if k not in (STARTED, SET_ASIDE)}
     if t.params or "fixed_params" in system:

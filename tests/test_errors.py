@@ -271,8 +271,12 @@ def test_sigterm_during_the_search_saves_the_study_and_says_how_to_resume(run, t
     assert all(t.state != optuna.trial.TrialState.RUNNING for t in study.trials)  # marked failed, not left running
     again = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
-    study = optuna.load_study(study_name="term", storage=storage)
-    assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 8
+    complete = optuna.load_study(study_name="term", storage=storage).get_trials(
+        states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(complete) == 8
+    # the interrupted trial (a baseline seed here) ran again: every baseline is in the study exactly once
+    assert sorted(t.user_attrs["seed"] for t in complete if "seed" in t.user_attrs) == sorted(
+        [*run.steps, "uniform", "ema"])
 
 
 def test_not_enough_disk_is_refused_before_downloading(test_hub, tmp_path, capsys, monkeypatch):
