@@ -242,12 +242,17 @@ def _save(result, args, default_name: str, claim: bool = True):
                   f"again: hf-bomerge export --storage {safe_url(result.storage)} --study-name {result.study} --output DIR",
                   file=sys.stderr)
             return result
-    result.save_pretrained(output, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
-                           progress=not args.quiet)
-    if args.push_to_hub:
-        url = result.push_to_hub(args.push_to_hub, token=args.token, private=args.private or None,
-                                 revision=args.hub_revision, commit_message=args.commit_message)
-        print(f"pushed to {url}", file=sys.stderr)
+    try:
+        result.save_pretrained(output, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
+                               progress=not args.quiet)
+        if args.push_to_hub:
+            url = result.push_to_hub(args.push_to_hub, token=args.token, private=args.private or None,
+                                     revision=args.hub_revision, commit_message=args.commit_message)
+            print(f"pushed to {url}", file=sys.stderr)
+    except BaseException:  # the export failed (or was interrupted): a re-run may claim it again
+        if storage is not None:
+            workers.release_export(storage, result.study, result.budget)
+        raise
     if storage is not None:
         workers.finish_export(storage, result.study, result.budget)
     return result

@@ -115,6 +115,11 @@ def claim_export(storage: optuna.storages.BaseStorage, study_name: str, budget: 
     return None
 
 
+def release_export(storage: optuna.storages.BaseStorage, study_name: str, budget: int) -> None:
+    """Give the claim back (the export failed), so that a re-run can export."""
+    optuna.delete_study(study_name=f"{study_name}:export@{budget}", storage=storage)
+
+
 def finish_export(storage: optuna.storages.BaseStorage, study_name: str, budget: int) -> None:
     lock = optuna.load_study(study_name=f"{study_name}:export@{budget}", storage=storage)
     lock.set_user_attr("done", _now())

@@ -128,6 +128,21 @@ def test_existing_output_not_ours_is_refused_unless_overwrite(run, capsys):
     assert (out / "model.safetensors").is_file() and not (out / "precious.txt").exists()
 
 
+def test_a_search_whose_export_failed_exports_on_the_rerun(run, capsys):
+    """The export is claimed once per study budget; a failed export gives the claim back."""
+    out = run.tmp / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("my work")
+    search = [str(run.src), "--revisions", "last:3", "--dataset", str(run.heldout / "validation.jsonl"),
+              "--max-eval-tokens", "2048", "--trials", "5", "--output", str(out)]
+    assert run(*search) == 2
+    assert "--overwrite" in _error(capsys)
+    assert run(*search, "--overwrite") == 0  # no trial re-runs; this run may export now
+    assert (out / "model.safetensors").is_file()
+    assert run(*search, "--overwrite") == 0  # exported already: nothing is written again
+    assert "is exported by" in capsys.readouterr().err
+
+
 def test_invalid_weights_and_unknown_revisions(run, capsys):
     assert run(str(run.src), "--revisions", "last:3", "--weights", "0.5,0.5", "--output", str(run.tmp / "o")) == 2
     assert "3 checkpoints" in _error(capsys)
