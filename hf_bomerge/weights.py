@@ -32,7 +32,7 @@ def ema(n: int, alpha: float = 0.2) -> list[float]:
     if not 0.0 < alpha <= 1.0:
         raise WeightsError(f"--ema-alpha must be in (0, 1], got {alpha}.")
     w = [alpha * (1 - alpha) ** (n - 1 - i) for i in range(n)]
-    w[0] = 1.0 - sum(w[1:])
+    w[0] = max(0.0, 1.0 - sum(w[1:]))  # not -2e-16 when (1-α)^(N-1) is below the sum's rounding
     return w
 
 
