@@ -104,6 +104,30 @@ def to_simplex_coords(w: Sequence[float]) -> list[float]:
     return z
 
 
+def from_ratio_coords(x: Sequence[float], floor: float = 0.0) -> list[float]:
+    """Map N numbers in [floor, 1] onto the N-simplex: wᵢ ∝ xᵢ − floor (all at the floor: uniform).
+
+    A coordinate at the floor drops its checkpoint, so every single checkpoint is a corner of the box and
+    no face of the box collapses to a point (only scaling all xᵢ − floor together leaves w unchanged).
+
+    >>> from_ratio_coords([1.0, 0.5, 0.5])
+    [0.5, 0.25, 0.25]
+    """
+    raw = [max(0.0, v - floor) for v in x]
+    total = sum(raw)
+    return [r / total for r in raw] if total > 0 else uniform(len(x))
+
+
+def to_ratio_coords(w: Sequence[float], floor: float = 0.0) -> list[float]:
+    """The coordinates of `w` in `from_ratio_coords` whose largest is 1 (a single checkpoint: a one-hot corner).
+
+    >>> to_ratio_coords([0.5, 0.25, 0.25])
+    [1.0, 0.5, 0.5]
+    """
+    top = max(w)
+    return [1.0 if v == top else min(1.0, floor + (1.0 - floor) * max(0.0, v) / top) for v in w]
+
+
 def rule(method: str, n: int, ema_alpha: float = 0.2) -> list[float]:
     """A named fixed rule: `sma`/`uniform`, `ema`, `wma`."""
     rules = {"sma": lambda: uniform(n), "uniform": lambda: uniform(n),
