@@ -22,9 +22,12 @@ What it does:
    polished by Nelder–Mead from its best point, and finally the minimum with everything any sampler found.
 5. Prints a markdown table and writes it to benchmarks/out/search_bench.md (--quick: search_bench-quick.md),
    every trial's loss to search_bench.json.
---variants reruns the simplex settings with the GP (and TPE/random) on other parameterizations (softmax
-logits instead of stick-breaking) and seedings (only latest/uniform/EMA instead of every single checkpoint),
-against the references of the last full run: benchmarks/out/search_bench-variants.md.
+--variants reruns the simplex settings with the GP (and TPE/random) on other parameterizations (the former
+stick-breaking, softmax logits, normalized x/Σx, the shipped log-scale ratio coordinates) and seedings (only
+latest/uniform/EMA instead of every single checkpoint), against the references of the last full run:
+benchmarks/out/search_bench-variants.md. Pick the runs with --combos sampler/space/seeds,... and --n N, e.g.
+
+    python benchmarks/search_bench.py --variants --combos gp/norm/all,tpe/norm/all,random/norm/all --n 8
 """
 
 from __future__ import annotations
@@ -411,6 +414,9 @@ class VariantSpace:
         logs = [math.log(max(w, 1e-12)) for w in weights]
         mean = sum(logs) / len(logs)
         return {f"x{i}": max(-self.LOGIT, min(self.LOGIT, v - mean)) for i, v in enumerate(logs)}
+
+    def param_names(self):
+        return [f"z{k}" for k in range(self.n - 1)] if self.param == "stick" else [f"x{i}" for i in range(self.n)]
 
     def seeds(self, labels, ema_alpha=0.2):
         seeds = self.shipped.seeds(labels, ema_alpha)
