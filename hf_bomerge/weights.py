@@ -78,7 +78,8 @@ def window_decay(n: int, window: int, decay: float) -> list[float]:
 def from_simplex_coords(z: Sequence[float]) -> list[float]:
     """Map N−1 numbers in [0, 1] onto the N-simplex by stick-breaking.
 
-    Uniformly random z gives uniformly random (Dirichlet(1)) weights, so the GP's box is the simplex.
+    Uniformly random z gives uniformly random (Dirichlet(1)) weights (the search benchmark's reference draws;
+    the simplex search itself uses `from_ratio_coords`, whose corners do not collapse).
 
     >>> [round(w, 6) for w in from_simplex_coords(to_simplex_coords([0.25, 0.25, 0.5]))]
     [0.25, 0.25, 0.5]
