@@ -22,9 +22,12 @@ What it does:
    polished by Nelder–Mead from its best point, and finally the minimum with everything any sampler found.
 5. Prints a markdown table and writes it to benchmarks/out/search_bench.md (--quick: search_bench-quick.md),
    every trial's loss to search_bench.json.
---variants reruns the simplex settings with the GP (and TPE/random) on other parameterizations (softmax
-logits instead of stick-breaking) and seedings (only latest/uniform/EMA instead of every single checkpoint),
-against the references of the last full run: benchmarks/out/search_bench-variants.md.
+--variants reruns the simplex settings with the GP (and TPE/random) on other parameterizations (the former
+stick-breaking, softmax logits, normalized x/Σx, the shipped log-scale ratio coordinates) and seedings (only
+latest/uniform/EMA instead of every single checkpoint), against the references of the last full run:
+benchmarks/out/search_bench-variants.md. Pick the runs with --combos sampler/space/seeds,... and --n N, e.g.
+
+    python benchmarks/search_bench.py --variants --combos gp/norm/all,tpe/norm/all,random/norm/all --n 8
 """
 
 from __future__ import annotations
@@ -135,7 +138,9 @@ def sampler_as(kind: str):
         return
     real = optuna.samplers.GPSampler
 
-    def other(seed=None, **_ignored):
+    def other(seed=None, **kwargs):
+        if kind == "gpnoise":  # the shipped GP, but fitting a noise variance (deterministic_objective=False)
+            return real(seed=seed, **{**kwargs, "deterministic_objective": False})
         if kind == "tpe":
             return optuna.samplers.TPESampler(seed=seed)
         return optuna.samplers.RandomSampler(seed=seed)
@@ -359,39 +364,62 @@ def targets(runs: list[Run], refs: dict, bases: dict) -> list[str]:
 class VariantSpace:
     """A simplex space for the investigation: `run_search` only needs suggest/params_for/weights/seeds.
 
-    param: "stick" (the shipped stick-breaking coordinates) or "softmax" (N logits in [-LOGIT, LOGIT]);
+    param: "stick" (stick-breaking coordinates, N−1 in [0, 1]), "softmax" (N logits in [-LOGIT, LOGIT])
+    "norm" (N coordinates x in [0, 1], w = x/Σx; a baseline is x = w/max(w), exactly: a single
+    checkpoint is a one-hot corner, uniform the all-ones corner) or "lognorm" (the same with each
+    coordinate on a log scale: v in [ε, 1], log=True, w ∝ v − ε, ε = e⁻⁶ as softmax's ±3 logits; the
+    baselines are exact too);
     seeds: "all" (the shipped baselines: every single checkpoint, uniform, EMA) or "few" (the latest,
     uniform, EMA).
     """
 
     LOGIT = 3.0
+    EPS = math.exp(-6.0)
 
     def __init__(self, n: int, param: str, seeds: str):
         self.n, self.param, self.seed_kind, self.kind = n, param, seeds, "simplex"
-        self.stick = make_space("simplex", n)
+        self.shipped = make_space("simplex", n)  # for the seeds only
 
     def suggest(self, trial):
         if self.param == "stick":
-            return self.stick.suggest(trial)
+            return self.weights({f"z{k}": trial.suggest_float(f"z{k}", 0.0, 1.0) for k in range(self.n - 1)})
+        if self.param == "norm":
+            return self.weights({f"x{i}": trial.suggest_float(f"x{i}", 0.0, 1.0) for i in range(self.n)})
+        if self.param == "lognorm":
+            return self.weights({f"x{i}": trial.suggest_float(f"x{i}", self.EPS, 1.0, log=True)
+                                 for i in range(self.n)})
         return self.weights({f"x{i}": trial.suggest_float(f"x{i}", -self.LOGIT, self.LOGIT) for i in range(self.n)})
 
     def weights(self, params):
         if self.param == "stick":
-            return self.stick.weights(params)
+            return W.from_simplex_coords([params[f"z{k}"] for k in range(self.n - 1)])
+        if self.param == "norm":
+            x = [params[f"x{i}"] for i in range(self.n)]
+            return [v / sum(x) for v in x] if sum(x) > 0 else W.uniform(self.n)
+        if self.param == "lognorm":
+            x = [max(0.0, params[f"x{i}"] - self.EPS) for i in range(self.n)]
+            return [v / sum(x) for v in x] if sum(x) > 0 else W.uniform(self.n)
         e = [math.exp(params[f"x{i}"]) for i in range(self.n)]
         return [v / sum(e) for v in e]
 
     def params_for(self, weights):
         if self.param == "stick":
-            return self.stick.params_for(weights)
+            return {f"z{k}": z for k, z in enumerate(W.to_simplex_coords(weights))}
+        if self.param == "norm":
+            return {f"x{i}": w / max(weights) for i, w in enumerate(weights)}
+        if self.param == "lognorm":
+            return {f"x{i}": self.EPS + (1.0 - self.EPS) * w / max(weights) for i, w in enumerate(weights)}
         # the nearest point of the box: log-weights centred on their mean (uniform = the box's centre),
         # clipped (a single checkpoint becomes ~99% of the merge)
         logs = [math.log(max(w, 1e-12)) for w in weights]
         mean = sum(logs) / len(logs)
         return {f"x{i}": max(-self.LOGIT, min(self.LOGIT, v - mean)) for i, v in enumerate(logs)}
 
+    def param_names(self):
+        return [f"z{k}" for k in range(self.n - 1)] if self.param == "stick" else [f"x{i}" for i in range(self.n)]
+
     def seeds(self, labels, ema_alpha=0.2):
-        seeds = self.stick.seeds(labels, ema_alpha)
+        seeds = self.shipped.seeds(labels, ema_alpha)
         if self.seed_kind == "few":
             seeds = [s for s in seeds if s[0] in (labels[-1], "uniform", "ema")]
         return seeds
@@ -411,25 +439,38 @@ def variant_run(obj: Objective, setting: str, k: int, budget: int, sampler: str,
                time.perf_counter() - start)
 
 
+DEFAULT_COMBOS = "gp/stick/few,gp/softmax/all,gp/softmax/few,tpe/stick/few,tpe/softmax/few,random/stick/few"
+
+
 def variants(obj: Objective, args, refs: dict, tmp: Path) -> str:
-    combos = [("gp", "stick", "few"), ("gp", "softmax", "all"), ("gp", "softmax", "few"),
-              ("tpe", "stick", "few"), ("tpe", "softmax", "few"), ("random", "stick", "few")]
+    combos = [tuple(c.split("/")) for c in args.combos.split(",")]
     lines = ["", "Investigation (--variants): the simplex settings with other parameterizations/seeds, same "
              "budgets and seeds; reference as above.", "",
              "| setting | sampler / parameterization / seeds | final best loss: median (min–max) | trials to ≤ "
              "ref+0.2%: median (reached) |", "| --- | --- | --- | --- |"]
+    verdicts = []
     for name, kind, k, budget in SETTINGS:
-        if kind != "simplex":
+        if kind != "simplex" or (args.n and k not in args.n):
             continue
         ref = refs[name]["loss"]
+        medians = {}
         for sampler, param, seeds in combos:
             rs = [variant_run(obj, name, k, budget, sampler, seed, param, seeds, tmp) for seed in range(args.seeds)]
             bests = [r.best for r in rs]
+            medians[sampler, param, seeds] = statistics.median(bests)
             hits = [r.trials_to(ref * (1 + WITHIN)) for r in rs]
             log(f"{name} {rs[0].sampler}: {[round(b, 4) for b in bests]}")
             lines.append(f"| {name} | {rs[0].sampler} | {fmt(statistics.median(bests))} ({fmt(min(bests))}–"
                          f"{fmt(max(bests))}) | {statistics.median(hits):g} ({sum(h <= budget for h in hits)}/"
                          f"{len(rs)}) |")
+        for (sampler, param, seeds), med in medians.items():  # the target, where all three samplers ran
+            tpe, rnd = medians.get(("tpe", param, seeds)), medians.get(("random", param, seeds))
+            if sampler == "gp" and tpe is not None and rnd is not None:
+                verdicts.append(f"- {'PASS' if med < tpe and med < rnd else 'MISS'}: {name}, {param}/{seeds} "
+                                f"seeds: GP {fmt(med)}, TPE {fmt(tpe)}, random {fmt(rnd)}.")
+    if verdicts:
+        lines += ["", "GP's median final loss vs TPE's and random's on the same parameterization and seeds:", "",
+                  *verdicts]
     return "\n".join(lines) + "\n"
 
 
@@ -443,6 +484,11 @@ def main() -> None:
     parser.add_argument("--variants", action="store_true",
                         help="after a run: the simplex settings with other parameterizations/seeds "
                              "(reads that run's references, writes search_bench-variants.md)")
+    parser.add_argument("--combos", default=DEFAULT_COMBOS,
+                        help="--variants: comma-separated sampler/param/seeds, sampler gp|gpnoise|tpe|random, param "
+                             "stick|softmax|norm|lognorm, seeds all|few (default: %(default)s)")
+    parser.add_argument("--n", type=int, action="append",
+                        help="--variants: only the simplex setting with this N (repeatable; default all)")
     args = parser.parse_args()
     args.seeds = args.seeds or (2 if args.quick else 5)
     args.max_eval_tokens = args.max_eval_tokens or (2048 if args.quick else 8192)

@@ -2,7 +2,8 @@
 
 A search space only maps the GP's parameters to a weight vector over the checkpoints (oldest first):
 - `pairwise`: θ = λ·θ_t + (1−λ)·θ_{t−1}, λ ∈ [λ_min, 1]; both bounds are evaluated first.
-- `simplex`: N−1 stick-breaking coordinates in [0, 1] mapped onto the N-simplex.
+- `simplex`: N coordinates xᵢ ∈ [ε, 1] on a log scale, wᵢ ∝ xᵢ − ε: every single checkpoint is an exact
+  corner and no face of the box collapses to one weight vector (benchmarks/README.md, "search").
 - `family`: the last `window` checkpoints weighted ∝ (1−decay)^age: two dimensions for any N.
 """
 
@@ -29,6 +30,9 @@ logger = logging.getLogger("hf_bomerge")
 
 SEARCHES = ("auto", "pairwise", "simplex", "family")
 MAX_SIMPLEX = 8
+# The simplex coordinates' floor: xᵢ = ε drops checkpoint i; the box spans weight ratios up to 1/ε ≈ e⁶ on a
+# log scale, as softmax logits in [−3, 3] would, but with exact corners.
+SIMPLEX_FLOOR = math.exp(-6.0)
 # A running trial writes a heartbeat every HEARTBEAT_S; one silent for GRACE_S belonged to a dead process:
 # it is marked failed and its parameters are queued again (nothing finished is lost).
 HEARTBEAT_S, GRACE_S = 2, 10
@@ -47,7 +51,8 @@ class Space:
         if self.kind == "pairwise":
             return W.pairwise(trial.suggest_float("lambda", self.lambda_min, 1.0))
         if self.kind == "simplex":
-            return W.from_simplex_coords([trial.suggest_float(f"z{k}", 0.0, 1.0) for k in range(self.n - 1)])
+            return self.weights({name: trial.suggest_float(name, SIMPLEX_FLOOR, 1.0, log=True)
+                                 for name in self.param_names()})
         return W.window_decay(self.n, trial.suggest_int("window", 1, self.n, log=True),
                               trial.suggest_float("decay", 0.0, 1.0))
 
@@ -56,7 +61,7 @@ class Space:
         if self.kind == "pairwise":
             params = {"lambda": weights[1]} if weights[1] >= self.lambda_min - 1e-12 else None
         elif self.kind == "simplex":
-            params = {f"z{k}": z for k, z in enumerate(W.to_simplex_coords(weights))}
+            params = dict(zip(self.param_names(), W.to_ratio_coords(weights, SIMPLEX_FLOOR)))
         else:
             used = [w for w in weights if w > 0]
             params = {"window": len(used), "decay": 0.0}
@@ -68,8 +73,15 @@ class Space:
         if self.kind == "pairwise":
             return W.pairwise(params["lambda"])
         if self.kind == "simplex":
-            return W.from_simplex_coords([params[f"z{k}"] for k in range(self.n - 1)])
+            return W.from_ratio_coords([params[name] for name in self.param_names()], SIMPLEX_FLOOR)
         return W.window_decay(self.n, params["window"], params["decay"])
+
+    def param_names(self) -> list[str]:
+        if self.kind == "pairwise":
+            return ["lambda"]
+        if self.kind == "simplex":
+            return [f"x{i}" for i in range(self.n)]
+        return ["window", "decay"]
 
     def seeds(self, labels: Sequence[str], ema_alpha: float = 0.2) -> list[tuple[str, list[float]]]:
         """The baselines, in the order they are evaluated: single checkpoints (pairwise: both bounds of
@@ -237,6 +249,7 @@ def run_search(evaluate: Callable[[list[float]], float], space: Space, labels: S
     optuna.logging.set_verbosity(logging.ERROR)  # failed trials are reported by us, without tracebacks
     study = open_study(storage, study_name, inputs, space, seed,
                        [(label, p) for label, _, p in enqueued if p is not None], recipe, objective)
+    _refuse_other_parameters(study, space)
     rdb = study._storage
 
     ran: list[Trial] = []
@@ -376,6 +389,17 @@ def show_study(storage: str | None = None, study_name: str | None = None, cache_
 
 def set_study_attr(storage: str, study_name: str, key: str, value) -> None:
     optuna.load_study(study_name=study_name, storage=open_storage(storage)).set_user_attr(key, value)
+
+
+def _refuse_other_parameters(study: optuna.Study, space: Space) -> None:
+    """A study whose trials have other parameters (one an older hf-bomerge made, e.g. the simplex's former
+    stick-breaking z0..z{N-2}) cannot be resumed: the GP would only see the parameters all trials share."""
+    names = set(space.param_names())
+    other = sorted({p for t in study.get_trials(deepcopy=False) for p in t.params} - names)
+    if other:
+        raise StudyError(f"Study {study.study_name!r} has trials with parameters {', '.join(other)} that the "
+                         f"{space.kind} space no longer uses (it was made by another version of hf-bomerge); "
+                         "resuming it would mix incomparable trials. Use another --study-name.")
 
 
 def _complete(study: optuna.Study) -> int:

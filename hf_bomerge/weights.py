@@ -32,7 +32,7 @@ def ema(n: int, alpha: float = 0.2) -> list[float]:
     if not 0.0 < alpha <= 1.0:
         raise WeightsError(f"--ema-alpha must be in (0, 1], got {alpha}.")
     w = [alpha * (1 - alpha) ** (n - 1 - i) for i in range(n)]
-    w[0] = 1.0 - sum(w[1:])
+    w[0] = max(0.0, 1.0 - sum(w[1:]))  # not -2e-16 when (1-α)^(N-1) is below the sum's rounding
     return w
 
 
@@ -78,7 +78,8 @@ def window_decay(n: int, window: int, decay: float) -> list[float]:
 def from_simplex_coords(z: Sequence[float]) -> list[float]:
     """Map N−1 numbers in [0, 1] onto the N-simplex by stick-breaking.
 
-    Uniformly random z gives uniformly random (Dirichlet(1)) weights, so the GP's box is the simplex.
+    Uniformly random z gives uniformly random (Dirichlet(1)) weights (the search benchmark's reference draws;
+    the simplex search itself uses `from_ratio_coords`, whose corners do not collapse).
 
     >>> [round(w, 6) for w in from_simplex_coords(to_simplex_coords([0.25, 0.25, 0.5]))]
     [0.25, 0.25, 0.5]
@@ -102,6 +103,30 @@ def to_simplex_coords(w: Sequence[float]) -> list[float]:
         z.append(1.0 - (1.0 - u) ** (n - 1 - k))
         rest -= w[k]
     return z
+
+
+def from_ratio_coords(x: Sequence[float], floor: float = 0.0) -> list[float]:
+    """Map N numbers in [floor, 1] onto the N-simplex: wᵢ ∝ xᵢ − floor (all at the floor: uniform).
+
+    A coordinate at the floor drops its checkpoint, so every single checkpoint is a corner of the box and
+    no face of the box collapses to a point (only scaling all xᵢ − floor together leaves w unchanged).
+
+    >>> from_ratio_coords([1.0, 0.5, 0.5])
+    [0.5, 0.25, 0.25]
+    """
+    raw = [max(0.0, v - floor) for v in x]
+    total = sum(raw)
+    return [r / total for r in raw] if total > 0 else uniform(len(x))
+
+
+def to_ratio_coords(w: Sequence[float], floor: float = 0.0) -> list[float]:
+    """The coordinates of `w` in `from_ratio_coords` whose largest is 1 (a single checkpoint: a one-hot corner).
+
+    >>> to_ratio_coords([0.5, 0.25, 0.25])
+    [1.0, 0.5, 0.5]
+    """
+    top = max(w)
+    return [1.0 if v == top else min(1.0, floor + (1.0 - floor) * max(0.0, v) / top) for v in w]
 
 
 def rule(method: str, n: int, ema_alpha: float = 0.2) -> list[float]:

@@ -122,3 +122,16 @@ def test_resuming_a_study_with_different_inputs_is_refused(tmp_path):
     run_search(lambda w: sum(w), space, ["a", "b", "c"], inputs={"dataset": "x"}, **kw)
     with pytest.raises(StudyError, match="dataset"):
         run_search(lambda w: sum(w), space, ["a", "b", "c"], inputs={"dataset": "y"}, **kw)
+
+
+def test_a_study_with_another_parameterization_is_refused(tmp_path):
+    """A simplex study an older hf-bomerge made (stick-breaking z0..z{N-2}) is not silently resumed."""
+    storage = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    old = optuna.create_study(storage=storage, study_name="old", direction="minimize")
+    old.set_user_attr("inputs", {"n": 3})
+    old.add_trial(optuna.trial.create_trial(params={"z0": 0.5, "z1": 0.5}, value=1.0,
+                                            distributions={f"z{k}": optuna.distributions.FloatDistribution(0, 1)
+                                                           for k in range(2)}))
+    with pytest.raises(StudyError, match="z0, z1"):
+        run_search(lambda w: sum(w), make_space("simplex", 3), ["a", "b", "c"], trials=4, storage=storage,
+                   study_name="old", inputs={"n": 3}, seed=0, progress=False)

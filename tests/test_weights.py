@@ -37,6 +37,27 @@ def test_simplex_coordinates_always_give_valid_weights_and_invert(z):
     assert W.from_simplex_coords(W.to_simplex_coords(w)) == pytest.approx(w, abs=1e-9)
 
 
+@given(st.lists(st.floats(0.0, 1.0), min_size=2, max_size=10), st.sampled_from([0.0, math.exp(-6.0)]))
+def test_ratio_coordinates_always_give_valid_weights_and_invert(x, floor):
+    x = [floor + (1 - floor) * v for v in x]
+    w = W.from_ratio_coords(x, floor)
+    assert len(w) == len(x)
+    assert math.isclose(sum(w), 1.0, abs_tol=1e-9) and all(v >= 0 for v in w)
+    back = W.to_ratio_coords(w, floor)
+    assert all(floor <= v <= 1.0 for v in back) and max(back) == 1.0
+    assert W.from_ratio_coords(back, floor) == pytest.approx(w, abs=1e-9)
+
+
+def test_ratio_coordinates_hit_every_corner_exactly():
+    floor = math.exp(-6.0)
+    for n in range(2, 9):
+        for i in range(n):
+            x = W.to_ratio_coords(W.one_hot(n, i), floor)
+            assert x == [1.0 if j == i else floor for j in range(n)]
+            assert W.from_ratio_coords(x, floor) == W.one_hot(n, i)
+    assert W.from_ratio_coords([floor] * 3, floor) == W.uniform(3)  # no weight anywhere: the uniform average
+
+
 @given(st.integers(2, 50), st.integers(1, 50), st.floats(0.0, 1.0))
 def test_window_decay_family_is_valid_and_covers_the_baselines(n, window, decay):
     w = W.window_decay(n, window, decay)
@@ -59,6 +80,18 @@ def test_extrapolation_only_when_asked():
 @pytest.mark.parametrize("n, kind", [(2, "pairwise"), (4, "simplex"), (8, "simplex"), (9, "family"), (44, "family")])
 def test_auto_picks_the_space_by_number_of_checkpoints(n, kind):
     assert make_space("auto", n).kind == kind
+
+
+@pytest.mark.parametrize("n", range(2, 9))
+def test_simplex_seeds_map_back_exactly_to_their_weights(n):
+    simplex = Space("simplex", n)
+    for label, w in simplex.seeds([f"s{i}" for i in range(n)]):
+        params = simplex.params_for(w)
+        assert params is not None and set(params) == set(simplex.param_names()), label
+        assert all(math.exp(-6.0) <= v <= 1.0 for v in params.values()), label  # inside the box
+        assert simplex.weights(params) == pytest.approx(w, abs=1e-12), label
+        if max(w) == 1.0:
+            assert simplex.weights(params) == w, label  # a single checkpoint exactly, not ~99% of it
 
 
 def test_seeds_are_in_their_space():
