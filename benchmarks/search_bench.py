@@ -10,7 +10,7 @@ What it does:
    step 200 to step 800 (25 checkpoints, fp16 like Pythia's). Held-out = the demo's held-out stdlib
    packages (never trained on); out-of-domain (ood) = the demo's English prose (pydoc topics).
 2. Every method calls the same `evaluate(weights) -> held-out loss`: hf-bomerge's own evaluator
-   (`api._Evaluator`: a resident model whose params get Σ wᵢθᵢ, mean token NLL on packed blocks). No
+   (`evaluator.Evaluator`: a resident model whose params get Σ wᵢθᵢ, mean token NLL on packed blocks). No
    cache: a method pays for every evaluation it asks for.
 3. Settings (the last k checkpoints): pairwise (k=2, λ ∈ [0,1]), simplex N=4, simplex N=8, family N=24.
    Samplers at equal trial budgets, over several seeds: the GP is exactly `study.run_search` (baselines
@@ -59,7 +59,8 @@ import torch  # noqa: E402
 
 from hf_bomerge import demo  # noqa: E402
 from hf_bomerge import weights as W  # noqa: E402
-from hf_bomerge.api import _Evaluator, _Prepared, _quiet_libraries  # noqa: E402
+from hf_bomerge.evaluator import Evaluator as _Evaluator  # noqa: E402
+from hf_bomerge.prepare import Prepared as _Prepared, quiet_libraries as _quiet_libraries  # noqa: E402
 from hf_bomerge.checkpoints import CheckpointSet  # noqa: E402
 from hf_bomerge.heldout import HeldOutSpec  # noqa: E402
 from hf_bomerge.study import make_space, run_search  # noqa: E402

@@ -2,12 +2,12 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["search", "merge", "from_recipe", "MergeResult", "BOMergeError"]
+__all__ = ["search", "merge", "from_recipe", "from_study", "MergeResult", "BOMergeError"]
 
 
 def __getattr__(name: str):
     # Lazy: `import hf_bomerge` stays cheap (no torch) for the CLI's --help and error paths.
-    if name in ("search", "merge", "from_recipe", "MergeResult"):
+    if name in ("search", "merge", "from_recipe", "from_study", "MergeResult"):
         from . import api
 
         return getattr(api, name)

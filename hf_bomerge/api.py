@@ -15,27 +15,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-import torch
-
 from . import __version__, parallel
 from . import weights as W
-from .checkpoints import CheckpointSet, check_remote_code, check_same_tokenizer
-from .errors import BOMergeError, CorruptFileError, HubError, OutputError, StudyError
-from .heldout import DEFAULT_MAX_EVAL_TOKENS, HeldOutSpec, heldout_blocks, nll_sums
-from .hub import SIDE_FILES, Source, default_cache_dir, open_source, weight_sizes
-from .plan import Plan, make_plan
-from .engine import DEFAULT_MAX_SHARD_SIZE, ResidentMerger, StreamedMerger, export_merge, parse_size, replace_dir
-from .revisions import resolve_revisions
+from .checkpoints import CheckpointSet
+from .engine import DEFAULT_MAX_SHARD_SIZE, DTYPES, export_merge, replace_dir
+from .errors import BOMergeError, OutputError, StudyError
+from .evaluator import Evaluator
+from .heldout import DEFAULT_MAX_EVAL_TOKENS, HeldOutSpec
+from .hub import SIDE_FILES, default_cache_dir
+from .plan import Plan
+from .prepare import prepare, resolve, run_plan
 from .study import (Trial, best_of, default_study_name, load_study, make_space, run_search, set_study_attr,
                     study_outcome)
-from .tasks import Metric, choice_set, objective_key, predict
+from .tasks import Metric, objective_key
 
 logger = logging.getLogger("hf_bomerge")
 SCHEMA = 1
 RECIPE_FILE = "bomerge_recipe.yaml"
 RESULT_FILE = "bomerge_result.json"
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -102,7 +99,7 @@ class MergeResult:
         self.dtype = dtype or self.dtype or str(ckpts.infos[ckpts.merged_names[0]].dtype).removeprefix("torch.")
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
         try:
-            export_merge(ckpts, self.weights, staging, dtype=_DTYPES[self.dtype], max_shard_size=max_shard_size)
+            export_merge(ckpts, self.weights, staging, dtype=DTYPES[self.dtype], max_shard_size=max_shard_size)
             _copy_side_files(self.folders[-1], self.tokenizer_folder, staging, self.dtype)
             self.output = str(target)
             (staging / RECIPE_FILE).write_text(yaml.safe_dump(self.recipe(), sort_keys=False))
@@ -161,51 +158,8 @@ def _copy_side_files(reference: Path, tokenizer_folder: Path | None, staging: Pa
         data = json.loads(config.read_text())
         for key in ("dtype", "torch_dtype"):
             if key in data or key == "dtype":
-                data[key] = str(_DTYPES[dtype]).removeprefix("torch.")
+                data[key] = str(DTYPES[dtype]).removeprefix("torch.")
         config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-@dataclass
-class _Prepared:
-    source: Source
-    names: list[str]
-    shas: list[str]
-    folders: list[Path]
-    tokenizer_folder: Path
-    note: str | None
-    ckpts: CheckpointSet
-    mode: str = "resident"  # the plan's: the checkpoints resident beside the model, or streamed per trial
-
-
-def _resolve(source: str, revisions: str, max_checkpoints: int, token, cache_dir,
-             shas: Sequence[str] | None = None):
-    """The source, the chosen revision names (oldest first), their pins, and the thinning note."""
-    src = open_source(source, token=token, cache_dir=cache_dir)
-    resolved = resolve_revisions(revisions, src.refs(), max_checkpoints)
-    pins = [r.sha for r in resolved.revisions]
-    if shas is not None:
-        if src.kind == "folder" and list(shas) != pins:
-            changed = [n for n, a, b in zip(resolved.names, shas, pins) if a != b]
-            raise HubError(f"The checkpoint folders {changed} of {src.id} changed since the recipe was written; "
-                           "the recipe cannot be reproduced from them.")
-        pins = list(shas)
-    return src, resolved.names, pins, resolved.note
-
-
-def _plan(src: Source, names: Sequence[str], pins: Sequence[str], *, device: str | None = None,
-          eval_dtype: str | None = None, batch_size: int = 4, block_size: int | None = None, evaluate: bool = True,
-          cache_dir=None, max_memory: str | int | None = None, device_map: str | None = None) -> Plan:
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    budget = parse_size(max_memory) if max_memory else None
-    if device_map and torch.cuda.is_available():  # the model and the checkpoints spread over every GPU
-        device, budget = "cuda:*", budget and budget * torch.cuda.device_count()
-    itemsize = _DTYPES[eval_dtype].itemsize if eval_dtype else (4 if device == "cpu" else 2)
-    listings = [src.listing(n, p) for n, p in zip(names, pins)]
-    local = [src.is_local(n, p, listing) for n, p, listing in zip(names, pins, listings)]
-    return make_plan([weight_sizes(listing) for listing in listings], local,
-                     src.config(names[-1], pins[-1]), names, device=device, eval_itemsize=itemsize,
-                     batch_size=batch_size, block_size=block_size, evaluate=evaluate,
-                     paths=[Path(cache_dir or default_cache_dir())], max_memory=budget)
 
 
 def plan(source: str, revisions: str = "last:2", *, max_checkpoints: int = 8, token: str | bool | None = None,
@@ -214,157 +168,10 @@ def plan(source: str, revisions: str = "last:2", *, max_checkpoints: int = 8, to
 
     >>> print(plan("EleutherAI/pythia-1b", "step100000..step143000").describe())   # doctest: +SKIP
     """
-    src, names, pins, note = _resolve(source, revisions, max_checkpoints, token, cache_dir)
-    result = _plan(src, names, pins, cache_dir=cache_dir, **kwargs)
+    src, names, pins, note = resolve(source, revisions, max_checkpoints, token, cache_dir)
+    result = run_plan(src, names, pins, cache_dir=cache_dir, **kwargs)
     result.source, result.shas, result.note = src.id, list(pins), note
     return result
-
-
-def _prepare(source: str, revisions: str, max_checkpoints: int, token, cache_dir, progress: bool,
-             shas: Sequence[str] | None = None, planning: dict | None = None) -> _Prepared:
-    """Resolve the revisions (or take the pinned `shas` of a recipe), check the plan fits, download them."""
-    if not progress:
-        _quiet_libraries()
-    src, names, pins, note = _resolve(source, revisions, max_checkpoints, token, cache_dir, shas)
-    mode = "resident"
-    if planning is not None:
-        plan = _plan(src, names, pins, cache_dir=cache_dir, **planning)
-        plan.check()
-        mode = plan.mode if plan.evaluate else "resident"
-        if mode == "streamed":
-            logger.warning("The %d checkpoints do not fit in memory beside the model (%s): streamed mode, every "
-                           "trial re-reads them (slower). --max-checkpoints %d would keep them resident.",
-                           len(names), plan.device, plan.fitting_checkpoints())
-    revs = list(zip(names, pins))
-    folders = [src.fetch(name, pin) for name, pin in _bar(revs, "download", progress)]
-    try:
-        ckpts = CheckpointSet(folders, names)
-    except CorruptFileError as err:
-        if src.kind != "hub":
-            raise
-        logger.warning("%s Downloading the revisions again, once.", err)
-        folders = [src.fetch(name, pin, force=True) for name, pin in revs]
-        ckpts = CheckpointSet(folders, names)
-    check_same_tokenizer(folders, names)
-    return _Prepared(src, names, pins, folders, _tokenizer_folder(src, folders[-1]), note, ckpts, mode)
-
-
-def _tokenizer_folder(src: Source, latest: Path) -> Path:
-    """The tokenizer of the latest revision, else of `main` / the folder root."""
-    if any((latest / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        return latest
-    if src.kind == "folder" and (src.path / "tokenizer_config.json").is_file():
-        return src.path
-    refs = src.refs()
-    if "main" in refs:
-        return src.fetch("main", refs["main"])
-    raise HubError(f"No tokenizer in the latest revision of {src.id} nor in its main branch.")
-
-
-def _quiet_libraries() -> None:
-    import datasets
-    from huggingface_hub.utils import disable_progress_bars
-    from transformers.utils import logging as hf_logging
-
-    datasets.disable_progress_bars()
-    disable_progress_bars()
-    hf_logging.disable_progress_bar()
-
-
-def _bar(items, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, unit="rev", disable=not enabled)
-
-
-def _eval_dtype(name: str | None, device: str, ckpts: CheckpointSet) -> torch.dtype:
-    if name:
-        return _DTYPES[name]
-    if device.startswith("cuda"):
-        ref = ckpts.reference.infos[ckpts.merged_names[0]].dtype
-        return ref if ref in (torch.float16, torch.bfloat16) else torch.bfloat16
-    return torch.float32  # half-precision matmul on CPUs is ~100x slower
-
-
-class _Evaluator:
-    """A resident model, the N checkpoints beside it, and the held-out data: weights in, objective out
-    (the mean NLL of the held-out blocks, or the `metric` of the multiple-choice predictions).
-
-    Under `accelerate launch` each process scores its share of the loss batches and the sums are reduced
-    (`hf_bomerge.parallel`), so every process returns the same loss. (A metric is computed whole on each.)
-    """
-
-    def __init__(self, prep: _Prepared, ckpts: CheckpointSet, *, dataset: HeldOutSpec, block_size: int | None,
-                 max_eval_tokens: int, batch_size: int, eval_dtype: str | None, device: str | None,
-                 trust_remote_code: bool, cache_dir: Path, store_dtype: str | None = None,
-                 device_map: str | dict | None = None, max_memory: str | int | None = None,
-                 metric: Metric | None = None):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        from transformers.utils import logging as hf_logging
-
-        check_remote_code(prep.folders[-1], trust_remote_code)
-        self.device = device or parallel.device() or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = _eval_dtype(eval_dtype, self.device, ckpts)
-        hf_logging.set_verbosity_error()  # legacy Pythia buffers are "unexpected keys": expected here
-        placement = _placement(device_map, max_memory) if device_map else {}
-        self.model = AutoModelForCausalLM.from_pretrained(
-            prep.folders[-1], dtype=dtype, trust_remote_code=trust_remote_code, **placement)
-        if not device_map:
-            self.model.to(self.device)
-        _check_placement(self.model)
-        self.tokenizer = AutoTokenizer.from_pretrained(prep.tokenizer_folder, trust_remote_code=trust_remote_code)
-        context = getattr(self.model.config, "max_position_embeddings", 2048) or 2048
-        self.block_size = min(block_size or 2048, context)
-        self.batch_size, self.max_eval_tokens, self.cache_dir = batch_size, max_eval_tokens, cache_dir
-        self.tokenizer_folder = prep.tokenizer_folder
-        self.shard, self.metric = parallel.world(), metric
-        if metric is None:
-            self.blocks = self.blocks_for(dataset)
-            self._blocks = {None: self.blocks}
-            self.eval_tokens, self.eval_questions = int(self.blocks.numel()), 0
-        else:
-            self._blocks = {}
-            self.pairs = choice_set(dataset, self.tokenizer, self.tokenizer_folder, context, max_eval_tokens, cache_dir)
-            self.eval_tokens, self.eval_questions = int(self.pairs["lengths"].sum()), len(self.pairs["answers"])
-        merger = StreamedMerger if prep.mode == "streamed" else ResidentMerger
-        self.merger = merger(self.model, ckpts, _DTYPES[store_dtype] if store_dtype else None)
-
-    def blocks_for(self, spec: HeldOutSpec) -> torch.Tensor:
-        return heldout_blocks(spec, self.tokenizer, self.tokenizer_folder, self.block_size, self.max_eval_tokens,
-                              self.cache_dir)
-
-    def __call__(self, weights: Sequence[float], data: HeldOutSpec | None = None) -> float:
-        """The objective of the merge `weights`; with `data`, the mean token NLL on that text set instead."""
-        self.merger.apply(weights)
-        if self.metric is not None and data is None:
-            predictions = predict(self.model, self.pairs, self.batch_size * self.block_size)
-            return self.metric(predictions, self.pairs["answers"].tolist())
-        if data not in self._blocks:
-            self._blocks[data] = self.blocks_for(data)
-        total, count = parallel.reduce_sums(*nll_sums(self.model, self._blocks[data], self.batch_size, *self.shard))
-        return total / count
-
-
-def _placement(device_map: str | dict, max_memory: str | int | None) -> dict:
-    """`from_pretrained` arguments that spread the model over the visible devices with Accelerate."""
-    if parallel.world()[1] > 1:
-        raise BOMergeError("--device-map spreads one model over several devices; under `accelerate launch` each "
-                           "process holds its own copy (data parallel). Use one or the other.")
-    placement: dict = {"device_map": device_map}
-    if max_memory:
-        budget = parse_size(max_memory)
-        devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"]
-        placement["max_memory"] = {(int(d[5:]) if d.startswith("cuda:") else d): budget for d in devices}
-    return placement
-
-
-def _check_placement(model: torch.nn.Module) -> None:
-    """The merger writes each trial's weights into the parameters: none may be offloaded (on `meta`)."""
-    offloaded = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    if offloaded:
-        raise BOMergeError(f"{len(offloaded)} parameters (e.g. {offloaded[0]}) did not fit on the devices and "
-                           "were offloaded; the search keeps every weight resident. Raise --max-memory, use more "
-                           "devices, or fewer checkpoints (--max-checkpoints).")
 
 
 def _heldout(dataset, dataset_config, split, text_column) -> HeldOutSpec:
@@ -403,10 +210,10 @@ def search(source: str, revisions: str = "last:2", *, dataset: str | None = None
                     max_memory=max_memory, device_map=device_map)
     progress = progress and parallel.is_main()
     with parallel.main_process_first():  # downloads and the tokenized held-out cache, once
-        prep = _prepare(source, revisions, max_checkpoints, token, cache_dir, progress, planning=planning)
+        prep = prepare(source, revisions, max_checkpoints, token, cache_dir, progress, planning=planning)
         space = make_space(search, len(prep.ckpts), lambda_min)
         spec = _heldout(dataset, dataset_config, split, text_column)
-        evaluator = _Evaluator(prep, prep.ckpts, dataset=spec, block_size=block_size, max_eval_tokens=max_eval_tokens,
+        evaluator = Evaluator(prep, prep.ckpts, dataset=spec, block_size=block_size, max_eval_tokens=max_eval_tokens,
                                batch_size=batch_size, eval_dtype=eval_dtype, device=device,
                                trust_remote_code=trust_remote_code, cache_dir=cache, store_dtype=dtype,
                                device_map=device_map, max_memory=max_memory, metric=metric)
@@ -510,7 +317,7 @@ def merge(source: str, revisions: str = "last:2", *, weights: Sequence[float] | 
                     max_memory=max_memory, evaluate=evaluate, device_map=device_map)
     progress = progress and parallel.is_main()
     with parallel.main_process_first():
-        prep = _prepare(source, revisions, max_checkpoints, token, cache_dir, progress, shas, planning)
+        prep = prepare(source, revisions, max_checkpoints, token, cache_dir, progress, shas, planning)
     n = len(prep.names)
     if weights is None:
         weights = W.rule(method or "sma", n, ema_alpha)
@@ -521,7 +328,7 @@ def merge(source: str, revisions: str = "last:2", *, weights: Sequence[float] | 
     if evaluate:
         spec = _heldout(dataset, dataset_config, split, text_column)
         with parallel.main_process_first():
-            evaluator = _Evaluator(prep, prep.ckpts, dataset=spec, block_size=block_size,
+            evaluator = Evaluator(prep, prep.ckpts, dataset=spec, block_size=block_size,
                                    max_eval_tokens=max_eval_tokens, batch_size=batch_size, eval_dtype=eval_dtype,
                                    device=device, trust_remote_code=trust_remote_code, cache_dir=cache,
                                    store_dtype=dtype, device_map=device_map, max_memory=max_memory, metric=metric)

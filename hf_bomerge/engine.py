@@ -21,6 +21,8 @@ from .checkpoints import ST_DTYPES, CheckpointSet, TensorInfo, is_merged
 from .errors import CheckpointError, OutputError
 
 DEFAULT_MAX_SHARD_SIZE = "2GB"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _ST_NAMES = {dtype: name for name, dtype in ST_DTYPES.items()}
 
 

@@ -262,9 +262,12 @@ def run_search(evaluate: Callable[[list[float]], float], space: Space, labels: S
         trial.set_user_attr(workers.STARTED, {"trial": trial.number, "worker": workers.worker_id()})
         w = space.suggest(trial)  # an enqueued seed or a retried trial gets its fixed parameters here
         trial.set_user_attr("weights", w)
-        if (twin := workers.duplicate_of(study, trial.number, w)) is not None:
-            _set_aside(trial, f"duplicate of trial {twin}")
-        loss = evaluate(w)
+        twin = workers.twin_of(study, trial.number, w)
+        if twin is not None and twin.state != optuna.trial.TrialState.COMPLETE:
+            _set_aside(trial, f"duplicate of trial {twin.number}")
+        if twin is not None:  # a point already evaluated: its value is known, the objective is deterministic
+            trial.set_user_attr(workers.COPY_OF, twin.number)
+        loss = evaluate(w) if twin is None else float(twin.value)
         ran.append(Trial(trial.number, w, loss if math.isfinite(loss) else float("nan"), trial.user_attrs.get("seed")))
         return ran[-1].loss
 

@@ -8,6 +8,8 @@ Everything here is decided by the storage (an Optuna RDB: SQLite, PostgreSQL, My
 - Two workers that ask at the same moment see the same history; the GP (which accounts for running trials
   only once their parameters are stored) could propose the same point to both. Joining workers use their own
   sampler seed, and a trial whose weights equal those of an earlier-numbered running trial is set aside.
+  A proposal equal to a finished trial (the GP may pick a corner it has seen) reuses that trial's value
+  instead of evaluating it again (the objective is deterministic); it still counts toward the budget.
 - A worker that dies mid-trial stops its heartbeat; its trial is failed after the grace period and retried
   (Optuna's heartbeat + RetryHeartbeatStaleTrialCallback). One that dies between Optuna's `ask` and its
   first heartbeat leaves a RUNNING trial that nothing would ever fail: it is failed here after ORPHAN_S.
@@ -26,6 +28,7 @@ import optuna
 from optuna.trial import TrialState
 
 SET_ASIDE = "bomerge_set_aside"  # user attr: why a trial was not run (over the budget, a duplicate)
+COPY_OF = "bomerge_copy_of"  # user attr: the finished trial whose value a re-proposed point reused
 STARTED = "bomerge_started"  # user attr set by the process that runs a trial: {"trial": number, "worker": ...}
 ORPHAN_S = 60
 LIVE = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
@@ -46,19 +49,20 @@ def worker_seed(seed: int | None) -> int | None:
         return None
     return int.from_bytes(hashlib.sha256(f"{seed}:{worker_id()}".encode()).digest()[:4], "little")
 
+
 def within_budget(study: optuna.Study, number: int, budget: int) -> bool:
     """Whether trial `number` is among the first `budget` trials that finished or are in flight."""
     ahead = study.get_trials(deepcopy=False, states=LIVE)
     return sum(1 for t in ahead if t.number < number) < budget
 
 
-def duplicate_of(study: optuna.Study, number: int, weights: list[float]) -> int | None:
-    """An earlier-numbered trial in flight with the same weights, if there is one. (A proposal equal to a
-    finished trial is the GP's own choice, e.g. a bound, and runs: setting it aside would loop.)"""
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+def twin_of(study: optuna.Study, number: int, weights: list[float]) -> optuna.trial.FrozenTrial | None:
+    """A finished trial with the same weights, or an earlier-numbered one in flight, if there is one."""
+    for t in study.get_trials(deepcopy=False, states=LIVE):
         other = t.user_attrs.get("weights")
-        if t.number < number and other and all(abs(a - b) < 1e-12 for a, b in zip(other, weights)):
-            return t.number
+        if (t.state == TrialState.COMPLETE or t.number < number) and t.number != number and other \
+                and all(abs(a - b) < 1e-12 for a, b in zip(other, weights)):
+            return t
     return None
 
 

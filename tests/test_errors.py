@@ -182,8 +182,8 @@ def test_search_killed_mid_trial_resumes_to_the_same_budget(run, tmp_path):
     complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert summary["trials"] == len(complete) == 9
     assert set(summary["baselines"]) == {*run.steps, "uniform", "ema"}  # an interrupted seed was re-run
-    params = [json.dumps(t.params, sort_keys=True) for t in complete]
-    assert len(set(params)) == len(params)  # no trial ran twice
+    params = [json.dumps(t.params, sort_keys=True) for t in complete if "bomerge_copy_of" not in t.user_attrs]
+    assert len(set(params)) == len(params)  # no trial ran twice (a GP re-proposal reuses the known value)
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(tmp_path / "out")

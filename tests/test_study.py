@@ -19,7 +19,8 @@ from hf_bomerge.study import make_space, run_search
 @pytest.fixture(scope="module")
 def evaluator(trajectory, tmp_path_factory):
     """weights -> held-out loss over the last 4 checkpoints of the trajectory (resident, in memory)."""
-    from hf_bomerge.api import _Evaluator, _prepare
+    from hf_bomerge.evaluator import Evaluator as _Evaluator
+    from hf_bomerge.prepare import prepare as _prepare
     from hf_bomerge.checkpoints import CheckpointSet
     from hf_bomerge.heldout import HeldOutSpec
 
