@@ -338,10 +338,13 @@ def study_outcome(study: optuna.Study, labels: Sequence[str], objective: str = "
 def load_study(storage: str, study_name: str | None = None) -> optuna.Study:
     """An existing study; without a name, the only study in `storage`."""
     names = [n for n in optuna.get_all_study_names(open_storage(storage)) if not workers.is_export_lock(n)]
+    if not names:
+        raise StudyError(f"{safe_url(storage)} holds no study. Check --storage (and --cache-dir: the default "
+                         "storage is studies.db there); a search writes its study where its --storage says.")
     if study_name is None:
         if len(names) != 1:
-            listed = ", ".join(names) if names else "none"
-            raise StudyError(f"{safe_url(storage)} holds {len(names)} studies ({listed}); pass --study-name.")
+            raise StudyError(f"{safe_url(storage)} holds {len(names)} studies ({', '.join(names)}); pass "
+                             "--study-name (hf-bomerge show --storage URL lists them).")
         study_name = names[0]
     if study_name not in names:
         raise StudyError(f"No study {study_name!r} in {safe_url(storage)} (it holds: {', '.join(names) or 'none'}); "

@@ -309,3 +309,13 @@ def test_not_enough_disk_is_refused_before_downloading(test_hub, tmp_path, capsy
     msg = _error(capsys)
     assert "free" in msg and "--cache-dir" in msg
     assert not list(cache.rglob("*.bin")) and not (tmp_path / "out").exists()
+
+
+def test_export_from_a_storage_without_the_study_says_where_to_look(tmp_path, capsys):
+    assert main(["export", "--storage", f"sqlite:///{tmp_path / 'empty.db'}", "--quiet"]) == 2
+    assert "holds no study" in _error(capsys)
+    storage = f"sqlite:///{tmp_path / 'two.db'}"
+    for name in ("a", "b"):
+        optuna.create_study(storage=storage, study_name=name)
+    assert main(["export", "--storage", storage, "--study-name", "c", "--quiet"]) == 2
+    assert "No study 'c'" in (msg := _error(capsys)) and "a, b" in msg
