@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
 
+from hf_bomerge import engine
 from hf_bomerge.checkpoints import CheckpointSet, is_merged
 from hf_bomerge.engine import ResidentMerger, export_merge
 from hf_bomerge.errors import CheckpointError
@@ -147,11 +148,14 @@ def test_tied_weights_are_merged_once_and_stay_tied(tmp_path):
     assert torch.equal(out["embed_out.weight"], out["gpt_neox.embed_in.weight"])
 
 
+@pytest.mark.parametrize("chunk", [engine.CHUNK, 1000])
 @pytest.mark.parametrize("model_dtype, weights", [(torch.float32, WEIGHTS), (torch.bfloat16, WEIGHTS),
                                                   (torch.float32, [0.35, 0.65]), (torch.float32, [-0.5, 1.5])])
-def test_resident_merger_matches_export_bit_for_bit(tmp_path, model_dtype, weights):
+def test_resident_merger_matches_export_bit_for_bit(tmp_path, model_dtype, weights, chunk, monkeypatch):
     """N checkpoints, and two (θ₀ + λΔ, one axpy per trial, extrapolation included); also for a
-    half-precision model (as on GPU), which still accumulates in float32."""
+    half-precision model (as on GPU), which still accumulates in float32; also when the export's
+    cache-blocked accumulator cuts every tensor into many chunks (chunk=1000 elements)."""
+    monkeypatch.setattr(engine, "CHUNK", chunk)
     folders, states = _trajectory(tmp_path, ["bin", "safetensors", "bin"][-len(weights):])
     ckpts = CheckpointSet(folders)
     model = AutoModelForCausalLM.from_pretrained(folders[-1], dtype=model_dtype)
