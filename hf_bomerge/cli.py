@@ -275,12 +275,12 @@ def format_study(report: dict) -> str:
     c = report["counts"]
     lines = [f"study {report['study']} in {report['storage']} ({report['source']}, {report['search']}):",
              f"  {c['complete']} complete, {c['running']} running, {c['waiting']} queued, {c['failed']} failed",
-             "", f"  {'#':>4}  {'state':<8} {'loss':>9}  {'baseline':<12} weights (oldest first)"]
+             "", f"  {'#':>4}  {'state':<8} {report['objective'][:9]:>9}  {'baseline':<12} weights (oldest first)"]
     for t in report["trials"]:
         weights = " ".join(f"{w:.3f}" for w in t["weights"]) if t["weights"] else ""
         lines.append(f"  {t['number']:>4}  {t['state']:<8} {_value(t['loss']):>9}  {t['seed'] or '':<12} {weights}")
     if report["best"]:
-        lines += ["", f"best: trial {report['best']['number']} loss {report['best']['loss']:.5f}"]
+        lines += ["", f"best: trial {report['best']['number']} {report['objective']} {report['best']['loss']:.5f}"]
     for e in report["exports"]:
         lines.append(f"exported at {e['budget']} trials by {e.get('worker')} to {e.get('output')} "
                      f"({'done ' + e['done'] if e.get('done') else 'not finished'})")
