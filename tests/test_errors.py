@@ -319,3 +319,6 @@ def test_export_from_a_storage_without_the_study_says_where_to_look(tmp_path, ca
         optuna.create_study(storage=storage, study_name=name)
     assert main(["export", "--storage", storage, "--study-name", "c", "--quiet"]) == 2
     assert "No study 'c'" in (msg := _error(capsys)) and "a, b" in msg
+    assert main(["show", "--storage", storage, "--json"]) == 0  # without a name: the storage's studies
+    listed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [s["study"] for s in listed["studies"]] == ["a", "b"]
