@@ -72,6 +72,13 @@ def weighted_sum_(out: list[torch.Tensor], sources: Pair | Sequence[Sequence[tor
             torch._foreach_add_(out, list(src), alpha=float(w))
 
 
+def _slice(sources: Pair | list[list[torch.Tensor]], start: int, stop: int) -> Pair | list[list[torch.Tensor]]:
+    """Elements [start, stop) of the flattened single-tensor sources (as `select` or `as_sources` give)."""
+    if isinstance(sources, Pair):
+        return Pair([sources.base[0].reshape(-1)[start:stop]], [sources.delta[0].reshape(-1)[start:stop]])
+    return [[s[0].reshape(-1)[start:stop]] for s in sources]
+
+
 def parse_size(size: str | int) -> int:
     """'2GB' → 2_000_000_000; '500MiB' → 524_288_000; an int is bytes."""
     if isinstance(size, int):
@@ -132,12 +139,12 @@ def merged_tensor(ckpts: CheckpointSet, name: str, weights: Sequence[float], dty
     name = ckpts.aliases.get(name, name)
     if not is_merged(info):
         return ckpts.reference.get(name)
-    sources = [t.reshape(-1) for t in ckpts.tensors(name)]
+    sources = as_sources([[t] for t in ckpts.tensors(name)])
     out = torch.empty(info.numel, dtype=dtype or info.dtype)
     acc = torch.empty(min(CHUNK, info.numel), dtype=torch.float32)
     for start in range(0, info.numel, CHUNK):
         part = acc[: min(CHUNK, info.numel - start)]
-        weighted_sum_([part], as_sources([[s[start:start + part.numel()]] for s in sources]), weights)
+        weighted_sum_([part], _slice(sources, start, start + part.numel()), weights)
         if not torch.isfinite(part).all():  # name the culprit rather than write a broken model
             for tensor, ckpt in zip(ckpts.tensors(name), ckpts.checkpoints):
                 _finite(tensor, name, ckpt.label)
@@ -275,6 +282,8 @@ class ResidentMerger:
 
     @torch.no_grad()
     def apply(self, weights: Sequence[float]) -> None:
+        if self.targets and self.targets[0].device.type == "cpu":
+            return self._apply_cpu(weights)
         if all(t.dtype == torch.float32 for t in self.targets):  # merge in place, fused
             weighted_sum_(self.targets, self.sources, weights)
             for target, dtype in zip(self.targets, self.store_dtypes):
@@ -285,6 +294,19 @@ class ResidentMerger:
             acc = torch.empty(target.shape, dtype=torch.float32, device=target.device)
             weighted_sum_([acc], select(self.sources, k), weights)
             target.copy_(acc.to(self.store_dtypes[k]))
+
+    def _apply_cpu(self, weights: Sequence[float]) -> None:
+        """Cache-blocked, as the export: each chunk is summed, rounded to the saved dtype and written while
+        it is in cache (whole-tensor ops stream every tensor through memory once per source). Same bits."""
+        for k, target in enumerate(self.targets):
+            sources, flat = select(self.sources, k), target.view(-1)
+            acc = flat if target.dtype == torch.float32 else torch.empty(min(CHUNK, flat.numel()))
+            for start in range(0, flat.numel(), CHUNK):
+                stop = min(start + CHUNK, flat.numel())
+                part = acc[start:stop] if acc is flat else acc[: stop - start]
+                weighted_sum_([part], _slice(sources, start, stop), weights)
+                if self.store_dtypes[k] != target.dtype or acc is not flat:
+                    flat[start:stop].copy_(part.to(self.store_dtypes[k]))
 
 
 class StreamedMerger:
