@@ -25,8 +25,8 @@ from .heldout import DEFAULT_MAX_EVAL_TOKENS, HeldOutSpec
 from .hub import SIDE_FILES, default_cache_dir
 from .plan import Plan
 from .prepare import prepare, resolve, run_plan
-from .study import (Trial, best_of, default_study_name, load_study, make_space, run_search, set_study_attr,
-                    study_outcome)
+from .study import (Trial, best_of, default_storage, default_study_name, load_study, make_space, run_search,
+                    set_study_attr, study_outcome)
 from .tasks import Metric, objective_key
 
 logger = logging.getLogger("hf_bomerge")
@@ -222,7 +222,7 @@ def search(source: str, revisions: str = "last:2", *, dataset: str | None = None
               "objective": objective_key(objective) if metric else "loss", "space": space.kind, "lambda_min": lambda_min, "block_size": evaluator.block_size,
               "max_eval_tokens": max_eval_tokens, "ema_alpha": ema_alpha, "dtype": dtype}
     name = study_name or default_study_name(inputs)
-    url = storage or f"sqlite:///{cache / 'studies.db'}"
+    url = storage or default_storage(cache)
     dataset_is_hub = not Path(spec.dataset).expanduser().exists()
     recipe = {"source": prep.source.id, "source_kind": prep.source.kind, "revisions": prep.names, "shas": prep.shas,
               "search": space.kind, "dataset": spec.label, "dataset_is_hub": dataset_is_hub,
@@ -257,7 +257,7 @@ def from_study(study_name: str | None = None, storage: str | None = None, *, tok
 
     >>> from_study("bomerge-pythia-1b-0123abcd", "postgresql+psycopg://db/bomerge").save_pretrained("out")  # doctest: +SKIP
     """
-    url = storage or f"sqlite:///{Path(cache_dir or default_cache_dir()) / 'studies.db'}"
+    url = storage or default_storage(cache_dir)
     study = load_study(url, study_name)
     recipe = study.user_attrs.get("recipe") or {}
     if not recipe.get("revisions"):

@@ -335,9 +335,18 @@ def study_outcome(study: optuna.Study, labels: Sequence[str], objective: str = "
     return SearchOutcome(found, {k: baselines[k] for k in ranked}, best, extra)
 
 
-def load_study(storage: str, study_name: str | None = None) -> optuna.Study:
+def default_storage(cache_dir=None) -> str:
+    """The study storage when --storage is not given: an SQLite file under the cache dir."""
+    from .hub import default_cache_dir
+
+    return f"sqlite:///{Path(cache_dir or default_cache_dir()) / 'studies.db'}"
+
+
+def load_study(storage: str, study_name: str | None = None,
+               rdb: optuna.storages.BaseStorage | None = None) -> optuna.Study:
     """An existing study; without a name, the only study in `storage`."""
-    names = [n for n in optuna.get_all_study_names(open_storage(storage)) if not workers.is_export_lock(n)]
+    rdb = rdb or open_storage(storage)
+    names = [n for n in optuna.get_all_study_names(rdb) if not workers.is_export_lock(n)]
     if not names:
         raise StudyError(f"{safe_url(storage)} holds no study. Check --storage (and --cache-dir: the default "
                          "storage is studies.db there); a search writes its study where its --storage says.")
@@ -347,9 +356,9 @@ def load_study(storage: str, study_name: str | None = None) -> optuna.Study:
                              "--study-name (hf-bomerge show --storage URL lists them).")
         study_name = names[0]
     if study_name not in names:
-        raise StudyError(f"No study {study_name!r} in {safe_url(storage)} (it holds: {', '.join(names) or 'none'}); "
+        raise StudyError(f"No study {study_name!r} in {safe_url(storage)} (it holds: {', '.join(names)}); "
                          "check --storage and --study-name (the default storage is studies.db in the cache dir).")
-    return optuna.load_study(study_name=study_name, storage=open_storage(storage))
+    return optuna.load_study(study_name=study_name, storage=rdb)
 
 
 def show_study(storage: str | None = None, study_name: str | None = None, cache_dir=None) -> dict:
@@ -357,21 +366,20 @@ def show_study(storage: str | None = None, study_name: str | None = None, cache_
 
     >>> show_study("sqlite:///studies.db")["studies"][0]["best"]   # doctest: +SKIP
     """
-    from .hub import default_cache_dir
-
-    url = storage or f"sqlite:///{Path(cache_dir or default_cache_dir()) / 'studies.db'}"
+    url = storage or default_storage(cache_dir)
     rdb = open_storage(url)
-    names = [n for n in optuna.get_all_study_names(rdb) if not workers.is_export_lock(n)]
+    every = optuna.get_all_study_names(rdb)
+    names = [n for n in every if not workers.is_export_lock(n)]
     if study_name is None and len(names) != 1:
         studies = []
         for name in names:
             study = optuna.load_study(study_name=name, storage=rdb)
             done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-            best = (min if study.direction.name == "MINIMIZE" else max)((t.value for t in done), default=None)
-            studies.append({"study": name, "complete": len(done), "best": best,
-                            "source": study.user_attrs.get("inputs", {}).get("source")})
+            studies.append({"study": name, "complete": len(done), "source": _recipe(study).get("source"),
+                            "best": best_of(done, key=lambda t: t.value, objective=_objective(study)).value
+                            if done else None})
         return {"storage": safe_url(url), "studies": studies}
-    study = load_study(url, study_name)
+    study = load_study(url, study_name, rdb)
     trials = [{"number": t.number, "state": t.state.name.lower(), "loss": t.value,
                "weights": t.user_attrs.get("weights"), "seed": t.user_attrs.get("seed"),
                "worker": (t.user_attrs.get(workers.STARTED) or {}).get("worker")}
@@ -380,17 +388,23 @@ def show_study(storage: str | None = None, study_name: str | None = None, cache_
               for k, state in (("complete", "complete"), ("running", "running"), ("waiting", "waiting"),
                                ("failed", "fail"))}
     done = [t for t in trials if t["state"] == "complete"]
-    exports = []
-    for name in optuna.get_all_study_names(rdb):
-        if workers.is_export_lock(name) and name.rsplit(":export@", 1)[0] == study.study_name:
-            budget = int(name.rsplit("@", 1)[1])
-            exports.append({"budget": budget, **(workers.export_status(rdb, study.study_name, budget) or {})})
-    recipe = study.user_attrs.get("recipe") or {}
+    budgets = [int(n.rsplit("@", 1)[1]) for n in every
+               if workers.is_export_lock(n) and n.rsplit(":export@", 1)[0] == study.study_name]
+    exports = [{"budget": b, **(workers.export_status(rdb, study.study_name, b) or {})} for b in budgets]
+    recipe, objective = _recipe(study), _objective(study)
     return {"storage": safe_url(url), "study": study.study_name, "source": recipe.get("source"),
             "search": recipe.get("search"), "revisions": recipe.get("revisions"), "counts": counts,
-            "objective": (study.user_attrs.get("inputs") or {}).get("objective", "loss"), "trials": trials,
-            "best": (min if study.direction.name == "MINIMIZE" else max)(done, key=lambda t: t["loss"]) if done else None,
-            "exports": exports}
+            "objective": objective, "trials": trials, "exports": exports,
+            "best": best_of(done, key=lambda t: t["loss"], objective=objective) if done else None}
+
+
+def _recipe(study: optuna.Study) -> dict:
+    return study.user_attrs.get("recipe") or {}
+
+
+def _objective(study: optuna.Study) -> str:
+    """The objective's display name (a metric's name, not the path it was loaded from)."""
+    return _recipe(study).get("objective") or ("loss" if study.direction.name == "MINIMIZE" else "metric")
 
 
 def set_study_attr(storage: str, study_name: str, key: str, value) -> None:
