@@ -202,7 +202,7 @@ def differing_merged(a: Path, b: Path) -> tuple[int, int]:
 # ---------------------------------------------------------------- workers (run as subprocesses)
 def worker_hf(out_dir: str, folders: list[str]) -> None:
     from hf_bomerge.checkpoints import CheckpointSet
-    from hf_bomerge.engine import export_merge
+    from hf_bomerge.writer import export_merge
     t0 = time.perf_counter()
     ckpts = CheckpointSet(folders)
     t1 = time.perf_counter()
@@ -213,7 +213,7 @@ def worker_hf(out_dir: str, folders: list[str]) -> None:
 def worker_resident(applies: int, device: str, folders: list[str]) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
     from hf_bomerge.checkpoints import CheckpointSet
-    from hf_bomerge.engine import ResidentMerger
+    from hf_bomerge.mergers import ResidentMerger
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folders[-1]), dtype=torch.float32).to(device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     t0 = time.perf_counter()

@@ -109,7 +109,7 @@ class Objective:
                  "tokenizer_folder": folders[-1], "note": None, "ckpts": ckpts}
         prep = _Prepared(**{f.name: known.get(f.name) for f in dataclasses.fields(_Prepared)})
         cache = OUT / "search_bench" / "cache"
-        self.ev = _Evaluator(prep, ckpts, dataset=HeldOutSpec.parse(str(root / "heldout" / "validation.jsonl")),
+        self.ev = _Evaluator(prep, dataset=HeldOutSpec.parse(str(root / "heldout" / "validation.jsonl")),
                              block_size=None, max_eval_tokens=max_eval_tokens, batch_size=batch_size,
                              eval_dtype="float32", device="cpu", trust_remote_code=False, cache_dir=cache)
         self.ood = HeldOutSpec.parse(str(root / "heldout" / "ood.jsonl"))

@@ -13,7 +13,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from .heldout import perplexity
 
 if TYPE_CHECKING:
-    from .api import MergeResult
+    from .result import MergeResult
 
 
 def render_card(result: "MergeResult", repo_id: str | None = None, license: str | None = None,
@@ -23,21 +23,22 @@ def render_card(result: "MergeResult", repo_id: str | None = None, license: str 
     >>> render_card(result).save("merged/README.md")   # doctest: +SKIP
     """
     model_name = (repo_id or result.output or "merged").rstrip("/").split("/")[-1]
-    source_url = (f"https://huggingface.co/{result.source}" if result.source_kind == "hub" else result.source)
+    source_url = f"https://huggingface.co/{result.source}" if result.source_kind == "hub" else None  # no invented links
     evals = []
     is_loss = result.objective == "loss"
+    heldout = _dataset(result.dataset, result.dataset_id, result.dataset_config, result.dataset_split)
     if result.loss is not None and result.dataset:
-        evals.append(_eval(model_name, result.dataset, result.objective, result.loss))
+        evals.append(_eval(model_name, heldout, result.objective, result.loss))
         if is_loss:
-            evals.append(_eval(model_name, result.dataset, "perplexity", perplexity(result.loss)))
+            evals.append(_eval(model_name, heldout, "perplexity", perplexity(result.loss)))
     for name, row in result.generalization.items():
-        evals.append(_eval(model_name, name, "loss", row["merged"]))
+        evals.append(_eval(model_name, _parse_label(name), "loss", row["merged"]))
     data = ModelCardData(
         library_name="transformers",
         base_model=result.source if result.source_kind == "hub" else None,
         base_model_relation="merge" if result.source_kind == "hub" else None,
         tags=["hf-bomerge", "merge", "checkpoint-merging"],
-        datasets=[result.dataset] if result.dataset and "/" in result.dataset and result.dataset_is_hub else None,
+        datasets=[result.dataset_id] if result.dataset_id and "/" in result.dataset_id else None,
         license=license,
         model_name=model_name,
         eval_results=evals or None,
@@ -57,6 +58,7 @@ def render_card(result: "MergeResult", repo_id: str | None = None, license: str 
         dataset=result.dataset,
         eval_tokens=result.eval_tokens,
         eval_questions=result.eval_questions,
+        eval_dtype=result.eval_dtype,
         objective=result.objective,
         objective_text="loss" if is_loss else f"{result.objective} of multiple-choice questions (maximized)",
         loss=result.loss,
@@ -68,6 +70,23 @@ def render_card(result: "MergeResult", repo_id: str | None = None, license: str 
     )
 
 
-def _eval(model_name: str, dataset: str, metric: str, value: float) -> EvalResult:
-    return EvalResult(task_type="text-generation", dataset_type=dataset, dataset_name=dataset,
-                      metric_type=metric, metric_name=metric, metric_value=round(float(value), 6))
+def _dataset(label: str | None, dataset_id: str | None, config: str | None, split: str | None) -> dict:
+    """model-index dataset fields: a Hub dataset by its id with config and split apart; a local file by name."""
+    if dataset_id:
+        return {"dataset_type": dataset_id, "dataset_name": dataset_id, "dataset_config": config,
+                "dataset_split": split}
+    return {"dataset_type": label, "dataset_name": label}
+
+
+def _parse_label(label: str) -> dict:
+    """The fields of an `--eval-dataset` label, DATASET[:CONFIG]@SPLIT (a Hub set) or a file name."""
+    if "@" not in label:
+        return _dataset(label, None, None, None)
+    name, _, split = label.rpartition("@")
+    name, _, config = name.partition(":")
+    return _dataset(label, name, config or None, split)
+
+
+def _eval(model_name: str, dataset: dict, metric: str, value: float) -> EvalResult:
+    return EvalResult(task_type="text-generation", **dataset, metric_type=metric, metric_name=metric,
+                      metric_value=round(float(value), 6))

@@ -199,7 +199,8 @@ def _drop_pages(tensor: torch.Tensor) -> None:
 
 
 def is_merged(info: TensorInfo) -> bool:
-    """Whether a tensor is a weighted parameter (floating point and not a legacy buffer)."""
+    """The rule when no model is at hand: a floating-point tensor that is not a legacy buffer is weighted.
+    `CheckpointSet.follow_model` replaces it with the loaded model's own parameters."""
     return info.dtype.is_floating_point and not info.name.endswith(LEGACY_BUFFER_SUFFIXES)
 
 
@@ -211,7 +212,8 @@ class CheckpointSet:
     ['gpt_neox.embed_in.weight']
     """
 
-    def __init__(self, folders: Sequence[str | Path], labels: Sequence[str] | None = None):
+    def __init__(self, folders: Sequence[str | Path], labels: Sequence[str] | None = None,
+                 copied: Sequence[str] | None = None):
         if not folders:
             raise CheckpointError("No checkpoints to merge.")
         labels = list(labels) if labels is not None else [Path(f).name for f in folders]
@@ -220,6 +222,15 @@ class CheckpointSet:
         self._validate()
         self.aliases = self.reference.aliases()
         self.infos = self.reference.infos
+        # The one rule of what is merged: floating-point tensors in `copied` are taken from the reference,
+        # every other floating-point tensor is weighted (tied aliases once). Trials and export both read it.
+        self.copied: frozenset[str] = frozenset(
+            copied if copied is not None else (n for n, i in self.infos.items()
+                                               if i.dtype.is_floating_point and not is_merged(i)))
+        unknown = sorted(self.copied - set(self.infos))
+        if unknown:
+            raise CheckpointError(f"The recipe copies tensors the checkpoints do not have: {unknown[:3]}; it was "
+                                  "written for other checkpoints.")
 
     def __len__(self) -> int:
         return len(self.checkpoints)
@@ -249,10 +260,22 @@ class CheckpointSet:
                         f"Tensor {name!r} is {other.dtype} in {ckpt.label!r} but {info.dtype} in {ref.label!r}."
                     )
 
+    def is_merged(self, name: str) -> bool:
+        """Whether tensor `name` (or the tied weight it aliases) is weighted rather than copied."""
+        name = self.aliases.get(name, name)
+        return self.infos[name].dtype.is_floating_point and name not in self.copied
+
     @property
     def merged_names(self) -> list[str]:
         """Names that are weighted (aliases of tied weights excluded: they are merged once)."""
-        return [n for n, i in self.infos.items() if is_merged(i) and n not in self.aliases]
+        return [n for n in self.infos if self.is_merged(n) and n not in self.aliases]
+
+    def follow_model(self, stored: Sequence[str]) -> None:
+        """Make the model's parameters the rule: `stored` are the checkpoint names of the loaded model's
+        parameters; every other floating-point tensor (buffers, legacy keys) is copied from the reference."""
+        weighted = {self.aliases.get(n, n) for n in stored}
+        self.copied = frozenset(n for n, i in self.infos.items()
+                                if i.dtype.is_floating_point and self.aliases.get(n, n) not in weighted)
 
     def tensors(self, name: str) -> list[torch.Tensor]:
         return [c.get(name) for c in self.checkpoints]

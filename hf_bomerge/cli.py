@@ -16,7 +16,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import __version__  # noqa: E402
 from .errors import BOMergeError  # noqa: E402
-from .engine import DEFAULT_MAX_SHARD_SIZE  # noqa: E402
+from .writer import DEFAULT_MAX_SHARD_SIZE  # noqa: E402
 from .heldout import DEFAULT_MAX_EVAL_TOKENS, perplexity  # noqa: E402
 from .study import SEARCHES, best_of, direction  # noqa: E402
 

@@ -1,19 +1,60 @@
-"""The objective: a loaded model, the N checkpoints beside it (or streamed), and the held-out data."""
+"""The objective of a weight vector: a loaded model, the N checkpoints beside it (or streamed), and the data.
+
+An `Objective` scores the model as it stands: `HeldOutLoss` (mean token NLL of the held-out blocks, summed
+over the processes of `accelerate launch`) or `MetricObjective` (an `evaluate` metric of multiple-choice
+predictions). `Evaluator` merges a weight vector into the model and asks the objective.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import torch
 
 from . import parallel
 from .checkpoints import CheckpointSet, check_remote_code
-from .engine import DTYPES, ResidentMerger, StreamedMerger, parse_size
+from .engine import DTYPES, dtype_name
 from .errors import BOMergeError
-from .heldout import HeldOutSpec, heldout_blocks, nll_sums
+from .heldout import HeldOutSpec, blocks_digest, heldout_blocks, nll_sums, tokenizer_fingerprint
+from .mergers import ResidentMerger, StreamedMerger
 from .prepare import Prepared
 from .tasks import Metric, choice_set, predict
+from .writer import parse_size
+
+
+class Objective(Protocol):
+    """Scores a loaded model; `tokens`/`questions` say how much data it reads, `identity` what it reads."""
+
+    tokens: int
+    questions: int
+    identity: str
+
+    def __call__(self, model: torch.nn.Module) -> float: ...
+
+
+class HeldOutLoss:
+    """Mean next-token NLL over held-out blocks (each process of `accelerate launch` scores its share)."""
+
+    def __init__(self, blocks: torch.Tensor, batch_size: int):
+        self.blocks, self.batch_size = blocks, batch_size
+        self.tokens, self.questions, self.identity = int(blocks.numel()), 0, blocks_digest(blocks)
+
+    def __call__(self, model: torch.nn.Module) -> float:
+        total, count = parallel.reduce_sums(*nll_sums(model, self.blocks, self.batch_size, *parallel.world()))
+        return total / count
+
+
+class MetricObjective:
+    """An `evaluate` metric of the multiple-choice predictions (computed whole on each process)."""
+
+    def __init__(self, metric: Metric, pairs: dict[str, torch.Tensor], batch_tokens: int):
+        self.metric, self.pairs, self.batch_tokens = metric, pairs, batch_tokens
+        self.tokens, self.questions = int(pairs["lengths"].sum()), len(pairs["answers"])
+        self.identity = blocks_digest(torch.cat([pairs["ids"].reshape(-1), pairs["answers"].reshape(-1)]))
+
+    def __call__(self, model: torch.nn.Module) -> float:
+        return self.metric(predict(model, self.pairs, self.batch_tokens), self.pairs["answers"].tolist())
 
 
 def choose_eval_dtype(name: str | None, device: str, ckpts: CheckpointSet) -> torch.dtype:
@@ -25,63 +66,99 @@ def choose_eval_dtype(name: str | None, device: str, ckpts: CheckpointSet) -> to
     return torch.float32  # half-precision matmul on CPUs is ~100x slower
 
 
-class Evaluator:
-    """A resident model, the N checkpoints beside it, and the held-out data: weights in, objective out
-    (the mean NLL of the held-out blocks, or the `metric` of the multiple-choice predictions).
+def saved_dtype(ckpts: CheckpointSet, store_dtype: torch.dtype | None) -> torch.dtype:
+    """The most precise dtype the merge is saved in (mixed-dtype checkpoints keep each tensor's own)."""
+    if store_dtype is not None:
+        return store_dtype
+    dtypes = {ckpts.infos[n].dtype for n in ckpts.merged_names}
+    return max(dtypes, key=lambda d: (d.itemsize, d == torch.bfloat16))
 
-    Under `accelerate launch` each process scores its share of the loss batches and the sums are reduced
-    (`hf_bomerge.parallel`), so every process returns the same loss. (A metric is computed whole on each.)
+
+def precise_enough(eval_dtype: torch.dtype, saved: torch.dtype) -> bool:
+    """Whether numbers computed in `eval_dtype` are the saved model's (no precision lost on the way)."""
+    return eval_dtype == saved or eval_dtype.itemsize > saved.itemsize
+
+
+class Evaluator:
+    """A resident model, the N checkpoints beside it, and the held-out data: weights in, objective out.
+
+    >>> evaluator = Evaluator(prep, dataset=HeldOutSpec(), max_eval_tokens=16384)   # doctest: +SKIP
+    >>> evaluator([0.3, 0.7])                                                     # doctest: +SKIP
     """
 
-    def __init__(self, prep: Prepared, ckpts: CheckpointSet, *, dataset: HeldOutSpec, block_size: int | None,
-                 max_eval_tokens: int, batch_size: int, eval_dtype: str | None, device: str | None,
-                 trust_remote_code: bool, cache_dir: Path, store_dtype: str | None = None,
+    def __init__(self, prep: Prepared, *, dataset: HeldOutSpec, max_eval_tokens: int, block_size: int | None = None,
+                 batch_size: int = 4, eval_dtype: str | None = None, device: str | None = None,
+                 trust_remote_code: bool = False, cache_dir: Path, store_dtype: str | None = None,
                  device_map: str | dict | None = None, max_memory: str | int | None = None,
                  metric: Metric | None = None):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        from transformers.utils import logging as hf_logging
+        from transformers import AutoTokenizer
 
         check_remote_code(prep.folders[-1], trust_remote_code)
+        self.prep, self.trust_remote_code = prep, trust_remote_code
         self.device = device or parallel.device() or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = choose_eval_dtype(eval_dtype, self.device, ckpts)
-        hf_logging.set_verbosity_error()  # legacy Pythia buffers are "unexpected keys": expected here
-        placement = _placement(device_map, max_memory) if device_map else {}
-        self.model = AutoModelForCausalLM.from_pretrained(
-            prep.folders[-1], dtype=dtype, trust_remote_code=trust_remote_code, **placement)
-        if not device_map:
-            self.model.to(self.device)
-        _check_placement(self.model)
+        self.placement = _placement(device_map, max_memory) if device_map else {}
+        self.store = DTYPES[store_dtype] if store_dtype else None
+        self._load(choose_eval_dtype(eval_dtype, self.device, prep.ckpts))
         self.tokenizer = AutoTokenizer.from_pretrained(prep.tokenizer_folder, trust_remote_code=trust_remote_code)
         context = getattr(self.model.config, "max_position_embeddings", 2048) or 2048
         self.block_size = min(block_size or 2048, context)
         self.batch_size, self.max_eval_tokens, self.cache_dir = batch_size, max_eval_tokens, cache_dir
         self.tokenizer_folder = prep.tokenizer_folder
-        self.shard, self.metric = parallel.world(), metric
         if metric is None:
-            self.blocks = self.blocks_for(dataset)
-            self._blocks = {None: self.blocks}
-            self.eval_tokens, self.eval_questions = int(self.blocks.numel()), 0
+            self.objective: Objective = HeldOutLoss(self.blocks_for(dataset), batch_size)
         else:
-            self._blocks = {}
-            self.pairs = choice_set(dataset, self.tokenizer, self.tokenizer_folder, context, max_eval_tokens, cache_dir)
-            self.eval_tokens, self.eval_questions = int(self.pairs["lengths"].sum()), len(self.pairs["answers"])
-        merger = StreamedMerger if prep.mode == "streamed" else ResidentMerger
-        self.merger = merger(self.model, ckpts, DTYPES[store_dtype] if store_dtype else None)
+            pairs = choice_set(dataset, self.tokenizer, self.tokenizer_folder, context, max_eval_tokens, cache_dir)
+            self.objective = MetricObjective(metric, pairs, batch_size * self.block_size)
+        self.eval_tokens, self.eval_questions = self.objective.tokens, self.objective.questions
+        self.saved_dtype = saved_dtype(prep.ckpts, self.store)
+        self.identity = {"eval_dtype": dtype_name(self.eval_dtype), "device": torch.device(self.device).type,
+                         "text_column": dataset.text_column, "block_size": self.block_size,
+                         "max_eval_tokens": max_eval_tokens, "tokenizer": tokenizer_fingerprint(prep.tokenizer_folder),
+                         "data": self.objective.identity}
+        self._texts: dict[HeldOutSpec, HeldOutLoss] = {}
+
+    def _load(self, dtype: torch.dtype) -> None:
+        """The latest revision's model in `dtype`, and the merger that writes each trial into it."""
+        from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # legacy Pythia buffers are "unexpected keys": expected here
+        self.model = AutoModelForCausalLM.from_pretrained(
+            self.prep.folders[-1], dtype=dtype, trust_remote_code=self.trust_remote_code, **self.placement)
+        if not self.placement:
+            self.model.to(self.device)
+        _check_placement(self.model)
+        self.model.eval()
+        self.eval_dtype = dtype
+        merger = StreamedMerger if self.prep.mode == "streamed" else ResidentMerger
+        self.merger = merger(self.model, self.prep.ckpts, self.store)  # also makes the model's parameters the rule
 
     def blocks_for(self, spec: HeldOutSpec) -> torch.Tensor:
         return heldout_blocks(spec, self.tokenizer, self.tokenizer_folder, self.block_size, self.max_eval_tokens,
                               self.cache_dir)
 
-    def __call__(self, weights: Sequence[float], data: HeldOutSpec | None = None) -> float:
-        """The objective of the merge `weights`; with `data`, the mean token NLL on that text set instead."""
+    def __call__(self, weights: Sequence[float], data: HeldOutSpec | None = None, saved_dtype: bool = False) -> float:
+        """The objective of the merge `weights`; with `data`, the mean token NLL on that text set instead;
+        with `saved_dtype`, computed in the dtype the merge is saved in (see `needs_rescore`)."""
+        if saved_dtype and self.needs_rescore:
+            self.rescore_in_saved_dtype()
         self.merger.apply(weights)
-        if self.metric is not None and data is None:
-            predictions = predict(self.model, self.pairs, self.batch_size * self.block_size)
-            return self.metric(predictions, self.pairs["answers"].tolist())
-        if data not in self._blocks:
-            self._blocks[data] = self.blocks_for(data)
-        total, count = parallel.reduce_sums(*nll_sums(self.model, self._blocks[data], self.batch_size, *self.shard))
-        return total / count
+        if data is None:
+            return self.objective(self.model)
+        if data not in self._texts:
+            self._texts[data] = HeldOutLoss(self.blocks_for(data), self.batch_size)
+        return self._texts[data](self.model)
+
+    @property
+    def needs_rescore(self) -> bool:
+        """Whether the search's numbers were computed in a less precise dtype than the merge is saved in."""
+        return not precise_enough(self.eval_dtype, self.saved_dtype)
+
+    def rescore_in_saved_dtype(self) -> None:
+        """Evaluate from now on in the dtype the merge is saved in: the model is loaded again in that dtype
+        (its buffers too, as a fresh process loads them), not upcast from the cheaper one."""
+        del self.model, self.merger
+        self._load(self.saved_dtype)
 
 
 def _placement(device_map: str | dict, max_memory: str | int | None) -> dict:

@@ -1,5 +1,11 @@
 """The held-out objective: a `datasets` split tokenized once, packed into fixed blocks, cached, and
-evaluated as mean token negative log-likelihood (the same number transformers' `loss` gives)."""
+evaluated as mean token negative log-likelihood (the same number transformers' `loss` gives).
+
+The protocol is the one users compare with: each row is a document, tokenized as the model's tokenizer does
+by default (with a BOS where the tokenizer adds one), followed by EOS; the documents are concatenated and cut
+into full blocks. The cache is keyed by the data's content (a local file's bytes, a Hub dataset's
+fingerprint), so an edited file is tokenized again.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -72,9 +78,9 @@ def load_split(spec: HeldOutSpec):
                         "--dataset-config and --split (a local file is its own single split).") from err
 
 
-def load_texts(spec: HeldOutSpec) -> list[str]:
-    """The non-empty texts of the split, in order."""
-    ds = load_split(spec)
+def load_texts(spec: HeldOutSpec, split=None) -> list[str]:
+    """The non-empty texts of the split (or of the already loaded `split`), in order."""
+    ds = split if split is not None else load_split(spec)
     if spec.text_column not in ds.column_names:
         raise DataError(f"The dataset {spec.label} has no column {spec.text_column!r} (it has "
                         f"{ds.column_names}); pass --text-column.")
@@ -84,15 +90,21 @@ def load_texts(spec: HeldOutSpec) -> list[str]:
     return texts
 
 
+PROTOCOL = 2  # bump when the tokenization or packing changes: cached blocks and studies of another one differ
+
+
 def tokenize_blocks(texts: list[str], tokenizer, block_size: int, max_tokens: int) -> torch.Tensor:
-    """Join the texts with blank lines, tokenize, and cut the first `max_tokens` into
-    [n_blocks, block_size] (the remainder is dropped, so every block is full)."""
+    """Tokenize each text as a document (the tokenizer's own special tokens, then EOS), concatenate, and cut
+    the first `max_tokens` into [n_blocks, block_size] (the remainder is dropped, so every block is full)."""
     wanted = max(max_tokens, block_size)
+    eos = tokenizer.eos_token_id
     ids: list[int] = []
     start, chunk = 0, 64
     while start < len(texts) and len(ids) < wanted:
-        piece = "\n\n".join(texts[start:start + chunk]) + "\n\n"
-        ids.extend(tokenizer(piece, add_special_tokens=False)["input_ids"])
+        for doc in tokenizer(texts[start:start + chunk])["input_ids"]:
+            ids.extend(doc)
+            if eos is not None and (not doc or doc[-1] != eos):
+                ids.append(eos)
         start, chunk = start + chunk, chunk * 2
     n_blocks = min(len(ids), wanted) // block_size
     if n_blocks == 0:
@@ -109,12 +121,36 @@ def tokenizer_fingerprint(folder: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def content_fingerprint(spec: HeldOutSpec, split=None) -> str:
+    """What the data is, not what it is called: the bytes of a local file (or of a folder's files), or the
+    `datasets` fingerprint of a Hub split (it changes with the dataset's revision and data files)."""
+    path = Path(spec.dataset).expanduser()
+    if path.exists():
+        digest = hashlib.sha256()
+        for file in sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()):
+            digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode() + b"\0")
+            with open(file, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+        return "sha256:" + digest.hexdigest()[:32]
+    split = split if split is not None else load_split(spec)
+    return "datasets:" + str(getattr(split, "_fingerprint", None) or spec.label)
+
+
 def heldout_blocks(spec: HeldOutSpec, tokenizer, tokenizer_folder: Path, block_size: int, max_tokens: int,
                    cache_dir: Path) -> torch.Tensor:
-    """Tokenized, packed blocks for `spec`, cached on disk (safetensors) so a rerun does not re-tokenize."""
-    key = [asdict(spec), tokenizer_fingerprint(tokenizer_folder), block_size, max_tokens]
-    build = lambda: {"blocks": tokenize_blocks(load_texts(spec), tokenizer, block_size, max_tokens)}  # noqa: E731
+    """Tokenized, packed blocks for `spec`, cached on disk (safetensors, keyed by the data's content, the
+    tokenizer, the block size, the token cap and the protocol) so a rerun does not re-tokenize."""
+    split = None if Path(spec.dataset).expanduser().exists() else load_split(spec)
+    key = [content_fingerprint(spec, split), spec.text_column, tokenizer_fingerprint(tokenizer_folder), block_size,
+           max_tokens, PROTOCOL]
+    build = lambda: {"blocks": tokenize_blocks(load_texts(spec, split), tokenizer, block_size, max_tokens)}  # noqa: E731
     return cached_tensors(Path(cache_dir) / "heldout", key, build)["blocks"]
+
+
+def blocks_digest(blocks: torch.Tensor) -> str:
+    """A short hash of exactly the tokens evaluated: part of a study's identity."""
+    return hashlib.sha256(blocks.contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
 def cached_tensors(folder: Path, key: list, build) -> dict[str, torch.Tensor]:
@@ -151,7 +187,7 @@ def nll_sums(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 4, 
     total, count = 0.0, 0
     for batch in blocks.split(batch_size)[rank::world]:
         batch = batch.to(device)
-        logits = model(input_ids=batch).logits[:, :-1].float()
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
         targets = batch[:, 1:]
         total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum").item()
         count += targets.numel()

@@ -10,7 +10,8 @@ from typing import Sequence
 import torch
 
 from .checkpoints import CheckpointSet, check_same_tokenizer
-from .engine import DTYPES, parse_size
+from .engine import DTYPES
+from .writer import parse_size
 from .errors import CorruptFileError, HubError
 from .hub import Source, default_cache_dir, open_source, weight_sizes
 from .plan import Plan, make_plan

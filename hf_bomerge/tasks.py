@@ -7,13 +7,13 @@ its tokens given the question; the prediction is the best-scoring choice.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import DataError
-from .heldout import HeldOutSpec, cached_tensors, load_split, tokenizer_fingerprint
+from .heldout import HeldOutSpec, cached_tensors, content_fingerprint, load_split, tokenizer_fingerprint
 
 COLUMNS = ("question", "choices", "answer")
 
@@ -118,7 +118,8 @@ def tokenize_choices(items, tokenizer, context: int, max_tokens: int) -> dict[st
 def choice_set(spec: HeldOutSpec, tokenizer, tokenizer_folder: Path, context: int, max_tokens: int,
                cache_dir: Path) -> dict[str, torch.Tensor]:
     """`tokenize_choices` of the split, cached on disk like the held-out blocks."""
-    key = ["choices", asdict(spec), tokenizer_fingerprint(tokenizer_folder), context, max_tokens]
+    key = ["choices", content_fingerprint(spec), spec.text_column, tokenizer_fingerprint(tokenizer_folder), context,
+           max_tokens]
     build = lambda: tokenize_choices(load_items(spec), tokenizer, context, max_tokens)  # noqa: E731
     return cached_tensors(Path(cache_dir) / "heldout", key, build)
 
@@ -141,7 +142,7 @@ def predict(model: torch.nn.Module, pairs: dict[str, torch.Tensor], batch_tokens
         ids = pairs["ids"][start:start + per_batch, :width].to(device)
         positions = torch.arange(width, device=device)
         mask = positions < lengths.to(device)[:, None]
-        logp = model(input_ids=ids, attention_mask=mask.long()).logits[:, :-1].float().log_softmax(-1)
+        logp = model(input_ids=ids, attention_mask=mask.long(), use_cache=False).logits[:, :-1].float().log_softmax(-1)
         token_logp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)  # position t predicts token t+1
         first = (lengths - pairs["choice_lengths"][start:start + per_batch]).to(device)[:, None]
         in_choice = (positions[1:] >= first) & mask[:, 1:]

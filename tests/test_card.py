@@ -9,7 +9,7 @@ import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard, snapshot_download
 
-from hf_bomerge.api import MergeResult
+from hf_bomerge.result import MergeResult
 from hf_bomerge.card import render_card
 from hf_bomerge.cli import main
 from hf_bomerge.study import Trial
@@ -25,7 +25,8 @@ def _result(revisions, weights, search) -> MergeResult:
                        generalization={"ood.jsonl": {"merged": 3.1, "best_single": 3.3, "uniform": 3.2,
                                                      "best_single_revision": revisions[-1]}},
                        trials=12, study="s", search=search, dataset="Salesforce/wikitext:wikitext-2-raw-v1@validation",
-                       dataset_is_hub=True, eval_tokens=16384, license="apache-2.0", trace=trace)
+                       dataset_id="Salesforce/wikitext", dataset_config="wikitext-2-raw-v1", dataset_split="validation",
+                       eval_tokens=16384, license="apache-2.0", trace=trace)
 
 
 @pytest.mark.parametrize("search, revisions, weights", [
@@ -40,9 +41,14 @@ def test_card_renders_parses_back_and_is_byte_stable(tmp_path, search, revisions
     assert again.data.base_model == "EleutherAI/pythia-160m" and again.data.base_model_relation == "merge"
     assert again.data.license == "apache-2.0" and again.data.library_name == "transformers"
     assert {"hf-bomerge", "merge", "checkpoint-merging"} <= set(again.data.tags)
-    metrics = {(e.dataset_name, e.metric_type): e.metric_value for e in again.data.eval_results}
-    assert metrics[("Salesforce/wikitext:wikitext-2-raw-v1@validation", "loss")] == 2.5
-    assert metrics[("ood.jsonl", "loss")] == 3.1
+    metrics = {(e.dataset_type, e.metric_type): e.metric_value for e in again.data.eval_results}
+    assert metrics[("Salesforce/wikitext", "loss")] == 2.5
+    assert metrics[("ood.jsonl", "loss")] == 3.1  # a local file is named as one
+    heldout = next(e for e in again.data.eval_results if e.dataset_type == "Salesforce/wikitext")
+    # The Hub reads model-index's dataset `type` as a dataset id; config and split have their own fields.
+    assert (heldout.dataset_config, heldout.dataset_split) == ("wikitext-2-raw-v1", "validation")
+    assert again.data.datasets == ["Salesforce/wikitext"]
+    assert "github.com" not in again.text  # no invented links: the project has no public address yet
     for r, sha in zip(revisions, result.shas):
         assert f"`{r}` | `{sha}`" in again.text
     assert f"{search} search" in again.text and "bomerge_search.png" in again.text

@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
 
 from hf_bomerge import engine
 from hf_bomerge.checkpoints import CheckpointSet, is_merged
-from hf_bomerge.engine import ResidentMerger, export_merge
+from hf_bomerge.mergers import ResidentMerger
+from hf_bomerge.writer import export_merge
 from hf_bomerge.errors import CheckpointError
 
 WEIGHTS = [0.2, 0.3, 0.5]

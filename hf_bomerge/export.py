@@ -1,0 +1,106 @@
+"""Writing and publishing a `MergeResult`: the merged weights, config, tokenizer, card, plot, recipe."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from .checkpoints import CheckpointSet
+from .engine import DTYPES, dtype_name
+from .errors import OutputError
+from .hub import SIDE_FILES
+from .result import MergeResult
+from .writer import DEFAULT_MAX_SHARD_SIZE, export_merge, replace_dir
+
+RECIPE_FILE = "bomerge_recipe.yaml"
+RESULT_FILE = "bomerge_result.json"
+
+
+def save_pretrained(result: MergeResult, output: str | Path, *, overwrite: bool = False, dtype: str | None = None,
+                    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE, progress: bool = True) -> Path:
+    """Write the merged model (sharded safetensors, config, tokenizer, card, recipe) to `output`.
+
+    Everything is written to a temporary sibling folder that is renamed when complete, so `output` never
+    holds half a model. An existing folder is replaced only with `overwrite=True` or when it holds an
+    earlier result of the same study. Each merged tensor keeps its checkpoints' dtype unless `dtype` (or the
+    result's `dtype`) names one.
+
+    >>> result.save_pretrained("pythia-160m-bomerge")   # doctest: +SKIP
+    """
+    import yaml
+
+    from .card import render_card
+    from .plot import PLOT_FILE, plot_search
+
+    target = Path(output).expanduser().resolve()
+    _check_output(target, result, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    ckpts = CheckpointSet(result.folders, result.revisions, copied=result.copied or None)
+    result.dtype = dtype or result.dtype
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    try:
+        export_merge(ckpts, result.weights, staging, dtype=DTYPES[result.dtype] if result.dtype else None,
+                     max_shard_size=max_shard_size)
+        _copy_side_files(result.folders[-1], result.tokenizer_folder, staging, result.dtype)
+        result.output = str(target)
+        (staging / RECIPE_FILE).write_text(yaml.safe_dump(result.recipe(), sort_keys=False))
+        (staging / RESULT_FILE).write_text(json.dumps(result.summary(), indent=2) + "\n")
+        if result.trace:
+            plot_search(result.trace, result.revisions, result.weights, staging / PLOT_FILE, result.objective)
+        render_card(result, license=result.license, plot=PLOT_FILE if result.trace else None).save(staging / "README.md")
+        replace_dir(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def push_to_hub(result: MergeResult, repo_id: str, *, token: str | None = None, private: bool | None = None,
+                revision: str | None = None, commit_message: str | None = None) -> str:
+    """Publish the merged model (saved first if it was not) in one commit; returns the commit URL.
+
+    The card is rendered for `repo_id`. Re-pushing an unchanged folder creates no commit.
+
+    >>> result.push_to_hub("me/pythia-160m-bomerge", private=True)   # doctest: +SKIP
+    """
+    from .card import render_card
+    from .hub import push_folder
+    from .plot import PLOT_FILE
+
+    if result.output is None or not Path(result.output).is_dir():
+        save_pretrained(result, Path(tempfile.mkdtemp(prefix="bomerge-push-")) / repo_id.split("/")[-1])
+    folder = Path(result.output)
+    plot = PLOT_FILE if (folder / PLOT_FILE).is_file() else None
+    render_card(result, repo_id=repo_id, license=result.license, plot=plot).save(folder / "README.md")
+    message = commit_message or f"Upload a merge of {len(result.revisions)} checkpoints of {result.source} (hf-bomerge)"
+    return push_folder(folder, repo_id, token=token, private=private, revision=revision, commit_message=message)
+
+
+def _check_output(target: Path, result: MergeResult, overwrite: bool) -> None:
+    if not target.exists() or overwrite:
+        return
+    previous = target / RESULT_FILE
+    if previous.is_file():
+        old = json.loads(previous.read_text())
+        if old.get("study") and old.get("study") == result.study:
+            return
+    if target.is_dir() and not any(target.iterdir()):
+        return
+    raise OutputError(f"{target} already exists and was not written by hf-bomerge for this study; "
+                      "choose another --output or pass --overwrite to replace it.")
+
+
+def _copy_side_files(reference: Path, tokenizer_folder: Path | None, staging: Path, dtype: str | None) -> None:
+    for folder in dict.fromkeys(f for f in (tokenizer_folder, reference) if f is not None):
+        for name in SIDE_FILES:
+            if (folder / name).is_file() and not (staging / name).exists():
+                shutil.copyfile(folder / name, staging / name)
+    config = staging / "config.json"
+    if config.is_file() and dtype:  # without --dtype each tensor keeps its dtype, and so does the config
+        data = json.loads(config.read_text())
+        for key in ("dtype", "torch_dtype"):
+            if key in data or key == "dtype":
+                data[key] = dtype_name(DTYPES[dtype])
+        config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,131 @@
+"""Writing a merge to disk: sharded safetensors written tensor by tensor (a few tensors in memory), and the
+staging folder that is renamed into place only when complete (never half a model)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .checkpoints import ST_DTYPES, CheckpointSet, TensorInfo
+from .engine import merged_tensor
+from .errors import OutputError
+
+DEFAULT_MAX_SHARD_SIZE = "2GB"
+_ST_NAMES = {dtype: name for name, dtype in ST_DTYPES.items()}
+
+
+def parse_size(size: str | int) -> int:
+    """'2GB' → 2_000_000_000; '500MiB' → 524_288_000; an int is bytes.
+
+    >>> parse_size("500MiB")
+    524288000
+    """
+    if isinstance(size, int):
+        return size
+    text = size.strip().upper()
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+             "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+    for unit, factor in units.items():
+        if text.endswith(unit):
+            try:
+                return int(float(text[: -len(unit)]) * factor)
+            except ValueError:
+                break
+    if text.isdigit():
+        return int(text)
+    raise OutputError(f"Cannot read the size {size!r}; write it like 2GB, 500MB or 1GiB.")
+
+
+def output_infos(ckpts: CheckpointSet, dtype: torch.dtype | None) -> list[TensorInfo]:
+    """Names, shapes and dtypes of the merged checkpoint: merged tensors in `dtype` (default: each in the
+    reference's dtype, so a mixed-dtype checkpoint stays mixed), copied tensors as the reference has them."""
+    return [TensorInfo(i.name, i.shape, dtype if (dtype and ckpts.is_merged(i.name)) else i.dtype)
+            for i in ckpts.infos.values()]
+
+
+def plan_shards(infos: Sequence[TensorInfo], max_shard_size: int) -> list[list[TensorInfo]]:
+    """Tensors in order, a new shard whenever the next one would pass `max_shard_size` (as transformers)."""
+    shards: list[list[TensorInfo]] = [[]]
+    size = 0
+    for info in infos:
+        if shards[-1] and size + info.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(info)
+        size += info.nbytes
+    return shards
+
+
+def _header(infos: Sequence[TensorInfo]) -> bytes:
+    """A safetensors header computed up front from names, shapes and dtypes, so the data can be streamed."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for info in infos:
+        header[info.name] = {"dtype": _ST_NAMES[info.dtype], "shape": list(info.shape),
+                             "data_offsets": [offset, offset + info.nbytes]}
+        offset += info.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def _write_bytes(f, tensor: torch.Tensor) -> None:
+    flat = tensor.contiguous().reshape(-1)
+    if flat.numel():
+        f.write(memoryview(flat.view(torch.uint8).numpy()))
+
+
+def export_merge(ckpts: CheckpointSet, weights: Sequence[float], out_dir: str | Path, *,
+                 dtype: torch.dtype | None = None, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+                 progress=None) -> list[Path]:
+    """Write Σ wᵢθᵢ into `out_dir` as (sharded) safetensors, tensor by tensor, and return the files written.
+
+    `out_dir` should be a fresh staging folder (the caller renames it when everything is written).
+
+    >>> export_merge(CheckpointSet(["run/step1", "run/step2"]), [0.5, 0.5], "merged.tmp")  # doctest: +SKIP
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    infos = output_infos(ckpts, dtype)
+    shards = plan_shards(infos, parse_size(max_shard_size))
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    tied = set(ckpts.aliases.values())
+    kept: dict[str, torch.Tensor] = {}  # merged tied weights, written again under their other names
+    for shard, filename in zip(shards, names):
+        with open(out_dir / filename, "wb") as f:
+            f.write(_header(shard))
+            for info in shard:
+                source = ckpts.aliases.get(info.name, info.name)
+                tensor = kept.get(source)
+                if tensor is None:
+                    tensor = merged_tensor(ckpts, info.name, weights, dtype)
+                    if source in tied:
+                        kept[source] = tensor
+                _write_bytes(f, tensor.to(info.dtype))
+                if progress is not None:
+                    progress.update(info.nbytes)
+            f.flush()
+            os.fsync(f.fileno())
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(i.nbytes for i in infos)},
+                 "weight_map": {i.name: fn for shard, fn in zip(shards, names) for i in shard}}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return [out_dir / n for n in names]
+
+
+def replace_dir(staging: Path, target: Path) -> None:
+    """Move a completed staging folder into place (the old target is removed only after it is complete)."""
+    if target.exists():
+        backup = target.with_name(target.name + ".old-bomerge")
+        shutil.rmtree(backup, ignore_errors=True)
+        target.rename(backup)
+        staging.rename(target)
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        staging.rename(target)
