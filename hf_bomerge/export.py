@@ -97,6 +97,8 @@ def _copy_side_files(reference: Path, tokenizer_folder: Path | None, staging: Pa
         for name in SIDE_FILES:
             if (folder / name).is_file() and not (staging / name).exists():
                 shutil.copyfile(folder / name, staging / name)
+    for code in sorted(reference.glob("*.py")):  # a remote-code model's own modeling files: it cannot load without
+        shutil.copyfile(code, staging / code.name)
     config = staging / "config.json"
     if config.is_file() and dtype:  # without --dtype each tensor keeps its dtype, and so does the config
         data = json.loads(config.read_text())

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from hf_bomerge.cli import main
+from measure import heldout_loss, reference_merge
 
 JSON_KEYS = {"schema", "source", "revisions", "shas", "weights", "objective", "loss", "baselines",
              "generalization", "trials", "study", "output", "eval_dtype"}
@@ -27,40 +28,6 @@ def hf_bomerge(*args: str, cache: Path) -> subprocess.CompletedProcess:
 
 def last_json(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
-
-
-def heldout_loss(folder: Path, dataset: str, split: str, block_size: int | None = None,
-                 max_tokens: int = 16384) -> float:
-    """The held-out loss of a saved model measured without hf-bomerge: `datasets` rows tokenized as documents
-    (the tokenizer's own special tokens, then EOS), packed into full blocks, and transformers' own `labels=`
-    loss of each block, averaged (every block has the same number of tokens)."""
-    import datasets
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    block = block_size or min(2048, model.config.max_position_embeddings)
-    ids: list[int] = []
-    for text in datasets.load_dataset(dataset, split=split)["text"]:
-        if text.strip() and len(ids) < max_tokens:
-            ids += tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
-    blocks = torch.tensor(ids[: min(len(ids), max_tokens) // block * block]).view(-1, block)
-    with torch.no_grad():
-        return sum(model(input_ids=b[None], labels=b[None]).loss.item() for b in blocks) / len(blocks)
-
-
-def reference_merge(folders: list[Path], weights: list[float], out: Path) -> Path:
-    """Σ wᵢθᵢ in float64 with plain torch, rounded to the stored dtype; buffers from the last folder."""
-    states = [torch.load(f / "pytorch_model.bin", weights_only=True) for f in folders]
-    merged = {k: (sum(w * s[k].double() for w, s in zip(weights, states)).to(v.dtype)
-                  if v.is_floating_point() and not k.endswith(("masked_bias", "inv_freq", "attention.bias")) else v)
-              for k, v in states[-1].items()}
-    out.mkdir(parents=True)
-    for f in folders[-1].iterdir():
-        if f.suffix == ".json" or f.name.endswith(".txt"):
-            shutil.copy(f, out / f.name)
-    torch.save(merged, out / "pytorch_model.bin")
-    return out
 
 
 @pytest.fixture(scope="module")
