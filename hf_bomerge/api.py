@@ -16,7 +16,8 @@ from . import parallel
 from . import weights as W
 from .engine import rule_from_config
 from .errors import BOMergeError, StudyError
-from .evaluator import Evaluator
+from .confirm import DEFAULT_CONFIRM_FRACTION, confirm
+from .evaluator import CONFIRM, Evaluator
 from .export import RECIPE_FILE, RESULT_FILE  # noqa: F401  (re-exported: where a merge's files are named)
 from .heldout import DEFAULT_MAX_EVAL_TOKENS, HeldOutSpec
 from .hub import default_cache_dir
@@ -48,13 +49,15 @@ class EvalSpec:
     device_map: str | None = None
     max_memory: str | int | None = None
     trust_remote_code: bool = False
+    confirm_fraction: float = 0.0
 
     def evaluator(self, prep: Prepared, cache_dir: Path, store_dtype: str | None) -> Evaluator:
         metric = None if self.objective == "loss" else Metric.load(self.objective)
         return Evaluator(prep, dataset=self.data, max_eval_tokens=self.max_eval_tokens, block_size=self.block_size,
                          batch_size=self.batch_size, eval_dtype=self.eval_dtype, device=self.device,
                          trust_remote_code=self.trust_remote_code, cache_dir=cache_dir, store_dtype=store_dtype,
-                         device_map=self.device_map, max_memory=self.max_memory, metric=metric)
+                         device_map=self.device_map, max_memory=self.max_memory, metric=metric,
+                         confirm_fraction=self.confirm_fraction)
 
     def planning(self, evaluate: bool = True) -> dict:
         return dict(device=self.device, eval_dtype=self.eval_dtype, batch_size=self.batch_size,
@@ -102,7 +105,8 @@ def search(source: str, revisions: str = "last:2", *, dataset: str | None = None
            study_name: str | None = None, device: str | None = None, token: str | bool | None = None,
            cache_dir: str | Path | None = None, trust_remote_code: bool = False, dtype: str | None = None,
            max_memory: str | int | None = None, device_map: str | None = None, progress: bool = True,
-           objective: str = "loss", on_trial: Callable[[Trial, int, int], None] | None = None) -> MergeResult:
+           objective: str = "loss", on_trial: Callable[[Trial, int, int], None] | None = None,
+           confirm_fraction: float = DEFAULT_CONFIRM_FRACTION, fallback: bool = False) -> MergeResult:
     """Search merge weights for `revisions` of `source` with a GP on held-out loss (minimized), or on an
     `evaluate` metric `objective` (a name or a local path; maximized) of multiple-choice questions.
 
@@ -111,12 +115,20 @@ def search(source: str, revisions: str = "last:2", *, dataset: str | None = None
     every trial (for progress in a UI). The reported loss and baselines are the saved model's: when the
     search ran in a less precise dtype than the merge is saved in, they are scored again in the saved one.
 
+    For the loss, `confirm_fraction` of the held-out blocks (every 4th by default) are kept from the search;
+    `result.confirm` reports the merge and every baseline there, with a paired bootstrap 95% interval of
+    (merge − best baseline). With `fallback=True`, a merge that is not better there than the best baseline
+    is replaced by that baseline (`result.confirm["exported"]` names what was kept).
+
     >>> result = search("EleutherAI/pythia-160m", revisions="last:4", trials=16)   # doctest: +SKIP
     >>> result.weights, result.loss, result.baselines                               # doctest: +SKIP
     >>> search("EleutherAI/pythia-160m", "last:4", objective="./metrics/accuracy", dataset="mc.jsonl")  # doctest: +SKIP
     """
+    if not 0.0 <= confirm_fraction < 1.0:
+        raise BOMergeError(f"--confirm-fraction must be in [0, 1), got {confirm_fraction}; 0.25 keeps every 4th "
+                           "held-out block for the confirm part, 0 turns it off.")
     spec = EvalSpec(_heldout(dataset, dataset_config, split, text_column), objective, max_eval_tokens, block_size,
-                    batch_size, eval_dtype, device, device_map, max_memory, trust_remote_code)
+                    batch_size, eval_dtype, device, device_map, max_memory, trust_remote_code, confirm_fraction)
     if objective != "loss":
         Metric.load(objective)  # before any download: a metric that cannot load fails fast
     cache = Path(cache_dir or default_cache_dir())
@@ -148,19 +160,37 @@ def search(source: str, revisions: str = "last:2", *, dataset: str | None = None
                              recipe=recipe, objective=name_of_objective)
         result.weights, result.loss, result.baselines = outcome.best.weights, outcome.best.loss, outcome.baselines
         result.trials, result.trace = len(outcome.trials), outcome.trials
+        seeds = dict(space.seeds(prep.names, ema_alpha))
         if evaluator.needs_rescore:  # the GP ranked in a cheaper dtype; the numbers reported are the saved model's
-            seeds = dict(space.seeds(prep.names, ema_alpha))
             result.loss = evaluate(result.weights, None, True)
             result.baselines = {k: evaluate(seeds[k], None, True) if k in seeds else v
                                 for k, v in result.baselines.items()}
             result.eval_dtype = str(evaluator.eval_dtype).removeprefix("torch.")
+        if evaluator.confirm_blocks:
+            _confirm(result, evaluate, {k: seeds[k] for k in result.baselines if k in seeds}, fallback)
         result.generalization = _generalization(evaluate, eval_datasets, text_column, result.weights, outcome,
                                                 prep.names, name_of_objective)
-        if result.generalization:
-            set_study_attr(url, name, "generalization", result.generalization)
+        for key in ("generalization", "confirm"):
+            if getattr(result, key):
+                set_study_attr(url, name, key, getattr(result, key))
+        if result.confirm and result.confirm["exported"] != "merge":
+            set_study_attr(url, name, "exported_weights", result.weights)
         return result
 
     return parallel.drive(evaluator, main)
+
+
+def _confirm(result: MergeResult, evaluate, baselines: dict[str, list[float]], fallback: bool) -> None:
+    """Score the merge and the baselines on the confirm part; with `fallback`, keep the best baseline instead
+    of a merge that is not better there."""
+    check = confirm(evaluate(result.weights, CONFIRM, True), {k: evaluate(w, CONFIRM, True) for k, w in baselines.items()})
+    result.confirm = {**check.as_dict(), "exported": "merge"}
+    if fallback and check.loss >= check.baselines[check.best_baseline]:
+        logger.warning("the merge is not better than %s on the confirm part: --fallback exports %s instead",
+                       check.best_baseline, check.best_baseline)
+        result.weights = list(baselines[check.best_baseline])
+        result.loss = result.baselines.get(check.best_baseline, result.loss)
+        result.confirm["exported"] = check.best_baseline
 
 
 def from_study(study_name: str | None = None, storage: str | None = None, *, token: str | bool | None = None,
@@ -178,7 +208,8 @@ def from_study(study_name: str | None = None, storage: str | None = None, *, tok
         raise StudyError(f"Study {study.study_name!r} records no recipe (an older hf-bomerge made it); re-run "
                          "the search that made it.")
     outcome = study_outcome(study, recipe["revisions"], recipe.get("objective", "loss"))
-    result = _fixed(recipe["source"], ",".join(recipe["revisions"]), outcome.best.weights, token=token,
+    weights = study.user_attrs.get("exported_weights") or outcome.best.weights  # a --fallback kept a baseline
+    result = _fixed(recipe["source"], ",".join(recipe["revisions"]), weights, token=token,
                     cache_dir=cache_dir, progress=progress, shas=recipe["shas"], dtype=recipe.get("dtype"),
                     copied=recipe.get("copied"))
     result.loss, result.baselines, result.trials = outcome.best.loss, outcome.baselines, len(outcome.trials)
@@ -188,6 +219,9 @@ def from_study(study_name: str | None = None, storage: str | None = None, *, tok
     result.objective, result.eval_questions = recipe.get("objective", "loss"), recipe.get("eval_questions", 0)
     result.eval_dtype = (study.user_attrs.get("inputs") or {}).get("eval_dtype")
     result.generalization, result.trace = study.user_attrs.get("generalization", {}), outcome.trials
+    result.confirm = study.user_attrs.get("confirm")
+    if study.user_attrs.get("exported_weights"):
+        result.loss = outcome.baselines.get(result.confirm["exported"], result.loss)
     result.storage, result.budget = url, len(outcome.trials)
     return result
 

@@ -28,9 +28,11 @@ def render_card(result: "MergeResult", repo_id: str | None = None, license: str 
     is_loss = result.objective == "loss"
     heldout = _dataset(result.dataset, result.dataset_id, result.dataset_config, result.dataset_split)
     if result.loss is not None and result.dataset:
-        evals.append(_eval(model_name, heldout, result.objective, result.loss))
+        # The number the search never saw, when there is one: the confirm part's.
+        evals.append(_eval(model_name, heldout, result.objective, (result.confirm or {}).get("loss", result.loss)))
         if is_loss:
-            evals.append(_eval(model_name, heldout, "perplexity", perplexity(result.loss)))
+            evals.append(_eval(model_name, heldout, "perplexity",
+                               perplexity((result.confirm or {}).get("loss", result.loss))))
     for name, row in result.generalization.items():
         evals.append(_eval(model_name, _parse_label(name), "loss", row["merged"]))
     data = ModelCardData(
@@ -66,6 +68,7 @@ def render_card(result: "MergeResult", repo_id: str | None = None, license: str 
         baselines=[{"name": k, "loss": v, "ppl": perplexity(v) if is_loss else None}
                    for k, v in result.baselines.items()],
         generalization=result.generalization,
+        confirm=result.confirm,
         plot=plot,
     )
 

@@ -16,7 +16,8 @@ from . import parallel
 from .checkpoints import CheckpointSet, check_remote_code
 from .engine import DTYPES, dtype_name
 from .errors import BOMergeError
-from .heldout import HeldOutSpec, blocks_digest, heldout_blocks, nll_sums, tokenizer_fingerprint
+from .confirm import split_blocks
+from .heldout import HeldOutSpec, block_losses, blocks_digest, heldout_blocks, nll_sums, tokenizer_fingerprint
 from .mergers import ResidentMerger, StreamedMerger
 from .prepare import Prepared
 from .tasks import Metric, choice_set, predict
@@ -33,16 +34,26 @@ class Objective(Protocol):
     def __call__(self, model: torch.nn.Module) -> float: ...
 
 
-class HeldOutLoss:
-    """Mean next-token NLL over held-out blocks (each process of `accelerate launch` scores its share)."""
+CONFIRM = "confirm"  # `Evaluator(weights, CONFIRM)`: the per-block losses of the confirm part
 
-    def __init__(self, blocks: torch.Tensor, batch_size: int):
-        self.blocks, self.batch_size = blocks, batch_size
-        self.tokens, self.questions, self.identity = int(blocks.numel()), 0, blocks_digest(blocks)
+
+class HeldOutLoss:
+    """Mean next-token NLL over the search part of the held-out blocks (each process of `accelerate launch`
+    scores its share); `confirm_fraction` of the blocks are kept apart for `per_block_confirm`."""
+
+    def __init__(self, blocks: torch.Tensor, batch_size: int, confirm_fraction: float = 0.0):
+        self.blocks, self.confirm = split_blocks(blocks, confirm_fraction)
+        self.batch_size = batch_size
+        self.tokens, self.questions = int(self.blocks.numel()), 0
+        self.identity = f"{blocks_digest(blocks)}/{confirm_fraction:g}"
 
     def __call__(self, model: torch.nn.Module) -> float:
         total, count = parallel.reduce_sums(*nll_sums(model, self.blocks, self.batch_size, *parallel.world()))
         return total / count
+
+    def per_block_confirm(self, model: torch.nn.Module) -> list[float]:
+        """Each confirm block's loss (computed whole on every process: the confirm part is small)."""
+        return block_losses(model, self.confirm, self.batch_size)
 
 
 class MetricObjective:
@@ -90,7 +101,7 @@ class Evaluator:
                  batch_size: int = 4, eval_dtype: str | None = None, device: str | None = None,
                  trust_remote_code: bool = False, cache_dir: Path, store_dtype: str | None = None,
                  device_map: str | dict | None = None, max_memory: str | int | None = None,
-                 metric: Metric | None = None):
+                 metric: Metric | None = None, confirm_fraction: float = 0.0):
         from transformers import AutoTokenizer
 
         check_remote_code(prep.folders[-1], trust_remote_code)
@@ -105,7 +116,7 @@ class Evaluator:
         self.batch_size, self.max_eval_tokens, self.cache_dir = batch_size, max_eval_tokens, cache_dir
         self.tokenizer_folder = prep.tokenizer_folder
         if metric is None:
-            self.objective: Objective = HeldOutLoss(self.blocks_for(dataset), batch_size)
+            self.objective: Objective = HeldOutLoss(self.blocks_for(dataset), batch_size, confirm_fraction)
         else:
             pairs = choice_set(dataset, self.tokenizer, self.tokenizer_folder, context, max_eval_tokens, cache_dir)
             self.objective = MetricObjective(metric, pairs, batch_size * self.block_size)
@@ -137,12 +148,18 @@ class Evaluator:
         return heldout_blocks(spec, self.tokenizer, self.tokenizer_folder, self.block_size, self.max_eval_tokens,
                               self.cache_dir)
 
-    def __call__(self, weights: Sequence[float], data: HeldOutSpec | None = None, saved_dtype: bool = False) -> float:
+    @property
+    def confirm_blocks(self) -> int:
+        return len(getattr(self.objective, "confirm", ()))
+
+    def __call__(self, weights: Sequence[float], data: HeldOutSpec | str | None = None, saved_dtype: bool = False):
         """The objective of the merge `weights`; with `data`, the mean token NLL on that text set instead;
         with `saved_dtype`, computed in the dtype the merge is saved in (see `needs_rescore`)."""
         if saved_dtype and self.needs_rescore:
             self.rescore_in_saved_dtype()
         self.merger.apply(weights)
+        if data == CONFIRM:
+            return self.objective.per_block_confirm(self.model)
         if data is None:
             return self.objective(self.model)
         if data not in self._texts:

@@ -194,5 +194,19 @@ def nll_sums(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 4, 
     return total, count
 
 
+@torch.no_grad()
+def block_losses(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> list[float]:
+    """The mean next-token NLL of each block (all blocks have the same length, so their mean is the loss)."""
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[float] = []
+    for batch in blocks.split(batch_size):
+        batch = batch.to(device)
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        nll = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
+        out += nll.double().mean(-1).tolist()
+    return out
+
+
 def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 700 else float("inf")

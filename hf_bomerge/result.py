@@ -12,7 +12,7 @@ from . import __version__
 
 SCHEMA = 1
 JSON_KEYS = ("source", "revisions", "shas", "weights", "objective", "loss", "baselines", "generalization",
-             "trials", "study", "output", "eval_dtype")
+             "trials", "study", "output", "eval_dtype", "confirm")
 
 
 @dataclass
@@ -40,6 +40,9 @@ class MergeResult:
     study: str | None = None
     output: str | None = None
     eval_dtype: str | None = None
+    # The held-out confirm part, never seen by the search: {"loss", "baselines", "best_baseline", "interval",
+    # "blocks", "exported"} (None for fixed merges and metric objectives).
+    confirm: dict | None = None
     # Not part of --json: what is needed to write and describe the merge.
     source_kind: str = "hub"
     search: str | None = None

@@ -46,10 +46,12 @@ def document_blocks(texts: list[str], tokenizer, block: int, max_tokens: int = 1
 
 
 def heldout_loss(folder: Path, dataset: str, split: str = "train", block_size: int | None = None,
-                 max_tokens: int = 16384, trust_remote_code: bool = False, dtype=torch.float32) -> float:
+                 max_tokens: int = 16384, trust_remote_code: bool = False, dtype=torch.float32,
+                 part: str = "all") -> float:
     """The held-out loss of a saved model measured without hf-bomerge: `datasets` rows packed by
     `document_blocks`, transformers' own `labels=` loss of each block, averaged (all blocks are full).
-    `dataset` is a Hub id or a local .jsonl file (its column `text`)."""
+    `dataset` is a Hub id or a local .jsonl file (its column `text`). `part`: all blocks, or the search part
+    (blocks 0, 1, 2, 4, 5, 6, …) or the confirm part (blocks 3, 7, 11, …) of a search's default 3:1 split."""
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -61,5 +63,7 @@ def heldout_loss(folder: Path, dataset: str, split: str = "train", block_size: i
     else:
         rows = datasets.load_dataset(dataset, split=split)
     blocks = document_blocks(rows["text"], tokenizer, block, max_tokens)
+    if part != "all":
+        blocks = blocks[[i for i in range(len(blocks)) if (i % 4 == 3) == (part == "confirm")]]
     with torch.no_grad():
         return sum(model(input_ids=b[None], labels=b[None]).loss.item() for b in blocks) / len(blocks)

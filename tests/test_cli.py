@@ -16,7 +16,7 @@ from hf_bomerge.cli import main
 from measure import heldout_loss, reference_merge
 
 JSON_KEYS = {"schema", "source", "revisions", "shas", "weights", "objective", "loss", "baselines",
-             "generalization", "trials", "study", "output", "eval_dtype"}
+             "generalization", "trials", "study", "output", "eval_dtype", "confirm"}
 
 
 def hf_bomerge(*args: str, cache: Path) -> subprocess.CompletedProcess:
@@ -70,9 +70,12 @@ def test_every_reported_number_is_an_independently_measured_loss(hub_run, test_h
     cases = {"merged": summary["weights"], "uniform": W.uniform(n), "ema": W.ema(n, 0.2),
              **{name: W.one_hot(n, i) for i, name in enumerate(names)}}
     reported = {"merged": summary["loss"], **summary["baselines"]}
+    confirmed = {"merged": summary["confirm"]["loss"], **summary["confirm"]["baselines"]}
     for label, weights in cases.items():
         folder = reference_merge(folders, weights, tmp_path / label)
-        assert heldout_loss(folder, test_hub.dataset_id, "validation") == pytest.approx(reported[label], abs=2e-5), label
+        search = heldout_loss(folder, test_hub.dataset_id, "validation", part="search")
+        confirm = heldout_loss(folder, test_hub.dataset_id, "validation", part="confirm")
+        assert (search, confirm) == pytest.approx((reported[label], confirmed[label]), abs=2e-5), label
 
 
 def test_output_loads_and_its_loss_matches_the_report(hub_run, test_hub):
@@ -84,7 +87,7 @@ def test_output_loads_and_its_loss_matches_the_report(hub_run, test_hub):
             "bomerge_result.json"} <= {p.name for p in out.iterdir()}
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.model_type == "gpt_neox"
-    assert heldout_loss(out, test_hub.dataset_id, "validation") == pytest.approx(summary["loss"], abs=2e-5)
+    assert heldout_loss(out, test_hub.dataset_id, "validation", part="search") == pytest.approx(summary["loss"], abs=2e-5)
     assert not list(out.parent.glob(".merged.*"))  # no staging folder left behind
 
 
@@ -96,7 +99,8 @@ def test_card_lists_every_revision_with_its_sha(hub_run):
     for sha in summary["shas"]:
         assert sha in card.text
     assert card.data.base_model == summary["source"]
-    assert card.data.eval_results[0].metric_value == pytest.approx(summary["loss"], abs=1e-6)
+    # The model-index holds the number the search never saw: the confirm part's loss.
+    assert card.data.eval_results[0].metric_value == pytest.approx(summary["confirm"]["loss"], abs=1e-6)
 
 
 def test_recipe_reproduces_the_merge_bit_for_bit(hub_run, tmp_path):

@@ -55,9 +55,9 @@ def test_a_head_that_rewrites_its_weight_gets_fresh_process_losses(normhead_repo
     measured = {}
     for label, weights in cases.items():
         folder = reference_merge(folders, weights, tmp_path / label)
-        measured[label] = heldout_loss(folder, test_hub.dataset_id, "validation", trust_remote_code=True)
+        measured[label] = heldout_loss(folder, test_hub.dataset_id, "validation", trust_remote_code=True, part="search")
     assert measured == pytest.approx(reported, abs=2e-5)
-    saved = heldout_loss(tmp_path / "out", test_hub.dataset_id, "validation", trust_remote_code=True)
+    saved = heldout_loss(tmp_path / "out", test_hub.dataset_id, "validation", trust_remote_code=True, part="search")
     assert saved == pytest.approx(summary["loss"], abs=2e-5)
     assert len(set(round(v, 4) for v in measured.values())) > 3  # the cases differ: a stale head would show
 
@@ -96,13 +96,14 @@ def test_search_in_a_cheaper_dtype_reports_the_saved_dtype(trajectory, tmp_path)
                         cache_dir=tmp_path / "cache", max_eval_tokens=4096)
     assert result.eval_dtype == "float32"
     out = result.save_pretrained(tmp_path / "out")
-    assert heldout_loss(out, held, max_tokens=4096) == pytest.approx(result.loss, abs=2e-5)
+    assert heldout_loss(out, held, max_tokens=4096, part="search") == pytest.approx(result.loss, abs=2e-5)
+    assert heldout_loss(out, held, max_tokens=4096, part="confirm") == pytest.approx(result.confirm["loss"], abs=2e-5)
     folders = [run / f"checkpoint-{i}" for i in (100, 200, 300)]
     for i, name in enumerate(result.revisions):
         single = reference_merge(folders, W.one_hot(3, i), tmp_path / name)
-        assert heldout_loss(single, held, max_tokens=4096) == pytest.approx(result.baselines[name], abs=2e-5)
+        assert heldout_loss(single, held, max_tokens=4096, part="search") == pytest.approx(result.baselines[name], abs=2e-5)
     # The control: the same saved model scored in bfloat16 is another number, outside the tolerance above.
-    assert abs(heldout_loss(out, held, max_tokens=4096, dtype=torch.bfloat16) - result.loss) > 2e-5
+    assert abs(heldout_loss(out, held, max_tokens=4096, dtype=torch.bfloat16, part="search") - result.loss) > 2e-5
 
 
 def test_mixed_dtypes_and_a_float_buffer_follow_the_one_merge_rule(trajectory, tmp_path):

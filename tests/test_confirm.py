@@ -1,0 +1,68 @@
+"""The confirm part: a deterministic 3:1 split of the held-out blocks, the paired bootstrap interval, and
+`--fallback`. (That the search sees only its part and the confirm numbers are the saved model's is checked
+against transformers' own loss in test_cli.py and test_reported_numbers.py.)"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from hf_bomerge.api import _confirm
+from hf_bomerge.confirm import confirm, split_blocks
+from hf_bomerge.evaluator import CONFIRM
+from hf_bomerge.result import MergeResult
+
+
+def test_split_is_interleaved_deterministic_and_disjoint():
+    blocks = torch.arange(40).view(20, 2)
+    search, held = split_blocks(blocks, 0.25)
+    assert held[:, 0].tolist() == [6, 14, 22, 30, 38]  # blocks 3, 7, 11, 15, 19
+    assert len(search) == 15 and not set(search[:, 0].tolist()) & set(held[:, 0].tolist())
+    assert torch.equal(split_blocks(blocks, 0.25)[1], held)
+    assert len(split_blocks(blocks, 0.0)[1]) == 0  # 0 turns it off
+    assert len(split_blocks(blocks[:5], 0.25)[1]) == 0  # fewer than 2 confirm blocks: no confirm part
+
+
+def test_bootstrap_interval_brackets_the_paired_difference():
+    rng = random.Random(1)
+    base = [3.0 + rng.gauss(0, 0.3) for _ in range(64)]
+    better = [b - 0.05 + rng.gauss(0, 0.01) for b in base]  # a small, consistent gain on every block
+    worse = [b + 0.02 + rng.gauss(0, 0.2) for b in base]
+    good = confirm(better, {"latest": base, "uniform": [b + 0.1 for b in base]})
+    assert good.best_baseline == "latest" and good.merge_is_better
+    lo, hi = good.interval
+    assert lo < good.loss - good.baselines["latest"] < hi < 0
+    bad = confirm(worse, {"latest": base})
+    assert not bad.merge_is_better and bad.interval[0] < bad.interval[1]
+    assert confirm(worse, {"latest": base}).interval == bad.interval  # seeded: the same interval every time
+
+
+def _result() -> MergeResult:
+    return MergeResult("run", ["a", "b"], ["1" * 40, "2" * 40], [0.4, 0.6], loss=2.0,
+                       baselines={"a": 2.2, "b": 2.1, "uniform": 2.05})
+
+
+def _evaluate(losses: dict[tuple, list[float]]):
+    def evaluate(weights, data=None, saved_dtype=False):
+        assert data == CONFIRM and saved_dtype  # the confirm part, scored in the saved dtype
+        return losses[tuple(weights)]
+    return evaluate
+
+
+def test_fallback_keeps_the_best_baseline_when_the_merge_is_not_better_on_confirm():
+    baselines = {"a": [1.0, 0.0], "b": [0.0, 1.0], "uniform": [0.5, 0.5]}
+    losses = {(0.4, 0.6): [2.3, 2.4, 2.2], (1.0, 0.0): [2.5] * 3, (0.0, 1.0): [2.1, 2.2, 2.0],
+              (0.5, 0.5): [2.2] * 3}
+    kept = _result()
+    _confirm(kept, _evaluate(losses), baselines, fallback=False)
+    assert kept.confirm["exported"] == "merge" and kept.weights == [0.4, 0.6]
+    assert kept.confirm["best_baseline"] == "b" and kept.confirm["loss"] == pytest.approx(2.3)
+    fell = _result()
+    _confirm(fell, _evaluate(losses), baselines, fallback=True)
+    assert fell.confirm["exported"] == "b" and fell.weights == [0.0, 1.0] and fell.loss == 2.1
+    better = {**losses, (0.4, 0.6): [2.0, 2.1, 1.9]}
+    won = _result()
+    _confirm(won, _evaluate(better), baselines, fallback=True)
+    assert won.confirm["exported"] == "merge" and won.weights == [0.4, 0.6]
