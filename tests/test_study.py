@@ -136,3 +136,28 @@ def test_a_study_with_another_parameterization_is_refused(tmp_path):
     with pytest.raises(StudyError, match="z0, z1"):
         run_search(lambda w: sum(w), make_space("simplex", 3), ["a", "b", "c"], trials=4, storage=storage,
                    study_name="old", inputs={"n": 3}, seed=0, progress=False)
+
+
+def test_sampler_and_storage_are_injectable():
+    """Any Optuna sampler (or a factory (seed, n_seeds) -> sampler) and any Optuna storage drive the same loop:
+    the baselines are still enqueued first, and the factory is told how many there are."""
+    made = []
+
+    def tpe(seed, n_seeds):
+        made.append((seed, n_seeds))
+        return optuna.samplers.TPESampler(seed=seed)
+
+    storage = optuna.storages.InMemoryStorage()
+    out = run_search(lambda w: (w[1] - 0.3) ** 2, make_space("pairwise", 2), ["a", "b"], trials=6, storage=storage,
+                     study_name="tpe", inputs={}, seed=3, progress=False, sampler=tpe)
+    assert made == [(3, 4)]  # 2 bounds + uniform + EMA
+    assert [t.seed for t in sorted(out.trials, key=lambda t: t.number)][:4] == ["b", "a", "uniform", "ema"]
+    study = optuna.load_study(study_name="tpe", storage=storage)
+    assert isinstance(study.sampler, optuna.samplers.TPESampler) and len(study.trials) == 6
+    again = run_search(lambda w: (w[1] - 0.3) ** 2, make_space("pairwise", 2), ["a", "b"], trials=7,
+                       storage=storage, study_name="tpe", inputs={}, progress=False,
+                       sampler=optuna.samplers.RandomSampler(seed=0))
+    assert len(again.trials) == 7  # resumed the same study with an instance instead of a factory
+    with pytest.raises(StudyError, match="sampler"):
+        run_search(sum, make_space("pairwise", 2), ["a", "b"], trials=2, storage=optuna.storages.InMemoryStorage(),
+                   study_name="x", inputs={}, progress=False, sampler="tpe")
