@@ -230,8 +230,8 @@ def test_in_a_space_sign_in_replaces_the_token_box(tmp_path, monkeypatch):
     assert {name: oauth_token_requirement(fns[name]) for name in ("list_revisions", "run", "publish")} == {
         "list_revisions": "optional", "run": "optional", "publish": "optional"}
     signed_in = gr.OAuthToken(token="hf_oauth_user", scope="openid profile write-repos manage-repos", expires_at=0)
-    assert module._token("", signed_in) == "hf_oauth_user" and module._token(" hf_box ", None) == "hf_box"
-    assert module._token("", None) is None
+    assert module.token_for("", signed_in) == "hf_oauth_user" and module.token_for(" hf_box ", None) == "hf_box"
+    assert module.token_for("", None) is None
 
 
 def test_browser_lists_runs_and_shows_the_result(space, test_hub, tmp_path):
