@@ -29,6 +29,7 @@ def _run(launcher: list[str], source: Path, trajectory: Path, tmp: Path, name: s
     return proc
 
 
+@pytest.mark.e2e
 def test_accelerate_launch_two_processes_gives_the_loss_of_one(source, trajectory, tmp_path):
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
