@@ -141,6 +141,7 @@ def test_run_shows_each_pushed_trial_then_the_result(ctx, monkeypatch, tmp_path)
     assert live[-1]["status_md"].startswith("3/3 trials done")
     assert list(live[-1]["trials_df"]["kind"]) == ["step4000", "step3000", "GP"]
     assert [a for a, k in progress[1:]] == [((1, 3),), ((2, 3),), ((3, 3),)]
+    assert set(last) == set(first)  # the last yield is an API client's result: every output, none skipped
     assert last["status_md"].startswith("Done in") and last["result_state"] is result
     assert "Merged held-out loss 2.00000" in last["summary_md"] and "`step4000` 2.25000" in last["summary_md"]
     assert list(last["baselines_df"]["model"]) == ["this merge", "step3000", "step4000", "uniform"]

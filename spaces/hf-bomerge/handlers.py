@@ -126,9 +126,9 @@ def run(ctx: Context, model_id, spec, dataset, dataset_config, split, text_colum
         receive.close()
     if kind != "ok":
         raise gr.Error(payload)
-    table = trial_table(rows)
-    yield ctx.out(status_md=f"Done in {time.monotonic() - started:.0f} s: {payload.trials} trials.", trials_df=table,
-                  loss_plot=loss_curve(table), **result_outputs(payload))
+    table = trial_table(rows)  # the last yield is an API client's result: every output, none skipped
+    yield ctx.out(plan_md=plan_markdown(plan), status_md=f"Done in {time.monotonic() - started:.0f} s: "
+                  f"{payload.trials} trials.", trials_df=table, loss_plot=loss_curve(table), **result_outputs(payload))
 
 
 def publish(ctx: Context, result, repo_id, private, token_text, oauth_token: gr.OAuthToken | None):
