@@ -128,6 +128,7 @@ def test_existing_output_not_ours_is_refused_unless_overwrite(run, capsys):
     assert (out / "model.safetensors").is_file() and not (out / "precious.txt").exists()
 
 
+@pytest.mark.e2e
 def test_a_search_whose_export_failed_exports_on_the_rerun(run, capsys):
     """The export is claimed once per study budget; a failed export gives the claim back."""
     out = run.tmp / "out"

@@ -60,6 +60,7 @@ def test_shards_of_the_batches_sum_to_the_whole(trajectory):
     assert sum(t for t, _ in parts) == pytest.approx(whole[0], rel=1e-12)
 
 
+@pytest.mark.e2e
 def test_device_map_auto_places_the_model_with_accelerate_and_scores_the_same(source, trajectory, tmp_path, capsys):
     """On this CPU-only machine Accelerate's map puts everything on the CPU; the multi-GPU split itself needs
     GPUs (not available to CI): the merger keeps each parameter's checkpoints on that parameter's device."""

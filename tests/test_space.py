@@ -276,6 +276,7 @@ def test_browser_lists_runs_and_shows_the_result(space, test_hub, tmp_path):
         (SPACE / "screenshot.png").write_bytes(shot)
 
 
+@pytest.mark.e2e
 def test_build_space_assembles_a_self_contained_folder(tmp_path):
     from huggingface_hub import SpaceCard
 

@@ -48,6 +48,7 @@ def _run(evaluate, tmp_path: Path, kind: str, n: int, trials: int, name="s", see
                       seed=seed, progress=False, **kw)
 
 
+@pytest.mark.e2e
 def test_pairwise_evaluates_both_bounds_first(evaluator, tmp_path):
     pair = lambda w: evaluator([0.0, 0.0, *w])  # the last two checkpoints  # noqa: E731
     start = len(evaluator.calls)
@@ -60,6 +61,7 @@ def test_pairwise_evaluates_both_bounds_first(evaluator, tmp_path):
     assert out.best.loss <= min(out.baselines.values())
 
 
+@pytest.mark.e2e
 def test_simplex_is_seeded_with_the_baselines_and_beats_them(evaluator, tmp_path):
     out = _run(evaluator, tmp_path, "simplex", 4, trials=12, labels=evaluator.labels)
     assert [t.seed for t in out.trials[:6]] == [*reversed(evaluator.labels), "uniform", "ema"]
@@ -68,6 +70,7 @@ def test_simplex_is_seeded_with_the_baselines_and_beats_them(evaluator, tmp_path
     assert out.best.loss < min(out.baselines.values())
 
 
+@pytest.mark.e2e
 def test_resume_finishes_the_budget_without_repeating_trials(evaluator, tmp_path):
     _run(evaluator, tmp_path, "simplex", 4, trials=7, labels=evaluator.labels)
     start = len(evaluator.calls)
@@ -76,12 +79,14 @@ def test_resume_finishes_the_budget_without_repeating_trials(evaluator, tmp_path
     assert [t.number for t in out.trials] == list(range(9))
 
 
+@pytest.mark.e2e
 def test_same_seed_same_trials(evaluator, tmp_path):
     a = _run(evaluator, tmp_path, "simplex", 4, trials=9, name="a", seed=7, labels=evaluator.labels)
     b = _run(evaluator, tmp_path, "simplex", 4, trials=9, name="b", seed=7, labels=evaluator.labels)
     assert [t.weights for t in a.trials] == [t.weights for t in b.trials]
 
 
+@pytest.mark.e2e
 def test_family_scales_to_dozens_of_checkpoints(tmp_path):
     """A 44-revision range searched in two dimensions; EMA is evaluated beside the study (not in the space)."""
     target = [0.0] * 34 + [0.1] * 10
