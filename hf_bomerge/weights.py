@@ -99,7 +99,7 @@ def to_simplex_coords(w: Sequence[float]) -> list[float]:
     n = len(w)
     z, rest = [], 1.0
     for k in range(n - 1):
-        u = min(1.0, w[k] / rest) if rest > TOLERANCE else 0.0
+        u = min(1.0, w[k] / rest) if rest > 1e-12 else 0.0  # a stick of 1e-8 still holds a weight of 1e-8
         z.append(1.0 - (1.0 - u) ** (n - 1 - k))
         rest -= w[k]
     return z
