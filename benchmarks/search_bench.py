@@ -16,7 +16,7 @@ What it does:
    Samplers at equal trial budgets, over several seeds: the GP is exactly `study.run_search` (baselines
    enqueued first, `GPSampler(seed, n_startup_trials=#seeds, deterministic_objective=True)`); TPE and
    random run through the very same `run_search` (same space, same enqueued baselines) with
-   `optuna.samplers.GPSampler` swapped for `TPESampler(seed=seed)` / `RandomSampler(seed=seed)`.
+   `sampler=` a factory of `TPESampler(seed=seed)` / `RandomSampler(seed=seed)`.
 4. References ("the best loss"): a dense grid (pairwise: 101 λ; simplex N=4: 9³ stick-breaking
    coordinates, step 0.125; family: every window 1..24 × 21 decays), for N=8: 200 random draws; each then
    polished by Nelder–Mead from its best point, and finally the minimum with everything any sampler found.
@@ -33,7 +33,6 @@ benchmarks/out/search_bench-variants.md. Pick the runs with --combos sampler/spa
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -131,26 +130,16 @@ class Objective:
 
 
 # ---------------------------------------------------------------- the samplers
-@contextlib.contextmanager
-def sampler_as(kind: str):
-    """Run `study.run_search` unchanged, with its `GPSampler(...)` call answered by another sampler."""
+def sampler_for(kind: str):
+    """The `sampler=` given to `study.run_search`: None for the shipped GP, else a factory (seed, n_seeds)."""
     if kind == "gp":
-        yield
-        return
-    real = optuna.samplers.GPSampler
-
-    def other(seed=None, **kwargs):
-        if kind == "gpnoise":  # the shipped GP, but fitting a noise variance (deterministic_objective=False)
-            return real(seed=seed, **{**kwargs, "deterministic_objective": False})
-        if kind == "tpe":
-            return optuna.samplers.TPESampler(seed=seed)
-        return optuna.samplers.RandomSampler(seed=seed)
-
-    optuna.samplers.GPSampler = other
-    try:
-        yield
-    finally:
-        optuna.samplers.GPSampler = real
+        return None
+    if kind == "gpnoise":  # the shipped GP, but fitting a noise variance (deterministic_objective=False)
+        return lambda seed, n_seeds: optuna.samplers.GPSampler(seed=seed, n_startup_trials=n_seeds,
+                                                               deterministic_objective=False)
+    if kind == "tpe":
+        return lambda seed, n_seeds: optuna.samplers.TPESampler(seed=seed)
+    return lambda seed, n_seeds: optuna.samplers.RandomSampler(seed=seed)
 
 
 @dataclass
@@ -183,10 +172,9 @@ def search_run(obj: Objective, setting: str, kind: str, k: int, budget: int, sam
     labels = obj.names[-k:]
     db = tmp / f"{setting.replace(' ', '_').replace('=', '')}-{sampler}-{seed}.db"
     start = time.perf_counter()
-    with sampler_as(sampler):
-        outcome = run_search(obj.heldout, space, labels, trials=budget, storage=f"sqlite:///{db}",
-                             study_name="bench", inputs={"bench": setting, "sampler": sampler, "seed": seed},
-                             seed=seed, progress=False)
+    outcome = run_search(obj.heldout, space, labels, trials=budget, storage=f"sqlite:///{db}",
+                         study_name="bench", inputs={"bench": setting, "sampler": sampler, "seed": seed},
+                         seed=seed, progress=False, sampler=sampler_for(sampler))
     seconds = time.perf_counter() - start
     db.unlink(missing_ok=True)
     trials = sorted(outcome.trials, key=lambda t: t.number)
@@ -431,9 +419,8 @@ def variant_run(obj: Objective, setting: str, k: int, budget: int, sampler: str,
     space = VariantSpace(k, param, seeds)
     db = tmp / f"variant-{k}-{param}-{seeds}-{sampler}-{seed}.db"
     start = time.perf_counter()
-    with sampler_as(sampler):
-        outcome = run_search(obj.heldout, space, obj.names[-k:], trials=budget, storage=f"sqlite:///{db}",
-                             study_name="bench", inputs={}, seed=seed, progress=False)
+    outcome = run_search(obj.heldout, space, obj.names[-k:], trials=budget, storage=f"sqlite:///{db}",
+                         study_name="bench", inputs={}, seed=seed, progress=False, sampler=sampler_for(sampler))
     db.unlink(missing_ok=True)
     trials = sorted(outcome.trials, key=lambda t: t.number)
     return Run(setting, f"{sampler}/{param}/{seeds} seeds", seed, [t.loss for t in trials], outcome.best.weights,

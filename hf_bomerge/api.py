@@ -106,7 +106,8 @@ def search(source: str, revisions: str = "last:2", *, dataset: str | None = None
            cache_dir: str | Path | None = None, trust_remote_code: bool = False, dtype: str | None = None,
            max_memory: str | int | None = None, device_map: str | None = None, progress: bool = True,
            objective: str = "loss", on_trial: Callable[[Trial, int, int], None] | None = None,
-           confirm_fraction: float = DEFAULT_CONFIRM_FRACTION, fallback: bool = False) -> MergeResult:
+           confirm_fraction: float = DEFAULT_CONFIRM_FRACTION, fallback: bool = False,
+           sampler=None) -> MergeResult:
     """Search merge weights for `revisions` of `source` with a GP on held-out loss (minimized), or on an
     `evaluate` metric `objective` (a name or a local path; maximized) of multiple-choice questions.
 
@@ -119,6 +120,8 @@ def search(source: str, revisions: str = "last:2", *, dataset: str | None = None
     `result.confirm` reports the merge and every baseline there, with a paired bootstrap 95% interval of
     (merge − best baseline). With `fallback=True`, a merge that is not better there than the best baseline
     is replaced by that baseline (`result.confirm["exported"]` names what was kept).
+    `sampler`: an Optuna sampler or a factory `(seed, n_seeds) -> sampler` instead of the GP (see
+    `study.run_search`).
 
     >>> result = search("EleutherAI/pythia-160m", revisions="last:4", trials=16)   # doctest: +SKIP
     >>> result.weights, result.loss, result.baselines                               # doctest: +SKIP
@@ -157,7 +160,7 @@ def search(source: str, revisions: str = "last:2", *, dataset: str | None = None
     def main(evaluate) -> MergeResult:  # on the main process only; `evaluate` runs on all of them
         outcome = run_search(evaluate, space, prep.names, trials=trials, storage=url, study_name=name,
                              inputs=inputs, seed=seed, ema_alpha=ema_alpha, progress=progress, on_trial=on_trial,
-                             recipe=recipe, objective=name_of_objective)
+                             recipe=recipe, objective=name_of_objective, sampler=sampler)
         result.weights, result.loss, result.baselines = outcome.best.weights, outcome.best.loss, outcome.baselines
         result.trials, result.trace = len(outcome.trials), outcome.trials
         seeds = dict(space.seeds(prep.names, ema_alpha))

@@ -1,7 +1,7 @@
 """A lazy, validated view over the N checkpoints of one training run.
 
-Tensors are read one at a time: safetensors through `safe_open` (memory-mapped), `.bin` through
-`torch.load(weights_only=True, mmap=True)`, which never unpickles anything but tensors. Names, shapes
+Tensors are read one at a time: safetensors with positioned reads at the offsets of their JSON header,
+`.bin` through `torch.load(weights_only=True, mmap=True)`, which never unpickles anything but tensors. Names, shapes
 and dtypes are checked across all checkpoints once, up front, from the headers alone where the format
 allows it.
 """

@@ -41,8 +41,12 @@ def save_pretrained(result: MergeResult, output: str | Path, *, overwrite: bool 
     result.dtype = dtype or result.dtype
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
-        export_merge(ckpts, result.weights, staging, dtype=DTYPES[result.dtype] if result.dtype else None,
-                     max_shard_size=max_shard_size)
+        from tqdm.auto import tqdm
+
+        total = sum(i.nbytes for i in ckpts.infos.values())
+        with tqdm(total=total, desc="export", unit="B", unit_scale=True, disable=not progress) as bar:
+            export_merge(ckpts, result.weights, staging, dtype=DTYPES[result.dtype] if result.dtype else None,
+                         max_shard_size=max_shard_size, progress=bar)
         _copy_side_files(result.folders[-1], result.tokenizer_folder, staging, result.dtype)
         result.output = str(target)
         (staging / RECIPE_FILE).write_text(yaml.safe_dump(result.recipe(), sort_keys=False))

@@ -24,7 +24,7 @@ from .errors import DataError
 
 DEFAULT_DATASET = "Salesforce/wikitext"
 DEFAULT_DATASET_CONFIG = "wikitext-2-raw-v1"
-DEFAULT_MAX_EVAL_TOKENS = 16384
+from .defaults import DEFAULT_MAX_EVAL_TOKENS  # noqa: E402,F401  (re-exported)
 _LOCAL_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 

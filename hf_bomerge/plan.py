@@ -28,8 +28,9 @@ class PlanError(BOMergeError):
 class Plan:
     """What a run of N checkpoints costs. Sizes in bytes.
 
-    Resident mode (the only mode so far): the N checkpoints stay in memory beside one model in the
-    evaluation dtype, so a trial re-merges without any I/O.
+    Two modes (`mode`): resident, when it fits (the N checkpoints stay in memory beside one model in the
+    evaluation dtype, so a trial re-merges without any I/O), else streamed (only the model and one batch
+    in memory; each trial re-reads the checkpoints tensor by tensor from the page cache or the disk).
     """
 
     revisions: list[str]

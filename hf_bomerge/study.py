@@ -1,10 +1,6 @@
-"""The Optuna study: a GP (`optuna.samplers.GPSampler`) proposes weight vectors, seeded with the baselines.
-
-A search space only maps the GP's parameters to a weight vector over the checkpoints (oldest first):
-- `pairwise`: θ = λ·θ_t + (1−λ)·θ_{t−1}, λ ∈ [λ_min, 1]; both bounds are evaluated first.
-- `simplex`: N coordinates xᵢ ∈ [ε, 1] on a log scale, wᵢ ∝ xᵢ − ε: every single checkpoint is an exact
-  corner and no face of the box collapses to one weight vector (benchmarks/README.md, "search").
-- `family`: the last `window` checkpoints weighted ∝ (1−decay)^age: two dimensions for any N.
+"""The Optuna study: a sampler (by default a GP, `optuna.samplers.GPSampler`) proposes weight vectors,
+seeded with the baselines. The search spaces (how the sampler's parameters map to a weight vector) live in
+`hf_bomerge.spaces`; the sampler and the storage can be injected into `run_search`.
 """
 
 from __future__ import annotations
@@ -17,104 +13,23 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import optuna
 import sqlalchemy.exc
 
-from . import weights as W
 from . import workers
 from .errors import StudyError
+from .spaces import MAX_SIMPLEX, SEARCHES, SIMPLEX_FLOOR, SearchSpace, make_space  # noqa: F401 - re-exported
 
 logger = logging.getLogger("hf_bomerge")
+# A sampler, or a factory (seed, n_seeds) -> sampler (see `run_search`).
+Sampler = Union[optuna.samplers.BaseSampler, Callable[[Optional[int], int], optuna.samplers.BaseSampler]]
 
-SEARCHES = ("auto", "pairwise", "simplex", "family")
-MAX_SIMPLEX = 8
-# The simplex coordinates' floor: xᵢ = ε drops checkpoint i; the box spans weight ratios up to 1/ε ≈ e⁶ on a
-# log scale, as softmax logits in [−3, 3] would, but with exact corners.
-SIMPLEX_FLOOR = math.exp(-6.0)
 # A running trial writes a heartbeat every HEARTBEAT_S; one silent for GRACE_S belonged to a dead process:
 # it is marked failed and its parameters are queued again (nothing finished is lost).
 HEARTBEAT_S, GRACE_S = 2, 10
 POLL_S = 1.0  # how often a worker with nothing to run looks at the study again
-
-
-@dataclass
-class Space:
-    """A search space over N checkpoints."""
-
-    kind: str
-    n: int
-    lambda_min: float = 0.0
-
-    def suggest(self, trial: optuna.Trial) -> list[float]:
-        if self.kind == "pairwise":
-            return W.pairwise(trial.suggest_float("lambda", self.lambda_min, 1.0))
-        if self.kind == "simplex":
-            return self.weights({name: trial.suggest_float(name, SIMPLEX_FLOOR, 1.0, log=True)
-                                 for name in self.param_names()})
-        return W.window_decay(self.n, trial.suggest_int("window", 1, self.n, log=True),
-                              trial.suggest_float("decay", 0.0, 1.0))
-
-    def params_for(self, weights: Sequence[float]) -> dict | None:
-        """The parameters that give `weights`, or None when the space does not contain them."""
-        if self.kind == "pairwise":
-            params = {"lambda": weights[1]} if weights[1] >= self.lambda_min - 1e-12 else None
-        elif self.kind == "simplex":
-            params = dict(zip(self.param_names(), W.to_ratio_coords(weights, SIMPLEX_FLOOR)))
-        else:
-            used = [w for w in weights if w > 0]
-            params = {"window": len(used), "decay": 0.0}
-        if params is None or not _close(self.weights(params), weights):
-            return None
-        return params
-
-    def weights(self, params: dict) -> list[float]:
-        if self.kind == "pairwise":
-            return W.pairwise(params["lambda"])
-        if self.kind == "simplex":
-            return W.from_ratio_coords([params[name] for name in self.param_names()], SIMPLEX_FLOOR)
-        return W.window_decay(self.n, params["window"], params["decay"])
-
-    def param_names(self) -> list[str]:
-        if self.kind == "pairwise":
-            return ["lambda"]
-        if self.kind == "simplex":
-            return [f"x{i}" for i in range(self.n)]
-        return ["window", "decay"]
-
-    def seeds(self, labels: Sequence[str], ema_alpha: float = 0.2) -> list[tuple[str, list[float]]]:
-        """The baselines, in the order they are evaluated: single checkpoints (pairwise: both bounds of
-        λ first), then the uniform average and EMA."""
-        n = self.n
-        if self.kind == "pairwise":
-            singles = [(labels[1], W.one_hot(2, 1)), (f"λ={self.lambda_min:g}" if self.lambda_min > 0 else labels[0],
-                                                      W.pairwise(self.lambda_min))]
-        elif self.kind == "simplex":
-            singles = [(labels[i], W.one_hot(n, i)) for i in reversed(range(n))]
-        else:
-            singles = [(labels[-1], W.one_hot(n, n - 1))]
-        return singles + [("uniform", W.uniform(n)), ("ema", W.ema(n, ema_alpha))]
-
-
-def make_space(search: str, n: int, lambda_min: float = 0.0) -> Space:
-    """`auto` picks pairwise for 2 checkpoints, simplex up to 8, the 2-D family beyond."""
-    if search not in SEARCHES:
-        raise StudyError(f"Unknown --search {search!r}; choose one of {', '.join(SEARCHES)}.")
-    if n < 2:
-        raise StudyError(f"A merge needs at least 2 checkpoints, got {n}; widen --revisions.")
-    if search == "auto":
-        search = "pairwise" if n == 2 else "simplex" if n <= MAX_SIMPLEX else "family"
-    if search == "pairwise" and n != 2:
-        raise StudyError(f"--search pairwise merges two adjacent checkpoints, but {n} were selected; "
-                         "select two (e.g. --revisions last:2) or use --search simplex/family.")
-    if not 0.0 <= lambda_min < 1.0:
-        raise StudyError(f"--lambda-min must be in [0, 1), got {lambda_min}.")
-    return Space(search, n, lambda_min)
-
-
-def _close(a: Sequence[float], b: Sequence[float]) -> bool:
-    return all(abs(x - y) < 1e-9 for x, y in zip(a, b))
 
 
 @dataclass
@@ -151,21 +66,23 @@ def best_of(values, key=None, *, objective: str = "loss"):
     return (min if direction(objective) == "minimize" else max)(values, key=key)
 
 
-def open_study(storage: str, study_name: str, inputs: dict, space: Space, seed: int | None,
-               seeds: Sequence[tuple[str, dict]], recipe: dict | None = None, objective: str = "loss") -> optuna.Study:
+def open_study(storage: str | optuna.storages.BaseStorage, study_name: str, inputs: dict, space: SearchSpace,
+               seed: int | None, seeds: Sequence[tuple[str, dict]], recipe: dict | None = None,
+               objective: str = "loss", sampler: Sampler | None = None) -> optuna.Study:
     """Create the study, or join/resume it; a study made from different inputs is refused.
 
     Whoever creates the study enqueues the baseline seeds, then marks it ready by storing its inputs; a
-    worker that joins meanwhile waits for that, so the seeds are enqueued exactly once.
+    worker that joins meanwhile waits for that, so the seeds are enqueued exactly once. `storage` is a URL
+    (opened with heartbeats, `open_storage`) or an Optuna storage; `sampler` as in `run_search`.
     """
-    sampler = _gp_sampler(seed, len(seeds))
-    rdb = open_storage(storage)
+    sampler_for = _sampler_factory(sampler)
+    rdb = open_storage(storage) if isinstance(storage, str) else storage
     try:
-        study = optuna.create_study(storage=rdb, study_name=study_name, sampler=sampler,
+        study = optuna.create_study(storage=rdb, study_name=study_name, sampler=sampler_for(seed, len(seeds)),
                                     direction=direction(objective))
     except optuna.exceptions.DuplicatedStudyError:
-        sampler = _gp_sampler(workers.worker_seed(seed), len(seeds))
-        study = optuna.load_study(study_name=study_name, storage=rdb, sampler=sampler)
+        study = optuna.load_study(study_name=study_name, storage=rdb,
+                                  sampler=sampler_for(workers.worker_seed(seed), len(seeds)))
     else:
         for label, params in seeds:
             study.enqueue_trial(params, user_attrs={"seed": label})
@@ -202,10 +119,26 @@ def open_storage(storage: str) -> optuna.storages.RDBStorage:
                 time.sleep(1.0 + attempt)
 
 
-def _gp_sampler(seed: int | None, n_seeds: int) -> optuna.samplers.GPSampler:
+def gp_sampler(seed: int | None, n_seeds: int) -> optuna.samplers.GPSampler:
+    """The default sampler: a GP whose startup trials are exactly the enqueued baselines (Optuna's default
+    would add 10 random trials) and which fits no noise (the objective is deterministic).
+
+    >>> gp_sampler(0, 4)._n_startup_trials
+    4
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=n_seeds, deterministic_objective=True)
+
+
+def _sampler_factory(sampler: Sampler | None) -> Callable[[int | None, int], optuna.samplers.BaseSampler]:
+    if sampler is None:
+        return gp_sampler
+    if isinstance(sampler, optuna.samplers.BaseSampler):
+        return lambda seed, n_seeds: sampler
+    if callable(sampler):
+        return sampler
+    raise StudyError(f"sampler must be an Optuna sampler or a function (seed, n_seeds) -> sampler, got {sampler!r}.")
 
 
 def _ready(study: optuna.Study, storage: str, timeout: float = 120.0) -> dict:
@@ -220,9 +153,12 @@ def _ready(study: optuna.Study, storage: str, timeout: float = 120.0) -> dict:
     return inputs
 
 
-def safe_url(storage: str) -> str:
-    """The storage URL without a password."""
+def safe_url(storage) -> str:
+    """The storage URL without a password (an Optuna storage object: its class name)."""
     from sqlalchemy.engine import make_url
+
+    if not isinstance(storage, str):
+        return type(storage).__name__
 
     try:
         return make_url(storage).render_as_string(hide_password=True)
@@ -230,10 +166,11 @@ def safe_url(storage: str) -> str:
         return storage.split("@")[-1]
 
 
-def run_search(evaluate: Callable[[list[float]], float], space: Space, labels: Sequence[str], *, trials: int,
-               storage: str, study_name: str, inputs: dict, seed: int | None = None, ema_alpha: float = 0.2,
-               progress: bool = True, on_trial: Callable[[Trial, int, int], None] | None = None,
-               recipe: dict | None = None, objective: str = "loss") -> SearchOutcome:
+def run_search(evaluate: Callable[[list[float]], float], space: SearchSpace, labels: Sequence[str], *, trials: int,
+               storage: str | optuna.storages.BaseStorage, study_name: str, inputs: dict, seed: int | None = None,
+               ema_alpha: float = 0.2, progress: bool = True,
+               on_trial: Callable[[Trial, int, int], None] | None = None, recipe: dict | None = None,
+               objective: str = "loss", sampler: Sampler | None = None) -> SearchOutcome:
     """Run (or resume, or join) the study until it holds `trials` COMPLETE trials, seeds included.
 
     `evaluate(weights) -> loss` is called once per trial (for a metric `objective`, the metric: the study
@@ -241,6 +178,16 @@ def run_search(evaluate: Callable[[list[float]], float], space: Space, labels: S
     and does not count toward the budget. `on_trial(trial, complete, budget)` is called after each trial
     this process ran (a failed one with a NaN loss), e.g. to show progress in a UI. Several processes with
     the same storage and study name share the budget (see `hf_bomerge.workers`).
+
+    `storage`: an SQLAlchemy URL (opened with heartbeats, so a dead worker's trial is run again) or an
+    Optuna storage object (e.g. `optuna.storages.InMemoryStorage()` for one process). `sampler`: None for
+    the GP (`gp_sampler`), an Optuna sampler, or a factory `(seed, n_seeds) -> sampler` (`n_seeds`: the
+    enqueued baselines; a worker joining a study gets a seed of its own).
+
+    >>> run_search(lambda w: (w[1] - 0.3) ** 2, make_space("pairwise", 2), ["a", "b"], trials=6,
+    ...            storage=optuna.storages.InMemoryStorage(), study_name="doc", inputs={}, progress=False,
+    ...            sampler=lambda seed, n: optuna.samplers.RandomSampler(seed=0)).best.number < 6
+    True
     """
     seeds = space.seeds(labels, ema_alpha)
     enqueued = [(label, w, space.params_for(w)) for label, w in seeds]
@@ -248,7 +195,7 @@ def run_search(evaluate: Callable[[list[float]], float], space: Space, labels: S
         raise StudyError("--trials must be at least 1.")
     optuna.logging.set_verbosity(logging.ERROR)  # failed trials are reported by us, without tracebacks
     study = open_study(storage, study_name, inputs, space, seed,
-                       [(label, p) for label, _, p in enqueued if p is not None], recipe, objective)
+                       [(label, p) for label, _, p in enqueued if p is not None], recipe, objective, sampler)
     _refuse_other_parameters(study, space)
     rdb = study._storage
 
@@ -411,7 +358,7 @@ def set_study_attr(storage: str, study_name: str, key: str, value) -> None:
     optuna.load_study(study_name=study_name, storage=open_storage(storage)).set_user_attr(key, value)
 
 
-def _refuse_other_parameters(study: optuna.Study, space: Space) -> None:
+def _refuse_other_parameters(study: optuna.Study, space: SearchSpace) -> None:
     """A study whose trials have other parameters (one an older hf-bomerge made, e.g. the simplex's former
     stick-breaking z0..z{N-2}) cannot be resumed: the GP would only see the parameters all trials share."""
     names = set(space.param_names())

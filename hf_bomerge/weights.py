@@ -7,7 +7,7 @@ Fixed rules (SMA, EMA, WMA, pairwise λ, explicit) and the parameterizations the
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 from .errors import WeightsError
 
@@ -99,7 +99,7 @@ def to_simplex_coords(w: Sequence[float]) -> list[float]:
     n = len(w)
     z, rest = [], 1.0
     for k in range(n - 1):
-        u = min(1.0, w[k] / rest) if rest > TOLERANCE else 0.0
+        u = min(1.0, w[k] / rest) if rest > 1e-12 else 0.0  # a stick of 1e-8 still holds a weight of 1e-8
         z.append(1.0 - (1.0 - u) ** (n - 1 - k))
         rest -= w[k]
     return z
@@ -129,13 +129,46 @@ def to_ratio_coords(w: Sequence[float], floor: float = 0.0) -> list[float]:
     return [1.0 if v == top else min(1.0, floor + (1.0 - floor) * max(0.0, v) / top) for v in w]
 
 
+# The fixed rules (`--method`): name -> fn(n, ema_alpha) -> weights. A new rule is one decorated function.
+RULES: dict[str, Callable[[int, float], list[float]]] = {}
+
+
+def fixed_rule(*names: str):
+    """Register `fn(n, ema_alpha) -> weights` as `--method NAME` (the first name; the others are aliases)."""
+    def add(fn: Callable[[int, float], list[float]]):
+        for name in names:
+            RULES[name] = fn
+        return fn
+    return add
+
+
+@fixed_rule("sma", "uniform")
+def _sma(n: int, ema_alpha: float) -> list[float]:
+    return uniform(n)
+
+
+@fixed_rule("ema")
+def _ema(n: int, ema_alpha: float) -> list[float]:
+    return ema(n, ema_alpha)
+
+
+@fixed_rule("wma")
+def _wma(n: int, ema_alpha: float) -> list[float]:
+    return wma(n)
+
+
+METHODS = tuple(name for name in RULES if name != "uniform")  # what --method offers
+
+
 def rule(method: str, n: int, ema_alpha: float = 0.2) -> list[float]:
-    """A named fixed rule: `sma`/`uniform`, `ema`, `wma`."""
-    rules = {"sma": lambda: uniform(n), "uniform": lambda: uniform(n),
-             "ema": lambda: ema(n, ema_alpha), "wma": lambda: wma(n)}
-    if method not in rules:
-        raise WeightsError(f"Unknown --method {method!r}; choose one of sma, ema, wma.")
-    return rules[method]()
+    """A named fixed rule (`RULES`): `sma`/`uniform`, `ema`, `wma`.
+
+    >>> rule("wma", 2)
+    [0.3333333333333333, 0.6666666666666666]
+    """
+    if method not in RULES:
+        raise WeightsError(f"Unknown --method {method!r}; choose one of {', '.join(METHODS)}.")
+    return RULES[method](n, ema_alpha)
 
 
 def parse_weights(text: str) -> list[float]:

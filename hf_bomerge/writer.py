@@ -15,7 +15,7 @@ from .checkpoints import ST_DTYPES, CheckpointSet, TensorInfo
 from .engine import merged_tensor
 from .errors import OutputError
 
-DEFAULT_MAX_SHARD_SIZE = "2GB"
+from .defaults import DEFAULT_MAX_SHARD_SIZE  # noqa: F401  (re-exported)
 _ST_NAMES = {dtype: name for name, dtype in ST_DTYPES.items()}
 
 

@@ -6,8 +6,8 @@ hf-bomerge is not on PyPI, so the Space carries the package itself:
     hf repos create ME/hf-bomerge --repo-type space --space-sdk gradio --exist-ok
     hf upload ME/hf-bomerge build/hf-bomerge-space . --repo-type space
 
-The folder holds app.py, space_worker.py, README.md (the Space's front matter), requirements.txt, screenshot.png and
-hf_bomerge/ with the card templates in hf_bomerge/model_cards/ (a package with an __init__.py, since
+The folder holds app.py, handlers.py, space_limits.py, space_worker.py, README.md (the Space's front matter),
+requirements.txt, screenshot.png and hf_bomerge/ with the card templates in hf_bomerge/model_cards/ (a package with an __init__.py, since
 `hf_bomerge.card` loads its template through `importlib.resources.files("hf_bomerge.model_cards")`).
 The build checks that requirements.txt names every dependency of pyproject.toml, then imports
 `hf_bomerge.card` and reads the template from the assembled folder, in a fresh interpreter, and fails
@@ -32,14 +32,15 @@ except ModuleNotFoundError:  # Python 3.10
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACE = ROOT / "spaces" / "hf-bomerge"
-SPACE_FILES = ["app.py", "space_worker.py", "README.md", "requirements.txt", "screenshot.png"]
+SPACE_FILES = ["app.py", "handlers.py", "space_limits.py", "space_worker.py", "README.md", "requirements.txt",
+               "screenshot.png"]
 CHECK = """
 import sys
 from importlib import resources
 from pathlib import Path
-import hf_bomerge, hf_bomerge.card, space_worker
+import hf_bomerge, hf_bomerge.card, space_worker, handlers, space_limits
 root = Path(sys.argv[1]).resolve()
-for module in (hf_bomerge, hf_bomerge.card, space_worker):
+for module in (hf_bomerge, hf_bomerge.card, space_worker, handlers, space_limits):
     assert Path(module.__file__).resolve().is_relative_to(root), f"{module.__name__} from {module.__file__}"
 template = resources.files("hf_bomerge.model_cards").joinpath("bomerge.md")
 assert Path(str(template)).resolve().is_relative_to(root), f"template from {template}"

@@ -58,6 +58,7 @@ def test_card_renders_parses_back_and_is_byte_stable(tmp_path, search, revisions
     assert (tmp_path / "README.md").read_bytes() == (tmp_path / "b.md").read_bytes()
 
 
+@pytest.mark.e2e
 def test_cli_push_to_hub_publishes_a_loadable_model_with_its_card(test_hub, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 

@@ -42,6 +42,7 @@ def hub_run(test_hub, tmp_path_factory):
     return tmp, proc, last_json(proc.stdout)
 
 
+@pytest.mark.e2e
 def test_json_summary_has_the_contract_shape(hub_run, test_hub):
     tmp, proc, summary = hub_run
     assert set(summary) == JSON_KEYS and summary["schema"] == 1
@@ -56,6 +57,7 @@ def test_json_summary_has_the_contract_shape(hub_run, test_hub):
     assert "trials" in proc.stderr  # progress goes to stderr, the JSON object alone is stdout's last line
 
 
+@pytest.mark.e2e
 def test_every_reported_number_is_an_independently_measured_loss(hub_run, test_hub, tmp_path):
     """The merge's loss and each baseline's equal transformers' loss of a float64 reference merge of the same
     weights on blocks built without hf-bomerge (not a comparison of the study's trials with each other)."""
@@ -78,6 +80,7 @@ def test_every_reported_number_is_an_independently_measured_loss(hub_run, test_h
         assert (search, confirm) == pytest.approx((reported[label], confirmed[label]), abs=2e-5), label
 
 
+@pytest.mark.e2e
 def test_output_loads_and_its_loss_matches_the_report(hub_run, test_hub):
     from transformers import AutoModelForCausalLM
 
@@ -91,6 +94,7 @@ def test_output_loads_and_its_loss_matches_the_report(hub_run, test_hub):
     assert not list(out.parent.glob(".merged.*"))  # no staging folder left behind
 
 
+@pytest.mark.e2e
 def test_card_lists_every_revision_with_its_sha(hub_run):
     from huggingface_hub import ModelCard
 
@@ -103,6 +107,7 @@ def test_card_lists_every_revision_with_its_sha(hub_run):
     assert card.data.eval_results[0].metric_value == pytest.approx(summary["confirm"]["loss"], abs=1e-6)
 
 
+@pytest.mark.e2e
 def test_recipe_reproduces_the_merge_bit_for_bit(hub_run, tmp_path):
     _, _, summary = hub_run
     out = Path(summary["output"])
@@ -113,6 +118,7 @@ def test_recipe_reproduces_the_merge_bit_for_bit(hub_run, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.e2e
 def test_rerun_resumes_the_study_instead_of_starting_over(hub_run, test_hub, capsys):
     tmp, _, summary = hub_run
     first, last = summary["revisions"][0], summary["revisions"][-1]
@@ -125,6 +131,7 @@ def test_rerun_resumes_the_study_instead_of_starting_over(hub_run, test_hub, cap
     assert again["weights"] == summary["weights"]  # nothing re-run: the same best trial
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("spec, expect", [("step999999", "nearest"), ("step1..step2", "nearest")])
 def test_unknown_revision_lists_the_nearest_branches(test_hub, tmp_path, capsys, spec, expect):
     code = main([test_hub.repo_id, "--revisions", spec, "--output", str(tmp_path / "x"), "--quiet",
@@ -135,12 +142,14 @@ def test_unknown_revision_lists_the_nearest_branches(test_hub, tmp_path, capsys,
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.e2e
 def test_missing_repo_is_a_clear_error(test_hub, tmp_path, capsys):
     code = main(["nobody/no-such-model", "--output", str(tmp_path / "x"), "--quiet", "--cache-dir", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and "nobody/no-such-model" in err and "token" in err and "Traceback" not in err
 
 
+@pytest.mark.e2e
 def test_dry_run_prints_the_plan_with_shas(test_hub, capsys):
     code = main([test_hub.repo_id, "--revisions", "last:3", "--dry-run", "--json"])
     plan = last_json(capsys.readouterr().out)
@@ -148,6 +157,7 @@ def test_dry_run_prints_the_plan_with_shas(test_hub, capsys):
     assert plan["shas"] == [test_hub.shas[r] for r in plan["revisions"]]
 
 
+@pytest.mark.e2e
 def test_demo_json(tmp_path):
     proc = hf_bomerge("demo", "--json", "--trials", "8", "--output", str(tmp_path / "demo"), cache=tmp_path / "cache")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -128,6 +128,7 @@ def test_existing_output_not_ours_is_refused_unless_overwrite(run, capsys):
     assert (out / "model.safetensors").is_file() and not (out / "precious.txt").exists()
 
 
+@pytest.mark.e2e
 def test_a_search_whose_export_failed_exports_on_the_rerun(run, capsys):
     """The export is claimed once per study budget; a failed export gives the claim back."""
     out = run.tmp / "out"
@@ -150,6 +151,7 @@ def test_invalid_weights_and_unknown_revisions(run, capsys):
     assert run.steps[0] in _error(capsys)
 
 
+@pytest.mark.e2e
 def test_search_killed_mid_trial_resumes_to_the_same_budget(run, tmp_path):
     """A real subprocess, SIGKILLed while the study runs; the re-run finishes the budget and exports once."""
     storage = f"sqlite:///{tmp_path / 'study.db'}"
@@ -189,6 +191,7 @@ def test_search_killed_mid_trial_resumes_to_the_same_budget(run, tmp_path):
     AutoModelForCausalLM.from_pretrained(tmp_path / "out")
 
 
+@pytest.mark.e2e
 def test_corrupt_download_is_fetched_again_once(test_hub, tmp_path, caplog):
     """A weight file truncated in the HF cache (a disk fault, a killed copy) is downloaded again."""
     args = [test_hub.repo_id, "--revisions", "last:2", "--method", "sma", "--no-eval", "--quiet",
@@ -204,6 +207,7 @@ def test_corrupt_download_is_fetched_again_once(test_hub, tmp_path, caplog):
     assert a == (tmp_path / "b" / "model.safetensors").read_bytes()
 
 
+@pytest.mark.e2e
 def test_a_plan_that_does_not_fit_is_refused_before_downloading(test_hub, tmp_path, capsys):
     cache = tmp_path / "cache"
     args = [test_hub.repo_id, "--revisions", "last:4", "--dataset", test_hub.dataset_id, "--split", "validation",
@@ -223,6 +227,7 @@ def test_a_plan_that_does_not_fit_is_refused_before_downloading(test_hub, tmp_pa
     assert main([*args, "--max-memory", budget, "--method", "ema", "--no-eval"]) == 0
 
 
+@pytest.mark.e2e
 def test_checkpoints_that_do_not_fit_beside_the_model_are_streamed_with_the_same_numbers(test_hub, tmp_path,
                                                                                        capsys, caplog):
     args = [test_hub.repo_id, "--revisions", "last:3", "--dataset", test_hub.dataset_id, "--split", "validation",
@@ -241,6 +246,7 @@ def test_checkpoints_that_do_not_fit_beside_the_model_are_streamed_with_the_same
     assert streamed["loss"] == resident["loss"]  # the export's arithmetic, bit for bit
 
 
+@pytest.mark.e2e
 def test_unreachable_hub_is_one_paragraph(tmp_path):
     from testhub import free_port
 
@@ -260,6 +266,7 @@ def test_a_bin_that_is_not_only_tensors_is_never_unpickled(run, capsys):
     assert not marker.exists()
 
 
+@pytest.mark.e2e
 def test_sigterm_during_the_search_saves_the_study_and_says_how_to_resume(run, tmp_path):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     args = [sys.executable, "-m", "hf_bomerge.cli", str(run.src), "--revisions", "last:3",
@@ -294,6 +301,7 @@ def test_sigterm_during_the_search_saves_the_study_and_says_how_to_resume(run, t
         [*run.steps, "uniform", "ema"])
 
 
+@pytest.mark.e2e
 def test_not_enough_disk_is_refused_before_downloading(test_hub, tmp_path, capsys, monkeypatch):
     """A full disk cannot be produced here safely, so only `shutil.disk_usage` is replaced (the one mock)."""
     import shutil as _shutil

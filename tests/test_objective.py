@@ -18,6 +18,9 @@ import torch
 
 from hf_bomerge.cli import main
 
+# Every test here runs real searches on a multiple-choice metric (minutes on a CPU): the end-to-end tier.
+pytestmark = pytest.mark.e2e
+
 METRIC = Path(__file__).parent / "assets" / "metrics" / "mc_accuracy"
 MAX_TOKENS = "40000"  # every question of the set below
 CONTEXT = 128  # the demo model's max_position_embeddings

@@ -29,6 +29,7 @@ def _run(launcher: list[str], source: Path, trajectory: Path, tmp: Path, name: s
     return proc
 
 
+@pytest.mark.e2e
 def test_accelerate_launch_two_processes_gives_the_loss_of_one(source, trajectory, tmp_path):
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
@@ -59,6 +60,7 @@ def test_shards_of_the_batches_sum_to_the_whole(trajectory):
     assert sum(t for t, _ in parts) == pytest.approx(whole[0], rel=1e-12)
 
 
+@pytest.mark.e2e
 def test_device_map_auto_places_the_model_with_accelerate_and_scores_the_same(source, trajectory, tmp_path, capsys):
     """On this CPU-only machine Accelerate's map puts everything on the CPU; the multi-GPU split itself needs
     GPUs (not available to CI): the merger keeps each parameter's checkpoints on that parameter's device."""

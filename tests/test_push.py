@@ -18,6 +18,9 @@ from hf_bomerge.cli import main
 from hf_bomerge.errors import HubError
 from hf_bomerge.hub import push_folder
 
+
+pytestmark = pytest.mark.e2e  # every test here pushes to the test Hub
+
 TOKEN = "hf_test_secret_token_123"
 
 

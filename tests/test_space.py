@@ -82,6 +82,7 @@ def _rows(table) -> list[list]:
     return table["data"] if isinstance(table, dict) else table
 
 
+@pytest.mark.e2e
 def test_list_run_and_publish(space, test_hub, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -131,6 +132,7 @@ def test_list_run_and_publish(space, test_hub, tmp_path):
             assert TOKEN.encode() not in path.read_bytes(), path
 
 
+@pytest.mark.e2e
 def test_runs_wait_in_the_queue_and_stop_ends_the_search(space, test_hub):
     from gradio_client.utils import Status
 
@@ -174,6 +176,7 @@ def test_runs_wait_in_the_queue_and_stop_ends_the_search(space, test_hub):
         time.sleep(0.1)
 
 
+@pytest.mark.e2e
 def test_an_error_in_the_search_reaches_the_user(space, test_hub):
     from gradio_client.exceptions import AppError
 
@@ -184,6 +187,7 @@ def test_an_error_in_the_search_reaches_the_user(space, test_hub):
     assert not space.module.WORKERS
 
 
+@pytest.mark.e2e
 def test_a_plan_too_large_is_refused_before_downloading(test_hub, tmp_path, monkeypatch):
     from gradio_client.exceptions import AppError
 
@@ -230,10 +234,11 @@ def test_in_a_space_sign_in_replaces_the_token_box(tmp_path, monkeypatch):
     assert {name: oauth_token_requirement(fns[name]) for name in ("list_revisions", "run", "publish")} == {
         "list_revisions": "optional", "run": "optional", "publish": "optional"}
     signed_in = gr.OAuthToken(token="hf_oauth_user", scope="openid profile write-repos manage-repos", expires_at=0)
-    assert module._token("", signed_in) == "hf_oauth_user" and module._token(" hf_box ", None) == "hf_box"
-    assert module._token("", None) is None
+    assert module.token_for("", signed_in) == "hf_oauth_user" and module.token_for(" hf_box ", None) == "hf_box"
+    assert module.token_for("", None) is None
 
 
+@pytest.mark.e2e
 def test_browser_lists_runs_and_shows_the_result(space, test_hub, tmp_path):
     sync_api = _need("playwright.sync_api", 'pip install playwright (no `playwright install`: the test uses '
                                             'Debian\'s chromium)')
@@ -271,6 +276,7 @@ def test_browser_lists_runs_and_shows_the_result(space, test_hub, tmp_path):
         (SPACE / "screenshot.png").write_bytes(shot)
 
 
+@pytest.mark.e2e
 def test_build_space_assembles_a_self_contained_folder(tmp_path):
     from huggingface_hub import SpaceCard
 

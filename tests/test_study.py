@@ -46,6 +46,7 @@ def _run(evaluate, tmp_path: Path, kind: str, n: int, trials: int, name="s", see
                       seed=seed, progress=False, **kw)
 
 
+@pytest.mark.e2e
 def test_pairwise_evaluates_both_bounds_first(evaluator, tmp_path):
     pair = lambda w: evaluator([0.0, 0.0, *w])  # the last two checkpoints  # noqa: E731
     start = len(evaluator.calls)
@@ -57,6 +58,7 @@ def test_pairwise_evaluates_both_bounds_first(evaluator, tmp_path):
     assert 0.3 - 1e-9 <= lam <= 1.0
 
 
+@pytest.mark.e2e
 def test_simplex_is_seeded_with_the_baselines_and_beats_them(evaluator, tmp_path):
     out = _run(evaluator, tmp_path, "simplex", 4, trials=12, labels=evaluator.labels)
     assert [t.seed for t in out.trials[:6]] == [*reversed(evaluator.labels), "uniform", "ema"]
@@ -65,6 +67,7 @@ def test_simplex_is_seeded_with_the_baselines_and_beats_them(evaluator, tmp_path
     assert out.best.loss < min(out.baselines.values())
 
 
+@pytest.mark.e2e
 def test_resume_finishes_the_budget_without_repeating_trials(evaluator, tmp_path):
     _run(evaluator, tmp_path, "simplex", 4, trials=7, labels=evaluator.labels)
     start = len(evaluator.calls)
@@ -73,12 +76,14 @@ def test_resume_finishes_the_budget_without_repeating_trials(evaluator, tmp_path
     assert [t.number for t in out.trials] == list(range(9))
 
 
+@pytest.mark.e2e
 def test_same_seed_same_trials(evaluator, tmp_path):
     a = _run(evaluator, tmp_path, "simplex", 4, trials=9, name="a", seed=7, labels=evaluator.labels)
     b = _run(evaluator, tmp_path, "simplex", 4, trials=9, name="b", seed=7, labels=evaluator.labels)
     assert [t.weights for t in a.trials] == [t.weights for t in b.trials]
 
 
+@pytest.mark.e2e
 def test_family_scales_to_dozens_of_checkpoints(tmp_path):
     """A 44-revision range searched in two dimensions; EMA is evaluated beside the study (not in the space)."""
     target = [0.0] * 34 + [0.1] * 10
@@ -133,3 +138,28 @@ def test_a_study_with_another_parameterization_is_refused(tmp_path):
     with pytest.raises(StudyError, match="z0, z1"):
         run_search(lambda w: sum(w), make_space("simplex", 3), ["a", "b", "c"], trials=4, storage=storage,
                    study_name="old", inputs={"n": 3}, seed=0, progress=False)
+
+
+def test_sampler_and_storage_are_injectable():
+    """Any Optuna sampler (or a factory (seed, n_seeds) -> sampler) and any Optuna storage drive the same loop:
+    the baselines are still enqueued first, and the factory is told how many there are."""
+    made = []
+
+    def tpe(seed, n_seeds):
+        made.append((seed, n_seeds))
+        return optuna.samplers.TPESampler(seed=seed)
+
+    storage = optuna.storages.InMemoryStorage()
+    out = run_search(lambda w: (w[1] - 0.3) ** 2, make_space("pairwise", 2), ["a", "b"], trials=6, storage=storage,
+                     study_name="tpe", inputs={}, seed=3, progress=False, sampler=tpe)
+    assert made == [(3, 4)]  # 2 bounds + uniform + EMA
+    assert [t.seed for t in sorted(out.trials, key=lambda t: t.number)][:4] == ["b", "a", "uniform", "ema"]
+    study = optuna.load_study(study_name="tpe", storage=storage)
+    assert isinstance(study.sampler, optuna.samplers.TPESampler) and len(study.trials) == 6
+    again = run_search(lambda w: (w[1] - 0.3) ** 2, make_space("pairwise", 2), ["a", "b"], trials=7,
+                       storage=storage, study_name="tpe", inputs={}, progress=False,
+                       sampler=optuna.samplers.RandomSampler(seed=0))
+    assert len(again.trials) == 7  # resumed the same study with an instance instead of a factory
+    with pytest.raises(StudyError, match="sampler"):
+        run_search(sum, make_space("pairwise", 2), ["a", "b"], trials=2, storage=optuna.storages.InMemoryStorage(),
+                   study_name="x", inputs={}, progress=False, sampler="tpe")

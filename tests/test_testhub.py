@@ -67,6 +67,7 @@ def test_demo_loads_with_transformers(trajectory: Path):
     assert loss < math.log(model.config.vocab_size) - 1  # it learned something
 
 
+@pytest.mark.e2e
 def test_refs_list_the_step_branches(test_hub):
     from huggingface_hub import HfApi
 
@@ -78,6 +79,7 @@ def test_refs_list_the_step_branches(test_hub):
         test_hub.shas[test_hub.step_branches[0]]
 
 
+@pytest.mark.e2e
 def test_snapshot_download_returns_the_step_bytes(test_hub):
     from huggingface_hub import snapshot_download
 
@@ -91,6 +93,7 @@ def test_snapshot_download_returns_the_step_bytes(test_hub):
     assert str(folder).startswith(str(test_hub.hf_home))
 
 
+@pytest.mark.e2e
 def test_hf_hub_download_main_safetensors(test_hub):
     from huggingface_hub import HfApi, hf_hub_download
 
@@ -100,6 +103,7 @@ def test_hf_hub_download_main_safetensors(test_hub):
     assert "model.safetensors" in files and "pytorch_model.bin" not in files
 
 
+@pytest.mark.e2e
 def test_missing_file_at_a_pinned_sha_is_entry_not_found(test_hub):
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
@@ -108,6 +112,7 @@ def test_missing_file_at_a_pinned_sha_is_entry_not_found(test_hub):
         hf_hub_download(test_hub.repo_id, "model.safetensors", revision=test_hub.shas[test_hub.step_branches[0]])
 
 
+@pytest.mark.e2e
 def test_load_dataset_through_the_hub(test_hub):
     import datasets
 
@@ -119,6 +124,7 @@ def test_load_dataset_through_the_hub(test_hub):
     assert ood[0]["text"] != ds[0]["text"]
 
 
+@pytest.mark.e2e
 def test_extra_repos_with_other_branch_names(test_hub, tmp_path: Path):
     from huggingface_hub import HfApi, hf_hub_download
 

@@ -3,11 +3,11 @@
 import math
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import example, given, strategies as st
 
 from hf_bomerge import weights as W
 from hf_bomerge.errors import WeightsError
-from hf_bomerge.study import Space, make_space
+from hf_bomerge.spaces import SPACES, SearchSpace, make_space, register
 
 
 @given(st.integers(1, 64), st.floats(0.01, 1.0))
@@ -30,6 +30,7 @@ def test_wma_weights_grow_with_training_progress():
 
 
 @given(st.lists(st.floats(0.0, 1.0), min_size=1, max_size=10))
+@example([0.9999999999999999, 1.0])  # a stick of 1e-8 left: once dropped by the inverse
 def test_simplex_coordinates_always_give_valid_weights_and_invert(z):
     w = W.from_simplex_coords(z)
     assert len(w) == len(z) + 1
@@ -84,7 +85,7 @@ def test_auto_picks_the_space_by_number_of_checkpoints(n, kind):
 
 @pytest.mark.parametrize("n", range(2, 9))
 def test_simplex_seeds_map_back_exactly_to_their_weights(n):
-    simplex = Space("simplex", n)
+    simplex = make_space("simplex", n)
     for label, w in simplex.seeds([f"s{i}" for i in range(n)]):
         params = simplex.params_for(w)
         assert params is not None and set(params) == set(simplex.param_names()), label
@@ -96,12 +97,51 @@ def test_simplex_seeds_map_back_exactly_to_their_weights(n):
 
 def test_seeds_are_in_their_space():
     labels = ["a", "b", "c", "d"]
-    simplex = Space("simplex", 4)
+    simplex = make_space("simplex", 4)
     for label, w in simplex.seeds(labels):
         assert simplex.params_for(w) is not None, label
-    pair = Space("pairwise", 2)
+    pair = make_space("pairwise", 2)
     first = [w for _, w in pair.seeds(["old", "new"])][:2]
     assert first == [[0.0, 1.0], [1.0, 0.0]]  # both bounds of λ first
-    family = Space("family", 20)
+    family = make_space("family", 20)
     names = [label for label, w in family.seeds([f"s{i}" for i in range(20)]) if family.params_for(w) is not None]
     assert names == ["s19", "uniform"]  # PMA's EMA is not in the window/decay family: evaluated beside it
+
+
+def test_a_new_search_space_is_one_registered_class():
+    @register
+    class Latest(SearchSpace):  # the latest checkpoint plus a share λ of the one before
+        name = "latest-test"
+
+        def suggest(self, trial):
+            return self.weights({"share": trial.suggest_float("share", 0.0, 0.5)})
+
+        def weights(self, params):
+            return [0.0] * (self.n - 2) + [params["share"], 1.0 - params["share"]]
+
+        def param_names(self):
+            return ["share"]
+
+        def raw_params(self, weights):
+            return {"share": weights[-2]}
+
+        def singles(self, labels):
+            return [(labels[-1], W.one_hot(self.n, self.n - 1))]
+
+    try:
+        space = make_space("latest-test", 3)
+        assert space.kind == "latest-test" and space.params_for([0.0, 0.25, 0.75]) == {"share": 0.25}
+        assert space.params_for(W.uniform(3)) is None  # not in this space: evaluated beside the study
+        assert [label for label, _ in space.seeds(["a", "b", "c"])] == ["c", "uniform", "ema"]
+    finally:
+        del SPACES["latest-test"]
+    with pytest.raises(Exception, match="latest-test"):
+        make_space("latest-test", 3)
+
+
+def test_fixed_rules_are_one_registry():
+    assert W.METHODS == ("sma", "ema", "wma")
+    assert W.rule("uniform", 4) == W.rule("sma", 4) == W.uniform(4)
+    assert W.rule("ema", 3, 0.5) == W.ema(3, 0.5)
+    with pytest.raises(WeightsError, match="sma, ema, wma"):
+        W.rule("median", 3)

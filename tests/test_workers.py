@@ -53,6 +53,7 @@ def _trials(url: str, name: str, *states: TrialState) -> list[optuna.trial.Froze
     return optuna.load_study(study_name=name, storage=url).get_trials(states=states or None)
 
 
+@pytest.mark.e2e
 def test_two_workers_share_one_budget_and_export_once(worker, capsys):
     a, b = worker("out-a"), worker("out-b")
     results = [_finish(a), _finish(b)]
@@ -83,6 +84,7 @@ def test_two_workers_share_one_budget_and_export_once(worker, capsys):
     assert (worker.tmp / "again" / "model.safetensors").read_bytes() == (written[0] / "model.safetensors").read_bytes()
 
 
+@pytest.mark.e2e
 def test_a_killed_workers_trial_is_retried_by_another(worker):
     a = worker("out-a")
     deadline = time.time() + 300

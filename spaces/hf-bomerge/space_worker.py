@@ -1,8 +1,8 @@
 """The Space's heavy work, in a child process: `hf_bomerge.search(...)` then `save_pretrained(...)`.
 
 A child process (not a thread) so that Stop really stops: the app terminates the process, which frees its
-memory and CPU at once, and the next queued run starts on an idle machine. Progress is read by the app from
-the study's SQLite storage, which the search writes after every trial. Deliberately free of gradio imports:
+memory and CPU at once, and the next queued run starts on an idle machine. Progress is pushed to the app through
+the same pipe: `("trial", row)` after every trial (`search(on_trial=...)`). Deliberately free of gradio imports:
 the app's fork server preloads this module and `hf_bomerge.api` (torch, transformers, optuna) once.
 """
 
@@ -13,20 +13,33 @@ from typing import Any
 
 
 def run(kwargs: dict[str, Any], output: str, conn) -> None:
-    """Search, save the merged model to `output`, send `("ok", MergeResult)` or `("error", message)`."""
+    """Search, sending `("trial", row)` after each trial; save the merged model to `output`; send
+    `("ok", MergeResult)` or `("error", message)`."""
     try:
-        conn.send(_search(kwargs, output))
+        conn.send(_search(kwargs, output, lambda trial, complete, budget: conn.send(("trial", trial_row(
+            trial, complete, budget)))))
     finally:
         conn.close()
 
 
-def _search(kwargs: dict[str, Any], output: str) -> tuple[str, Any]:
+def trial_row(trial, complete: int, budget: int) -> dict[str, Any]:
+    """A finished `hf_bomerge.study.Trial` as plain data (`loss` is NaN for a failed trial).
+
+    >>> from hf_bomerge.study import Trial
+    >>> trial_row(Trial(3, [0.25, 0.75], 2.5, None), 4, 10)
+    {'number': 3, 'weights': [0.25, 0.75], 'loss': 2.5, 'seed': None, 'complete': 4, 'budget': 10}
+    """
+    return {"number": trial.number, "weights": list(trial.weights), "loss": float(trial.loss), "seed": trial.seed,
+            "complete": complete, "budget": budget}
+
+
+def _search(kwargs: dict[str, Any], output: str, on_trial) -> tuple[str, Any]:
     try:
         import hf_bomerge
         from hf_bomerge.errors import BOMergeError
 
         try:
-            result = hf_bomerge.search(**kwargs)
+            result = hf_bomerge.search(**kwargs, on_trial=on_trial)
             result.save_pretrained(output, progress=False)
             return "ok", result
         except BOMergeError as err:  # a user's mistake: its message says what to do

@@ -1,0 +1,35 @@
+"""`hf-bomerge demo`: the built-in offline demo: a tiny GPT-NeoX trained here on Python's standard library, its
+checkpoints merged by the full pipeline (GP search, export, card)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import BOMergeError
+from . import search
+from .output import finish
+
+DEMO_REVISIONS = "last:4"
+DESCRIPTION = __doc__.split(": ", 1)[1]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    search.add_arguments(p, source=False)
+    p.set_defaults(revisions=DEMO_REVISIONS, source="demo", recipe=None, dry_run=False)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import api
+    from ..demo import build_trajectory
+
+    if args.objective != "loss":
+        raise BOMergeError("The demo searches on held-out loss; --objective METRIC needs a SOURCE and a "
+                           "multiple-choice --dataset.")
+    root = build_trajectory(quiet=args.quiet)
+    result = api.search(str(root), args.revisions, dataset=str(root / "heldout" / "validation.jsonl"),
+                        eval_datasets=[str(root / "heldout" / "ood.jsonl")], trials=args.trials,
+                        search=args.search, seed=args.seed, max_eval_tokens=args.max_eval_tokens,
+                        batch_size=args.batch_size, cache_dir=args.cache_dir, progress=not args.quiet,
+                        storage=args.storage, study_name=args.study_name, dtype=args.dtype,
+                        confirm_fraction=args.confirm_fraction, fallback=args.fallback)
+    return finish(result, args, default_name="pythia-tiny-demo-bomerge")

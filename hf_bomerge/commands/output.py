@@ -1,0 +1,146 @@
+"""What every command that produces a merge shares: the output options, writing (and pushing) the merge once,
+and the report (a human summary; under --json one object on stdout's last line)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..defaults import DEFAULT_MAX_SHARD_SIZE
+
+
+def add_output_options(p: argparse.ArgumentParser, *, dtype: bool = False) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument("--output", help="default ./<model-name>-bomerge")
+    g.add_argument("--overwrite", action="store_true")
+    if dtype:
+        g.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "float64"],
+                       help="every merged tensor in this dtype (default: each tensor keeps its checkpoints' dtype)")
+    g.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE)
+    g.add_argument("--push-to-hub", metavar="REPO_ID", help="publish the merged model to this Hub repo")
+    g.add_argument("--private", action="store_true", help="create the Hub repo private")
+    g.add_argument("--hub-revision", metavar="BRANCH", help="push to this branch (created if missing)")
+    g.add_argument("--commit-message")
+    g.add_argument("--token", help="Hub token (default: HF_TOKEN or the login cache); never printed")
+
+
+def add_common_options(g) -> None:
+    """--cache-dir, --json, --quiet, --debug (every command has them)."""
+    g.add_argument("--cache-dir", help="downloads, tokenized held-out data and the default study storage")
+    g.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument("--debug", action="store_true", help="tracebacks for every error")
+
+
+def finish(result, args: argparse.Namespace, default_name: str, claim: bool = True) -> int:
+    """Write (and push) `result`, then report it."""
+    if save(result, args, default_name, claim) is not None:
+        report(result, args)
+    return 0
+
+
+def save(result, args, default_name: str, claim: bool = True):
+    """Write (and push) the merge. For a search, the study's storage decides which worker does it: exactly
+    one, the first to finish once the budget is spent; the others report where it went. None on a process
+    that does not write (not the main one under `accelerate launch`)."""
+    from .. import parallel, workers
+    from ..study import open_storage, safe_url
+
+    if not parallel.is_main():  # under `accelerate launch`, only the main process writes
+        return None
+    output = Path(args.output or default_name).expanduser().resolve()
+    storage = open_storage(result.storage) if claim and result.storage else None
+    if storage is not None:
+        winner = workers.claim_export(storage, result.study, result.budget,
+                                      {"output": str(output), "push_to_hub": args.push_to_hub})
+        if winner is not None:
+            result.output = winner.get("output")
+            print(f"hf-bomerge: the budget of {result.budget} trials of study {result.study} is spent and its merge "
+                  f"is exported by {winner.get('worker')} (to {winner.get('output')}, since {winner.get('at')}"
+                  f"{'' if winner.get('done') else ', maybe still running'}); this run writes nothing. To write it "
+                  f"again: hf-bomerge export --storage {safe_url(result.storage)} --study-name {result.study} --output DIR",
+                  file=sys.stderr)
+            return result
+    try:
+        result.save_pretrained(output, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
+                               progress=not args.quiet)
+        if args.push_to_hub:
+            url = result.push_to_hub(args.push_to_hub, token=args.token, private=args.private or None,
+                                     revision=args.hub_revision, commit_message=args.commit_message)
+            print(f"pushed to {url}", file=sys.stderr)
+    except BaseException:  # the export failed (or was interrupted): a re-run may claim it again
+        if storage is not None:
+            workers.release_export(storage, result.study, result.budget)
+        raise
+    if storage is not None:
+        workers.finish_export(storage, result.study, result.budget)
+    return result
+
+
+def report(result, args) -> None:
+    """The human summary (stderr under --json) and the JSON object on stdout's last line."""
+    out = sys.stderr if args.json else sys.stdout
+    print(format_summary(result), file=out)
+    if args.json:
+        print(json.dumps(result.summary()), flush=True)
+
+
+def format_summary(result) -> str:
+    from ..study import best_of, direction
+
+    lines = [f"merged {len(result.revisions)} revisions of {result.source} -> {result.output}", "", "weights:"]
+    lines += [f"  {name:<24} {w:9.5f}" for name, w in zip(result.revisions, result.weights)]
+    if result.loss is not None:
+        lines += ["", *_scores(result)]
+        objective, sign = result.objective, 1 if direction(result.objective) == "minimize" else -1
+        unit = " nats/token" if objective == "loss" else ""
+        singles = {k: v for k, v in result.baselines.items() if k in result.revisions}
+        if singles:
+            best = best_of(singles, key=singles.get, objective=objective)
+            delta = sign * (result.loss - singles[best])
+            verdict = "better than" if delta < 0 else "NOT better than"
+            lines += ["", f"the merge is {verdict} the best single checkpoint ({best}) by {abs(delta):.5f}{unit}"]
+            if "uniform" in result.baselines:
+                du = sign * (result.loss - result.baselines["uniform"])
+                lines += [f"and {'better' if du < 0 else 'not better'} than the uniform average by {abs(du):.5f}"]
+    lines += _confirmation(result)
+    for name, row in result.generalization.items():
+        lines += ["", f"generalization (loss) on {name}: merged {row['merged']:.5f}, best single "
+                  f"({row['best_single_revision']}) {row['best_single']:.5f}, uniform {row['uniform']:.5f}"]
+    return "\n".join(lines)
+
+
+def _confirmation(result) -> list[str]:
+    """The confirm part, never seen by the search: the plain verdict and the interval."""
+    c = result.confirm
+    if not c:
+        return []
+    best, delta = c["best_baseline"], c["loss"] - c["baselines"][c["best_baseline"]]
+    lo, hi = c["interval"]
+    verdict = ("better than" if hi < 0 else "better than (but the interval includes 0)" if delta < 0
+               else "NOT better than")
+    lines = ["", f"on the confirm part ({c['blocks']} held-out blocks the search never saw):",
+             *(f"  {k:<24} {v:9.5f}" for k, v in {"merged": c["loss"], **c["baselines"]}.items()),
+             f"the merge is {verdict} the best baseline ({best}): {delta:+.5f} nats/token, "
+             f"95% interval [{lo:+.5f}, {hi:+.5f}]"]
+    if c.get("exported", "merge") != "merge":
+        lines.append(f"--fallback: the output holds {c['exported']}, not the searched merge")
+    elif delta >= 0:
+        lines.append("pass --fallback to export that baseline instead")
+    return lines
+
+
+def _scores(result) -> list[str]:
+    """The merge and the baselines on the objective: loss with perplexity, or the metric."""
+    from ..heldout import perplexity
+
+    if result.objective == "loss":
+        where = f"{result.dataset}, search part" if result.confirm else result.dataset
+        dtype = f", computed in {result.eval_dtype}" if result.eval_dtype else ""
+        return [f"held-out loss on {where} ({result.eval_tokens} tokens{dtype}):",
+                *(f"  {k:<24} {v:9.5f}  (ppl {perplexity(v):.3f})"
+                  for k, v in {"merged": result.loss, **result.baselines}.items())]
+    return [f"held-out {result.objective} (higher is better) on {result.dataset} ({result.eval_questions} questions):",
+            *(f"  {k:<24} {v:9.5f}" for k, v in {"merged": result.loss, **result.baselines}.items())]

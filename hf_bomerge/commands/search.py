@@ -1,0 +1,148 @@
+"""`hf-bomerge SOURCE [options]`: search the merge weights (or apply a fixed rule), merge, write (and push)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..defaults import DEFAULT_MAX_EVAL_TOKENS
+from ..errors import BOMergeError
+from ..spaces import SEARCHES
+from ..weights import METHODS
+from .output import add_common_options, add_output_options, finish
+
+DESCRIPTION = ("Merge intermediate checkpoints of one pretraining run with weights found by Bayesian "
+               "optimization on held-out loss (or an `evaluate` metric). SOURCE is a Hub repo id, a folder of "
+               "checkpoints or a local git repository (a folder named like a command: ./NAME).")
+EPILOG = """examples:
+  hf-bomerge EleutherAI/pythia-1b --revisions step100000..step143000
+  hf-bomerge EleutherAI/pythia-160m --revisions last:2 --search pairwise --trials 12 --json
+  hf-bomerge ./trainer-output --revisions checkpoint-1000.. --method ema
+  hf-bomerge ./trainer-output --objective ./metrics/accuracy --dataset questions.jsonl
+  hf-bomerge recipe merged/bomerge_recipe.yaml --output again
+  hf-bomerge demo
+  hf-bomerge show --storage postgresql+psycopg://db-host/bomerge         (a study's trials)
+  hf-bomerge export --storage postgresql+psycopg://db-host/bomerge --output merged"""
+
+
+def add_arguments(p: argparse.ArgumentParser, *, source: bool = True) -> None:
+    """The search's options; `source=False` (the demo) leaves out SOURCE, fixed merges, --recipe and --dry-run."""
+    if source:
+        p.add_argument("source", nargs="?", help="Hub repo id ORG/NAME, a local folder or git repository")
+    p.add_argument("--version", action="version", version=f"hf-bomerge {_version()}")
+    g = p.add_argument_group("revisions")
+    g.add_argument("--revisions", default="last:2",
+                   help="A..B (training order, ends inclusive), R1,R2,..., or last:N (default: %(default)s)")
+    g.add_argument("--max-checkpoints", type=int, default=8, help="keep K evenly spaced (default 8; 0 = all)")
+    g = p.add_argument_group("held-out data")
+    g.add_argument("--dataset", help="Hub dataset id or local file/folder (default Salesforce/wikitext)")
+    g.add_argument("--dataset-config", help="dataset config (default wikitext-2-raw-v1 for the default dataset)")
+    g.add_argument("--split", help="split (default validation; a local file is its own single split)")
+    g.add_argument("--text-column", default="text")
+    g.add_argument("--eval-dataset", action="append", default=[], metavar="DATASET[:CONFIG][@SPLIT]",
+                   help="extra set for the generalization report (repeatable; or a local file)")
+    g.add_argument("--max-eval-tokens", type=int, default=DEFAULT_MAX_EVAL_TOKENS,
+                   help="cap on the tokens evaluated: the held-out text for loss; for a metric, the first "
+                        "questions whose question+choice sequences (all choices) fit in it (default %(default)s)")
+    g.add_argument("--block-size", type=int, help="default: min(model context, 2048)")
+    g.add_argument("--batch-size", type=int, default=4,
+                   help="blocks per forward pass (a metric: as many question+choice sequences as fit in "
+                        "batch-size x block-size tokens; default 4)")
+    g.add_argument("--eval-dtype", choices=["float32", "float16", "bfloat16", "float64"],
+                   help="default float32 on CPU, the checkpoint dtype on CUDA")
+    g.add_argument("--objective", default="loss", metavar="loss|METRIC",
+                   help="loss (mean token NLL, minimized; default), or an `evaluate` metric name or local path "
+                        "(maximized) graded on multiple-choice rows: --dataset with columns question, choices "
+                        "(list) and answer (index or text); each choice scored by its log-likelihood")
+    g = p.add_argument_group("search")
+    g.add_argument("--search", choices=SEARCHES, default="auto")
+    g.add_argument("--trials", type=int, default=20, help="total COMPLETE trials of the study, seeds included")
+    g.add_argument("--lambda-min", type=float, default=0.0, help="pairwise lower bound of λ (default 0.0)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--storage", help="Optuna storage URL (default: SQLite under the cache dir)")
+    g.add_argument("--study-name", help="default: derived from the inputs")
+    g.add_argument("--confirm-fraction", type=float, default=0.25,
+                   help="held-out blocks kept from the search to confirm the merge on (every 4th: 0.25; 0 = off)")
+    g.add_argument("--fallback", action="store_true",
+                   help="export the best baseline instead when the merge is not better on the confirm part")
+    if source:
+        g = p.add_argument_group("fixed merges (no search)")
+        g.add_argument("--weights", help="W1,W2,... one per revision, oldest first")
+        g.add_argument("--method", choices=METHODS)
+        g.add_argument("--ema-alpha", type=float, default=0.2)
+        g.add_argument("--allow-extrapolation", action="store_true", help="allow negative/unnormalized weights")
+        g.add_argument("--no-eval", action="store_true", help="fixed merges: skip the held-out evaluation")
+        g.add_argument("--recipe", metavar="FILE", help="the same as `hf-bomerge recipe FILE`")
+    add_output_options(p, dtype=True)
+    g = p.add_argument_group("other")
+    g.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    g.add_argument("--device-map", choices=["auto", "balanced", "balanced_low_0", "sequential"],
+                   help="spread the model (and each device's share of the checkpoints) over all visible GPUs "
+                        "with Accelerate; default: the whole model on --device")
+    g.add_argument("--max-memory", help="memory the run may use per device, e.g. 20GB (default: what is free)")
+    g.add_argument("--trust-remote-code", action="store_true", help="run the repo's own model code (off by default)")
+    if source:
+        g.add_argument("--dry-run", action="store_true", help="resolve the revisions and print the plan only")
+    add_common_options(g)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import api
+
+    if args.recipe:
+        from . import recipe
+
+        return recipe.run(args)
+    if args.source is None:
+        raise BOMergeError("Give a SOURCE (a Hub repo id such as EleutherAI/pythia-160m, or a folder of "
+                           "checkpoints), or a command: recipe FILE, demo, show, export. See hf-bomerge --help.")
+    if args.dry_run:
+        return dry_run(args)
+    common = dict(dataset=args.dataset, dataset_config=args.dataset_config, split=args.split,
+                  text_column=args.text_column, max_eval_tokens=args.max_eval_tokens, block_size=args.block_size,
+                  batch_size=args.batch_size, eval_dtype=args.eval_dtype, device=args.device, token=args.token,
+                  cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code, progress=not args.quiet,
+                  max_checkpoints=args.max_checkpoints, ema_alpha=args.ema_alpha, dtype=args.dtype,
+                  max_memory=args.max_memory, device_map=args.device_map, objective=args.objective)
+    if args.weights or args.method:
+        from ..weights import parse_weights
+
+        weights = parse_weights(args.weights) if args.weights else None
+        result = api.merge(args.source, args.revisions, weights=weights, method=args.method,
+                           allow_extrapolation=args.allow_extrapolation, evaluate=not args.no_eval, **common)
+    else:
+        result = api.search(args.source, args.revisions, eval_datasets=args.eval_dataset, search=args.search,
+                            trials=args.trials, lambda_min=args.lambda_min, seed=args.seed, storage=args.storage,
+                            study_name=args.study_name, confirm_fraction=args.confirm_fraction,
+                            fallback=args.fallback, **common)
+    return finish(result, args, default_name=Path(result.source.rstrip("/")).name + "-bomerge")
+
+
+def dry_run(args: argparse.Namespace) -> int:
+    """Resolve the revisions, estimate downloads, memory and disk, and stop (nothing is downloaded)."""
+    from .. import api
+
+    fixed = bool(args.weights or args.method)
+    plan = api.plan(args.source, args.revisions, max_checkpoints=args.max_checkpoints, token=args.token,
+                    cache_dir=args.cache_dir, device=args.device, eval_dtype=args.eval_dtype,
+                    batch_size=args.batch_size, block_size=args.block_size, max_memory=args.max_memory,
+                    evaluate=not (fixed and args.no_eval), device_map=args.device_map)
+    fits = True
+    try:
+        plan.check()
+    except BOMergeError as err:
+        fits, reason = False, str(err)
+    if args.json:
+        print(json.dumps({**plan.as_dict(), "fits": fits}))
+    else:
+        print("\n".join([f"would merge {len(plan.revisions)} revisions of {plan.source}:"] +
+                        [f"  {n}  {s}" for n, s in zip(plan.revisions, plan.shas)] + ([plan.note] if plan.note else [])
+                        + [plan.describe()] + ([] if fits else [f"does NOT fit: {reason}"])))
+    return 0
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__

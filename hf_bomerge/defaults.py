@@ -1,0 +1,5 @@
+"""Defaults the command line shows in `--help`, in a module that imports nothing (`engine` and `heldout`, which
+use them, import torch; `hf-bomerge --help` must not)."""
+
+DEFAULT_MAX_SHARD_SIZE = "2GB"  # transformers 5 would write one 50 GB shard
+DEFAULT_MAX_EVAL_TOKENS = 16384  # keeps a CPU run in minutes
