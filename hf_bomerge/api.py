@@ -192,13 +192,15 @@ def search(source: str, revisions: str = "last:2", *, dataset: str | None = None
            study_name: str | None = None, device: str | None = None, token: str | bool | None = None,
            cache_dir: str | Path | None = None, trust_remote_code: bool = False, dtype: str | None = None,
            max_memory: str | int | None = None, device_map: str | None = None, progress: bool = True,
-           objective: str = "loss", on_trial: Callable[[Trial, int, int], None] | None = None) -> MergeResult:
+           objective: str = "loss", on_trial: Callable[[Trial, int, int], None] | None = None,
+           extra_seeds: Sequence[tuple[str, Sequence[float]]] = ()) -> MergeResult:
     """Search merge weights for `revisions` of `source` with a GP on held-out loss (minimized), or on an
     `evaluate` metric `objective` (a name or a local path; maximized) of multiple-choice questions.
 
     For a metric, `dataset` holds the columns question, choices and answer (see `tasks`), and the
     result's `loss` and `baselines` hold the metric. `on_trial(trial, complete, budget)` is called after
-    every trial (for progress in a UI).
+    every trial (for progress in a UI). `extra_seeds` [(label, weights)] are evaluated after the baselines
+    (`hf-bomerge watch` seeds each round with the previous round's best).
 
     >>> result = search("EleutherAI/pythia-160m", revisions="last:4", trials=16)   # doctest: +SKIP
     >>> result.weights, result.loss, result.baselines                               # doctest: +SKIP
@@ -232,7 +234,7 @@ def search(source: str, revisions: str = "last:2", *, dataset: str | None = None
     def main(evaluate) -> MergeResult:  # on the main process only; `evaluate` runs on all of them
         outcome = run_search(evaluate, space, prep.names, trials=trials, storage=url, study_name=name,
                              inputs=inputs, seed=seed, ema_alpha=ema_alpha, progress=progress, on_trial=on_trial,
-                             recipe=recipe, objective=name_of_objective)
+                             recipe=recipe, objective=name_of_objective, extra_seeds=extra_seeds)
         best = outcome.best
         generalization = _generalization(evaluate, eval_datasets, text_column, best.weights, outcome, prep.names,
                                          name_of_objective)

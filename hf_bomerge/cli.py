@@ -130,6 +130,10 @@ def build_study_parser(command: str) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "watch":  # its own parser and loop: hf_bomerge/watch.py
+        from .watch import main as watch_main
+
+        return watch_main(argv[1:])
     if argv and argv[0] in SUBCOMMANDS:
         args = build_study_parser(argv[0]).parse_args(argv[1:])
     else:
