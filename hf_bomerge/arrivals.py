@@ -58,9 +58,14 @@ def _candidates(names) -> list[str]:
 
 def _folder_arrivals(root: Path, settle: float, exclude: Path | None) -> list[Arrival]:
     skip = exclude.resolve() if exclude is not None else None
-    subs = {p.name: p for p in root.iterdir() if p.is_dir() and p.resolve() != skip}
+    subs = {p.name: p for p in root.iterdir() if p.is_dir() and p.resolve() != skip and _model_like(p)}
     return [Arrival(name, why == "", why) for name in _candidates(subs)
             for why in [folder_incomplete(subs[name], settle)]]
+
+
+def _model_like(folder: Path) -> bool:
+    """A Trainer checkpoint, or a folder with a config or weights: an empty or unrelated folder is no revision."""
+    return folder.name.startswith("checkpoint-") or any((folder / f).exists() for f in ("config.json", *WEIGHT_LAYOUTS))
 
 
 def folder_incomplete(folder: Path, settle: float = 0.0) -> str:

@@ -62,8 +62,8 @@ def shifted(weights: Sequence[float], n: int) -> list[float]:
     """The previous round's weights moved one revision on: each age keeps its weight (the newest revision
     gets what the previous newest had), ages the previous window lacked get 0, renormalized.
 
-    >>> shifted([0.1, 0.2, 0.3, 0.4], 4)
-    [0.1, 0.2, 0.3, 0.4]
+    >>> shifted([0.25, 0.25, 0.5], 3)
+    [0.25, 0.25, 0.5]
     >>> shifted([0.5, 0.5], 3)
     [0.0, 0.5, 0.5]
     """
