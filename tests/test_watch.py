@@ -209,3 +209,53 @@ def test_watch_hub_branches_pushes_each_round(test_hub, trajectory, tmp_path):
     pushed = json.loads(Path(hf_hub_download(merges, "bomerge_result.json", revision="step500-bomerge")).read_text())
     assert pushed["weights"] == ledger[1]["weights"] and pushed["loss"] == ledger[1]["loss"]
     assert TOKEN not in err and all(TOKEN.encode() not in p.read_bytes() for p in out.rglob("*") if p.is_file())
+
+
+def test_trainer_callback_merges_beside_training_and_logs_fresh_losses(trajectory, tmp_path):
+    import torch
+    from datasets import Dataset
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM, Trainer,
+                              TrainingArguments, default_data_collator)
+
+    from hf_bomerge.heldout import HeldOutSpec, load_texts, tokenize_blocks
+    from hf_bomerge.integrations import BOMergeCallback
+
+    tokenizer = AutoTokenizer.from_pretrained(trajectory / "step250")
+    config = GPTNeoXConfig.from_pretrained(trajectory / "step250")
+    config.dtype = torch.float32
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(config)
+    text = (trajectory / "heldout" / "validation.txt").read_text()
+    ids = tokenizer(text[:200_000])["input_ids"]
+    blocks = [ids[i:i + 64] for i in range(0, len(ids) - 64, 64)][:400]
+    train = Dataset.from_dict({"input_ids": blocks, "labels": blocks})
+    heldout = trajectory / "heldout" / "ood.jsonl"
+
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=24, save_steps=6, logging_steps=6,
+                             per_device_train_batch_size=8, learning_rate=3e-3, lr_scheduler_type="constant",
+                             report_to=[], use_cpu=True, disable_tqdm=True, seed=0, save_only_model=True)
+    trainer = Trainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
+                      data_collator=default_data_collator)
+    callback = BOMergeCallback(trainer, window=3, trials=7, dataset=str(heldout), max_eval_tokens=1024,
+                               block_size=64, cache_dir=str(tmp_path / "cache"))
+    trainer.add_callback(callback)
+    started = time.monotonic()
+    trainer.train()
+    assert time.monotonic() - started < 400 and not callback.failed
+
+    out = tmp_path / "run" / "bomerge"
+    ledger = read_ledger(out)
+    assert [r["latest"] for r in ledger] == ["checkpoint-12", "checkpoint-18", "checkpoint-24"]
+    assert ledger[2]["revisions"] == ["checkpoint-12", "checkpoint-18", "checkpoint-24"]
+    logged = [h for h in trainer.state.log_history if "bomerge/loss" in h]
+    assert [h["bomerge/checkpoint_step"] for h in logged] == [12, 18, 24]
+
+    # Each logged loss is the saved merged model's, measured again here with plain transformers.
+    eval_blocks = tokenize_blocks(load_texts(HeldOutSpec(str(heldout), None, "train")), tokenizer, 64, 1024)
+    for record, logs in zip(ledger, logged):
+        merged = AutoModelForCausalLM.from_pretrained(out / record["latest"], dtype=torch.float32).eval()
+        with torch.no_grad():
+            fresh = merged(input_ids=eval_blocks, labels=eval_blocks).loss.item()
+        assert logs["bomerge/loss"] == pytest.approx(fresh, abs=2e-5)
+        assert logs["bomerge/gain_vs_latest"] == pytest.approx(record["baselines"][record["latest"]] - fresh, abs=2e-5)
+    assert (out / "watch.png").is_file()
