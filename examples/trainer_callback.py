@@ -5,7 +5,8 @@ code it has never seen; every second save starts, in a child process on CPU, the
 last 3 checkpoints, scored on a held-out slice of that code. Training does not wait for it; the finished rounds show in the Trainer's logs as
 `bomerge/loss` and `bomerge/gain_vs_latest` (and in TensorBoard/W&B with `report_to`).
 
-Needs: ~2 GB RAM, about 2 minutes on 2 CPU cores (the demo trajectory is built on first use, then cached).
+Needs: ~2 GB RAM, about 3 minutes on 2 CPU cores: 1 of training, then the queued merges (the demo
+trajectory is built on first use, then cached). Measured: each merge beat the latest checkpoint, by 0.02-0.10 nats.
 Run: python examples/trainer_callback.py [OUTPUT_DIR]     (default ./trainer-callback-run)
 Then: trainer-callback-run/bomerge/watch.png (the curves), watch.jsonl (one line per round), checkpoint-N/
 (the merged models, with their cards).
