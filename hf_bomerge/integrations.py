@@ -82,7 +82,8 @@ class BOMergeCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return
         while self.wait_at_end and (self._child is not None or self._queue):
-            self._child.wait()
+            if self._child is not None:
+                self._child.wait()
             self._pump()
         self._report(state)
 
