@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["search", "merge", "from_recipe", "from_study", "MergeResult", "BOMergeError"]
+__all__ = ["search", "merge", "from_recipe", "from_study", "MergeResult", "BOMergeError", "watch_once"]
 
 
 def __getattr__(name: str):
@@ -11,6 +11,10 @@ def __getattr__(name: str):
         from . import api
 
         return getattr(api, name)
+    if name == "watch_once":  # `hf_bomerge.watch` is the module (its `watch` function: hf_bomerge.watch.watch)
+        from importlib import import_module
+
+        return import_module(".watch", __name__).watch_once
     if name == "BOMergeError":
         from .errors import BOMergeError
 

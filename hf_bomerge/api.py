@@ -107,7 +107,7 @@ def search(source: str, revisions: str = "last:2", *, dataset: str | None = None
            max_memory: str | int | None = None, device_map: str | None = None, progress: bool = True,
            objective: str = "loss", on_trial: Callable[[Trial, int, int], None] | None = None,
            confirm_fraction: float = DEFAULT_CONFIRM_FRACTION, fallback: bool = False,
-           sampler=None) -> MergeResult:
+           sampler=None, extra_seeds: Sequence[tuple[str, Sequence[float]]] = ()) -> MergeResult:
     """Search merge weights for `revisions` of `source` with a GP on held-out loss (minimized), or on an
     `evaluate` metric `objective` (a name or a local path; maximized) of multiple-choice questions.
 
@@ -122,6 +122,8 @@ def search(source: str, revisions: str = "last:2", *, dataset: str | None = None
     is replaced by that baseline (`result.confirm["exported"]` names what was kept).
     `sampler`: an Optuna sampler or a factory `(seed, n_seeds) -> sampler` instead of the GP (see
     `study.run_search`).
+    `extra_seeds` [(label, weights)] are evaluated after the baselines (`hf-bomerge watch` seeds each round
+    with the previous round's best).
 
     >>> result = search("EleutherAI/pythia-160m", revisions="last:4", trials=16)   # doctest: +SKIP
     >>> result.weights, result.loss, result.baselines                               # doctest: +SKIP
@@ -160,7 +162,8 @@ def search(source: str, revisions: str = "last:2", *, dataset: str | None = None
     def main(evaluate) -> MergeResult:  # on the main process only; `evaluate` runs on all of them
         outcome = run_search(evaluate, space, prep.names, trials=trials, storage=url, study_name=name,
                              inputs=inputs, seed=seed, ema_alpha=ema_alpha, progress=progress, on_trial=on_trial,
-                             recipe=recipe, objective=name_of_objective, sampler=sampler)
+                             recipe=recipe, objective=name_of_objective, sampler=sampler,
+                             extra_seeds=extra_seeds)
         result.weights, result.loss, result.baselines = outcome.best.weights, outcome.best.loss, outcome.baselines
         result.trials, result.trace = len(outcome.trials), outcome.trials
         seeds = dict(space.seeds(prep.names, ema_alpha))

@@ -50,6 +50,7 @@ register("recipe", "hf_bomerge.commands.recipe",
 register("demo", "hf_bomerge.commands.demo", "the built-in offline demo (a tiny model trained here, merged)")
 register("show", "hf_bomerge.commands.show", "a stored study's trials, or the studies of a storage")
 register("export", "hf_bomerge.commands.export", "write (and push) the best merge of a stored study")
+register("watch", "hf_bomerge.watch", "merge each new checkpoint's window while a run trains")
 
 
 def build_parser(name: str = DEFAULT) -> argparse.ArgumentParser:

@@ -35,3 +35,7 @@ class OutputError(BOMergeError):
 
 class StudyError(BOMergeError):
     """The Optuna study cannot be created or resumed as asked."""
+
+
+class WatchError(BOMergeError):
+    """`hf-bomerge watch` cannot go on as asked (its output folder is busy or not its own, too few revisions)."""

@@ -74,7 +74,7 @@ class SearchSpace:
     def params_for(self, weights: Sequence[float]) -> dict | None:
         """The parameters that give `weights`, or None when the space does not contain them."""
         params = self.raw_params(weights)
-        if params is None or not _close(self.weights(params), weights):
+        if params is None or not same_weights(self.weights(params), weights):
             return None
         return params
 
@@ -180,5 +180,5 @@ def make_space(search: str, n: int, lambda_min: float = 0.0) -> SearchSpace:
     return SPACES[search](n, lambda_min)
 
 
-def _close(a: Sequence[float], b: Sequence[float]) -> bool:
+def same_weights(a: Sequence[float], b: Sequence[float]) -> bool:
     return all(abs(x - y) < 1e-9 for x, y in zip(a, b))

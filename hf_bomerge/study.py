@@ -20,7 +20,7 @@ import sqlalchemy.exc
 
 from . import workers
 from .errors import StudyError
-from .spaces import MAX_SIMPLEX, SEARCHES, SIMPLEX_FLOOR, SearchSpace, make_space  # noqa: F401 - re-exported
+from .spaces import MAX_SIMPLEX, SEARCHES, SIMPLEX_FLOOR, SearchSpace, make_space, same_weights  # noqa: F401 - re-exported
 
 logger = logging.getLogger("hf_bomerge")
 # A sampler, or a factory (seed, n_seeds) -> sampler (see `run_search`).
@@ -170,14 +170,17 @@ def run_search(evaluate: Callable[[list[float]], float], space: SearchSpace, lab
                storage: str | optuna.storages.BaseStorage, study_name: str, inputs: dict, seed: int | None = None,
                ema_alpha: float = 0.2, progress: bool = True,
                on_trial: Callable[[Trial, int, int], None] | None = None, recipe: dict | None = None,
-               objective: str = "loss", sampler: Sampler | None = None) -> SearchOutcome:
+               objective: str = "loss", sampler: Sampler | None = None,
+               extra_seeds: Sequence[tuple[str, Sequence[float]]] = ()) -> SearchOutcome:
     """Run (or resume, or join) the study until it holds `trials` COMPLETE trials, seeds included.
 
     `evaluate(weights) -> loss` is called once per trial (for a metric `objective`, the metric: the study
     then maximizes, and `Trial.loss` holds the metric); a NaN/inf value is recorded as a failed trial
     and does not count toward the budget. `on_trial(trial, complete, budget)` is called after each trial
     this process ran (a failed one with a NaN loss), e.g. to show progress in a UI. Several processes with
-    the same storage and study name share the budget (see `hf_bomerge.workers`).
+    the same storage and study name share the budget (see `hf_bomerge.workers`). `extra_seeds`
+    (label, weights) are evaluated after the baselines when the study is created (e.g. `hf-bomerge watch`'s
+    warm start from the previous round); one outside the space or equal to a baseline is left out.
 
     `storage`: an SQLAlchemy URL (opened with heartbeats, so a dead worker's trial is run again) or an
     Optuna storage object (e.g. `optuna.storages.InMemoryStorage()` for one process). `sampler`: None for
@@ -190,6 +193,9 @@ def run_search(evaluate: Callable[[list[float]], float], space: SearchSpace, lab
     True
     """
     seeds = space.seeds(labels, ema_alpha)
+    for label, w in extra_seeds:
+        if space.params_for(list(w)) is not None and not any(same_weights(w, s) for _, s in seeds):
+            seeds.append((label, list(w)))
     enqueued = [(label, w, space.params_for(w)) for label, w in seeds]
     if trials < 1:
         raise StudyError("--trials must be at least 1.")
