@@ -192,13 +192,14 @@ def search(source: str, revisions: str = "last:2", *, dataset: str | None = None
            study_name: str | None = None, device: str | None = None, token: str | bool | None = None,
            cache_dir: str | Path | None = None, trust_remote_code: bool = False, dtype: str | None = None,
            max_memory: str | int | None = None, device_map: str | None = None, progress: bool = True,
-           objective: str = "loss", on_trial: Callable[[Trial, int, int], None] | None = None) -> MergeResult:
+           objective: str = "loss", on_trial: Callable[[Trial, int, int], None] | None = None,
+           tokenizer: str | None = None) -> MergeResult:
     """Search merge weights for `revisions` of `source` with a GP on held-out loss (minimized), or on an
     `evaluate` metric `objective` (a name or a local path; maximized) of multiple-choice questions.
 
     For a metric, `dataset` holds the columns question, choices and answer (see `tasks`), and the
     result's `loss` and `baselines` hold the metric. `on_trial(trial, complete, budget)` is called after
-    every trial (for progress in a UI).
+    every trial (for progress in a UI). `tokenizer`: a repo id or folder to take the tokenizer from.
 
     >>> result = search("EleutherAI/pythia-160m", revisions="last:4", trials=16)   # doctest: +SKIP
     >>> result.weights, result.loss, result.baselines                               # doctest: +SKIP
@@ -209,10 +210,12 @@ def search(source: str, revisions: str = "last:2", *, dataset: str | None = None
     planning = dict(device=device, eval_dtype=eval_dtype, batch_size=batch_size, block_size=block_size,
                     max_memory=max_memory, device_map=device_map)
     progress = progress and parallel.is_main()
+    spec = _heldout(dataset, dataset_config, split, text_column)
+    heldout = [spec, *(HeldOutSpec.parse(e, text_column) for e in eval_datasets)]
     with parallel.main_process_first():  # downloads and the tokenized held-out cache, once
-        prep = prepare(source, revisions, max_checkpoints, token, cache_dir, progress, planning=planning)
+        prep = prepare(source, revisions, max_checkpoints, token, cache_dir, progress, planning=planning,
+                       heldout=heldout, tokenizer=tokenizer)
         space = make_space(search, len(prep.ckpts), lambda_min)
-        spec = _heldout(dataset, dataset_config, split, text_column)
         evaluator = Evaluator(prep, prep.ckpts, dataset=spec, block_size=block_size, max_eval_tokens=max_eval_tokens,
                                batch_size=batch_size, eval_dtype=eval_dtype, device=device,
                                trust_remote_code=trust_remote_code, cache_dir=cache, store_dtype=dtype,
@@ -305,9 +308,10 @@ def merge(source: str, revisions: str = "last:2", *, weights: Sequence[float] | 
           eval_dtype: str | None = None, device: str | None = None, token: str | bool | None = None,
           cache_dir: str | Path | None = None, trust_remote_code: bool = False, dtype: str | None = None,
           max_memory: str | int | None = None, device_map: str | None = None, progress: bool = True,
-          objective: str = "loss", shas: Sequence[str] | None = None) -> MergeResult:
+          objective: str = "loss", shas: Sequence[str] | None = None, tokenizer: str | None = None) -> MergeResult:
     """A fixed merge (explicit `weights` or `method` sma/ema/wma), no search; evaluated on the held-out
-    loss or the metric `objective` (as in `search`) unless `evaluate=False`.
+    loss or the metric `objective` (as in `search`) unless `evaluate=False`. Without a tokenizer in the
+    source (and no `tokenizer` repo id or folder), only `evaluate=False` works: the merge has none.
 
     >>> merge("EleutherAI/pythia-160m", "last:4", method="ema").save_pretrained("ema")   # doctest: +SKIP
     """
@@ -316,8 +320,10 @@ def merge(source: str, revisions: str = "last:2", *, weights: Sequence[float] | 
     planning = dict(device=device, eval_dtype=eval_dtype, batch_size=batch_size, block_size=block_size,
                     max_memory=max_memory, evaluate=evaluate, device_map=device_map)
     progress = progress and parallel.is_main()
+    spec = _heldout(dataset, dataset_config, split, text_column)
     with parallel.main_process_first():
-        prep = prepare(source, revisions, max_checkpoints, token, cache_dir, progress, shas, planning)
+        prep = prepare(source, revisions, max_checkpoints, token, cache_dir, progress, shas, planning,
+                       heldout=[spec], tokenizer=tokenizer)
     n = len(prep.names)
     if weights is None:
         weights = W.rule(method or "sma", n, ema_alpha)
@@ -326,7 +332,6 @@ def merge(source: str, revisions: str = "last:2", *, weights: Sequence[float] | 
                          source_kind=prep.source.kind, dtype=dtype, license=prep.source.license(), folders=prep.folders,
                          tokenizer_folder=prep.tokenizer_folder)
     if evaluate:
-        spec = _heldout(dataset, dataset_config, split, text_column)
         with parallel.main_process_first():
             evaluator = Evaluator(prep, prep.ckpts, dataset=spec, block_size=block_size,
                                    max_eval_tokens=max_eval_tokens, batch_size=batch_size, eval_dtype=eval_dtype,

@@ -29,7 +29,8 @@ EPILOG = """examples:
   hf-bomerge --recipe merged/bomerge_recipe.yaml --output again
   hf-bomerge demo
   hf-bomerge show --storage postgresql+psycopg://db-host/bomerge         (a study's trials)
-  hf-bomerge export --storage postgresql+psycopg://db-host/bomerge --output merged"""
+  hf-bomerge export --storage postgresql+psycopg://db-host/bomerge --output merged
+  hf-bomerge download EleutherAI/pythia-1b --revisions last:4    (then run offline: HF_HUB_OFFLINE=1)"""
 SUBCOMMANDS = ("show", "export")
 
 
@@ -78,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ema-alpha", type=float, default=0.2)
     g.add_argument("--allow-extrapolation", action="store_true", help="allow negative/unnormalized weights")
     g.add_argument("--no-eval", action="store_true", help="fixed merges: skip the held-out evaluation")
+    g.add_argument("--tokenizer", metavar="REPO_OR_PATH", help="tokenizer for the evaluation and the merge, when the "
+                   "checkpoints have none (default: the latest revision's, else main's / the folder root's)")
     g.add_argument("--recipe", help="reproduce the merge of a bomerge_recipe.yaml exactly, no search")
     g = p.add_argument_group("output")
     g.add_argument("--output", help="default ./<model-name>-bomerge")
@@ -130,6 +133,11 @@ def build_study_parser(command: str) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "download":
+        from .download import main as download
+
+        logging.basicConfig(level=logging.DEBUG if "--debug" in argv else logging.WARNING, stream=sys.stderr)
+        return download(argv[1:])
     if argv and argv[0] in SUBCOMMANDS:
         args = build_study_parser(argv[0]).parse_args(argv[1:])
     else:
@@ -188,7 +196,8 @@ def run(args: argparse.Namespace):
                   batch_size=args.batch_size, eval_dtype=args.eval_dtype, device=args.device, token=args.token,
                   cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code, progress=progress,
                   max_checkpoints=args.max_checkpoints, ema_alpha=args.ema_alpha, dtype=args.dtype,
-                  max_memory=args.max_memory, device_map=args.device_map, objective=args.objective)
+                  max_memory=args.max_memory, device_map=args.device_map, objective=args.objective,
+                  tokenizer=args.tokenizer)
     if args.weights or args.method:
         from .weights import parse_weights
 

@@ -55,7 +55,7 @@ class Evaluator:
         context = getattr(self.model.config, "max_position_embeddings", 2048) or 2048
         self.block_size = min(block_size or 2048, context)
         self.batch_size, self.max_eval_tokens, self.cache_dir = batch_size, max_eval_tokens, cache_dir
-        self.tokenizer_folder = prep.tokenizer_folder
+        self.tokenizer_folder, self.token = prep.tokenizer_folder, prep.token  # data loads with the models' token
         self.shard, self.metric = parallel.world(), metric
         if metric is None:
             self.blocks = self.blocks_for(dataset)
@@ -63,14 +63,15 @@ class Evaluator:
             self.eval_tokens, self.eval_questions = int(self.blocks.numel()), 0
         else:
             self._blocks = {}
-            self.pairs = choice_set(dataset, self.tokenizer, self.tokenizer_folder, context, max_eval_tokens, cache_dir)
+            self.pairs = choice_set(dataset, self.tokenizer, self.tokenizer_folder, context, max_eval_tokens, cache_dir,
+                                    prep.token)
             self.eval_tokens, self.eval_questions = int(self.pairs["lengths"].sum()), len(self.pairs["answers"])
         merger = StreamedMerger if prep.mode == "streamed" else ResidentMerger
         self.merger = merger(self.model, ckpts, DTYPES[store_dtype] if store_dtype else None)
 
     def blocks_for(self, spec: HeldOutSpec) -> torch.Tensor:
         return heldout_blocks(spec, self.tokenizer, self.tokenizer_folder, self.block_size, self.max_eval_tokens,
-                              self.cache_dir)
+                              self.cache_dir, self.token)
 
     def __call__(self, weights: Sequence[float], data: HeldOutSpec | None = None) -> float:
         """The objective of the merge `weights`; with `data`, the mean token NLL on that text set instead."""

@@ -3,6 +3,7 @@ evaluated as mean token negative log-likelihood (the same number transformers' `
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -51,12 +52,15 @@ class HeldOutSpec:
         return self.dataset + (f":{self.config}" if self.config else "") + f"@{self.split}"
 
 
-def load_split(spec: HeldOutSpec):
-    """The split as a `datasets.Dataset` (any columns)."""
+def load_split(spec: HeldOutSpec, token: str | bool | None = None):
+    """The split as a `datasets.Dataset` (any columns), loaded with `token`: the one the models get (a string,
+    None for huggingface_hub's own lookup, False for none: then no token of the environment is sent)."""
     import datasets
 
     path = Path(spec.dataset).expanduser()
     try:
+        if path.is_file() and path.stat().st_size == 0:
+            raise DataError(f"The held-out dataset file {path} is empty; give a file with text (--dataset).")
         if path.is_file():
             builder = _LOCAL_BUILDERS.get(path.suffix.lower())
             if builder is None:
@@ -64,17 +68,37 @@ def load_split(spec: HeldOutSpec):
             return datasets.load_dataset(builder, data_files=str(path), split="train")
         if path.is_dir():
             return datasets.load_dataset(str(path), split="train")
-        return datasets.load_dataset(spec.dataset, spec.config, split=spec.split)
+        config = spec.config
+        if config is None and datasets.config.HF_DATASETS_OFFLINE:
+            from .offline import cached_default_config
+
+            config = cached_default_config(spec.dataset)
+        with _quiet(datasets):  # "Using the latest cached version…" offline: nothing a user can act on
+            return datasets.load_dataset(spec.dataset, config, split=spec.split, token=token)
     except DataError:
         raise
     except Exception as err:
-        raise DataError(f"Could not load the held-out dataset {spec.label}: {err}. Check --dataset, "
+        from .hub import local_cause
+
+        if local_cause(err):
+            raise DataError(f"Could not load the held-out dataset {spec.label}: {local_cause(err)}") from err
+        raise DataError(f"Could not load the held-out dataset {spec.label}: {str(err) or type(err).__name__}. Check --dataset, "
                         "--dataset-config and --split (a local file is its own single split).") from err
 
 
-def load_texts(spec: HeldOutSpec) -> list[str]:
+@contextlib.contextmanager
+def _quiet(datasets):
+    level = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(level)
+
+
+def load_texts(spec: HeldOutSpec, token: str | bool | None = None) -> list[str]:
     """The non-empty texts of the split, in order."""
-    ds = load_split(spec)
+    ds = load_split(spec, token)
     if spec.text_column not in ds.column_names:
         raise DataError(f"The dataset {spec.label} has no column {spec.text_column!r} (it has "
                         f"{ds.column_names}); pass --text-column.")
@@ -110,10 +134,10 @@ def tokenizer_fingerprint(folder: Path) -> str:
 
 
 def heldout_blocks(spec: HeldOutSpec, tokenizer, tokenizer_folder: Path, block_size: int, max_tokens: int,
-                   cache_dir: Path) -> torch.Tensor:
+                   cache_dir: Path, token: str | bool | None = None) -> torch.Tensor:
     """Tokenized, packed blocks for `spec`, cached on disk (safetensors) so a rerun does not re-tokenize."""
     key = [asdict(spec), tokenizer_fingerprint(tokenizer_folder), block_size, max_tokens]
-    build = lambda: {"blocks": tokenize_blocks(load_texts(spec), tokenizer, block_size, max_tokens)}  # noqa: E731
+    build = lambda: {"blocks": tokenize_blocks(load_texts(spec, token), tokenizer, block_size, max_tokens)}  # noqa: E731
     return cached_tensors(Path(cache_dir) / "heldout", key, build)["blocks"]
 
 
