@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -240,10 +241,13 @@ def _save(result, args, default_name: str, claim: bool = True):
         return None
     output = Path(args.output or default_name).expanduser().resolve()
     storage = open_storage(result.storage) if claim and result.storage else None
+    owned = storage is not None
     if storage is not None:
         winner = workers.claim_export(storage, result.study, result.budget,
                                       {"output": str(output), "push_to_hub": args.push_to_hub})
-        if winner is not None:
+        if winner is not None and _write_again(storage, result, winner, output):
+            owned = False  # a lone re-run of a finished study whose output is gone: write it, keep the claim
+        elif winner is not None:
             result.output = winner.get("output")
             print(f"hf-bomerge: the budget of {result.budget} trials of study {result.study} is spent and its merge "
                   f"is exported by {winner.get('worker')} (to {winner.get('output')}, since {winner.get('at')}"
@@ -252,19 +256,31 @@ def _save(result, args, default_name: str, claim: bool = True):
                   file=sys.stderr)
             return result
     try:
-        result.save_pretrained(output, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
-                               progress=not args.quiet)
-        if args.push_to_hub:
-            url = result.push_to_hub(args.push_to_hub, token=args.token, private=args.private or None,
-                                     revision=args.hub_revision, commit_message=args.commit_message)
-            print(f"pushed to {url}", file=sys.stderr)
+        with workers.claim_heartbeat(storage, result.study, result.budget) if owned else contextlib.nullcontext():
+            result.save_pretrained(output, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
+                                   progress=not args.quiet)
+            if args.push_to_hub:
+                url = result.push_to_hub(args.push_to_hub, token=args.token, private=args.private or None,
+                                         revision=args.hub_revision, commit_message=args.commit_message)
+                print(f"pushed to {url}", file=sys.stderr)
     except BaseException:  # the export failed (or was interrupted): a re-run may claim it again
-        if storage is not None:
+        if owned:
             workers.release_export(storage, result.study, result.budget)
         raise
-    if storage is not None:
+    if owned:
         workers.finish_export(storage, result.study, result.budget)
     return result
+
+
+def _write_again(storage, result, winner: dict, output: Path) -> bool:
+    """A finished study run again alone (this process ran none of its trials) whose output folder is gone."""
+    import optuna
+
+    from . import workers
+
+    if not winner.get("done") or output.exists():
+        return False
+    return not workers.ran_trials_here(optuna.load_study(study_name=result.study, storage=storage))
 
 
 def _show(args) -> None:
