@@ -68,6 +68,9 @@ def load_split(spec: HeldOutSpec, token: str | bool | None = None):
             return datasets.load_dataset(builder, data_files=str(path), split="train")
         if path.is_dir():
             return datasets.load_dataset(str(path), split="train")
+        from .hub import check_dataset_access
+
+        check_dataset_access(spec.dataset, token)
         config = spec.config
         if config is None and datasets.config.HF_DATASETS_OFFLINE:
             from .offline import cached_default_config

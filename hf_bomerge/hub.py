@@ -336,6 +336,26 @@ class hub_errors:
         raise HubError(msg) from err
 
 
+def check_dataset_access(dataset: str, token: str | bool | None) -> None:
+    """A Hub dataset must be readable with `token` (the one the models get) before it is used: a private
+    dataset already in a shared cache (the tokenized blocks, or `datasets`' own cache, which it falls back to
+    when the Hub refuses) must not serve someone who may not read it, e.g. a Space's user. Offline, local
+    paths and network trouble pass (loading the dataset reports the latter)."""
+    from .errors import DataError
+
+    if offline.is_offline() or Path(dataset).expanduser().exists():
+        return
+    try:
+        HfApi(token=token).dataset_info(dataset, revision="main")
+    except (RepositoryNotFoundError, HfHubHTTPError) as err:
+        if isinstance(err, RepositoryNotFoundError) or _status(err) in (401, 403, 404):
+            raise DataError(f"The held-out dataset {dataset} was not found, or it is private or gated and the token "
+                            "given cannot read it: check --dataset, or pass --token / set HF_TOKEN with access to "
+                            "it.") from err
+    except Exception:  # noqa: BLE001 - a network problem: loading the dataset reports it
+        return
+
+
 def local_cause(err: BaseException) -> str | None:
     """A message for an error of this machine (full disk, no permission, read-only file system) met while
     downloading or writing: it is not the Hub's fault, and the message must not say so."""
