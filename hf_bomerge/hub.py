@@ -308,10 +308,10 @@ class hub_errors:
         return self
 
     def __exit__(self, kind, err, tb):
-        if err is None or not (isinstance(err, (HfHubHTTPError, LocalEntryNotFoundError, OSError))
+        local = local_cause(err) if err is not None else None
+        if err is None or not (local or isinstance(err, (HfHubHTTPError, LocalEntryNotFoundError, OSError))
                                or _is_connection_error(err)):
             return False
-        local = local_cause(err)
         if local:
             msg = local
         elif type(err).__name__ == "OfflineModeIsEnabled" or isinstance(err, LocalEntryNotFoundError) \
