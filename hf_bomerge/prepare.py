@@ -177,6 +177,8 @@ def check_offline(source: str, revisions: str, max_checkpoints: int, token, cach
     if not Path(source).expanduser().exists():
         try:
             src, names, pins, _ = resolve(source, revisions, max_checkpoints, token, cache_dir, shas)
+        except offline.OfflineError:
+            problems.append(f"the revisions {revisions!r} of {source} (no branch of it is cached)")
         except BOMergeError as err:
             problems.append(f"the revisions {revisions!r} of {source} ({err})")
         else:

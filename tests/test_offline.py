@@ -191,3 +191,14 @@ def test_a_private_dataset_is_loaded_with_the_users_token_only(test_hub, tmp_pat
         assert repo in without.stdout
     with_user = probe("user", env=env_for(tmp_path / "home2"))
     assert with_user.stdout.strip().isdigit(), with_user.stdout + with_user.stderr
+
+
+def test_ci_runs_the_readmes_test_command_in_a_fresh_environment_with_an_empty_home():
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    command = next(line.split("#")[0].strip() for line in readme.splitlines() if "python -m pytest" in line)
+    ci = (root / ".ci" / "run").read_text().splitlines()
+    assert command in ci  # the same line, verbatim
+    assert any(line.startswith("python3 -m venv ") for line in ci)
+    assert any(line.startswith('export HOME="$work/home"') for line in ci)
+    assert ci.index(command) > max(i for i, line in enumerate(ci) if "export HOME" in line)
