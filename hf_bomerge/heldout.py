@@ -139,6 +139,9 @@ def tokenizer_fingerprint(folder: Path) -> str:
 def heldout_blocks(spec: HeldOutSpec, tokenizer, tokenizer_folder: Path, block_size: int, max_tokens: int,
                    cache_dir: Path, token: str | bool | None = None) -> torch.Tensor:
     """Tokenized, packed blocks for `spec`, cached on disk (safetensors) so a rerun does not re-tokenize."""
+    from .hub import check_dataset_access
+
+    check_dataset_access(spec.dataset, token)  # the cached blocks too: only for whoever may read the dataset
     key = [asdict(spec), tokenizer_fingerprint(tokenizer_folder), block_size, max_tokens]
     build = lambda: {"blocks": tokenize_blocks(load_texts(spec, token), tokenizer, block_size, max_tokens)}  # noqa: E731
     return cached_tensors(Path(cache_dir) / "heldout", key, build)["blocks"]

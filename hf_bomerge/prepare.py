@@ -13,7 +13,7 @@ from . import offline
 from .checkpoints import CheckpointSet, check_same_tokenizer
 from .engine import DTYPES, parse_size
 from .errors import BOMergeError, CorruptFileError, HubError
-from .hub import HubSource, Source, check_dataset_access, default_cache_dir, hub_errors, open_source, weight_sizes
+from .hub import HubSource, Source, default_cache_dir, hub_errors, open_source, weight_sizes
 from .plan import Plan, make_plan
 from .revisions import resolve_revisions
 
@@ -83,9 +83,6 @@ def prepare(source: str, revisions: str, max_checkpoints: int, token, cache_dir,
     if offline.is_offline():
         check_offline(source, revisions, max_checkpoints, token, cache_dir, shas, heldout if evaluate else (),
                       tokenizer, evaluate)
-    elif evaluate:
-        for spec in heldout:
-            check_dataset_access(spec.dataset, token)
     src, names, pins, note = resolve(source, revisions, max_checkpoints, token, cache_dir, shas)
     mode = "resident"
     if planning is not None:

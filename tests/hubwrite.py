@@ -19,8 +19,9 @@ What huggingface_hub 2.4 (with ``HF_HUB_DISABLE_XET=1``) calls, and what this ap
   A commit whose tree equals the branch head's is a no-op answering the head sha. A missing revision is
   404 ``RevisionNotFound``, as on the Hub: create the branch first.
 - ``GET /api/whoami-v2``: a fake user for any ``hf_test…`` token.
-- Private repos (created with ``private``/``visibility: private``, or marked by ``set_private``): every
-  request for them without an ``hf_test…`` token answers 401 ``RepoNotFound``, as the Hub does.
+- Repos marked by ``set_private``: every request for them without an ``hf_test…`` token answers 401
+  ``RepoNotFound``, as the Hub does for a private repo. (Repos created private by a push stay readable
+  without a token, which the push tests rely on; ``private`` records how they were created.)
 Write endpoints need ``Authorization: Bearer hf_test…`` (else 401). Headers are never logged.
 
 Fault injection: ``fail_next("commit", n, status)`` (or ``fail_next_commits``) answers the next n calls
@@ -104,6 +105,7 @@ class HubWriter:
         self.endpoint = f"http://{host}:{port}"
         self.calls: list[Call] = []
         self.private: dict[str, bool] = {}
+        self.hidden: set[str] = set()  # "type/ORG/NAME" served only with a token (set_private)
         self._faults: dict[str, list[int]] = {}
         self._lock = threading.RLock()
         self._server: uvicorn.Server | None = None
@@ -122,7 +124,7 @@ class HubWriter:
     def set_private(self, repo_id: str, repo_type: str = "model", private: bool = True) -> None:
         """Serve ``repo_id`` only to requests with an ``hf_test…`` token (others get 401 RepoNotFound)."""
         with self._lock:
-            self.private[f"{repo_type}/{repo_id}"] = private
+            (self.hidden.add if private else self.hidden.discard)(f"{repo_type}/{repo_id}")
 
     def _hidden(self, request: Request, path: str) -> bool:
         """Whether ``path`` names a private repo and the request has no valid token."""
@@ -135,7 +137,7 @@ class HubWriter:
         if len(parts) < 2:
             return False
         repo_id = f"{parts[0]}/{parts[1].removesuffix('.git')}"
-        if not self.private.get(f"{repo_type}/{repo_id}"):
+        if f"{repo_type}/{repo_id}" not in self.hidden:
             return False
         return not request.headers.get("authorization", "").startswith(f"Bearer {TOKEN_PREFIX}")
 
