@@ -107,7 +107,8 @@ def search(source: str, revisions: str = "last:2", *, dataset: str | None = None
            max_memory: str | int | None = None, device_map: str | None = None, progress: bool = True,
            objective: str = "loss", on_trial: Callable[[Trial, int, int], None] | None = None,
            confirm_fraction: float = DEFAULT_CONFIRM_FRACTION, fallback: bool = False,
-           sampler=None, extra_seeds: Sequence[tuple[str, Sequence[float]]] = ()) -> MergeResult:
+           sampler=None, extra_seeds: Sequence[tuple[str, Sequence[float]]] = (),
+           tokenizer: str | None = None) -> MergeResult:
     """Search merge weights for `revisions` of `source` with a GP on held-out loss (minimized), or on an
     `evaluate` metric `objective` (a name or a local path; maximized) of multiple-choice questions.
 
@@ -123,7 +124,7 @@ def search(source: str, revisions: str = "last:2", *, dataset: str | None = None
     `sampler`: an Optuna sampler or a factory `(seed, n_seeds) -> sampler` instead of the GP (see
     `study.run_search`).
     `extra_seeds` [(label, weights)] are evaluated after the baselines (`hf-bomerge watch` seeds each round
-    with the previous round's best).
+    with the previous round's best). `tokenizer`: a repo id or folder to take the tokenizer from.
 
     >>> result = search("EleutherAI/pythia-160m", revisions="last:4", trials=16)   # doctest: +SKIP
     >>> result.weights, result.loss, result.baselines                               # doctest: +SKIP
@@ -138,8 +139,12 @@ def search(source: str, revisions: str = "last:2", *, dataset: str | None = None
         Metric.load(objective)  # before any download: a metric that cannot load fails fast
     cache = Path(cache_dir or default_cache_dir())
     progress = progress and parallel.is_main()
+    spec = _heldout(dataset, dataset_config, split, text_column)
+    heldout = [spec, *(HeldOutSpec.parse(e, text_column) for e in eval_datasets)]
     with parallel.main_process_first():  # downloads and the tokenized held-out cache, once
-        prep = prepare(source, revisions, max_checkpoints, token, cache_dir, progress, planning=spec.planning())
+        heldout = [spec.data, *(HeldOutSpec.parse(e, text_column) for e in eval_datasets)]
+        prep = prepare(source, revisions, max_checkpoints, token, cache_dir, progress, planning=spec.planning(),
+                       heldout=heldout, tokenizer=tokenizer)
         space = make_space(search, len(prep.ckpts), lambda_min)
         evaluator = spec.evaluator(prep, cache, dtype)
     name_of_objective = evaluator.objective.metric.name if objective != "loss" else "loss"
@@ -257,9 +262,10 @@ def merge(source: str, revisions: str = "last:2", *, weights: Sequence[float] | 
           eval_dtype: str | None = None, device: str | None = None, token: str | bool | None = None,
           cache_dir: str | Path | None = None, trust_remote_code: bool = False, dtype: str | None = None,
           max_memory: str | int | None = None, device_map: str | None = None, progress: bool = True,
-          objective: str = "loss", shas: Sequence[str] | None = None) -> MergeResult:
+          objective: str = "loss", shas: Sequence[str] | None = None, tokenizer: str | None = None) -> MergeResult:
     """A fixed merge (explicit `weights` or `method` sma/ema/wma), no search; evaluated on the held-out
-    loss or the metric `objective` (as in `search`) unless `evaluate=False`.
+    loss or the metric `objective` (as in `search`) unless `evaluate=False`. Without a tokenizer in the
+    source (and no `tokenizer` repo id or folder), only `evaluate=False` works: the merge has none.
 
     >>> merge("EleutherAI/pythia-160m", "last:4", method="ema").save_pretrained("ema")   # doctest: +SKIP
     """
@@ -268,8 +274,10 @@ def merge(source: str, revisions: str = "last:2", *, weights: Sequence[float] | 
     if evaluate and objective != "loss":
         Metric.load(objective)  # before any download
     progress = progress and parallel.is_main()
+    spec = _heldout(dataset, dataset_config, split, text_column)
     with parallel.main_process_first():
-        prep = prepare(source, revisions, max_checkpoints, token, cache_dir, progress, shas, spec.planning(evaluate))
+        prep = prepare(source, revisions, max_checkpoints, token, cache_dir, progress, shas, spec.planning(evaluate),
+                       heldout=[spec.data], tokenizer=tokenizer)
     n = len(prep.names)
     weights = W.check(W.rule(method or "sma", n, ema_alpha) if weights is None else weights, n, allow_extrapolation)
     result = _result(prep, weights, dtype)

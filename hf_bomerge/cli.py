@@ -51,6 +51,7 @@ register("demo", "hf_bomerge.commands.demo", "the built-in offline demo (a tiny 
 register("show", "hf_bomerge.commands.show", "a stored study's trials, or the studies of a storage")
 register("export", "hf_bomerge.commands.export", "write (and push) the best merge of a stored study")
 register("watch", "hf_bomerge.watch", "merge each new checkpoint's window while a run trains")
+register("download", "hf_bomerge.download", "fetch what a later offline run needs (then run with HF_HUB_OFFLINE=1)")
 
 
 def build_parser(name: str = DEFAULT) -> argparse.ArgumentParser:

@@ -114,11 +114,12 @@ class Evaluator:
         context = getattr(self.model.config, "max_position_embeddings", 2048) or 2048
         self.block_size = min(block_size or 2048, context)
         self.batch_size, self.max_eval_tokens, self.cache_dir = batch_size, max_eval_tokens, cache_dir
-        self.tokenizer_folder = prep.tokenizer_folder
+        self.tokenizer_folder, self.token = prep.tokenizer_folder, prep.token  # data loads with the models' token
         if metric is None:
             self.objective: Objective = HeldOutLoss(self.blocks_for(dataset), batch_size, confirm_fraction)
         else:
-            pairs = choice_set(dataset, self.tokenizer, self.tokenizer_folder, context, max_eval_tokens, cache_dir)
+            pairs = choice_set(dataset, self.tokenizer, self.tokenizer_folder, context, max_eval_tokens, cache_dir,
+                               prep.token)
             self.objective = MetricObjective(metric, pairs, batch_size * self.block_size)
         self.eval_tokens, self.eval_questions = self.objective.tokens, self.objective.questions
         self.saved_dtype = saved_dtype(prep.ckpts, self.store)
@@ -146,7 +147,7 @@ class Evaluator:
 
     def blocks_for(self, spec: HeldOutSpec) -> torch.Tensor:
         return heldout_blocks(spec, self.tokenizer, self.tokenizer_folder, self.block_size, self.max_eval_tokens,
-                              self.cache_dir)
+                              self.cache_dir, self.token)
 
     @property
     def confirm_blocks(self) -> int:

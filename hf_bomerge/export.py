@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoints import CheckpointSet
@@ -16,6 +18,73 @@ from .writer import DEFAULT_MAX_SHARD_SIZE, export_merge, replace_dir
 
 RECIPE_FILE = "bomerge_recipe.yaml"
 RESULT_FILE = "bomerge_result.json"
+
+
+@dataclass
+class Exported:
+    """What `export_once` did: `output` holds the merge; `writer` is the claim of the worker that wrote it when
+    that was not this call; `url` is the commit pushed."""
+
+    output: str | None
+    writer: dict | None = None
+    url: str | None = None
+
+
+def export_once(result: MergeResult, output: str | Path, *, repo_id: str | None = None, token: str | None = None,
+                private: bool | None = None, revision: str | None = None, commit_message: str | None = None,
+                claim: bool = True, **save_options) -> Exported:
+    """Write (and with `repo_id`, push) a search's merge exactly once per study budget, however many workers
+    finish it.
+
+    The study's storage decides: the first worker to claim the spent budget writes (its claim keeps a
+    heartbeat, so a killed exporter's claim expires and a later run takes it over); the others write nothing
+    and get the writer's claim back. A lone re-run of a finished study whose output is gone writes it again.
+    A result without a study (a fixed merge, a recipe), or `claim=False` (`hf-bomerge export`: write it again
+    on purpose), is simply written.
+
+    >>> export_once(search("EleutherAI/pythia-160m", "last:4", storage=url), "merged").output   # doctest: +SKIP
+    """
+    from . import workers
+
+    target = Path(output).expanduser().resolve()
+    storage = None
+    if claim and result.storage and result.study:
+        from .study import open_storage
+
+        storage = open_storage(result.storage)
+    owned = storage is not None
+    if storage is not None:
+        writer = workers.claim_export(storage, result.study, result.budget, {"output": str(target), "push_to_hub": repo_id})
+        if writer is not None and _write_again(storage, result, writer, target):
+            owned = False  # a lone re-run of a finished study whose output is gone: write it, keep the claim
+        elif writer is not None:
+            result.output = writer.get("output")
+            return Exported(result.output, writer)
+    done = Exported(str(target))
+    try:
+        with workers.claim_heartbeat(storage, result.study, result.budget) if owned else contextlib.nullcontext():
+            save_pretrained(result, target, **save_options)
+            if repo_id:
+                done.url = push_to_hub(result, repo_id, token=token, private=private, revision=revision,
+                                       commit_message=commit_message)
+    except BaseException:  # the export failed (or was interrupted): a re-run may claim it again
+        if owned:
+            workers.release_export(storage, result.study, result.budget)
+        raise
+    if owned:
+        workers.finish_export(storage, result.study, result.budget)
+    return done
+
+
+def _write_again(storage, result: MergeResult, winner: dict, output: Path) -> bool:
+    """A finished study run again alone (this process ran none of its trials) whose output folder is gone."""
+    import optuna
+
+    from . import workers
+
+    if not winner.get("done") or output.exists():
+        return False
+    return not workers.ran_trials_here(optuna.load_study(study_name=result.study, storage=storage))
 
 
 def save_pretrained(result: MergeResult, output: str | Path, *, overwrite: bool = False, dtype: str | None = None,

@@ -9,6 +9,7 @@ fingerprint), so an edited file is tokenized again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -57,12 +58,15 @@ class HeldOutSpec:
         return self.dataset + (f":{self.config}" if self.config else "") + f"@{self.split}"
 
 
-def load_split(spec: HeldOutSpec):
-    """The split as a `datasets.Dataset` (any columns)."""
+def load_split(spec: HeldOutSpec, token: str | bool | None = None):
+    """The split as a `datasets.Dataset` (any columns), loaded with `token`: the one the models get (a string,
+    None for huggingface_hub's own lookup, False for none: then no token of the environment is sent)."""
     import datasets
 
     path = Path(spec.dataset).expanduser()
     try:
+        if path.is_file() and path.stat().st_size == 0:
+            raise DataError(f"The held-out dataset file {path} is empty; give a file with text (--dataset).")
         if path.is_file():
             builder = _LOCAL_BUILDERS.get(path.suffix.lower())
             if builder is None:
@@ -70,17 +74,40 @@ def load_split(spec: HeldOutSpec):
             return datasets.load_dataset(builder, data_files=str(path), split="train")
         if path.is_dir():
             return datasets.load_dataset(str(path), split="train")
-        return datasets.load_dataset(spec.dataset, spec.config, split=spec.split)
+        from .hub import check_dataset_access
+
+        check_dataset_access(spec.dataset, token)
+        config = spec.config
+        if config is None and datasets.config.HF_DATASETS_OFFLINE:
+            from .offline import cached_default_config
+
+            config = cached_default_config(spec.dataset)
+        with _quiet(datasets):  # "Using the latest cached version…" offline: nothing a user can act on
+            return datasets.load_dataset(spec.dataset, config, split=spec.split, token=token)
     except DataError:
         raise
     except Exception as err:
-        raise DataError(f"Could not load the held-out dataset {spec.label}: {err}. Check --dataset, "
+        from .hub import local_cause
+
+        if local_cause(err):
+            raise DataError(f"Could not load the held-out dataset {spec.label}: {local_cause(err)}") from err
+        raise DataError(f"Could not load the held-out dataset {spec.label}: {str(err) or type(err).__name__}. Check --dataset, "
                         "--dataset-config and --split (a local file is its own single split).") from err
 
 
-def load_texts(spec: HeldOutSpec, split=None) -> list[str]:
+@contextlib.contextmanager
+def _quiet(datasets):
+    level = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(level)
+
+
+def load_texts(spec: HeldOutSpec, split=None, token: str | bool | None = None) -> list[str]:
     """The non-empty texts of the split (or of the already loaded `split`), in order."""
-    ds = split if split is not None else load_split(spec)
+    ds = split if split is not None else load_split(spec, token)
     if spec.text_column not in ds.column_names:
         raise DataError(f"The dataset {spec.label} has no column {spec.text_column!r} (it has "
                         f"{ds.column_names}); pass --text-column.")
@@ -121,7 +148,7 @@ def tokenizer_fingerprint(folder: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def content_fingerprint(spec: HeldOutSpec, split=None) -> str:
+def content_fingerprint(spec: HeldOutSpec, split=None, token: str | bool | None = None) -> str:
     """What the data is, not what it is called: the bytes of a local file (or of a folder's files), or the
     `datasets` fingerprint of a Hub split (it changes with the dataset's revision and data files)."""
     path = Path(spec.dataset).expanduser()
@@ -133,18 +160,21 @@ def content_fingerprint(spec: HeldOutSpec, split=None) -> str:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     digest.update(block)
         return "sha256:" + digest.hexdigest()[:32]
-    split = split if split is not None else load_split(spec)
+    split = split if split is not None else load_split(spec, token)
     return "datasets:" + str(getattr(split, "_fingerprint", None) or spec.label)
 
 
 def heldout_blocks(spec: HeldOutSpec, tokenizer, tokenizer_folder: Path, block_size: int, max_tokens: int,
-                   cache_dir: Path) -> torch.Tensor:
+                   cache_dir: Path, token: str | bool | None = None) -> torch.Tensor:
     """Tokenized, packed blocks for `spec`, cached on disk (safetensors, keyed by the data's content, the
     tokenizer, the block size, the token cap and the protocol) so a rerun does not re-tokenize."""
-    split = None if Path(spec.dataset).expanduser().exists() else load_split(spec)
-    key = [content_fingerprint(spec, split), spec.text_column, tokenizer_fingerprint(tokenizer_folder), block_size,
-           max_tokens, PROTOCOL]
-    build = lambda: {"blocks": tokenize_blocks(load_texts(spec, split), tokenizer, block_size, max_tokens)}  # noqa: E731
+    from .hub import check_dataset_access
+
+    check_dataset_access(spec.dataset, token)  # the cached blocks too: only for whoever may read the dataset
+    split = None if Path(spec.dataset).expanduser().exists() else load_split(spec, token)
+    key = [content_fingerprint(spec, split, token), spec.text_column, tokenizer_fingerprint(tokenizer_folder),
+           block_size, max_tokens, PROTOCOL]
+    build = lambda: {"blocks": tokenize_blocks(load_texts(spec, split, token), tokenizer, block_size, max_tokens)}  # noqa: E731
     return cached_tensors(Path(cache_dir) / "heldout", key, build)["blocks"]
 
 

@@ -23,6 +23,7 @@ from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                     RepositoryNotFoundError, RevisionNotFoundError)
 
+from . import offline
 from .checkpoints import WEIGHT_LAYOUTS, find_weight_files
 from .errors import HubError
 
@@ -82,23 +83,55 @@ class HubSource(Source):
 
     def refs(self) -> dict[str, str]:
         if self._refs is None:  # one listing per run: every later step uses these pins
+            if offline.is_offline():  # the branches the cache knows, as huggingface_hub resolves them offline
+                self._refs = offline.cached_refs(self.id, self.cache_dir)
+                if not self._refs:
+                    raise offline.OfflineError(
+                        f"Offline (HF_HUB_OFFLINE=1) and the cache holds no branch of {self.id}: fetch its revisions "
+                        f"on a connected machine first, e.g. `{offline.download_command(self.id, 'last:2')}`.")
+                return self._refs
             with hub_errors(self.id):
                 refs = self.api.list_repo_refs(self.id)
             self._refs = {b.name: b.target_commit for b in refs.branches}
         return self._refs
 
     def fetch(self, name: str, pin: str, force: bool = False) -> Path:
+        if offline.is_offline():
+            missing = self.missing(name, pin)
+            if missing:
+                raise offline.OfflineError(f"Offline (HF_HUB_OFFLINE=1) and {name} ({pin[:12]}) of {self.id} lacks "
+                                           f"{', '.join(missing)} in the cache.")
+            return offline.snapshot(self.id, pin, self.cache_dir)
         with hub_errors(self.id, name):
             files = list(self.listing(name, pin))
             weights = self._weight_files(files, pin)
             wanted = [f for f in files if f in SIDE_FILES or f.endswith(".py")] + weights
             folder = snapshot_download(self.id, revision=pin, allow_patterns=wanted, token=self.token,
                                        cache_dir=self.cache_dir, force_download=force)
+        offline.record_ref(self.id, name, pin, self.cache_dir)  # so that an offline run can resolve `name`
         return Path(folder)
+
+    def missing(self, name: str, pin: str) -> list[str]:
+        """What the cache lacks of revision `pin` for a merge: [] when config and every weight file are there."""
+        files = offline.cached_listing(self.id, pin, self.cache_dir)
+        if not files:
+            return ["all its files"]
+        lacking = [] if "config.json" in files else ["config.json"]
+        weights = weight_sizes(files)
+        index = next((f for f in weights if f.endswith(".index.json")), None) or next(
+            (f for f in files if f.endswith(".index.json") and f in WEIGHT_LAYOUTS), None)
+        if index:
+            shards = json.loads((offline.snapshot(self.id, pin, self.cache_dir) / index).read_text())["weight_map"]
+            lacking += sorted(set(shards.values()) - set(files))
+        elif not weights:
+            lacking.append("its weights")
+        return lacking
 
     def listing(self, name: str, pin: str) -> dict[str, int]:
         from huggingface_hub import RepoFile
 
+        if pin not in self._listings and offline.is_offline():
+            self._listings[pin] = offline.cached_listing(self.id, pin, self.cache_dir)
         if pin not in self._listings:  # the plan and the download read the same listing
             with hub_errors(self.id, name):
                 tree = self.api.list_repo_tree(self.id, revision=pin)
@@ -131,12 +164,14 @@ class HubSource(Source):
 
     def license(self) -> str | None:
         """The license in the source repo's model card (main branch), carried over to the merge's card."""
-        from huggingface_hub import ModelCard
+        from huggingface_hub.repocard import metadata_load
 
         try:
             main = self.refs().get("main")
             path = hf_hub_download(self.id, "README.md", revision=main, token=self.token, cache_dir=self.cache_dir)
-            return ModelCard.load(path).data.license
+            # metadata_load, not ModelCard.load: a card without a metadata block is normal here, and
+            # ModelCard.load warns about it on stderr ("Repo card metadata block was not found").
+            return (metadata_load(path) or {}).get("license")
         except Exception:  # no card, or one without metadata: the merge's card then names no license
             return None
 
@@ -273,13 +308,21 @@ class hub_errors:
         return self
 
     def __exit__(self, kind, err, tb):
-        if err is None or not (isinstance(err, (HfHubHTTPError, LocalEntryNotFoundError, OSError))
+        local = local_cause(err) if err is not None else None
+        if err is None or not (local or isinstance(err, (HfHubHTTPError, LocalEntryNotFoundError, OSError))
                                or _is_connection_error(err)):
             return False
-        if _is_connection_error(err) and not isinstance(err, HfHubHTTPError):
+        if local:
+            msg = local
+        elif type(err).__name__ == "OfflineModeIsEnabled" or isinstance(err, LocalEntryNotFoundError) \
+                and offline.is_offline():
+            msg = (f"Offline (HF_HUB_OFFLINE=1) and {self.repo_id}{' @ ' + self.revision if self.revision else ''} "
+                   f"is not in the cache ({err}). Fetch it on a connected machine with "
+                   f"`{offline.download_command(self.repo_id, self.revision or 'last:2')}`.")
+        elif _is_connection_error(err) and not isinstance(err, HfHubHTTPError):
             msg = (f"Could not connect to {os.environ.get('HF_ENDPOINT', 'the Hub')} to reach {self.repo_id} "
-                   f"({type(err).__name__}). Check the network (or HF_ENDPOINT); already downloaded revisions "
-                   "are used from the cache only when the Hub can be reached to pin them.")
+                   f"({type(err).__name__}). Check the network (or HF_ENDPOINT); to run from what is already "
+                   "downloaded, set HF_HUB_OFFLINE=1 (see `hf-bomerge download` for a machine without network).")
         elif isinstance(err, GatedRepoError):
             msg = (f"{self.repo_id} is gated: accept its terms on the Hub and pass a token "
                    "(--token, HF_TOKEN or `hf auth login`).")
@@ -291,6 +334,47 @@ class hub_errors:
         else:
             msg = f"Could not reach {self.repo_id}{' @ ' + self.revision if self.revision else ''}: {err}"
         raise HubError(msg) from err
+
+
+def check_dataset_access(dataset: str, token: str | bool | None) -> None:
+    """A Hub dataset must be readable with `token` (the one the models get) before it is used: a private
+    dataset already in a shared cache (the tokenized blocks, or `datasets`' own cache, which it falls back to
+    when the Hub refuses) must not serve someone who may not read it, e.g. a Space's user. Offline, local
+    paths and network trouble pass (loading the dataset reports the latter)."""
+    from .errors import DataError
+
+    if offline.is_offline() or Path(dataset).expanduser().exists():
+        return
+    try:
+        HfApi(token=token).dataset_info(dataset, revision="main")
+    except (RepositoryNotFoundError, HfHubHTTPError) as err:
+        if isinstance(err, RepositoryNotFoundError) or _status(err) in (401, 403, 404):
+            raise DataError(f"The held-out dataset {dataset} was not found, or it is private or gated and the token "
+                            "given cannot read it: check --dataset, or pass --token / set HF_TOKEN with access to "
+                            "it.") from err
+    except Exception:  # noqa: BLE001 - a network problem: loading the dataset reports it
+        return
+
+
+def local_cause(err: BaseException) -> str | None:
+    """A message for an error of this machine (full disk, no permission, read-only file system) met while
+    downloading or writing: it is not the Hub's fault, and the message must not say so."""
+    import errno
+
+    seen = err
+    while seen is not None and not (isinstance(seen, OSError) and seen.errno in _LOCAL_ERRNOS):
+        seen = seen.__cause__ or seen.__context__
+    if seen is None:
+        return None
+    where = f" ({seen.filename})" if getattr(seen, "filename", None) else ""
+    if seen.errno == errno.ENOSPC:
+        return (f"The disk is full{where}: free some space, or choose another --cache-dir (HF_HOME) or --output "
+                "on a disk with room.")
+    return (f"No permission to write{where} ({os.strerror(seen.errno)}): choose a --cache-dir (or HF_HOME) and "
+            "--output you can write to, or fix the folder's permissions.")
+
+
+_LOCAL_ERRNOS = {28, 13, 1, 30}  # ENOSPC, EACCES, EPERM, EROFS
 
 
 def _status(err: BaseException) -> int | None:

@@ -115,6 +115,19 @@ class Plan:
                 "disk_bytes": self.disk_bytes, "mode": self.mode}
 
 
+def free_space(path: Path) -> int:
+    """Free bytes on the file system that will hold `path`, which need not exist yet (a fresh HOME has no
+    ~/.cache): measured at its nearest existing ancestor.
+
+    >>> free_space(Path("/no/such/folder")) > 0
+    True
+    """
+    path = Path(path).expanduser().absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
 def memory_available(device: str) -> int:
     """Free memory on `device` now (host RAM for cpu, free device memory for cuda; `cuda:*` sums all GPUs)."""
     import torch
@@ -138,7 +151,7 @@ def make_plan(sizes: Sequence[dict[str, int]], cached: Sequence[bool], config: d
     context = config.get("max_position_embeddings") or 2048
     tokens = batch_size * min(block_size or 2048, context)
     activations = 2 * tokens * int(config.get("vocab_size") or 50_000) * 4
-    free_disk = min(shutil.disk_usage(p if p.exists() else p.parent).free for p in paths)
+    free_disk = min(free_space(p) for p in paths)
     return Plan(list(revisions), per_checkpoint, params, sum(sum(s.values()) for s, c in zip(sizes, cached) if not c),
                 params * eval_itemsize, activations, device, max_memory or memory_available(device),
                 free_disk, evaluate)

@@ -9,11 +9,12 @@ from typing import Sequence
 
 import torch
 
+from . import offline
 from .checkpoints import CheckpointSet, check_same_tokenizer
 from .engine import DTYPES
+from .errors import BOMergeError, CorruptFileError, HubError
+from .hub import HubSource, Source, default_cache_dir, hub_errors, open_source, weight_sizes
 from .writer import parse_size
-from .errors import CorruptFileError, HubError
-from .hub import Source, default_cache_dir, open_source, weight_sizes
 from .plan import Plan, make_plan
 from .revisions import resolve_revisions
 
@@ -26,16 +27,22 @@ class Prepared:
     names: list[str]
     shas: list[str]
     folders: list[Path]
-    tokenizer_folder: Path
+    tokenizer_folder: Path | None  # None: no tokenizer anywhere (a merge without evaluation is written without)
     note: str | None
     ckpts: CheckpointSet
     mode: str = "resident"  # the plan's: the checkpoints resident beside the model, or streamed per trial
+    token: str | bool | None = None  # the user's token (or False/None): the held-out data is loaded with it too
+
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja"]
 
 
 def resolve(source: str, revisions: str, max_checkpoints: int, token, cache_dir,
              shas: Sequence[str] | None = None):
     """The source, the chosen revision names (oldest first), their pins, and the thinning note."""
     src = open_source(source, token=token, cache_dir=cache_dir)
+    if shas is not None and src.kind != "folder":  # pinned commits are used directly: no branch lookup
+        return src, revisions.split(","), list(shas), None
     resolved = resolve_revisions(revisions, src.refs(), max_checkpoints)
     pins = [r.sha for r in resolved.revisions]
     if shas is not None:
@@ -64,10 +71,19 @@ def run_plan(src: Source, names: Sequence[str], pins: Sequence[str], *, device: 
 
 
 def prepare(source: str, revisions: str, max_checkpoints: int, token, cache_dir, progress: bool,
-             shas: Sequence[str] | None = None, planning: dict | None = None) -> Prepared:
-    """Resolve the revisions (or take the pinned `shas` of a recipe), check the plan fits, download them."""
+             shas: Sequence[str] | None = None, planning: dict | None = None, heldout: Sequence = (),
+             tokenizer: str | None = None) -> Prepared:
+    """Resolve the revisions (or take the pinned `shas` of a recipe), check the plan fits, download them.
+
+    `heldout`: the `HeldOutSpec`s the run will load (the objective's first), checked up front when offline;
+    `tokenizer`: a repo id or folder whose tokenizer is used instead of the checkpoints' own.
+    """
     if not progress:
         quiet_libraries()
+    evaluate = (planning or {}).get("evaluate", True)
+    if offline.is_offline():
+        check_offline(source, revisions, max_checkpoints, token, cache_dir, shas, heldout if evaluate else (),
+                      tokenizer, evaluate)
     src, names, pins, note = resolve(source, revisions, max_checkpoints, token, cache_dir, shas)
     mode = "resident"
     if planning is not None:
@@ -89,19 +105,101 @@ def prepare(source: str, revisions: str, max_checkpoints: int, token, cache_dir,
         folders = [src.fetch(name, pin, force=True) for name, pin in revs]
         ckpts = CheckpointSet(folders, names)
     check_same_tokenizer(folders, names)
-    return Prepared(src, names, pins, folders, tokenizer_folder(src, folders[-1]), note, ckpts, mode)
+    found = tokenizer_source(tokenizer, token, cache_dir) if tokenizer else tokenizer_folder(src, folders[-1])
+    if found is None and evaluate:
+        raise HubError(f"{src.id} has no tokenizer (none in the latest revision, its main branch or the folder "
+                       "root), and evaluating the merge needs one: pass --tokenizer REPO_OR_PATH (e.g. the base "
+                       "model's repo), or merge with --no-eval.")
+    if found is None:
+        logger.warning("No tokenizer in %s: the merge is written without one (pass --tokenizer REPO_OR_PATH to "
+                       "include one).", src.id)
+    return Prepared(src, names, pins, folders, found, note, ckpts, mode, token)
 
 
-def tokenizer_folder(src: Source, latest: Path) -> Path:
-    """The tokenizer of the latest revision, else of `main` / the folder root."""
-    if any((latest / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+def has_tokenizer(folder: Path) -> bool:
+    return any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
+
+def tokenizer_folder(src: Source, latest: Path) -> Path | None:
+    """The tokenizer of the latest revision, else of `main` / the folder root; None if there is none."""
+    if has_tokenizer(latest):
         return latest
-    if src.kind == "folder" and (src.path / "tokenizer_config.json").is_file():
-        return src.path
-    refs = src.refs()
-    if "main" in refs:
-        return src.fetch("main", refs["main"])
-    raise HubError(f"No tokenizer in the latest revision of {src.id} nor in its main branch.")
+    if src.kind == "folder":
+        return src.path if has_tokenizer(src.path) else None
+    refs = src.refs() if not (src.kind == "hub" and offline.is_offline()) else offline.cached_refs(src.id, src.cache_dir)
+    if "main" not in refs:
+        return None
+    if isinstance(src, HubSource):  # only the tokenizer files of main, not its weights
+        folder = _tokenizer_files(src.id, refs["main"], src.token, src.cache_dir)
+    else:
+        folder = src.fetch("main", refs["main"])
+    return folder if folder is not None and has_tokenizer(folder) else None
+
+
+def tokenizer_source(spec: str, token, cache_dir) -> Path:
+    """`--tokenizer REPO_OR_PATH`: a folder holding a tokenizer, or a Hub repo's (main) tokenizer files."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not has_tokenizer(path):
+            raise HubError(f"--tokenizer {spec}: the folder holds no tokenizer (tokenizer.json, "
+                           "tokenizer_config.json or tokenizer.model).")
+        return path
+    folder = _tokenizer_files(spec, "main", token, cache_dir)
+    if folder is None or not has_tokenizer(folder):
+        raise HubError(f"--tokenizer {spec}: the repo holds no tokenizer files on its main branch.")
+    return folder
+
+
+def _tokenizer_files(repo_id: str, revision: str, token, cache_dir) -> Path | None:
+    from huggingface_hub import snapshot_download
+
+    if offline.is_offline():
+        refs = offline.cached_refs(repo_id, cache_dir)
+        folder = offline.snapshot(repo_id, refs.get(revision, revision), cache_dir)
+        return folder if folder.is_dir() else None
+    with hub_errors(repo_id, revision):
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=TOKENIZER_FILES, token=token,
+                                      cache_dir=cache_dir))
+
+
+def check_offline(source: str, revisions: str, max_checkpoints: int, token, cache_dir, shas, heldout: Sequence,
+                  tokenizer: str | None, evaluate: bool) -> None:
+    """Offline: raise ONE `OfflineError` naming everything the run needs that the cache lacks (revisions,
+    their files, the tokenizer, the held-out datasets) with the command that fetches it all."""
+    from .heldout import load_split
+
+    if Path(source).expanduser().exists() and not heldout:
+        return
+    problems: list[str] = []
+    names: Sequence[str] | str = revisions
+    if not Path(source).expanduser().exists():
+        try:
+            src, names, pins, _ = resolve(source, revisions, max_checkpoints, token, cache_dir, shas)
+        except offline.OfflineError:
+            problems.append(f"the revisions {revisions!r} of {source} (no branch of it is cached)")
+        except BOMergeError as err:
+            problems.append(f"the revisions {revisions!r} of {source} ({err})")
+        else:
+            for name, pin in zip(names, pins):
+                lacking = src.missing(name, pin)
+                if lacking:
+                    problems.append(f"{name} ({pin[:12]}) of {source}: {', '.join(lacking)}")
+            latest = offline.snapshot(source, pins[-1], cache_dir) if pins else None
+            if evaluate and not tokenizer and not problems and tokenizer_folder(src, latest) is None:
+                problems.append(f"the tokenizer of {source} (main branch)")
+    if tokenizer and not Path(tokenizer).expanduser().exists() and _tokenizer_files(tokenizer, "main", token,
+                                                                                    cache_dir) is None:
+        problems.append(f"the tokenizer {tokenizer}")
+    for spec in heldout:
+        if not Path(spec.dataset).expanduser().exists():
+            try:
+                load_split(spec, token)
+            except BOMergeError:
+                problems.append(f"the dataset {spec.label}")
+    if problems:
+        args = offline.dataset_args(heldout, evaluate) + (["--tokenizer", tokenizer] if tokenizer else [])
+        raise offline.offline_error(problems, offline.download_command(source, names, dataset_args=args,
+                                                                       cache_dir=cache_dir))
 
 
 def quiet_libraries() -> None:

@@ -56,9 +56,9 @@ def objective_key(objective: str) -> str:
     return str(path.resolve()) if path.exists() else objective
 
 
-def load_items(spec: HeldOutSpec) -> list[tuple[str, list[str], int]]:
+def load_items(spec: HeldOutSpec, token: str | bool | None = None) -> list[tuple[str, list[str], int]]:
     """(question, choices, answer index) of every row, in order."""
-    ds = load_split(spec)
+    ds = load_split(spec, token)
     missing = [c for c in COLUMNS if c not in ds.column_names]
     if missing:
         raise DataError(f"The dataset {spec.label} has no column {missing[0]!r} (it has {ds.column_names}); a "
@@ -116,11 +116,14 @@ def tokenize_choices(items, tokenizer, context: int, max_tokens: int) -> dict[st
 
 
 def choice_set(spec: HeldOutSpec, tokenizer, tokenizer_folder: Path, context: int, max_tokens: int,
-               cache_dir: Path) -> dict[str, torch.Tensor]:
+               cache_dir: Path, token: str | bool | None = None) -> dict[str, torch.Tensor]:
     """`tokenize_choices` of the split, cached on disk like the held-out blocks."""
-    key = ["choices", content_fingerprint(spec), spec.text_column, tokenizer_fingerprint(tokenizer_folder), context,
-           max_tokens]
-    build = lambda: tokenize_choices(load_items(spec), tokenizer, context, max_tokens)  # noqa: E731
+    from .hub import check_dataset_access
+
+    check_dataset_access(spec.dataset, token)  # the cached set too: only for whoever may read the dataset
+    key = ["choices", content_fingerprint(spec, None, token), spec.text_column, tokenizer_fingerprint(tokenizer_folder),
+           context, max_tokens]
+    build = lambda: tokenize_choices(load_items(spec, token), tokenizer, context, max_tokens)  # noqa: E731
     return cached_tensors(Path(cache_dir) / "heldout", key, build)
 
 

@@ -14,15 +14,20 @@ Everything here is decided by the storage (an Optuna RDB: SQLite, PostgreSQL, My
   (Optuna's heartbeat + RetryHeartbeatStaleTrialCallback). One that dies between Optuna's `ask` and its
   first heartbeat leaves a RUNNING trial that nothing would ever fail: it is failed here after ORPHAN_S.
 - The export is claimed by creating a study named `<study>:export@<budget>`: study names are unique in
-  the storage, so exactly one worker wins, whatever the timing.
+  the storage, so exactly one worker wins, whatever the timing. The claim records its worker (host, pid)
+  and a heartbeat renewed while it exports; a claim whose exporter died (its pid is gone on this host, or
+  no heartbeat for CLAIM_STALE_S) is taken over by the next run. A lone re-run of a finished study (one that
+  ran none of its trials) writes the merge again when its output folder does not exist.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import os
 import socket
+import threading
 
 import optuna
 from optuna.trial import TrialState
@@ -31,6 +36,8 @@ SET_ASIDE = "bomerge_set_aside"  # user attr: why a trial was not run (over the 
 COPY_OF = "bomerge_copy_of"  # user attr: the finished trial whose value a re-proposed point reused
 STARTED = "bomerge_started"  # user attr set by the process that runs a trial: {"trial": number, "worker": ...}
 ORPHAN_S = 60
+CLAIM_BEAT_S = 10  # an exporter renews its claim's heartbeat this often
+CLAIM_STALE_S = 120  # a claim not renewed for this long (and not done) belongs to a dead exporter
 LIVE = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
 
 
@@ -114,9 +121,60 @@ def claim_export(storage: optuna.storages.BaseStorage, study_name: str, budget: 
     try:
         lock = optuna.create_study(storage=storage, study_name=name)
     except optuna.exceptions.DuplicatedStudyError:
-        return export_status(storage, study_name, budget) or {}
-    lock.set_user_attr("claim", {**claim, "worker": worker_id(), "at": _now()})
+        held = export_status(storage, study_name, budget) or {}
+        if not is_stale(held):
+            return held
+        again = export_status(storage, study_name, budget) or {}
+        if again.get("worker") != held.get("worker") or again.get("beat") != held.get("beat"):
+            return again  # someone else took it over meanwhile
+        release_export(storage, study_name, budget)  # its exporter died: the claim is free again
+        return claim_export(storage, study_name, budget, claim)
+    lock.set_user_attr("claim", {**claim, "worker": worker_id(), "host": socket.gethostname(), "pid": os.getpid(),
+                                 "at": _now()})
+    lock.set_user_attr("beat", _now())
     return None
+
+
+def is_stale(held: dict) -> bool:
+    """Whether an unfinished claim's exporter is dead: its process is gone (same host), or its heartbeat is
+    older than CLAIM_STALE_S. A claim made before heartbeats existed (no `beat`) counts from `at`."""
+    if not held or held.get("done"):
+        return False
+    if held.get("host") == socket.gethostname() and held.get("pid") and not _alive(int(held["pid"])):
+        return True
+    beat = held.get("beat") or held.get("at")
+    if not beat:
+        return False
+    age = datetime.datetime.now(datetime.timezone.utc) - datetime.datetime.fromisoformat(beat)
+    return age.total_seconds() > CLAIM_STALE_S
+
+
+def ran_trials_here(study: optuna.Study) -> bool:
+    """Whether this process ran any trial of `study` (a worker that took part, not a lone re-run)."""
+    me = worker_id()
+    return any((t.user_attrs.get(STARTED) or {}).get("worker") == me for t in study.get_trials(deepcopy=False))
+
+
+@contextlib.contextmanager
+def claim_heartbeat(storage: optuna.storages.BaseStorage, study_name: str, budget: int):
+    """Renew the export claim's heartbeat every CLAIM_BEAT_S while the block runs (the export)."""
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(CLAIM_BEAT_S):
+            try:
+                optuna.load_study(study_name=f"{study_name}:export@{budget}", storage=storage).set_user_attr(
+                    "beat", _now())
+            except Exception:  # noqa: BLE001 - a missed beat only risks a takeover after CLAIM_STALE_S
+                pass
+
+    thread = threading.Thread(target=beat, name="bomerge-claim-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def release_export(storage: optuna.storages.BaseStorage, study_name: str, budget: int) -> None:
@@ -134,11 +192,22 @@ def export_status(storage: optuna.storages.BaseStorage, study_name: str, budget:
         lock = optuna.load_study(study_name=f"{study_name}:export@{budget}", storage=storage)
     except KeyError:
         return None
-    return {"worker": "?", **lock.user_attrs.get("claim", {}), "done": lock.user_attrs.get("done")}
+    return {"worker": "?", **lock.user_attrs.get("claim", {}), "done": lock.user_attrs.get("done"),
+            "beat": lock.user_attrs.get("beat")}
 
 
 def is_export_lock(study_name: str) -> bool:
     return ":export@" in study_name
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def _now() -> str:

@@ -19,6 +19,9 @@ What huggingface_hub 2.4 (with ``HF_HUB_DISABLE_XET=1``) calls, and what this ap
   A commit whose tree equals the branch head's is a no-op answering the head sha. A missing revision is
   404 ``RevisionNotFound``, as on the Hub: create the branch first.
 - ``GET /api/whoami-v2``: a fake user for any ``hf_test…`` token.
+- Repos marked by ``set_private``: every request for them without an ``hf_test…`` token answers 401
+  ``RepoNotFound``, as the Hub does for a private repo. (Repos created private by a push stay readable
+  without a token, which the push tests rely on; ``private`` records how they were created.)
 Write endpoints need ``Authorization: Bearer hf_test…`` (else 401). Headers are never logged.
 
 Fault injection: ``fail_next("commit", n, status)`` (or ``fail_next_commits``) answers the next n calls
@@ -102,6 +105,7 @@ class HubWriter:
         self.endpoint = f"http://{host}:{port}"
         self.calls: list[Call] = []
         self.private: dict[str, bool] = {}
+        self.hidden: set[str] = set()  # "type/ORG/NAME" served only with a token (set_private)
         self._faults: dict[str, list[int]] = {}
         self._lock = threading.RLock()
         self._server: uvicorn.Server | None = None
@@ -116,6 +120,26 @@ class HubWriter:
 
     def fail_next_commits(self, n: int = 1, status: int = 500) -> None:
         self.fail_next("commit", n, status)
+
+    def set_private(self, repo_id: str, repo_type: str = "model", private: bool = True) -> None:
+        """Serve ``repo_id`` only to requests with an ``hf_test…`` token (others get 401 RepoNotFound)."""
+        with self._lock:
+            (self.hidden.add if private else self.hidden.discard)(f"{repo_type}/{repo_id}")
+
+    def _hidden(self, request: Request, path: str) -> bool:
+        """Whether ``path`` names a private repo and the request has no valid token."""
+        parts = [p for p in path.split("/") if p]
+        if parts[:1] == ["api"]:
+            parts = parts[1:]
+        repo_type = "model"
+        if parts[:1] and parts[0] in ("models", "datasets", "spaces"):
+            repo_type, parts = parts[0][:-1], parts[1:]
+        if len(parts) < 2:
+            return False
+        repo_id = f"{parts[0]}/{parts[1].removesuffix('.git')}"
+        if f"{repo_type}/{repo_id}" not in self.hidden:
+            return False
+        return not request.headers.get("authorization", "").startswith(f"Bearer {TOKEN_PREFIX}")
 
     def calls_of(self, kind: str, repo_id: str | None = None) -> list[Call]:
         return [c for c in self.calls if c.kind == kind and (repo_id is None or c.repo_id == repo_id)]
@@ -399,6 +423,8 @@ class HubWriter:
         @app.api_route("/{path:path}", methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"])
         async def proxy(request: Request, path: str):
             """Everything else goes to olah, byte for byte (redirects and errors included)."""
+            if self._hidden(request, path):
+                return HubRefusal(401, "Repository not found", "RepoNotFound").response()
             client: httpx.AsyncClient = request.app.state.client
             raw_path = request.scope.get("raw_path") or request.url.path.encode()
             url = raw_path.decode("latin-1") + (f"?{request.url.query}" if request.url.query else "")

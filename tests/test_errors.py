@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -330,3 +331,98 @@ def test_export_from_a_storage_without_the_study_says_where_to_look(tmp_path, ca
     assert main(["show", "--storage", storage, "--json"]) == 0  # without a name: the storage's studies
     listed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [s["study"] for s in listed["studies"]] == ["a", "b"]
+
+
+def test_an_empty_dataset_file_says_it_is_empty(run, capsys):
+    (run.tmp / "blank.jsonl").write_text("")
+    assert run(*_fixed(run, "--dataset", str(run.tmp / "blank.jsonl"))) == 2
+    msg = _error(capsys)
+    assert "blank.jsonl" in msg and "is empty" in msg
+
+
+@pytest.mark.parametrize("code, words", [(errno.ENOSPC, "disk is full"), (errno.EACCES, "No permission")])
+def test_a_full_disk_or_a_permission_error_is_not_blamed_on_the_hub(test_hub, tmp_path, capsys, monkeypatch, code,
+                                                                     words):
+    """Neither can be produced here safely (the tests run as root), so the download raises the OSError the
+    file system would (the one mock): wrapped, as huggingface_hub re-raises it."""
+    from hf_bomerge import hub
+
+    def full(*args, **kwargs):
+        try:
+            raise OSError(code, os.strerror(code), str(tmp_path / "cache" / "blob.incomplete"))
+        except OSError as err:
+            raise RuntimeError("download failed") from err
+
+    monkeypatch.setattr(hub, "snapshot_download", full)
+    code_ = main([test_hub.repo_id, "--revisions", "last:2", "--method", "sma", "--no-eval", "--quiet",
+                  "--cache-dir", str(tmp_path / "cache"), "--output", str(tmp_path / "out")])
+    assert code_ == 2
+    msg = _error(capsys)
+    assert words in msg and "blob.incomplete" in msg and "reach" not in msg and "connect" not in msg
+
+
+def test_a_source_without_a_tokenizer(run, capsys, caplog, trajectory):
+    """HF Trainer outputs often hold no tokenizer: --no-eval writes the merge without one and says so;
+    evaluating needs --tokenizer, which then also goes into the merge."""
+    for step in run.steps:
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            (run.src / step / name).unlink(missing_ok=True)
+    assert run(*_fixed(run, "--no-eval")) == 0
+    assert not (run.tmp / "out" / "tokenizer.json").exists() and (run.tmp / "out" / "model.safetensors").is_file()
+    assert "without one" in caplog.text
+    capsys.readouterr()
+    heldout = ["--dataset", str(run.heldout / "validation.jsonl"), "--max-eval-tokens", "512"]
+    assert run(*_fixed(run, *heldout, "--overwrite")) == 2
+    assert "--tokenizer" in _error(capsys)
+    assert run(*_fixed(run, *heldout, "--overwrite", "--tokenizer", str(trajectory / "main"))) == 0
+    assert (run.tmp / "out" / "tokenizer.json").read_bytes() == (trajectory / "main" / "tokenizer.json").read_bytes()
+
+
+def test_a_finished_search_rerun_writes_its_missing_output_and_a_dead_exporters_claim_expires(run, tmp_path):
+    """Real processes: a lone re-run is not a concurrent worker, and a killed exporter's claim is not forever."""
+    from hf_bomerge import workers
+    from hf_bomerge.study import open_storage
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "hf_bomerge.cli", str(run.src), "--revisions", "last:3", "--dataset",
+            str(run.heldout / "validation.jsonl"), "--max-eval-tokens", "512", "--trials", "4", "--storage", storage,
+            "--study-name", "done", "--output", str(out), "--quiet", "--cache-dir", str(tmp_path / "cache")]
+    first = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0 and (out / "model.safetensors").is_file(), first.stderr
+    weights = (out / "model.safetensors").read_bytes()
+    shutil.rmtree(out)
+    again = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert (out / "model.safetensors").read_bytes() == weights  # written again, the same merge
+    kept = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert kept.returncode == 0 and "is exported by" in kept.stderr  # it exists: nothing written twice
+
+    # An exporter SIGKILLed mid-export: its claim (a dead pid on this host) is taken over by the next run.
+    rdb = open_storage(storage)
+    workers.release_export(rdb, "done", 4)
+    shutil.rmtree(out)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    assert workers.claim_export(rdb, "done", 4, {"output": str(out)}) is None
+    lock = optuna.load_study(study_name="done:export@4", storage=rdb)
+    lock.set_user_attr("claim", {**lock.user_attrs["claim"], "pid": dead.pid, "worker": f"host:{dead.pid}"})
+    assert workers.is_stale(workers.export_status(rdb, "done", 4))
+    taken = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert taken.returncode == 0, taken.stderr
+    assert (out / "model.safetensors").read_bytes() == weights
+    assert workers.export_status(rdb, "done", 4)["done"]
+
+
+def test_an_export_claim_without_a_heartbeat_expires(tmp_path):
+    import datetime
+
+    from hf_bomerge import workers
+
+    old = (datetime.datetime.now(datetime.timezone.utc)
+           - datetime.timedelta(seconds=workers.CLAIM_STALE_S + 5)).isoformat(timespec="seconds")
+    fresh = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    other_host = {"host": "elsewhere", "pid": 1, "worker": "elsewhere:1"}
+    assert workers.is_stale({**other_host, "beat": old})
+    assert not workers.is_stale({**other_host, "beat": fresh})
+    assert not workers.is_stale({**other_host, "beat": old, "done": fresh})  # a finished export stays

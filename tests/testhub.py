@@ -225,6 +225,10 @@ class TestHub:
         """Create or update model repo ``repo_id`` with ``{branch: {relpath: source}}``; returns branch shas."""
         return make_git_repo(self.repo_path(repo_id, "model"), branches, **kw)
 
+    def set_private(self, repo_id: str, repo_type: str = "model") -> None:
+        """Make ``repo_id`` private: served only to requests with an ``hf_test…`` token."""
+        self.writer.set_private(repo_id, repo_type)
+
     def add_dataset_repo(self, repo_id: str, branches: Mapping[str, Mapping[str, Source]], **kw) -> dict[str, str]:
         """Create or update dataset repo ``repo_id`` (see `add_model_repo`)."""
         return make_git_repo(self.repo_path(repo_id, "dataset"), branches, **kw)

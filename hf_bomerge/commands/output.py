@@ -42,40 +42,27 @@ def finish(result, args: argparse.Namespace, default_name: str, claim: bool = Tr
 
 
 def save(result, args, default_name: str, claim: bool = True):
-    """Write (and push) the merge. For a search, the study's storage decides which worker does it: exactly
-    one, the first to finish once the budget is spent; the others report where it went. None on a process
-    that does not write (not the main one under `accelerate launch`)."""
-    from .. import parallel, workers
-    from ..study import open_storage, safe_url
+    """Write (and push) the merge through `export.export_once`: for a search, exactly one worker writes once
+    the budget is spent; the others say where it went. None on a process that does not write (not the main
+    one under `accelerate launch`)."""
+    from .. import parallel
+    from ..export import export_once
+    from ..study import safe_url
 
     if not parallel.is_main():  # under `accelerate launch`, only the main process writes
         return None
-    output = Path(args.output or default_name).expanduser().resolve()
-    storage = open_storage(result.storage) if claim and result.storage else None
-    if storage is not None:
-        winner = workers.claim_export(storage, result.study, result.budget,
-                                      {"output": str(output), "push_to_hub": args.push_to_hub})
-        if winner is not None:
-            result.output = winner.get("output")
-            print(f"hf-bomerge: the budget of {result.budget} trials of study {result.study} is spent and its merge "
-                  f"is exported by {winner.get('worker')} (to {winner.get('output')}, since {winner.get('at')}"
-                  f"{'' if winner.get('done') else ', maybe still running'}); this run writes nothing. To write it "
-                  f"again: hf-bomerge export --storage {safe_url(result.storage)} --study-name {result.study} --output DIR",
-                  file=sys.stderr)
-            return result
-    try:
-        result.save_pretrained(output, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
-                               progress=not args.quiet)
-        if args.push_to_hub:
-            url = result.push_to_hub(args.push_to_hub, token=args.token, private=args.private or None,
-                                     revision=args.hub_revision, commit_message=args.commit_message)
-            print(f"pushed to {url}", file=sys.stderr)
-    except BaseException:  # the export failed (or was interrupted): a re-run may claim it again
-        if storage is not None:
-            workers.release_export(storage, result.study, result.budget)
-        raise
-    if storage is not None:
-        workers.finish_export(storage, result.study, result.budget)
+    done = export_once(result, args.output or default_name, repo_id=args.push_to_hub, token=args.token,
+                       private=args.private or None, revision=args.hub_revision, commit_message=args.commit_message,
+                       claim=claim, overwrite=args.overwrite, max_shard_size=args.max_shard_size, progress=not args.quiet)
+    if done.writer is not None:
+        w = done.writer
+        print(f"hf-bomerge: the budget of {result.budget} trials of study {result.study} is spent and its merge "
+              f"is exported by {w.get('worker')} (to {w.get('output')}, since {w.get('at')}"
+              f"{'' if w.get('done') else ', maybe still running'}); this run writes nothing. To write it "
+              f"again: hf-bomerge export --storage {safe_url(result.storage)} --study-name {result.study} --output DIR",
+              file=sys.stderr)
+    if done.url:
+        print(f"pushed to {done.url}", file=sys.stderr)
     return result
 
 

@@ -73,6 +73,8 @@ def add_arguments(p: argparse.ArgumentParser, *, source: bool = True) -> None:
         g.add_argument("--ema-alpha", type=float, default=0.2)
         g.add_argument("--allow-extrapolation", action="store_true", help="allow negative/unnormalized weights")
         g.add_argument("--no-eval", action="store_true", help="fixed merges: skip the held-out evaluation")
+    g.add_argument("--tokenizer", metavar="REPO_OR_PATH", help="tokenizer for the evaluation and the merge, when the "
+                   "checkpoints have none (default: the latest revision's, else main's / the folder root's)")
         g.add_argument("--recipe", metavar="FILE", help="the same as `hf-bomerge recipe FILE`")
     add_output_options(p, dtype=True)
     g = p.add_argument_group("other")
@@ -104,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
                   batch_size=args.batch_size, eval_dtype=args.eval_dtype, device=args.device, token=args.token,
                   cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code, progress=not args.quiet,
                   max_checkpoints=args.max_checkpoints, ema_alpha=args.ema_alpha, dtype=args.dtype,
-                  max_memory=args.max_memory, device_map=args.device_map, objective=args.objective)
+                  max_memory=args.max_memory, device_map=args.device_map, objective=args.objective,
+                  tokenizer=args.tokenizer)
     if args.weights or args.method:
         from ..weights import parse_weights
 

@@ -15,6 +15,12 @@ from typing import Any
 def run(kwargs: dict[str, Any], output: str, conn) -> None:
     """Search, sending `("trial", row)` after each trial; save the merged model to `output`; send
     `("ok", MergeResult)` or `("error", message)`."""
+    import os
+
+    # A user's request runs with the user's token or none, never with the Space's own HF_TOKEN secret: the
+    # API passes the token explicitly everywhere, and this process does not even hold the secret.
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        os.environ.pop(name, None)
     try:
         conn.send(_search(kwargs, output, lambda trial, complete, budget: conn.send(("trial", trial_row(
             trial, complete, budget)))))
