@@ -73,9 +73,9 @@ def add_arguments(p: argparse.ArgumentParser, *, source: bool = True) -> None:
         g.add_argument("--ema-alpha", type=float, default=0.2)
         g.add_argument("--allow-extrapolation", action="store_true", help="allow negative/unnormalized weights")
         g.add_argument("--no-eval", action="store_true", help="fixed merges: skip the held-out evaluation")
+        g.add_argument("--recipe", metavar="FILE", help="the same as `hf-bomerge recipe FILE`")
     g.add_argument("--tokenizer", metavar="REPO_OR_PATH", help="tokenizer for the evaluation and the merge, when the "
                    "checkpoints have none (default: the latest revision's, else main's / the folder root's)")
-        g.add_argument("--recipe", metavar="FILE", help="the same as `hf-bomerge recipe FILE`")
     add_output_options(p, dtype=True)
     g = p.add_argument_group("other")
     g.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
