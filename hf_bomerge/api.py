@@ -18,9 +18,9 @@ from .engine import rule_from_config
 from .errors import BOMergeError, StudyError
 from .confirm import DEFAULT_CONFIRM_FRACTION, confirm
 from .evaluator import CONFIRM, Evaluator
-from .export import RECIPE_FILE, RESULT_FILE  # noqa: F401  (re-exported: where a merge's files are named)
+
 from .heldout import DEFAULT_MAX_EVAL_TOKENS, HeldOutSpec
-from .hub import default_cache_dir
+from .sources import default_cache_dir
 from .plan import Plan
 from .prepare import Prepared, prepare, resolve, run_plan
 from .result import MergeResult
@@ -139,8 +139,6 @@ def search(source: str, revisions: str = "last:2", *, dataset: str | None = None
         Metric.load(objective)  # before any download: a metric that cannot load fails fast
     cache = Path(cache_dir or default_cache_dir())
     progress = progress and parallel.is_main()
-    spec = _heldout(dataset, dataset_config, split, text_column)
-    heldout = [spec, *(HeldOutSpec.parse(e, text_column) for e in eval_datasets)]
     with parallel.main_process_first():  # downloads and the tokenized held-out cache, once
         heldout = [spec.data, *(HeldOutSpec.parse(e, text_column) for e in eval_datasets)]
         prep = prepare(source, revisions, max_checkpoints, token, cache_dir, progress, planning=spec.planning(),
@@ -274,7 +272,6 @@ def merge(source: str, revisions: str = "last:2", *, weights: Sequence[float] | 
     if evaluate and objective != "loss":
         Metric.load(objective)  # before any download
     progress = progress and parallel.is_main()
-    spec = _heldout(dataset, dataset_config, split, text_column)
     with parallel.main_process_first():
         prep = prepare(source, revisions, max_checkpoints, token, cache_dir, progress, shas, spec.planning(evaluate),
                        heldout=[spec.data], tokenizer=tokenizer)

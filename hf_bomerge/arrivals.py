@@ -125,7 +125,7 @@ def _whole(path: Path) -> bool:
 def _hub_arrivals(repo_id: str, token, cache: dict) -> list[Arrival]:
     from huggingface_hub import HfApi
 
-    from .hub import hub_errors
+    from .sources import hub_errors
 
     api = HfApi(token=token)
     with hub_errors(repo_id):
@@ -142,7 +142,7 @@ def _hub_arrivals(repo_id: str, token, cache: dict) -> list[Arrival]:
 def _commit_incomplete(api, repo_id: str, name: str, sha: str, token) -> str:
     from huggingface_hub import RepoFile, hf_hub_download
 
-    from .hub import hub_errors
+    from .sources import hub_errors
 
     with hub_errors(repo_id, name):
         files = {e.path for e in api.list_repo_tree(repo_id, revision=sha) if isinstance(e, RepoFile)}

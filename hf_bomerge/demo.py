@@ -46,8 +46,9 @@ def default_root() -> Path:
     import torch
     import transformers
 
-    base = Path(os.environ.get("HF_BOMERGE_CACHE") or Path.home() / ".cache" / "hf_bomerge")
-    return base / "demo" / _build_id(torch.__version__, transformers.__version__)
+    from .sources import default_cache_dir
+
+    return default_cache_dir() / "demo" / _build_id(torch.__version__, transformers.__version__)
 
 
 def _build_id(torch_version: str, transformers_version: str) -> str:

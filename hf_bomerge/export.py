@@ -12,7 +12,7 @@ from pathlib import Path
 from .checkpoints import CheckpointSet
 from .engine import DTYPES, dtype_name
 from .errors import OutputError
-from .hub import SIDE_FILES
+from .sources import SIDE_FILES
 from .result import MergeResult
 from .writer import DEFAULT_MAX_SHARD_SIZE, export_merge, replace_dir
 
@@ -139,7 +139,7 @@ def push_to_hub(result: MergeResult, repo_id: str, *, token: str | None = None, 
     >>> result.push_to_hub("me/pythia-160m-bomerge", private=True)   # doctest: +SKIP
     """
     from .card import render_card
-    from .hub import push_folder
+    from .publish import push_folder
     from .plot import PLOT_FILE
 
     if result.output is None or not Path(result.output).is_dir():

@@ -74,7 +74,7 @@ def load_split(spec: HeldOutSpec, token: str | bool | None = None):
             return datasets.load_dataset(builder, data_files=str(path), split="train")
         if path.is_dir():
             return datasets.load_dataset(str(path), split="train")
-        from .hub import check_dataset_access
+        from .sources import check_dataset_access
 
         check_dataset_access(spec.dataset, token)
         config = spec.config
@@ -87,7 +87,7 @@ def load_split(spec: HeldOutSpec, token: str | bool | None = None):
     except DataError:
         raise
     except Exception as err:
-        from .hub import local_cause
+        from .sources import local_cause
 
         if local_cause(err):
             raise DataError(f"Could not load the held-out dataset {spec.label}: {local_cause(err)}") from err
@@ -168,7 +168,7 @@ def heldout_blocks(spec: HeldOutSpec, tokenizer, tokenizer_folder: Path, block_s
                    cache_dir: Path, token: str | bool | None = None) -> torch.Tensor:
     """Tokenized, packed blocks for `spec`, cached on disk (safetensors, keyed by the data's content, the
     tokenizer, the block size, the token cap and the protocol) so a rerun does not re-tokenize."""
-    from .hub import check_dataset_access
+    from .sources import check_dataset_access
 
     check_dataset_access(spec.dataset, token)  # the cached blocks too: only for whoever may read the dataset
     split = None if Path(spec.dataset).expanduser().exists() else load_split(spec, token)

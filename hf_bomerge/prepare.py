@@ -13,7 +13,7 @@ from . import offline
 from .checkpoints import CheckpointSet, check_same_tokenizer
 from .engine import DTYPES
 from .errors import BOMergeError, CorruptFileError, HubError
-from .hub import HubSource, Source, default_cache_dir, hub_errors, open_source, weight_sizes
+from .sources import HubSource, Source, default_cache_dir, hub_errors, open_source, weight_sizes
 from .writer import parse_size
 from .plan import Plan, make_plan
 from .revisions import resolve_revisions

@@ -290,7 +290,7 @@ def study_outcome(study: optuna.Study, labels: Sequence[str], objective: str = "
 
 def default_storage(cache_dir=None) -> str:
     """The study storage when --storage is not given: an SQLite file under the cache dir."""
-    from .hub import default_cache_dir
+    from .sources import default_cache_dir
 
     return f"sqlite:///{Path(cache_dir or default_cache_dir()) / 'studies.db'}"
 

@@ -118,7 +118,7 @@ def tokenize_choices(items, tokenizer, context: int, max_tokens: int) -> dict[st
 def choice_set(spec: HeldOutSpec, tokenizer, tokenizer_folder: Path, context: int, max_tokens: int,
                cache_dir: Path, token: str | bool | None = None) -> dict[str, torch.Tensor]:
     """`tokenize_choices` of the split, cached on disk like the held-out blocks."""
-    from .hub import check_dataset_access
+    from .sources import check_dataset_access
 
     check_dataset_access(spec.dataset, token)  # the cached set too: only for whoever may read the dataset
     key = ["choices", content_fingerprint(spec, None, token), spec.text_column, tokenizer_fingerprint(tokenizer_folder),

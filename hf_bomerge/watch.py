@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .errors import BOMergeError, WatchError
+from .errors import WatchError
 
 LEDGER, PLOT, LOCK = "watch.jsonl", "watch.png", ".watch.lock"
 WARM_LABEL = "previous round"  # the seed each round gets from the previous round's best weights

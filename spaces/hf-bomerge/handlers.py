@@ -25,7 +25,7 @@ import gradio as gr
 import pandas as pd
 
 from hf_bomerge.errors import BOMergeError
-from hf_bomerge.hub import open_source
+from hf_bomerge.sources import open_source
 from hf_bomerge.revisions import progress_key, sort_revisions
 from space_limits import REPO_ID, Limits, PlanError, PlanRefused, plan_markdown, plan_run  # noqa: F401 - re-exported
 

@@ -1,5 +1,6 @@
 """Where checkpoints come from: a Hub repo's branches, a local folder's subfolders, a local git repo's
-branches. Every huggingface_hub call of the project lives here (downloads, refs, create_repo, uploads).
+branches, and the Hub errors of reading them mapped to messages that say what to do (publishing is in
+`hf_bomerge.publish`).
 
 A source lists its revisions with a pin (the commit sha; a content fingerprint for plain folders) and
 materializes one revision as a local folder holding only what a merge needs: weights, config, tokenizer.
@@ -16,7 +17,6 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
-import time
 from pathlib import Path
 
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
@@ -31,7 +31,6 @@ from .errors import HubError
 SIDE_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
               "tokenizer.model", "chat_template.jinja"]
-RESERVED_WORDS = {"demo"}
 _log = logging.getLogger(__name__)
 
 
@@ -310,7 +309,7 @@ class hub_errors:
     def __exit__(self, kind, err, tb):
         local = local_cause(err) if err is not None else None
         if err is None or not (local or isinstance(err, (HfHubHTTPError, LocalEntryNotFoundError, OSError))
-                               or _is_connection_error(err)):
+                               or is_connection_error(err)):
             return False
         if local:
             msg = local
@@ -319,14 +318,14 @@ class hub_errors:
             msg = (f"Offline (HF_HUB_OFFLINE=1) and {self.repo_id}{' @ ' + self.revision if self.revision else ''} "
                    f"is not in the cache ({err}). Fetch it on a connected machine with "
                    f"`{offline.download_command(self.repo_id, self.revision or 'last:2')}`.")
-        elif _is_connection_error(err) and not isinstance(err, HfHubHTTPError):
+        elif is_connection_error(err) and not isinstance(err, HfHubHTTPError):
             msg = (f"Could not connect to {os.environ.get('HF_ENDPOINT', 'the Hub')} to reach {self.repo_id} "
                    f"({type(err).__name__}). Check the network (or HF_ENDPOINT); to run from what is already "
                    "downloaded, set HF_HUB_OFFLINE=1 (see `hf-bomerge download` for a machine without network).")
         elif isinstance(err, GatedRepoError):
             msg = (f"{self.repo_id} is gated: accept its terms on the Hub and pass a token "
                    "(--token, HF_TOKEN or `hf auth login`).")
-        elif isinstance(err, RepositoryNotFoundError) or (self.revision is None and _status(err) in (401, 403, 404)):
+        elif isinstance(err, RepositoryNotFoundError) or (self.revision is None and status_of(err) in (401, 403, 404)):
             msg = (f"Repository {self.repo_id} was not found on {os.environ.get('HF_ENDPOINT', 'the Hub')}, or it is "
                    "private and no valid token was given: check the id, or pass --token / set HF_TOKEN.")
         elif isinstance(err, RevisionNotFoundError):
@@ -348,7 +347,7 @@ def check_dataset_access(dataset: str, token: str | bool | None) -> None:
     try:
         HfApi(token=token).dataset_info(dataset, revision="main")
     except (RepositoryNotFoundError, HfHubHTTPError) as err:
-        if isinstance(err, RepositoryNotFoundError) or _status(err) in (401, 403, 404):
+        if isinstance(err, RepositoryNotFoundError) or status_of(err) in (401, 403, 404):
             raise DataError(f"The held-out dataset {dataset} was not found, or it is private or gated and the token "
                             "given cannot read it: check --dataset, or pass --token / set HF_TOKEN with access to "
                             "it.") from err
@@ -377,105 +376,15 @@ def local_cause(err: BaseException) -> str | None:
 _LOCAL_ERRNOS = {28, 13, 1, 30}  # ENOSPC, EACCES, EPERM, EROFS
 
 
-def _status(err: BaseException) -> int | None:
+def status_of(err: BaseException) -> int | None:
     response = getattr(err, "response", None)
     return getattr(response, "status_code", None)
 
 
 # ---- publishing ---------------------------------------------------------------------------------------
 
-PUSH_IGNORE = [".*", "*/.*", "*.partial", "*.partial/*"]  # dotfiles/dot-folders, unfinished writes
-PUSH_RETRY_WAIT = 1.0  # seconds before the first retry; doubles each time
 
-
-def push_folder(folder: str | Path, repo_id: str, *, token: str | None = None, private: bool | None = None,
-                revision: str | None = None, commit_message: str | None = None, max_retries: int = 3) -> str:
-    """Publish ``folder`` (a merged model) to the Hub repo ``repo_id`` in ONE commit; returns the commit URL.
-
-    As transformers' ``push_to_hub``: ``create_repo(exist_ok=True)`` (``private`` only matters when the
-    repo is created), ``create_branch(revision, exist_ok=True)`` when a branch other than main is named,
-    then ``upload_folder`` (dotfiles and ``*.partial`` left out). Unchanged files are not re-uploaded and
-    a push of an unchanged folder creates no commit. Server errors (5xx, 429) and connection errors are
-    retried ``max_retries`` times with exponential backoff; other errors are raised at once as `HubError`.
-    The token is the argument, else huggingface_hub's lookup (``HF_TOKEN``, then ``hf auth login``); it is
-    never printed, logged or written, and never part of an error message.
-    """
-    from huggingface_hub import get_token
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise HubError(f"{folder} is not a folder; push the folder the merge wrote (--output).")
-    token = token or get_token()
-    if not token:
-        raise HubError(f"Pushing to {repo_id} needs a Hub token with write access: pass --token, set HF_TOKEN "
-                       "or run `hf auth login`.")
-    api = HfApi(token=token)
-    branch = revision if revision and revision != "main" else None
-    message = commit_message or "Upload merged model with hf-bomerge"
-
-    def attempt() -> str:
-        api.create_repo(repo_id, private=private, exist_ok=True, token=token)
-        if branch:
-            api.create_branch(repo_id, branch=branch, exist_ok=True, token=token)
-        info = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=branch, commit_message=message,
-                                 ignore_patterns=list(PUSH_IGNORE), token=token)
-        return str(info.commit_url)
-
-    where = f"{repo_id}{' @ ' + branch if branch else ''}"
-    for tries in range(max_retries + 1):
-        try:
-            return attempt()
-        except Exception as err:  # noqa: BLE001 - classified below; anything else is re-raised as is
-            status = _status(err)
-            transient = status is not None and (status >= 500 or status == 429) or (
-                status is None and _is_connection_error(err))
-            if not transient and status is None:
-                raise
-            reason = _scrub(f"{type(err).__name__}: {err}".splitlines()[0] if status is None
-                            else f"HTTP {status} ({_server_message(err)})", token)
-            if not transient:
-                raise HubError(_push_refusal(where, status, reason)) from err
-            if tries == max_retries:
-                raise HubError(
-                    f"Pushing {folder} to {where} on {api.endpoint} failed {tries + 1} times; the last error was "
-                    f"{reason}. The Hub or the network is having trouble: run the same command again later "
-                    "(files already uploaded are not sent again, and an unchanged folder makes no commit)."
-                ) from err
-            wait = PUSH_RETRY_WAIT * 2 ** tries
-            _log.warning("Push to %s failed with %s; retrying in %.0f s (%d/%d).", where, reason, wait,
-                         tries + 1, max_retries)
-            time.sleep(wait)
-    raise AssertionError("unreachable")
-
-
-def _push_refusal(where: str, status: int, reason: str) -> str:
-    if status == 401:
-        what = ("the token was refused: check that it is valid and has write access (pass --token, set "
-                "HF_TOKEN or run `hf auth login`).")
-    elif status == 403:
-        what = ("the token may not write there: use a namespace you own or belong to with write rights, or a "
-                "token with write access to it.")
-    elif status == 404:
-        what = "the repository or branch was not found: check the repo id and --hub-revision."
-    else:
-        what = "fix what the Hub reports and push again."
-    return f"The Hub refused the push to {where} with {reason}; {what}"
-
-
-def _server_message(err: BaseException) -> str:
-    response = getattr(err, "response", None)
-    try:
-        text = response.json().get("error") if response is not None else None
-    except Exception:  # noqa: BLE001 - not JSON
-        text = None
-    return str(text or getattr(response, "reason_phrase", "") or "no details").strip()
-
-
-def _is_connection_error(err: BaseException) -> bool:
+def is_connection_error(err: BaseException) -> bool:
     """Connection resets, refusals and timeouts, whichever HTTP library huggingface_hub uses."""
     names = {c.__name__ for c in type(err).__mro__}
     return bool(names & {"TransportError", "ConnectionError", "Timeout", "TimeoutError"})
-
-
-def _scrub(text: str, token: str | None) -> str:
-    return text.replace(token, "***") if token else text
