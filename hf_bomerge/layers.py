@@ -118,13 +118,11 @@ class LayerWeights:
 
     @classmethod
     def interpolate(cls, rule: LayerGroups, shallow: Sequence[float], deep: Sequence[float]) -> "LayerWeights":
-        """wᵍ ∝ (1−t)·shallow + t·deep at each group's depth t (`LayerGroups.depths`)."""
-        vectors = []
-        for t in rule.depths():
-            raw = [(1.0 - t) * a + t * b for a, b in zip(shallow, deep)]
-            total = sum(raw)
-            vectors.append(tuple(r / total for r in raw))
-        return cls(rule, tuple(vectors))
+        """wᵍ = (1−t)·shallow + t·deep at each group's depth t (`LayerGroups.depths`); both sum to 1, so does wᵍ.
+
+        Where shallow and deep agree, every group gets exactly that weight (a global seed stays bit-exact)."""
+        return cls(rule, tuple(tuple(a if a == b else (1.0 - t) * a + t * b for a, b in zip(shallow, deep))
+                               for t in rule.depths()))
 
     @classmethod
     def from_dict(cls, rule: LayerGroups, data: Mapping[str, Sequence[float]]) -> "LayerWeights":
