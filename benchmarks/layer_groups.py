@@ -1,14 +1,17 @@
 """Layer groups: does a depth-wise search (`--layer-groups G`) beat global weights on the confirm part?
 
-    python benchmarks/layer_groups.py                 # 3 seeds x budgets 20/40, G=2 (about 10 min on 2 shared cores)
+    python benchmarks/layer_groups.py                 # 3 seeds x budgets 20/40, G=2
     python benchmarks/layer_groups.py --seeds 0 --budgets 12   # a smoke run
 
 What it does: the demo trajectory (`hf_bomerge.demo.build_trajectory()`, a tiny GPT-NeoX with 2 blocks trained
-at a constant LR), its last 4 revisions, the held-out validation.jsonl (3:1 search:confirm split, the default)
-and ood.jsonl as the out-of-domain set. For each seed, `hf_bomerge.search` with global weights (the simplex
-space, 4 dimensions) and with `layer_groups=G` (the layered space, 8 dimensions), both through the very same
-pipeline (GP, baselines seeded first, the resident merger, the confirm part). A larger budget resumes the
-same study (the study's budget is extended), so the budget-40 run's first 20 trials are the budget-20 run.
+at a constant LR), its last 4 revisions, the held-out validation.jsonl split 3:1 into a search and a confirm
+part (the default), and ood.jsonl as the out-of-domain set. One `Evaluator` (the one `hf_bomerge.search`
+builds: resident model, resident merger, packed blocks) serves every run. For each seed, `study.run_search`
+(the GP, baselines enqueued first) with global weights (the simplex space, 4 dimensions) and with the layered
+space of `layer_groups=G` (8 dimensions). Budget B = the best of the study's first B trials (the GP's first
+B trials do not depend on the budget). The chosen merge and every baseline are then scored on the confirm
+part (paired bootstrap interval, `confirm.confirm`) and on ood. An evaluation cache keyed by the weights saves
+re-scoring the baselines every run (the objective is deterministic).
 Writes a markdown table to stdout and benchmarks/out/layer_groups.md, every number to layer_groups.json.
 """
 
@@ -26,31 +29,60 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-from hf_bomerge import api, demo  # noqa: E402
+import optuna  # noqa: E402
+import torch  # noqa: E402
+
+from hf_bomerge import demo  # noqa: E402
+from hf_bomerge.api import EvalSpec  # noqa: E402
+from hf_bomerge.confirm import confirm  # noqa: E402
+from hf_bomerge.evaluator import CONFIRM  # noqa: E402
+from hf_bomerge.heldout import HeldOutSpec  # noqa: E402
+from hf_bomerge.layers import LayerGroups, LayerWeights  # noqa: E402
+from hf_bomerge.prepare import prepare  # noqa: E402
+from hf_bomerge.spaces import Layered, make_space  # noqa: E402
+from hf_bomerge.study import run_search  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 
 
 def run(seeds: list[int], budgets: list[int], groups: int) -> list[dict]:
+    torch.set_num_threads(1)  # the machine is shared; one thread contends least
     root = demo.build_trajectory(quiet=True)
-    data = dict(dataset=str(root / "heldout" / "validation.jsonl"), eval_datasets=[str(root / "heldout" / "ood.jsonl")])
     rows = []
     with tempfile.TemporaryDirectory(prefix="layer-groups-") as tmp:
-        storage = f"sqlite:///{tmp}/studies.db"
+        spec = EvalSpec(HeldOutSpec.parse(str(root / "heldout" / "validation.jsonl"), "text"), confirm_fraction=0.25)
+        prep = prepare(str(root), "last:4", 8, None, tmp, False, planning=spec.planning())
+        evaluator = spec.evaluator(prep, Path(tmp), None)
+        ood = HeldOutSpec.parse(str(root / "heldout" / "ood.jsonl"), "text")
+        rule = LayerGroups.from_names(groups, prep.ckpts.merged_names)
+        sizes = rule.sizes({n: prep.ckpts.infos[n].numel for n in prep.ckpts.merged_names})
+        spaces = {"global": make_space("simplex", 4), f"layers G={groups}": Layered(4, groups=rule, sizes=sizes)}
+        cache: dict = {}
+
+        def scored(w, data=None):
+            key = (json.dumps(w.as_dict() if isinstance(w, LayerWeights) else [float(x) for x in w]), str(data))
+            if key not in cache:
+                cache[key] = evaluator(w, data)
+            return cache[key]
+
+        seeds_w = dict(spaces["global"].seeds(prep.names))
+        base_confirm = {k: scored(w, CONFIRM) for k, w in seeds_w.items()}
         for seed in seeds:
-            for method, g in (("global", 0), (f"layers G={groups}", groups)):
+            for method, space in spaces.items():
+                start = time.monotonic()
+                outcome = run_search(scored, space, prep.names, trials=max(budgets), seed=seed, progress=False,
+                                     storage=optuna.storages.InMemoryStorage(), study_name=f"{method}-{seed}", inputs={})
+                seconds = round(time.monotonic() - start, 1)
                 for budget in sorted(budgets):
-                    start = time.monotonic()
-                    r = api.search(str(root), "last:4", trials=budget, seed=seed, layer_groups=g, storage=storage,
-                                   study_name=f"{method}-{seed}", cache_dir=f"{tmp}/cache", progress=False, **data)
-                    c = r.confirm
-                    rows.append({"seed": seed, "method": method, "budget": budget, "search": r.loss,
-                                 "confirm": c["loss"], "best_baseline": c["best_baseline"],
-                                 "confirm_baseline": c["baselines"][c["best_baseline"]], "interval": c["interval"],
-                                 "ood": r.generalization["ood.jsonl"]["merged"],
-                                 "ood_uniform": r.generalization["ood.jsonl"]["uniform"],
-                                 "weights": r.weights, "layer_weights": r.layer_weights,
-                                 "seconds": round(time.monotonic() - start, 1)})
+                    best = min((t for t in outcome.trials if t.number < budget), key=lambda t: t.loss)
+                    w = (LayerWeights.from_dict(rule, best.layer_weights) if best.layer_weights else best.weights)
+                    c = confirm(scored(w, CONFIRM), base_confirm)
+                    rows.append({"seed": seed, "method": method, "budget": budget, "search": best.loss,
+                                 "confirm": c.loss, "best_baseline": c.best_baseline,
+                                 "confirm_baseline": c.baselines[c.best_baseline], "interval": list(c.interval),
+                                 "ood": scored(w, ood), "ood_uniform": scored(seeds_w["uniform"], ood),
+                                 "weights": best.weights, "layer_weights": best.layer_weights, "trial": best.number,
+                                 "search_seconds": seconds})
                     print(json.dumps(rows[-1]), flush=True)
     return rows
 
