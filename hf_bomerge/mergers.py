@@ -76,7 +76,7 @@ class ResidentMerger:
 
     >>> merger = ResidentMerger(model, ckpts)     # doctest: +SKIP
     >>> merger.apply([0.25, 0.75])                # doctest: +SKIP
-    >>> merger.apply(layer_weights)               # doctest: +SKIP  (a LayerWeights: each group its vector)
+    >>> merger.apply(layer_weights)               # doctest: +SKIP
     """
 
     def __init__(self, model: torch.nn.Module, ckpts: CheckpointSet, store_dtype: torch.dtype | None = None):
