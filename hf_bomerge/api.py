@@ -20,10 +20,12 @@ from .confirm import DEFAULT_CONFIRM_FRACTION, confirm
 from .evaluator import CONFIRM, Evaluator
 
 from .heldout import DEFAULT_MAX_EVAL_TOKENS, HeldOutSpec
+from .layers import LayerGroups, LayerWeights
 from .sources import default_cache_dir
 from .plan import Plan
 from .prepare import Prepared, prepare, resolve, run_plan
 from .result import MergeResult
+from .spaces import Layered
 from .study import (Trial, best_of, default_storage, default_study_name, load_study, make_space, run_search,
                     set_study_attr, study_outcome)
 from .tasks import Metric, objective_key
@@ -108,7 +110,7 @@ def search(source: str, revisions: str = "last:2", *, dataset: str | None = None
            objective: str = "loss", on_trial: Callable[[Trial, int, int], None] | None = None,
            confirm_fraction: float = DEFAULT_CONFIRM_FRACTION, fallback: bool = False,
            sampler=None, extra_seeds: Sequence[tuple[str, Sequence[float]]] = (),
-           tokenizer: str | None = None) -> MergeResult:
+           tokenizer: str | None = None, layer_groups: int = 0) -> MergeResult:
     """Search merge weights for `revisions` of `source` with a GP on held-out loss (minimized), or on an
     `evaluate` metric `objective` (a name or a local path; maximized) of multiple-choice questions.
 
@@ -125,6 +127,9 @@ def search(source: str, revisions: str = "last:2", *, dataset: str | None = None
     `study.run_search`).
     `extra_seeds` [(label, weights)] are evaluated after the baselines (`hf-bomerge watch` seeds each round
     with the previous round's best). `tokenizer`: a repo id or folder to take the tokenizer from.
+    `layer_groups=G` searches depth-wise weights (`hf_bomerge.layers`, the `layered` space): one weight vector
+    per group (embeddings, G groups of blocks, head) in `result.layer_weights`; `result.weights` is then their
+    mean weighted by each group's parameter count.
 
     >>> result = search("EleutherAI/pythia-160m", revisions="last:4", trials=16)   # doctest: +SKIP
     >>> result.weights, result.loss, result.baselines                               # doctest: +SKIP
@@ -137,30 +142,39 @@ def search(source: str, revisions: str = "last:2", *, dataset: str | None = None
                     batch_size, eval_dtype, device, device_map, max_memory, trust_remote_code, confirm_fraction)
     if objective != "loss":
         Metric.load(objective)  # before any download: a metric that cannot load fails fast
+    _check_layer_groups(search, layer_groups)
     cache = Path(cache_dir or default_cache_dir())
     progress = progress and parallel.is_main()
     with parallel.main_process_first():  # downloads and the tokenized held-out cache, once
         heldout = [spec.data, *(HeldOutSpec.parse(e, text_column) for e in eval_datasets)]
         prep = prepare(source, revisions, max_checkpoints, token, cache_dir, progress, planning=spec.planning(),
                        heldout=heldout, tokenizer=tokenizer)
-        space = make_space(search, len(prep.ckpts), lambda_min)
+        space = make_space("simplex" if layer_groups else search, len(prep.ckpts), lambda_min)
         evaluator = spec.evaluator(prep, cache, dtype)
+    rule = None
+    if layer_groups:  # after the evaluator: the loaded model's parameters decide what is merged
+        rule = LayerGroups.from_names(layer_groups, prep.ckpts.merged_names)
+        space = Layered(len(prep.ckpts), lambda_min, groups=rule,
+                        sizes=rule.sizes({n: prep.ckpts.infos[n].numel for n in prep.ckpts.merged_names}))
     name_of_objective = evaluator.objective.metric.name if objective != "loss" else "loss"
     # Everything that changes the objective's value names the study; resuming with any of it changed is refused.
     inputs = {"source": prep.source.id, "shas": prep.shas, "dataset": spec.data.label,
               "objective": objective_key(objective) if objective != "loss" else "loss", "space": space.kind,
-              "lambda_min": lambda_min, "ema_alpha": ema_alpha, "dtype": dtype, **evaluator.identity}
+              "lambda_min": lambda_min, "ema_alpha": ema_alpha, "dtype": dtype, **evaluator.identity,
+              **({"layer_groups": rule.as_dict()} if rule else {})}
     name = study_name or default_study_name(inputs)
     url = storage or default_storage(cache)
     result = MergeResult(source=prep.source.id, revisions=prep.names, shas=prep.shas, weights=[],
                          objective=name_of_objective, study=name, source_kind=prep.source.kind, search=space.kind,
                          dtype=dtype, copied=sorted(prep.ckpts.copied), license=prep.source.license(),
-                         folders=prep.folders, tokenizer_folder=prep.tokenizer_folder, storage=url, budget=trials)
+                         folders=prep.folders, tokenizer_folder=prep.tokenizer_folder, storage=url, budget=trials,
+                         layer_groups=rule.as_dict() if rule else None)
     spec.describe(result, evaluator)
     recipe = {**result.recipe(), "search": space.kind, "dataset": result.dataset, "dataset_id": result.dataset_id,
               "dataset_config": result.dataset_config, "dataset_split": result.dataset_split,
               "eval_tokens": result.eval_tokens, "eval_questions": result.eval_questions,
-              "objective": name_of_objective, "revisions": prep.names, "shas": prep.shas}
+              "objective": name_of_objective, "revisions": prep.names, "shas": prep.shas,
+              **({"layer_groups": rule.as_dict()} if rule else {})}
 
     def main(evaluate) -> MergeResult:  # on the main process only; `evaluate` runs on all of them
         outcome = run_search(evaluate, space, prep.names, trials=trials, storage=url, study_name=name,
@@ -168,16 +182,17 @@ def search(source: str, revisions: str = "last:2", *, dataset: str | None = None
                              recipe=recipe, objective=name_of_objective, sampler=sampler,
                              extra_seeds=extra_seeds)
         result.weights, result.loss, result.baselines = outcome.best.weights, outcome.best.loss, outcome.baselines
+        result.layer_weights = outcome.best.layer_weights
         result.trials, result.trace = len(outcome.trials), outcome.trials
         seeds = dict(space.seeds(prep.names, ema_alpha))
         if evaluator.needs_rescore:  # the GP ranked in a cheaper dtype; the numbers reported are the saved model's
-            result.loss = evaluate(result.weights, None, True)
+            result.loss = evaluate(result.merge_weights(), None, True)
             result.baselines = {k: evaluate(seeds[k], None, True) if k in seeds else v
                                 for k, v in result.baselines.items()}
             result.eval_dtype = str(evaluator.eval_dtype).removeprefix("torch.")
         if evaluator.confirm_blocks:
             _confirm(result, evaluate, {k: seeds[k] for k in result.baselines if k in seeds}, fallback)
-        result.generalization = _generalization(evaluate, eval_datasets, text_column, result.weights, outcome,
+        result.generalization = _generalization(evaluate, eval_datasets, text_column, result.merge_weights(), outcome,
                                                 prep.names, name_of_objective)
         for key in ("generalization", "confirm"):
             if getattr(result, key):
@@ -192,14 +207,22 @@ def search(source: str, revisions: str = "last:2", *, dataset: str | None = None
 def _confirm(result: MergeResult, evaluate, baselines: dict[str, list[float]], fallback: bool) -> None:
     """Score the merge and the baselines on the confirm part; with `fallback`, keep the best baseline instead
     of a merge that is not better there."""
-    check = confirm(evaluate(result.weights, CONFIRM, True), {k: evaluate(w, CONFIRM, True) for k, w in baselines.items()})
+    check = confirm(evaluate(result.merge_weights(), CONFIRM, True),
+                    {k: evaluate(w, CONFIRM, True) for k, w in baselines.items()})
     result.confirm = {**check.as_dict(), "exported": "merge"}
     if fallback and check.loss >= check.baselines[check.best_baseline]:
         logger.warning("the merge is not better than %s on the confirm part: --fallback exports %s instead",
                        check.best_baseline, check.best_baseline)
-        result.weights = list(baselines[check.best_baseline])
+        result.weights, result.layer_weights, result.layer_groups = list(baselines[check.best_baseline]), None, None
         result.loss = result.baselines.get(check.best_baseline, result.loss)
         result.confirm["exported"] = check.best_baseline
+
+
+def _check_layer_groups(search: str, layer_groups: int) -> None:
+    if layer_groups < 0 or (layer_groups and search not in ("auto", "simplex", "layered")):
+        raise StudyError(f"--layer-groups G (G ≥ 1) searches a simplex weight vector per depth group; it cannot "
+                         f"combine with --search {search} (got G={layer_groups}). Use --search auto or simplex, "
+                         "or leave out --layer-groups.")
 
 
 def from_study(study_name: str | None = None, storage: str | None = None, *, token: str | bool | None = None,
@@ -218,9 +241,10 @@ def from_study(study_name: str | None = None, storage: str | None = None, *, tok
                          "the search that made it.")
     outcome = study_outcome(study, recipe["revisions"], recipe.get("objective", "loss"))
     weights = study.user_attrs.get("exported_weights") or outcome.best.weights  # a --fallback kept a baseline
+    layered = None if study.user_attrs.get("exported_weights") else outcome.best.layer_weights
     result = _fixed(recipe["source"], ",".join(recipe["revisions"]), weights, token=token,
                     cache_dir=cache_dir, progress=progress, shas=recipe["shas"], dtype=recipe.get("dtype"),
-                    copied=recipe.get("copied"))
+                    copied=recipe.get("copied"), layer_weights=layered, layer_groups=recipe.get("layer_groups"))
     result.loss, result.baselines, result.trials = outcome.best.loss, outcome.baselines, len(outcome.trials)
     result.study, result.search, result.dataset = study.study_name, recipe.get("search"), recipe.get("dataset")
     result.dataset_id, result.dataset_config = recipe.get("dataset_id"), recipe.get("dataset_config")
@@ -298,8 +322,10 @@ def _result(prep: Prepared, weights: Sequence[float], dtype: str | None) -> Merg
 
 
 def _fixed(source: str, revisions: str, weights: Sequence[float], *, shas: Sequence[str], dtype: str | None,
-           copied: Sequence[str] | None, token, cache_dir, progress: bool) -> MergeResult:
-    """A recorded merge, pinned to its commits, with its recorded copy rule: nothing is evaluated."""
+           copied: Sequence[str] | None, token, cache_dir, progress: bool, layer_weights: dict | None = None,
+           layer_groups: dict | None = None) -> MergeResult:
+    """A recorded merge, pinned to its commits, with its recorded copy rule (and, for a layered merge, its
+    per-group weights and grouping rule, checked against these checkpoints): nothing is evaluated."""
     prep = prepare(source, revisions, 0, token, cache_dir, progress and parallel.is_main(), shas,
                    EvalSpec().planning(evaluate=False))
     if copied is None:  # a recipe from before the rule was recorded: derive it as a fixed merge would
@@ -308,7 +334,31 @@ def _fixed(source: str, revisions: str, weights: Sequence[float], *, shas: Seque
         prep.ckpts.copied = frozenset(copied)
     result = _result(prep, W.check(weights, len(prep.names), True), dtype)
     result.copied = sorted(prep.ckpts.copied)
+    if layer_weights is not None:
+        result.layer_weights, result.layer_groups = _layered(prep, layer_weights, layer_groups)
     return result
+
+
+def _layered(prep: Prepared, layer_weights: dict, layer_groups: dict | None) -> tuple[dict, dict]:
+    """A recorded layered merge, its rule checked against these checkpoints' tensors."""
+    try:
+        recorded = LayerGroups.from_dict(layer_groups or {})
+    except (KeyError, TypeError, ValueError) as err:
+        raise BOMergeError(f"The recipe has layer_weights but no valid layer_groups ({err!r}); it needs both, "
+                           "as hf-bomerge writes them.") from err
+    rule = LayerGroups.from_names(recorded.groups, prep.ckpts.merged_names)
+    changed = [k for k, v in rule.as_dict().items() if k in ("blocks", "embeddings") and layer_groups.get(k, v) != v]
+    if changed:
+        raise BOMergeError(f"The recipe's grouping rule ({', '.join(changed)} pattern) differs from this "
+                           "hf-bomerge's, so its tensors would fall into other groups; use the hf-bomerge version "
+                           "that wrote it (hf_bomerge_version in the recipe).")
+    if rule != recorded:
+        raise BOMergeError(f"The recipe groups {recorded.layers} transformer blocks, but these checkpoints have "
+                           f"{rule.layers}; it was made for another model.")
+    merge = LayerWeights.from_dict(rule, layer_weights)
+    for vector in merge.vectors:
+        W.check(vector, len(prep.names), True)
+    return merge.as_dict(), rule.as_dict()
 
 
 def from_recipe(path: str | Path, *, token: str | bool | None = None, cache_dir: str | Path | None = None,
@@ -324,8 +374,10 @@ def from_recipe(path: str | Path, *, token: str | bool | None = None, cache_dir:
         names = [r["name"] for r in recipe["revisions"]]
         shas = [r["sha"] for r in recipe["revisions"]]
         source, weights = recipe["source"], recipe["weights"]
+        layered = (recipe.get("layer_weights"), recipe.get("layer_groups"))
     except (OSError, KeyError, TypeError, yaml.YAMLError) as err:
         raise BOMergeError(f"Cannot read the recipe {path}: {err}. A recipe is the bomerge_recipe.yaml "
                            "that hf-bomerge writes next to a merged model.") from err
     return _fixed(source, ",".join(names), weights, shas=shas, dtype=recipe.get("dtype"),
-                  copied=recipe.get("copied"), token=token, cache_dir=cache_dir, progress=progress)
+                  copied=recipe.get("copied"), token=token, cache_dir=cache_dir, progress=progress,
+                  layer_weights=layered[0], layer_groups=layered[1])

@@ -17,8 +17,8 @@ if TYPE_CHECKING:
 
 
 def render_card(result: "MergeResult", repo_id: str | None = None, license: str | None = None,
-                plot: str | None = None) -> ModelCard:
-    """The README.md of a merged model.
+                plot: str | None = None, layer_plot: str | None = None) -> ModelCard:
+    """The README.md of a merged model (`layer_plot`: the heatmap of a layered merge's weights).
 
     >>> render_card(result).save("merged/README.md")   # doctest: +SKIP
     """
@@ -70,6 +70,9 @@ def render_card(result: "MergeResult", repo_id: str | None = None, license: str 
         generalization=result.generalization,
         confirm=result.confirm,
         plot=plot,
+        layer_weights=result.layer_weights,
+        layer_groups=result.layer_groups,
+        layer_plot=layer_plot,
     )
 
 

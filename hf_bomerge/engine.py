@@ -13,6 +13,7 @@ import torch
 
 from .checkpoints import CheckpointSet
 from .errors import CheckpointError
+from .layers import Weights, tensor_weights
 
 CHUNK = 1 << 20  # elements of the float32 accumulator: 4 MB, cache-resident (a multiple of any SIMD width)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
@@ -46,9 +47,14 @@ def as_sources(per_checkpoint: Sequence[Sequence[torch.Tensor]]) -> Pair | list[
 
 def select(sources: Pair | list[list[torch.Tensor]], k: int) -> Pair | list[list[torch.Tensor]]:
     """The sources of the k-th tensor only."""
+    return subset(sources, [k])
+
+
+def subset(sources: Pair | list[list[torch.Tensor]], ks: Sequence[int]) -> Pair | list[list[torch.Tensor]]:
+    """The sources of the tensors `ks` only (a layered merge sums each depth group with its own weights)."""
     if isinstance(sources, Pair):
-        return Pair([sources.base[k]], [sources.delta[k]])
-    return [[s[k]] for s in sources]
+        return Pair([sources.base[k] for k in ks], [sources.delta[k] for k in ks])
+    return [[s[k] for k in ks] for s in sources]
 
 
 def weighted_sum_(out: list[torch.Tensor], sources: Pair | Sequence[Sequence[torch.Tensor]],
@@ -101,13 +107,14 @@ def merge_into(flat: torch.Tensor, sources, weights: Sequence[float], store: tor
     return finite
 
 
-def merged_tensor(ckpts: CheckpointSet, name: str, weights: Sequence[float], dtype: torch.dtype | None) -> torch.Tensor:
+def merged_tensor(ckpts: CheckpointSet, name: str, weights: Weights, dtype: torch.dtype | None) -> torch.Tensor:
     """One tensor of the merge, in `dtype` (default: the reference's): weighted if the rule says so, else the
-    reference's copy."""
+    reference's copy. `weights`: one vector for every tensor, or a `LayerWeights` (its group's vector)."""
     info = ckpts.infos[name]
     name = ckpts.aliases.get(name, name)
     if not ckpts.is_merged(name):
         return ckpts.reference.get(name)
+    weights = tensor_weights(weights, name)
     out = torch.empty(info.numel, dtype=dtype or info.dtype)
     if not merge_into(out, as_sources([[t.reshape(-1)] for t in ckpts.tensors(name)]), weights, out.dtype):
         for tensor, ckpt in zip(ckpts.tensors(name), ckpts.checkpoints):

@@ -101,7 +101,7 @@ def save_pretrained(result: MergeResult, output: str | Path, *, overwrite: bool 
     import yaml
 
     from .card import render_card
-    from .plot import PLOT_FILE, plot_search
+    from .plot import LAYER_PLOT_FILE, PLOT_FILE, plot_layer_weights, plot_search
 
     target = Path(output).expanduser().resolve()
     _check_output(target, result, overwrite)
@@ -114,7 +114,7 @@ def save_pretrained(result: MergeResult, output: str | Path, *, overwrite: bool 
 
         total = sum(i.nbytes for i in ckpts.infos.values())
         with tqdm(total=total, desc="export", unit="B", unit_scale=True, disable=not progress) as bar:
-            export_merge(ckpts, result.weights, staging, dtype=DTYPES[result.dtype] if result.dtype else None,
+            export_merge(ckpts, result.merge_weights(), staging, dtype=DTYPES[result.dtype] if result.dtype else None,
                          max_shard_size=max_shard_size, progress=bar)
         _copy_side_files(result.folders[-1], result.tokenizer_folder, staging, result.dtype)
         result.output = str(target)
@@ -122,7 +122,10 @@ def save_pretrained(result: MergeResult, output: str | Path, *, overwrite: bool 
         (staging / RESULT_FILE).write_text(json.dumps(result.summary(), indent=2) + "\n")
         if result.trace:
             plot_search(result.trace, result.revisions, result.weights, staging / PLOT_FILE, result.objective)
-        render_card(result, license=result.license, plot=PLOT_FILE if result.trace else None).save(staging / "README.md")
+        if result.layer_weights:
+            plot_layer_weights(result.layer_weights, result.revisions, staging / LAYER_PLOT_FILE)
+        render_card(result, license=result.license, plot=PLOT_FILE if result.trace else None,
+                    layer_plot=LAYER_PLOT_FILE if result.layer_weights else None).save(staging / "README.md")
         replace_dir(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -139,14 +142,15 @@ def push_to_hub(result: MergeResult, repo_id: str, *, token: str | None = None, 
     >>> result.push_to_hub("me/pythia-160m-bomerge", private=True)   # doctest: +SKIP
     """
     from .card import render_card
+    from .plot import LAYER_PLOT_FILE, PLOT_FILE
     from .publish import push_folder
-    from .plot import PLOT_FILE
 
     if result.output is None or not Path(result.output).is_dir():
         save_pretrained(result, Path(tempfile.mkdtemp(prefix="bomerge-push-")) / repo_id.split("/")[-1])
     folder = Path(result.output)
     plot = PLOT_FILE if (folder / PLOT_FILE).is_file() else None
-    render_card(result, repo_id=repo_id, license=result.license, plot=plot).save(folder / "README.md")
+    layer_plot = LAYER_PLOT_FILE if (folder / LAYER_PLOT_FILE).is_file() else None
+    render_card(result, repo_id=repo_id, license=result.license, plot=plot, layer_plot=layer_plot).save(folder / "README.md")
     message = commit_message or f"Upload a merge of {len(result.revisions)} checkpoints of {result.source} (hf-bomerge)"
     return push_folder(folder, repo_id, token=token, private=private, revision=revision, commit_message=message)
 

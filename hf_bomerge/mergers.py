@@ -15,8 +15,9 @@ from typing import Sequence
 import torch
 
 from .checkpoints import CheckpointSet
-from .engine import as_sources, check_finite, merge_into, merged_tensor, model_rule, select, weighted_sum_
+from .engine import as_sources, check_finite, merge_into, merged_tensor, model_rule, select, subset, weighted_sum_
 from .errors import BOMergeError
+from .layers import LayerWeights, Weights, tensor_weights
 
 # Module class name -> attributes to set after every merge, so that the next forward recomputes the cached
 # transform of the freshly merged weights (as a fresh process loading the saved model does).
@@ -75,6 +76,7 @@ class ResidentMerger:
 
     >>> merger = ResidentMerger(model, ckpts)     # doctest: +SKIP
     >>> merger.apply([0.25, 0.75])                # doctest: +SKIP
+    >>> merger.apply(layer_weights)               # doctest: +SKIP
     """
 
     def __init__(self, model: torch.nn.Module, ckpts: CheckpointSet, store_dtype: torch.dtype | None = None):
@@ -85,13 +87,15 @@ class ResidentMerger:
         self.store_dtypes = [store_dtype or ckpts.infos[n].dtype for _, n in self.live.pairs]
 
     @torch.no_grad()
-    def apply(self, weights: Sequence[float]) -> None:
+    def apply(self, weights: Weights) -> None:
         targets = self.live.bind()
+        per_tensor = [tensor_weights(weights, name) for _, name in self.live.pairs]
         if targets and targets[0].device.type == "cpu":  # cache-blocked, as the export: the same bits
             for k, target in enumerate(targets):
-                merge_into(target.view(-1), select(self.sources, k), weights, self.store_dtypes[k], check=False)
+                merge_into(target.view(-1), select(self.sources, k), per_tensor[k], self.store_dtypes[k], check=False)
         elif all(t.dtype == torch.float32 for t in targets) and torch.float64 not in self.store_dtypes:
-            weighted_sum_(targets, self.sources, weights)  # merge in place, fused
+            for ks, vector in self._groups(weights, per_tensor):  # merge in place, fused (per depth group)
+                weighted_sum_([targets[k] for k in ks], subset(self.sources, ks), vector)
             for target, dtype in zip(targets, self.store_dtypes):
                 if dtype != target.dtype:
                     target.copy_(target.to(dtype))
@@ -99,9 +103,18 @@ class ResidentMerger:
             for k, target in enumerate(targets):
                 acc = torch.empty(target.shape, dtype=torch.float64 if self.store_dtypes[k] == torch.float64
                                   else torch.float32, device=target.device)
-                weighted_sum_([acc], select(self.sources, k), weights)
+                weighted_sum_([acc], select(self.sources, k), per_tensor[k])
                 target.copy_(acc.to(self.store_dtypes[k]))
         self.live.written(targets)
+
+    def _groups(self, weights: Weights, per_tensor: list[list[float]]) -> list[tuple[list[int], list[float]]]:
+        """(tensor indices, weight vector) per distinct vector: one group for global weights."""
+        if not isinstance(weights, LayerWeights):
+            return [(list(range(len(per_tensor))), list(weights))]
+        groups: dict[tuple[float, ...], list[int]] = {}
+        for k, vector in enumerate(per_tensor):
+            groups.setdefault(tuple(vector), []).append(k)
+        return [(ks, list(vector)) for vector, ks in groups.items()]
 
 
 class StreamedMerger:
@@ -116,7 +129,7 @@ class StreamedMerger:
         self.ckpts, self.store_dtype = ckpts, store_dtype
 
     @torch.no_grad()
-    def apply(self, weights: Sequence[float]) -> None:
+    def apply(self, weights: Weights) -> None:
         targets = self.live.bind()
         for target, (_, name) in zip(targets, self.live.pairs):
             target.copy_(merged_tensor(self.ckpts, name, weights, self.store_dtype).view(target.shape))

@@ -40,3 +40,31 @@ def plot_search(trials: list["Trial"], revisions: list[str], weights: list[float
     fig.savefig(path, dpi=100, metadata={"Software": None})
     plt.close(fig)
     return Path(path)
+
+
+LAYER_PLOT_FILE = "bomerge_layers.png"
+
+
+def plot_layer_weights(layer_weights: dict[str, list[float]], revisions: list[str], path: str | Path) -> Path:
+    """A heatmap of a layered merge's weights: depth groups (shallow at the top) × revisions (oldest first)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(layer_weights)
+    values = [layer_weights[g] for g in groups]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(revisions), 1.2 + 0.45 * len(groups)))
+    image = ax.imshow(values, cmap="viridis", vmin=0.0, vmax=max(1e-9, max(max(v) for v in values)), aspect="auto")
+    for i, row in enumerate(values):
+        for j, w in enumerate(row):
+            ax.text(j, i, f"{w:.2f}", ha="center", va="center", fontsize=8,
+                    color="white" if w < 0.6 * max(max(v) for v in values) else "black")
+    ax.set_xticks(range(len(revisions)), revisions, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(len(groups)), groups, fontsize=8)
+    ax.set(title="merge weights per depth group")
+    fig.colorbar(image, ax=ax, label="weight")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    return Path(path)

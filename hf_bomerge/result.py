@@ -9,10 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
+from .layers import LayerGroups, LayerWeights
 
-SCHEMA = 1
+# 2: schema 1 + `eval_dtype`, `confirm` and `layer_weights` (README, the --json row).
+SCHEMA = 2
 JSON_KEYS = ("source", "revisions", "shas", "weights", "objective", "loss", "baselines", "generalization",
-             "trials", "study", "output", "eval_dtype", "confirm")
+             "trials", "study", "output", "eval_dtype", "confirm", "layer_weights")
 
 
 @dataclass
@@ -43,6 +45,10 @@ class MergeResult:
     # The held-out confirm part, never seen by the search: {"loss", "baselines", "best_baseline", "interval",
     # "blocks", "exported"} (None for fixed merges and metric objectives).
     confirm: dict | None = None
+    # A layered merge (`--layer-groups`): {group: weights} shallow to deep; `weights` then holds their mean
+    # weighted by each group's parameter count, and `layer_groups` the rule tensor name -> group.
+    layer_weights: dict[str, list[float]] | None = None
+    layer_groups: dict | None = None
     # Not part of --json: what is needed to write and describe the merge.
     source_kind: str = "hub"
     search: str | None = None
@@ -65,15 +71,25 @@ class MergeResult:
     def dataset_is_hub(self) -> bool:
         return self.dataset_id is not None
 
+    def merge_weights(self) -> list[float] | LayerWeights:
+        """What the merge applies: `weights`, or the `LayerWeights` of a layered merge."""
+        if self.layer_weights is None:
+            return list(self.weights)
+        return LayerWeights.from_dict(LayerGroups.from_dict(self.layer_groups), self.layer_weights)
+
     def summary(self) -> dict:
         """The `--json` object."""
         return {"schema": SCHEMA, **{k: getattr(self, k) for k in JSON_KEYS}}
 
     def recipe(self) -> dict:
-        """`bomerge_recipe.yaml`: the pinned revisions, weights, dtype and copy rule; it rebuilds the merge."""
-        return {"hf_bomerge_version": __version__, "source": self.source, "source_kind": self.source_kind,
-                "revisions": [{"name": n, "sha": s} for n, s in zip(self.revisions, self.shas)],
-                "weights": self.weights, "dtype": self.dtype, "copied": sorted(self.copied)}
+        """`bomerge_recipe.yaml`: the pinned revisions, weights, dtype and copy rule; it rebuilds the merge
+        (a layered merge: from `layer_weights` and the grouping rule `layer_groups`; `weights` is their mean)."""
+        recipe = {"hf_bomerge_version": __version__, "source": self.source, "source_kind": self.source_kind,
+                  "revisions": [{"name": n, "sha": s} for n, s in zip(self.revisions, self.shas)],
+                  "weights": self.weights, "dtype": self.dtype, "copied": sorted(self.copied)}
+        if self.layer_weights is not None:
+            recipe.update(layer_weights=self.layer_weights, layer_groups=self.layer_groups)
+        return recipe
 
     def save_pretrained(self, output: str | Path, **kwargs) -> Path:
         """Write the merged model to `output` (see `hf_bomerge.export.save_pretrained`)."""

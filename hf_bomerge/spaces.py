@@ -5,6 +5,8 @@ Each space is one small class registered by name in `SPACES` (a new space is one
 - `simplex`: N coordinates xᵢ ∈ [ε, 1] on a log scale, wᵢ ∝ xᵢ − ε: every single checkpoint is an exact
   corner and no face of the box collapses to one weight vector (benchmarks/README.md, "search").
 - `family`: the last `window` checkpoints weighted ∝ (1−decay)^age: two dimensions for any N.
+- `layered` (`--layer-groups G`): a weight vector per depth group, interpolated between a shallow and a deep
+  simplex vector (`hf_bomerge.layers`): 2·N dimensions whatever G.
 
 Nothing here imports Optuna: a space only calls `trial.suggest_float/suggest_int` on the trial it is given,
 so the command line can list the spaces without importing the sampler.
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING, ClassVar, Sequence
 
 from . import weights as W
 from .errors import StudyError
+from .layers import LayerGroups, LayerWeights
 
 if TYPE_CHECKING:
     import optuna
@@ -155,6 +158,60 @@ class Family(SearchSpace):
 
     def singles(self, labels):
         return [(labels[-1], W.one_hot(self.n, self.n - 1))]
+
+
+@register
+class Layered(SearchSpace):
+    """Depth-wise weights: a shallow and a deep simplex vector (N log-ratio coordinates each, as `simplex`),
+    group g of G+2 at depth t = g/(G+1) weighted ∝ (1−t)·shallow + t·deep. Seeded with the simplex's
+    baselines at shallow = deep, so every global baseline is in the space. `weights` gives a `LayerWeights`;
+    `plain` its parameter-weighted mean over the groups (what a trial records as its `weights`).
+
+    >>> space = Layered(2, groups=LayerGroups(1, 2), sizes=[1, 2, 1])
+    >>> lw = space.weights({"s0": 1.0, "s1": SIMPLEX_FLOOR, "d0": SIMPLEX_FLOOR, "d1": 1.0})
+    >>> lw.as_dict()["blocks 0-1"], space.plain(lw)
+    ([0.5, 0.5], [0.5, 0.5])
+    """
+
+    name = "layered"
+
+    def __init__(self, n: int, lambda_min: float = 0.0, groups: LayerGroups | None = None,
+                 sizes: Sequence[int] | None = None):
+        super().__init__(n, lambda_min)
+        if groups is None:
+            raise StudyError("--search layered needs --layer-groups G (the number of groups of transformer blocks).")
+        if n > MAX_SIMPLEX:
+            raise StudyError(f"--layer-groups searches 2·N weights and takes at most {MAX_SIMPLEX} revisions, got "
+                             f"{n}; narrow --revisions or lower --max-checkpoints.")
+        self.groups, self.sizes = groups, list(sizes) if sizes is not None else [1] * len(groups)
+
+    def __eq__(self, other) -> bool:
+        return super().__eq__(other) and (other.groups, other.sizes) == (self.groups, self.sizes)
+
+    def suggest(self, trial):
+        return self.weights({p: trial.suggest_float(p, SIMPLEX_FLOOR, 1.0, log=True) for p in self.param_names()})
+
+    def weights(self, params):
+        shallow = W.from_ratio_coords([params[f"s{i}"] for i in range(self.n)], SIMPLEX_FLOOR)
+        deep = W.from_ratio_coords([params[f"d{i}"] for i in range(self.n)], SIMPLEX_FLOOR)
+        return LayerWeights.interpolate(self.groups, shallow, deep)
+
+    def plain(self, weights) -> list[float]:
+        return weights.mean(self.sizes) if isinstance(weights, LayerWeights) else list(weights)
+
+    def param_names(self):
+        return [f"s{i}" for i in range(self.n)] + [f"d{i}" for i in range(self.n)]
+
+    def raw_params(self, weights):
+        x = W.to_ratio_coords(weights, SIMPLEX_FLOOR)
+        return {**{f"s{i}": v for i, v in enumerate(x)}, **{f"d{i}": v for i, v in enumerate(x)}}
+
+    def params_for(self, weights):
+        params = self.raw_params(weights)
+        return params if same_weights(self.weights(params).vectors[0], weights) else None
+
+    def singles(self, labels):
+        return [(labels[i], W.one_hot(self.n, i)) for i in reversed(range(self.n))]
 
 
 SEARCHES = ("auto", *SPACES)

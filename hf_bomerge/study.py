@@ -20,6 +20,7 @@ import sqlalchemy.exc
 
 from . import workers
 from .errors import StudyError
+from .layers import LayerWeights
 from .spaces import MAX_SIMPLEX, SEARCHES, SIMPLEX_FLOOR, SearchSpace, make_space, same_weights  # noqa: F401 - re-exported
 
 logger = logging.getLogger("hf_bomerge")
@@ -40,6 +41,8 @@ class Trial:
     weights: list[float]
     loss: float
     seed: str | None = None  # the baseline it is, if it is one
+    # A layered merge (`--layer-groups`): {group: weights}; `weights` then holds their parameter-weighted mean.
+    layer_weights: dict[str, list[float]] | None = None
 
 
 @dataclass
@@ -214,14 +217,19 @@ def run_search(evaluate: Callable[[list[float]], float], space: SearchSpace, lab
             _set_aside(trial, "over the budget")
         trial.set_user_attr(workers.STARTED, {"trial": trial.number, "worker": workers.worker_id()})
         w = space.suggest(trial)  # an enqueued seed or a retried trial gets its fixed parameters here
-        trial.set_user_attr("weights", w)
-        twin = workers.twin_of(study, trial.number, w)
+        layered = w.as_dict() if isinstance(w, LayerWeights) else None
+        plain = space.plain(w) if layered is not None else w
+        trial.set_user_attr("weights", plain)
+        if layered is not None:
+            trial.set_user_attr("layer_weights", layered)
+        twin = workers.twin_of(study, trial.number, plain, layered)
         if twin is not None and twin.state != optuna.trial.TrialState.COMPLETE:
             _set_aside(trial, f"duplicate of trial {twin.number}")
         if twin is not None:  # a point already evaluated: its value is known, the objective is deterministic
             trial.set_user_attr(workers.COPY_OF, twin.number)
         loss = evaluate(w) if twin is None else float(twin.value)
-        ran.append(Trial(trial.number, w, loss if math.isfinite(loss) else float("nan"), trial.user_attrs.get("seed")))
+        ran.append(Trial(trial.number, plain, loss if math.isfinite(loss) else float("nan"),
+                         trial.user_attrs.get("seed"), layered))
         return ran[-1].loss
 
     def _set_aside(trial: optuna.Trial, reason: str):
@@ -385,7 +393,8 @@ def _best(study: optuna.Study, objective: str) -> Trial | None:
 
 
 def _to_trial(t: optuna.trial.FrozenTrial) -> Trial:
-    return Trial(t.number, list(t.user_attrs["weights"]), float(t.value), t.user_attrs.get("seed"))
+    return Trial(t.number, list(t.user_attrs["weights"]), float(t.value), t.user_attrs.get("seed"),
+                 t.user_attrs.get("layer_weights"))
 
 
 def _bar(total: int, enabled: bool):

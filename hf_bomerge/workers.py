@@ -63,12 +63,19 @@ def within_budget(study: optuna.Study, number: int, budget: int) -> bool:
     return sum(1 for t in ahead if t.number < number) < budget
 
 
-def twin_of(study: optuna.Study, number: int, weights: list[float]) -> optuna.trial.FrozenTrial | None:
-    """A finished trial with the same weights, or an earlier-numbered one in flight, if there is one."""
+def twin_of(study: optuna.Study, number: int, weights: list[float],
+            layer_weights: dict[str, list[float]] | None = None) -> optuna.trial.FrozenTrial | None:
+    """A finished trial with the same weights (and the same per-group weights of a layered merge), or an
+    earlier-numbered one in flight, if there is one."""
+    def same(a, b) -> bool:
+        return all(abs(x - y) < 1e-12 for x, y in zip(a, b))
+
     for t in study.get_trials(deepcopy=False, states=LIVE):
-        other = t.user_attrs.get("weights")
+        other, layers = t.user_attrs.get("weights"), t.user_attrs.get("layer_weights")
         if (t.state == TrialState.COMPLETE or t.number < number) and t.number != number and other \
-                and all(abs(a - b) < 1e-12 for a, b in zip(other, weights)):
+                and same(other, weights) and (layers is None) == (layer_weights is None) \
+                and (layers is None or (list(layers) == list(layer_weights)
+                                        and all(same(layers[g], layer_weights[g]) for g in layers))):
             return t
     return None
 

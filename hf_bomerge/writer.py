@@ -14,6 +14,7 @@ import torch
 from .checkpoints import ST_DTYPES, CheckpointSet, TensorInfo
 from .engine import merged_tensor
 from .errors import OutputError
+from .layers import Weights
 
 from .defaults import DEFAULT_MAX_SHARD_SIZE  # noqa: F401  (re-exported)
 _ST_NAMES = {dtype: name for name, dtype in ST_DTYPES.items()}
@@ -80,10 +81,11 @@ def _write_bytes(f, tensor: torch.Tensor) -> None:
         f.write(memoryview(flat.view(torch.uint8).numpy()))
 
 
-def export_merge(ckpts: CheckpointSet, weights: Sequence[float], out_dir: str | Path, *,
+def export_merge(ckpts: CheckpointSet, weights: Weights, out_dir: str | Path, *,
                  dtype: torch.dtype | None = None, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
                  progress=None) -> list[Path]:
     """Write Σ wᵢθᵢ into `out_dir` as (sharded) safetensors, tensor by tensor, and return the files written.
+    `weights`: one vector, or a `LayerWeights` (each tensor merged with its depth group's vector).
 
     `out_dir` should be a fresh staging folder (the caller renames it when everything is written).
 

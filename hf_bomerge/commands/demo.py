@@ -31,5 +31,6 @@ def run(args: argparse.Namespace) -> int:
                         search=args.search, seed=args.seed, max_eval_tokens=args.max_eval_tokens,
                         batch_size=args.batch_size, cache_dir=args.cache_dir, progress=not args.quiet,
                         storage=args.storage, study_name=args.study_name, dtype=args.dtype,
-                        confirm_fraction=args.confirm_fraction, fallback=args.fallback)
+                        confirm_fraction=args.confirm_fraction, fallback=args.fallback,
+                        layer_groups=args.layer_groups)
     return finish(result, args, default_name="pythia-tiny-demo-bomerge")

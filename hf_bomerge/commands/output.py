@@ -78,6 +78,11 @@ def format_summary(result) -> str:
 
     lines = [f"merged {len(result.revisions)} revisions of {result.source} -> {result.output}", "", "weights:"]
     lines += [f"  {name:<24} {w:9.5f}" for name, w in zip(result.revisions, result.weights)]
+    if result.layer_weights:
+        lines[-len(result.weights) - 1] = "weights (the mean over depth groups, weighted by their parameter counts):"
+        lines += ["", "weights per depth group (oldest revision first):"]
+        lines += [f"  {group:<24} " + " ".join(f"{w:7.4f}" for w in vector)
+                  for group, vector in result.layer_weights.items()]
     if result.loss is not None:
         lines += ["", *_scores(result)]
         objective, sign = result.objective, 1 if direction(result.objective) == "minimize" else -1

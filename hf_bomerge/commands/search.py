@@ -59,6 +59,10 @@ def add_arguments(p: argparse.ArgumentParser, *, source: bool = True) -> None:
     g.add_argument("--search", choices=SEARCHES, default="auto")
     g.add_argument("--trials", type=int, default=20, help="total COMPLETE trials of the study, seeds included")
     g.add_argument("--lambda-min", type=float, default=0.0, help="pairwise lower bound of λ (default 0.0)")
+    g.add_argument("--layer-groups", type=int, default=0, metavar="G",
+                   help="depth-wise weights: a weight vector each for the embeddings, G groups of transformer "
+                        "blocks and the head, interpolated between a shallow and a deep vector (2·N dimensions; "
+                        "N ≤ 8; default 0 = one global vector)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--storage", help="Optuna storage URL (default: SQLite under the cache dir)")
     g.add_argument("--study-name", help="default: derived from the inputs")
@@ -118,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         result = api.search(args.source, args.revisions, eval_datasets=args.eval_dataset, search=args.search,
                             trials=args.trials, lambda_min=args.lambda_min, seed=args.seed, storage=args.storage,
                             study_name=args.study_name, confirm_fraction=args.confirm_fraction,
-                            fallback=args.fallback, **common)
+                            fallback=args.fallback, layer_groups=args.layer_groups, **common)
     return finish(result, args, default_name=Path(result.source.rstrip("/")).name + "-bomerge")
 
 
