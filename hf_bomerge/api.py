@@ -24,8 +24,9 @@ from .hub import default_cache_dir
 from .plan import Plan
 from .prepare import Prepared, prepare, resolve, run_plan
 from .result import MergeResult
-from .study import (Trial, best_of, default_storage, default_study_name, load_study, make_space, run_search,
-                    set_study_attr, study_outcome)
+from .spaces import space_for
+from .study import (Trial, best_of, default_storage, default_study_name, load_study, run_search, set_study_attr,
+                    study_outcome)
 from .tasks import Metric, objective_key
 
 logger = logging.getLogger("hf_bomerge")
@@ -140,7 +141,7 @@ def search(source: str, revisions: str = "last:2", *, dataset: str | None = None
     progress = progress and parallel.is_main()
     with parallel.main_process_first():  # downloads and the tokenized held-out cache, once
         prep = prepare(source, revisions, max_checkpoints, token, cache_dir, progress, planning=spec.planning())
-        space = make_space(search, len(prep.ckpts), lambda_min)
+        space = space_for(search, prep.names, lambda_min)  # `schedule` reads the progress from the names
         evaluator = spec.evaluator(prep, cache, dtype)
     name_of_objective = evaluator.objective.metric.name if objective != "loss" else "loss"
     # Everything that changes the objective's value names the study; resuming with any of it changed is refused.
@@ -257,9 +258,12 @@ def merge(source: str, revisions: str = "last:2", *, weights: Sequence[float] | 
           eval_dtype: str | None = None, device: str | None = None, token: str | bool | None = None,
           cache_dir: str | Path | None = None, trust_remote_code: bool = False, dtype: str | None = None,
           max_memory: str | int | None = None, device_map: str | None = None, progress: bool = True,
-          objective: str = "loss", shas: Sequence[str] | None = None) -> MergeResult:
-    """A fixed merge (explicit `weights` or `method` sma/ema/wma), no search; evaluated on the held-out
-    loss or the metric `objective` (as in `search`) unless `evaluate=False`.
+          objective: str = "loss", shas: Sequence[str] | None = None, window: float | None = None,
+          tokens_per_step: float | None = None) -> MergeResult:
+    """A fixed merge (explicit `weights` or `method` sma/ema/wma/wsm-linear/wsm-cosine/wsm-sqrt), no search;
+    evaluated on the held-out loss or the metric `objective` (as in `search`) unless `evaluate=False`. The wsm-*
+    methods take `window` in the revisions' progress unit (tokens when the names carry them, else steps, or
+    tokens with `tokens_per_step`; default their whole span).
 
     >>> merge("EleutherAI/pythia-160m", "last:4", method="ema").save_pretrained("ema")   # doctest: +SKIP
     """
@@ -271,7 +275,8 @@ def merge(source: str, revisions: str = "last:2", *, weights: Sequence[float] | 
     with parallel.main_process_first():
         prep = prepare(source, revisions, max_checkpoints, token, cache_dir, progress, shas, spec.planning(evaluate))
     n = len(prep.names)
-    weights = W.check(W.rule(method or "sma", n, ema_alpha) if weights is None else weights, n, allow_extrapolation)
+    rule = dict(names=prep.names, window=window, tokens_per_step=tokens_per_step)
+    weights = W.check(W.rule(method or "sma", n, ema_alpha, **rule) if weights is None else weights, n, allow_extrapolation)
     result = _result(prep, weights, dtype)
     if not evaluate:
         rule_from_config(prep.ckpts, prep.folders[-1], trust_remote_code)

@@ -97,11 +97,12 @@ def decay_weights(progress: Sequence[float], window: float, decay: str = "linear
         u = min(1.0, (t - start) / window)
         return window * (floor * u + (1.0 - floor) * integral(u, shape))
 
-    means = [(G(b) - G(a)) / (b - a) for a, b in zip(p, p[1:])]  # w̄ⱼ, segment j = (pⱼ₋₁, pⱼ]
+    # w̄ⱼ, segment j = (pⱼ₋₁, pⱼ]; exactly 1 before the window (no rounding weight on checkpoints it leaves out)
+    means = [1.0 if b <= start else (G(b) - G(a)) / (b - a) for a, b in zip(p, p[1:])]
     if end == start or not means:
         return [0.0] * (len(p) - 1) + [1.0]
     w = [1.0 - means[0]] + [a - b for a, b in zip(means, means[1:])] + [means[-1]]
-    w = [max(0.0, v) for v in w]  # rounding: two segments before the window are both 1 ± 1 ulp
+    w = [max(0.0, v) for v in w]  # rounding where m is flat
     total = sum(w)
     return [v / total for v in w]
 

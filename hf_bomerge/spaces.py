@@ -18,12 +18,15 @@ so the command line can list the spaces without importing the sampler.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import TYPE_CHECKING, ClassVar, Sequence
 
 from . import schedules as S
 from . import weights as W
 from .errors import StudyError
+
+logger = logging.getLogger("hf_bomerge")
 
 if TYPE_CHECKING:
     import optuna
@@ -261,7 +264,7 @@ def make_space(search: str, n: int, lambda_min: float = 0.0, progress: Sequence[
     if n < 2:
         raise StudyError(f"A merge needs at least 2 checkpoints, got {n}; widen --revisions.")
     if search == "auto":
-        search = "pairwise" if n == 2 else "simplex" if n <= MAX_SIMPLEX else "schedule"
+        search = auto_kind(n)
     if search == "pairwise" and n != 2:
         raise StudyError(f"--search pairwise merges two adjacent checkpoints, but {n} were selected; "
                          "select two (e.g. --revisions last:2) or use --search simplex/family.")
@@ -272,6 +275,35 @@ def make_space(search: str, n: int, lambda_min: float = 0.0, progress: Sequence[
                          f"{'none' if progress is None else len(progress)} progress values were given for {n} "
                          "checkpoints; pass progress= (revisions.progress_values) or use --search family.")
     return SPACES[search](n, lambda_min, progress)
+
+
+def auto_kind(n: int) -> str:
+    """What `--search auto` picks for n checkpoints."""
+    return "pairwise" if n == 2 else "simplex" if n <= MAX_SIMPLEX else "schedule"
+
+
+def space_for(search: str, names: Sequence[str], lambda_min: float = 0.0) -> SearchSpace:
+    """`make_space` for resolved revisions (oldest first): their progress is read from the names when the space
+    needs it. `auto` falls back to `family` where the names carry no progress.
+
+    >>> space = space_for("auto", [f"step{100 * i}" for i in range(1, 10)])
+    >>> space.kind, space.unit[1]
+    ('schedule', 0.125)
+    """
+    from .errors import RevisionError
+    from .revisions import progress_values
+
+    kind = auto_kind(len(names)) if search == "auto" and len(names) >= 2 else search
+    progress = None
+    if kind in SPACES and SPACES[kind].needs_progress:
+        try:
+            progress = progress_values(names)[0]
+        except RevisionError as err:
+            if search != "auto":
+                raise
+            logger.warning("%s --search auto uses the family space instead.", err)
+            kind = "family"
+    return make_space(kind, len(names), lambda_min, progress)
 
 
 def same_weights(a: Sequence[float], b: Sequence[float]) -> bool:
