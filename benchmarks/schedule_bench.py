@@ -142,8 +142,8 @@ def report(runs: list[Run], bases: dict, args, seconds: float, obj: Objective, m
             s, c, o = zip(*(r.at(b) for r in rs))
             lines.append(f"| {kind} | {sampler} | {b} | {_med(s)} | {_med(c)} | {_med(o)} | "
                          f"{reach if b == 40 else ''} | {statistics.mean(r.seconds for r in rs):.1f} |")
-    lines += ["", "Fixed rules over the same window (no search):", "", "| rule | search loss | confirm loss | ood loss |",
-              "| --- | --- | --- | --- |"]
+    lines += ["", "Fixed rules over the same window (no search):", "",
+              "| rule | search loss | confirm loss | ood loss |", "| --- | --- | --- | --- |"]
     lines += [f"| {label} | {s:.4f} | {c:.4f} | {o:.4f} |" for label, (s, c, o) in bases.items()]
     sched = [r.trials_to(target) for r in runs if (r.space, r.sampler) == ("schedule", "gp")]
     med = statistics.median(sched)

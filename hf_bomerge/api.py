@@ -276,7 +276,8 @@ def merge(source: str, revisions: str = "last:2", *, weights: Sequence[float] | 
         prep = prepare(source, revisions, max_checkpoints, token, cache_dir, progress, shas, spec.planning(evaluate))
     n = len(prep.names)
     rule = dict(names=prep.names, window=window, tokens_per_step=tokens_per_step)
-    weights = W.check(W.rule(method or "sma", n, ema_alpha, **rule) if weights is None else weights, n, allow_extrapolation)
+    weights = W.check(W.rule(method or "sma", n, ema_alpha, **rule) if weights is None else weights, n,
+                      allow_extrapolation)
     result = _result(prep, weights, dtype)
     if not evaluate:
         rule_from_config(prep.ckpts, prep.folders[-1], trust_remote_code)
