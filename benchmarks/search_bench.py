@@ -3,6 +3,7 @@
     python benchmarks/search_bench.py            # the full run (12–24 min on 2 shared CPU cores)
     python benchmarks/search_bench.py --quick    # a smoke run (a few minutes)
     python benchmarks/search_bench.py --variants # after a full run: GP parameterization/seeding variants
+    python benchmarks/search_bench.py --schedule # schedule vs simplex vs family on 16 checkpoints (schedule_bench.py)
 
 What it does:
 1. Trains its own trajectory (cached under benchmarks/out/, gitignored): the demo's tiny Pythia-like
@@ -111,7 +112,7 @@ class Objective:
         self.ev = _Evaluator(prep, dataset=HeldOutSpec.parse(str(root / "heldout" / "validation.jsonl")),
                              block_size=None, max_eval_tokens=max_eval_tokens, batch_size=batch_size,
                              eval_dtype="float32", device="cpu", trust_remote_code=False, cache_dir=cache)
-        self.ood = HeldOutSpec.parse(str(root / "heldout" / "ood.jsonl"))
+        self.ood_spec = HeldOutSpec.parse(str(root / "heldout" / "ood.jsonl"))
         self.calls = 0
         self.seconds = 0.0
 
@@ -126,7 +127,7 @@ class Objective:
         return loss
 
     def ood(self, weights) -> float:
-        return self.ev(self.padded(weights), self.ood)
+        return self.ev(self.padded(weights), self.ood_spec)
 
 
 # ---------------------------------------------------------------- the samplers
@@ -477,7 +478,12 @@ def main() -> None:
                              "stick|softmax|norm|lognorm, seeds all|few (default: %(default)s)")
     parser.add_argument("--n", type=int, action="append",
                         help="--variants: only the simplex setting with this N (repeatable; default all)")
+    parser.add_argument("--schedule", action="store_true",
+                        help="schedule vs simplex vs family (GP, TPE, random) on a 16-checkpoint window, budgets "
+                             "12/20/40, search/confirm/ood loss (benchmarks/schedule_bench.py; default 4 seeds)")
     args = parser.parse_args()
+    if args.schedule and not args.seeds:
+        args.seeds = 2 if args.quick else 4
     args.seeds = args.seeds or (2 if args.quick else 5)
     args.max_eval_tokens = args.max_eval_tokens or (2048 if args.quick else 8192)
     start = time.perf_counter()
@@ -486,6 +492,11 @@ def main() -> None:
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     torch.manual_seed(0)
 
+    if args.schedule:
+        sys.path.insert(0, str(HERE))
+        import schedule_bench
+
+        return schedule_bench.main(args, build_trajectory, sampler_for, machine, OUT, log)
     root = build_trajectory()
     n_max = max(k for _, _, k, _ in SETTINGS)
     obj = Objective(root, n_max, args.max_eval_tokens, args.batch_size)
@@ -493,7 +504,7 @@ def main() -> None:
     bases: dict = {"_model": {"layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "vocab": cfg.vocab_size,
                               "params": sum(p.numel() for p in obj.ev.model.parameters())}}
     log(f"trajectory {root.name}: {len(obj.names)} checkpoints used ({obj.names[0]}..{obj.names[-1]}); "
-        f"{obj.ev.blocks.numel()} held-out and {obj.ev.blocks_for(obj.ood).numel()} ood tokens")
+        f"{obj.ev.blocks.numel()} held-out and {obj.ev.blocks_for(obj.ood_spec).numel()} ood tokens")
 
     tmp = Path(tempfile.mkdtemp(prefix="studies-", dir=OUT))
     if args.variants:

@@ -25,9 +25,9 @@ from .sources import default_cache_dir
 from .plan import Plan
 from .prepare import Prepared, prepare, resolve, run_plan
 from .result import MergeResult
-from .spaces import Layered
-from .study import (Trial, best_of, default_storage, default_study_name, load_study, make_space, run_search,
-                    set_study_attr, study_outcome)
+from .spaces import Layered, space_for
+from .study import (Trial, best_of, default_storage, default_study_name, load_study, run_search, set_study_attr,
+                    study_outcome)
 from .tasks import Metric, objective_key
 
 logger = logging.getLogger("hf_bomerge")
@@ -149,7 +149,7 @@ def search(source: str, revisions: str = "last:2", *, dataset: str | None = None
         heldout = [spec.data, *(HeldOutSpec.parse(e, text_column) for e in eval_datasets)]
         prep = prepare(source, revisions, max_checkpoints, token, cache_dir, progress, planning=spec.planning(),
                        heldout=heldout, tokenizer=tokenizer)
-        space = make_space("simplex" if layer_groups else search, len(prep.ckpts), lambda_min)
+        space = space_for("simplex" if layer_groups else search, prep.names, lambda_min)  # schedule reads progress from names
         evaluator = spec.evaluator(prep, cache, dtype)
     rule = None
     if layer_groups:  # after the evaluator: the loaded model's parameters decide what is merged
@@ -284,10 +284,13 @@ def merge(source: str, revisions: str = "last:2", *, weights: Sequence[float] | 
           eval_dtype: str | None = None, device: str | None = None, token: str | bool | None = None,
           cache_dir: str | Path | None = None, trust_remote_code: bool = False, dtype: str | None = None,
           max_memory: str | int | None = None, device_map: str | None = None, progress: bool = True,
-          objective: str = "loss", shas: Sequence[str] | None = None, tokenizer: str | None = None) -> MergeResult:
-    """A fixed merge (explicit `weights` or `method` sma/ema/wma), no search; evaluated on the held-out
-    loss or the metric `objective` (as in `search`) unless `evaluate=False`. Without a tokenizer in the
-    source (and no `tokenizer` repo id or folder), only `evaluate=False` works: the merge has none.
+          objective: str = "loss", shas: Sequence[str] | None = None, tokenizer: str | None = None,
+          window: float | None = None, tokens_per_step: float | None = None) -> MergeResult:
+    """A fixed merge (explicit `weights` or `method` sma/ema/wma/wsm-linear/wsm-cosine/wsm-sqrt), no search;
+    evaluated on the held-out loss or the metric `objective` (as in `search`) unless `evaluate=False`. The wsm-*
+    methods take `window` in the revisions' progress unit (tokens when the names carry them, else steps, or
+    tokens with `tokens_per_step`; default their whole span). Without a tokenizer in the source (and no
+    `tokenizer` repo id or folder), only `evaluate=False` works: the merge has none.
 
     >>> merge("EleutherAI/pythia-160m", "last:4", method="ema").save_pretrained("ema")   # doctest: +SKIP
     """
@@ -300,7 +303,9 @@ def merge(source: str, revisions: str = "last:2", *, weights: Sequence[float] | 
         prep = prepare(source, revisions, max_checkpoints, token, cache_dir, progress, shas, spec.planning(evaluate),
                        heldout=[spec.data], tokenizer=tokenizer)
     n = len(prep.names)
-    weights = W.check(W.rule(method or "sma", n, ema_alpha) if weights is None else weights, n, allow_extrapolation)
+    rule = dict(names=prep.names, window=window, tokens_per_step=tokens_per_step)
+    weights = W.check(W.rule(method or "sma", n, ema_alpha, **rule) if weights is None else weights, n,
+                      allow_extrapolation)
     result = _result(prep, weights, dtype)
     if not evaluate:
         rule_from_config(prep.ckpts, prep.folders[-1], trust_remote_code)

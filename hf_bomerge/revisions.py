@@ -283,3 +283,43 @@ def resolve_revisions(spec: str, refs: Mapping[str, str | None], max_checkpoints
     """
     names, note = select_revisions(spec, list(refs), max_checkpoints)
     return Resolved(tuple(Revision(n, refs[n]) for n in names), note)
+
+
+def progress_values(names: Sequence[str], tokens_per_step: float | None = None) -> tuple[list[float], str]:
+    """Each revision's training progress (oldest first) and its unit, for schedule-shaped merges.
+
+    Tokens when every name carries them (OLMo ``stepN-tokensMB``, Baichuan2 ``train_00220B``); else steps
+    (``stepN``, ``checkpoint-N``; another name's last number), times ``tokens_per_step`` when given. The values
+    must increase strictly along the list (one stage of a run); a RevisionError says what to do otherwise.
+
+    >>> progress_values(["step1000-tokens4B", "step2000-tokens8B"])
+    ([4000000000.0, 8000000000.0], 'tokens')
+    >>> progress_values(["step100", "step300"], tokens_per_step=2048)
+    ([204800.0, 614400.0], 'tokens')
+    >>> progress_values(["checkpoint-10", "checkpoint-30"])
+    ([10.0, 30.0], 'steps')
+    """
+    keys = [progress_key(n) for n in names]
+    if any(k is None for k in keys):
+        missing = [n for n, k in zip(names, keys) if k is None]
+        raise RevisionError(f"{', '.join(missing)} carry no step or token count in their names, so a schedule "
+                            "cannot place them in training progress; use revisions named like step1000, "
+                            "checkpoint-1000 or train_00220B, or a --search/--method that needs no progress.")
+    tokens = [k[4] if k[0] == "step" else k[1] if k[0] == "tokens" else 0 for k in keys]
+    if all(tokens):
+        values, unit = [float(t) for t in tokens], "tokens"
+    elif any(k[0] == "tokens" for k in keys):
+        raise RevisionError(f"The revisions {', '.join(names)} mix token-count names with step names; a schedule "
+                            "needs one progress axis: select revisions of one naming style.")
+    else:
+        values = [float(_axis(k)[1]) for k in keys]
+        unit = "steps"
+        if tokens_per_step:
+            if not tokens_per_step > 0:
+                raise RevisionError(f"--tokens-per-step must be positive, got {tokens_per_step}.")
+            values, unit = [v * tokens_per_step for v in values], "tokens"
+    if any(b <= a for a, b in zip(values, values[1:])):
+        raise RevisionError(f"The {unit} of the revisions {', '.join(names)} do not increase along training order "
+                            f"({', '.join(f'{v:g}' for v in values)}): they span stages whose counts restart. Select "
+                            "revisions of one stage for a schedule-shaped merge.")
+    return values, unit

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Sequence
 
+from . import schedules
 from .errors import WeightsError
 
 TOLERANCE = 1e-6
@@ -129,13 +130,15 @@ def to_ratio_coords(w: Sequence[float], floor: float = 0.0) -> list[float]:
     return [1.0 if v == top else min(1.0, floor + (1.0 - floor) * max(0.0, v) / top) for v in w]
 
 
-# The fixed rules (`--method`): name -> fn(n, ema_alpha) -> weights. A new rule is one decorated function.
-RULES: dict[str, Callable[[int, float], list[float]]] = {}
+# The fixed rules (`--method`): name -> fn(n, ema_alpha, names=…, window=…, tokens_per_step=…) -> weights, the
+# keywords for the rules that need the revisions' training progress. A new rule is one decorated function.
+RULES: dict[str, Callable[..., list[float]]] = {}
 
 
 def fixed_rule(*names: str):
-    """Register `fn(n, ema_alpha) -> weights` as `--method NAME` (the first name; the others are aliases)."""
-    def add(fn: Callable[[int, float], list[float]]):
+    """Register `fn(n, ema_alpha, **context) -> weights` as `--method NAME` (the first name; the others are
+    aliases). `context`: `names` (the revisions, oldest first), `window`, `tokens_per_step`."""
+    def add(fn: Callable[..., list[float]]):
         for name in names:
             RULES[name] = fn
         return fn
@@ -143,32 +146,52 @@ def fixed_rule(*names: str):
 
 
 @fixed_rule("sma", "uniform")
-def _sma(n: int, ema_alpha: float) -> list[float]:
+def _sma(n: int, ema_alpha: float, **_) -> list[float]:
     return uniform(n)
 
 
 @fixed_rule("ema")
-def _ema(n: int, ema_alpha: float) -> list[float]:
+def _ema(n: int, ema_alpha: float, **_) -> list[float]:
     return ema(n, ema_alpha)
 
 
 @fixed_rule("wma")
-def _wma(n: int, ema_alpha: float) -> list[float]:
+def _wma(n: int, ema_alpha: float, **_) -> list[float]:
     return wma(n)
 
+
+def _wsm_rule(method: str):
+    def fn(n: int, ema_alpha: float, names=None, window=None, tokens_per_step=None, **_) -> list[float]:
+        from .revisions import progress_values
+
+        if names is None or len(names) != n:
+            raise WeightsError(f"--method {method} weighs the revisions by their training progress; it needs "
+                               "their names (steps or tokens).")
+        return schedules.wsm(method, progress_values(names, tokens_per_step)[0], window)
+    return fn
+
+
+for _method in schedules.WSM_METHODS:
+    fixed_rule(_method)(_wsm_rule(_method))
 
 METHODS = tuple(name for name in RULES if name != "uniform")  # what --method offers
 
 
-def rule(method: str, n: int, ema_alpha: float = 0.2) -> list[float]:
-    """A named fixed rule (`RULES`): `sma`/`uniform`, `ema`, `wma`.
+def rule(method: str, n: int, ema_alpha: float = 0.2, **context) -> list[float]:
+    """A named fixed rule (`RULES`): `sma`/`uniform`, `ema`, `wma`, and WSM's `wsm-linear|wsm-cosine|wsm-sqrt`
+    (`names=` the revisions, `window=` in their progress unit, default their whole span; `tokens_per_step=`).
 
     >>> rule("wma", 2)
     [0.3333333333333333, 0.6666666666666666]
+    >>> rule("wsm-linear", 3, names=["step100", "step200", "step300"], window=100)
+    [0.0, 0.5, 0.5]
     """
     if method not in RULES:
         raise WeightsError(f"Unknown --method {method!r}; choose one of {', '.join(METHODS)}.")
-    return RULES[method](n, ema_alpha)
+    if context.get("window") is not None and method not in schedules.WSM_METHODS:
+        raise WeightsError(f"--window sets the window of a schedule-shaped merge ({', '.join(schedules.WSM_METHODS)}); "
+                           f"--method {method} has none. Drop --window or pick a wsm-* method.")
+    return RULES[method](n, ema_alpha, **context)
 
 
 def parse_weights(text: str) -> list[float]:

@@ -78,9 +78,10 @@ def test_extrapolation_only_when_asked():
     assert W.check([-0.5, 1.5], 2, allow_extrapolation=True) == [-0.5, 1.5]
 
 
-@pytest.mark.parametrize("n, kind", [(2, "pairwise"), (4, "simplex"), (8, "simplex"), (9, "family"), (44, "family")])
+@pytest.mark.parametrize("n, kind", [(2, "pairwise"), (4, "simplex"), (8, "simplex"), (9, "schedule"),
+                                     (44, "schedule")])
 def test_auto_picks_the_space_by_number_of_checkpoints(n, kind):
-    assert make_space("auto", n).kind == kind
+    assert make_space("auto", n, progress=[100.0 * (i + 1) for i in range(n)]).kind == kind
 
 
 @pytest.mark.parametrize("n", range(2, 9))
@@ -140,7 +141,7 @@ def test_a_new_search_space_is_one_registered_class():
 
 
 def test_fixed_rules_are_one_registry():
-    assert W.METHODS == ("sma", "ema", "wma")
+    assert W.METHODS == ("sma", "ema", "wma", "wsm-linear", "wsm-cosine", "wsm-sqrt")
     assert W.rule("uniform", 4) == W.rule("sma", 4) == W.uniform(4)
     assert W.rule("ema", 3, 0.5) == W.ema(3, 0.5)
     with pytest.raises(WeightsError, match="sma, ema, wma"):

@@ -75,6 +75,12 @@ def add_arguments(p: argparse.ArgumentParser, *, source: bool = True) -> None:
         g.add_argument("--weights", help="W1,W2,... one per revision, oldest first")
         g.add_argument("--method", choices=METHODS)
         g.add_argument("--ema-alpha", type=float, default=0.2)
+        g.add_argument("--window", type=float, metavar="W",
+                       help="wsm-* methods: the decay's window in the revisions' progress unit (tokens when their "
+                            "names carry them, e.g. OLMo step1000-tokens4B or train_00220B; else steps, or tokens "
+                            "with --tokens-per-step); default: their whole span")
+        g.add_argument("--tokens-per-step", type=float, metavar="T",
+                       help="tokens per optimizer step: step-named revisions are placed (and --window read) in tokens")
         g.add_argument("--allow-extrapolation", action="store_true", help="allow negative/unnormalized weights")
         g.add_argument("--no-eval", action="store_true", help="fixed merges: skip the held-out evaluation")
         g.add_argument("--recipe", metavar="FILE", help="the same as `hf-bomerge recipe FILE`")
@@ -103,6 +109,9 @@ def run(args: argparse.Namespace) -> int:
     if args.source is None:
         raise BOMergeError("Give a SOURCE (a Hub repo id such as EleutherAI/pythia-160m, or a folder of "
                            "checkpoints), or a command: recipe FILE, demo, show, export. See hf-bomerge --help.")
+    if (args.window is not None or args.tokens_per_step is not None) and not (args.method or "").startswith("wsm-"):
+        raise BOMergeError("--window and --tokens-per-step shape a schedule-shaped fixed merge: use them with "
+                           "--method wsm-linear, wsm-cosine or wsm-sqrt (--search schedule finds the window itself).")
     if args.dry_run:
         return dry_run(args)
     common = dict(dataset=args.dataset, dataset_config=args.dataset_config, split=args.split,
@@ -117,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
 
         weights = parse_weights(args.weights) if args.weights else None
         result = api.merge(args.source, args.revisions, weights=weights, method=args.method,
-                           allow_extrapolation=args.allow_extrapolation, evaluate=not args.no_eval, **common)
+                           allow_extrapolation=args.allow_extrapolation, evaluate=not args.no_eval,
+                           window=args.window, tokens_per_step=args.tokens_per_step, **common)
     else:
         result = api.search(args.source, args.revisions, eval_datasets=args.eval_dataset, search=args.search,
                             trials=args.trials, lambda_min=args.lambda_min, seed=args.seed, storage=args.storage,

@@ -86,7 +86,7 @@ def build_app(limits: Limits | None = None, cache_dir: str | Path | None = None,
                                placeholder="ORG/NAME[:CONFIG][@SPLIT], one per line")
         with gr.Row():
             search_mode = gr.Radio(H.SEARCH_MODES, value="auto", label="Search",
-                                   info="auto: pairwise for 2 revisions, simplex up to 8, family beyond")
+                                   info="auto: pairwise for 2 revisions, simplex up to 8, schedule beyond")
             trials = gr.Slider(1, limits.max_trials, value=min(20, limits.max_trials), step=1,
                                label="Trials (baselines included)", elem_id="trials")
         with gr.Row():

@@ -29,7 +29,7 @@ from hf_bomerge.sources import open_source
 from hf_bomerge.revisions import progress_key, sort_revisions
 from space_limits import REPO_ID, Limits, PlanError, PlanRefused, plan_markdown, plan_run  # noqa: F401 - re-exported
 
-SEARCH_MODES = ["auto", "pairwise", "simplex", "family"]
+SEARCH_MODES = ["auto", "pairwise", "simplex", "schedule", "family"]
 POLL_S = 0.5  # how often the search process is listened to (and how soon Stop takes effect)
 WORKERS: dict[str, multiprocessing.Process] = {}  # live search processes by run id (see `stop`)
 TRIAL_COLUMNS = ["trial", "kind", "state", "loss", "weights"]
