@@ -9,6 +9,7 @@ from typing import Sequence
 
 import torch
 
+from . import phase
 from .checkpoints import CheckpointSet, check_same_tokenizer
 from .engine import DTYPES
 from .writer import parse_size
@@ -89,6 +90,7 @@ def prepare(source: str, revisions: str, max_checkpoints: int, token, cache_dir,
         folders = [src.fetch(name, pin, force=True) for name, pin in revs]
         ckpts = CheckpointSet(folders, names)
     check_same_tokenizer(folders, names)
+    phase.warn_if_early(ckpts, names)
     return Prepared(src, names, pins, folders, tokenizer_folder(src, folders[-1]), note, ckpts, mode)
 
 
