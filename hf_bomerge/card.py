@@ -70,6 +70,7 @@ def render_card(result: "MergeResult", repo_id: str | None = None, license: str 
         generalization=result.generalization,
         confirm=result.confirm,
         plot=plot,
+        note=result.note,
     )
 
 
