@@ -12,7 +12,7 @@
    (tests/measure.py's `document_blocks`), on the in-domain held-out code (all blocks, and the confirm part the
    GP never saw: every 4th block) and on out-of-domain English prose.
 4. PMA's early-training effect: SMA of a window ending early (weights still moving fast) vs late, against the
-   window's latest checkpoint, with hf_bomerge.phase's speed ratio for each window (the warning's calibration).
+   window's latest checkpoint, with hf_bomerge.phase's statistic for each window (the warning's calibration).
 Writes the markdown to stdout and benchmarks/out/reproduce.md, the numbers to benchmarks/out/reproduce.json.
 """
 
@@ -119,8 +119,8 @@ def fixed(root: Path, merges: Path, name: str, revisions: list[str], **how) -> t
 
 def phase_of(root: Path, revisions: list[str]) -> dict:
     ckpts = CheckpointSet([root / "constant" / r for r in revisions], revisions)
-    found = phase.measure(ckpts, revisions)
-    return {"speed_ratio": found.ratio, "cosines": [round(c, 3) for c in found.cosines],
+    found = phase.measure(ckpts)
+    return {"max_cosine": max(found.cosines), "cosines": [round(c, 3) for c in found.cosines],
             "changes": [round(c, 4) for c in found.changes], "early": found.early}
 
 
@@ -184,7 +184,7 @@ def one_seed(args, seed: int) -> dict:
                          "sma": merged["validation"], "latest_ood": latest["ood"], "sma_ood": merged["ood"],
                          **phase_of(root, revs)})
             log(f"scan N={n} ending {end}: latest {latest['validation']:.4f}, SMA {merged['validation']:.4f}, "
-                f"speed ratio {scan[-1]['speed_ratio']:.2f}")
+                f"max cos(Δᵢ, Δᵢ₊₁) {scan[-1]['max_cosine']:.3f}")
     return {"seed": seed, "root": str(root), "rows": rows, "gp": gp, "scan": scan, "best_single": best,
             "train_seconds": round(train_s, 1), "meta": json.loads((root / "trajectory.json").read_text())}
 
@@ -224,15 +224,15 @@ def report(runs: list[dict], args, seconds: float) -> str:
                   f"interval of (merge − best baseline) {c.get('interval')}; search {run['gp']['seconds']} s. "
                   f"Weights: GP {run['rows'][next(k for k in run['rows'] if k.startswith('GP'))]['weights']}.", "",
                   "PMA's early-training effect: SMA of the window vs the window's latest checkpoint (held-out, all "
-                  "blocks); gain = latest − SMA (positive: the merge helps); speed ratio = hf_bomerge.phase's "
-                  f"statistic (warning above {phase.SPEED_RATIO}).", "",
-                  "| N | window | latest | SMA | gain | gain ood | speed ratio | warns |",
-                  "| ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+                  "blocks); gain = latest − SMA (positive: the merge helps); max cos = the largest cosine between "
+                  "consecutive updates in the window, hf_bomerge.phase's statistic (it warns above "
+                  f"{phase.ALIGNED}); relative change = ‖θᵢ₊₁ − θᵢ‖/‖θᵢ₊₁‖ of the window's first and last pair.", "",
+                  "| N | window | latest | SMA | gain | gain ood | max cos | relative change first → last | warns |",
+                  "| ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
         for s in run["scan"]:
-            ratio = s["speed_ratio"]
             lines.append(f"| {s['n']} | {s['window']} | {s['latest']:.4f} | {s['sma']:.4f} | "
-                         f"{s['latest'] - s['sma']:+.4f} | {s['latest_ood'] - s['sma_ood']:+.4f} | {ratio:.2f} | "
-                         f"{'yes' if ratio > phase.SPEED_RATIO else 'no'} |")
+                         f"{s['latest'] - s['sma']:+.4f} | {s['latest_ood'] - s['sma_ood']:+.4f} | {s['max_cosine']:.3f} | "
+                         f"{s['changes'][0]:.3f} → {s['changes'][-1]:.3f} | {'yes' if s['early'] else 'no'} |")
         lines.append("")
     return "\n".join(lines)
 
