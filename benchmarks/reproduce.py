@@ -1,7 +1,7 @@
 """Reproduce the papers' claims on trajectories trained here (benchmarks/README.md, "Reproducing the papers").
 
-    python benchmarks/reproduce.py                 # about 10 minutes on 2 shared CPU cores (cached afterwards)
-    python benchmarks/reproduce.py --seeds 0,1     # a second training run (another init and data order)
+    python benchmarks/reproduce.py              # two seeds: about 14 minutes on 2 loaded CPU cores, 10 once trained
+    python benchmarks/reproduce.py --seeds 0    # one training run
 
 1. Trains (benchmarks/reproduce_train.py, cached under benchmarks/out/reproduce/) the demo's tiny GPT-NeoX on
    CPython's stdlib at a constant learning rate after warmup, a checkpoint every 50 steps to step 1200, and an
@@ -221,7 +221,8 @@ def report(runs: list[dict], args, seconds: float) -> str:
         c = run["gp"]["confirm_reported"] or {}
         lines += ["", f"GP merge as hf-bomerge reports it: search-part loss {run['gp']['loss_reported']:.4f}, "
                   f"confirm {c.get('loss', float('nan')):.4f}, best baseline there `{c.get('best_baseline')}`, "
-                  f"interval of (merge − best baseline) {c.get('interval')}; search {run['gp']['seconds']} s. "
+                  f"bootstrap 95% interval of (merge − best baseline) "
+                  f"[{', '.join(f'{x:+.4f}' for x in c.get('interval') or [])}]; search {run['gp']['seconds']} s. "
                   f"Weights: GP {run['rows'][next(k for k in run['rows'] if k.startswith('GP'))]['weights']}.", "",
                   "PMA's early-training effect: SMA of the window vs the window's latest checkpoint (held-out, all "
                   "blocks); gain = latest − SMA (positive: the merge helps); max cos = the largest cosine between "
@@ -239,7 +240,7 @@ def report(runs: list[dict], args, seconds: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", default="0", help="training seeds, comma-separated (default 0)")
+    parser.add_argument("--seeds", default="0,1", help="training seeds, comma-separated (default 0,1)")
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--interval", type=int, default=50)
     parser.add_argument("--decay-steps", type=int, default=200, help="the annealed fork's decay (default 200)")
