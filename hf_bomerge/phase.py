@@ -24,6 +24,7 @@ import torch
 logger = logging.getLogger("hf_bomerge")
 
 SAMPLE_TENSORS = 4  # weight matrices read per checkpoint (evenly spaced through the model)
+SAMPLE_ELEMENTS = 1 << 20  # at most this many evenly strided elements of each, in float64
 ALIGNED = 0.1  # cos(Δᵢ, Δᵢ₊₁) above this: the weights still drift one way (see the module docstring)
 MESSAGE = ("the window reaches into early training, where merging can hurt (PMA): the weights still drift one way "
            "there ({detail}). Prefer later revisions, or check the merge against the latest checkpoint.")
@@ -57,6 +58,12 @@ def sample_names(ckpts, k: int = SAMPLE_TENSORS) -> list[str]:
     return [matrices[round(i * (len(matrices) - 1) / (k - 1))] for i in range(k)] if k > 1 else matrices[-1:]
 
 
+def _sample(tensor: torch.Tensor) -> torch.Tensor:
+    flat = tensor.reshape(-1)
+    step = max(1, -(-flat.numel() // SAMPLE_ELEMENTS))
+    return flat[::step].double()
+
+
 def measure(ckpts, names: Sequence[str] | None = None) -> Phase | None:
     """The window's `Phase` over the tensors `names` (default `sample_names`); None for fewer than 3 checkpoints.
 
@@ -69,7 +76,7 @@ def measure(ckpts, names: Sequence[str] | None = None) -> Phase | None:
     names = list(names) if names is not None else sample_names(ckpts)
     diff, norm, dot = [0.0] * (n - 1), [0.0] * (n - 1), [0.0] * (n - 2)
     for name in names:
-        tensors = [t.double() for t in ckpts.tensors(name)]
+        tensors = [_sample(t) for t in ckpts.tensors(name)]
         deltas = [b - a for a, b in zip(tensors, tensors[1:])]
         for i, d in enumerate(deltas):
             diff[i] += float(torch.sum(d * d))
