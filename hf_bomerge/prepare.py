@@ -9,7 +9,7 @@ from typing import Sequence
 
 import torch
 
-from . import offline
+from . import offline, phase
 from .checkpoints import CheckpointSet, check_same_tokenizer
 from .engine import DTYPES
 from .errors import BOMergeError, CorruptFileError, HubError
@@ -113,6 +113,7 @@ def prepare(source: str, revisions: str, max_checkpoints: int, token, cache_dir,
     if found is None:
         logger.warning("No tokenizer in %s: the merge is written without one (pass --tokenizer REPO_OR_PATH to "
                        "include one).", src.id)
+    phase.warn_if_early(ckpts, names)
     return Prepared(src, names, pins, folders, found, note, ckpts, mode, token)
 
 

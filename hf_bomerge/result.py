@@ -61,6 +61,7 @@ class MergeResult:
     dtype: str | None = None  # --dtype: every merged tensor in this dtype (None: each in the checkpoints' own)
     copied: list[str] = field(default_factory=list)  # float tensors copied from the latest revision, not weighted
     license: str | None = None
+    note: str | None = None  # one sentence the card adds after its opening paragraph (the demo cites a benchmark)
     trace: list = field(default_factory=list, repr=False)  # the study's trials, for the card's plot
     folders: list[Path] = field(default_factory=list, repr=False)
     tokenizer_folder: Path | None = field(default=None, repr=False)

@@ -86,3 +86,13 @@ def test_cli_push_to_hub_publishes_a_loadable_model_with_its_card(test_hub, tmp_
             assert TOKEN.encode() not in path.read_bytes(), path
     assert TOKEN not in captured.out + captured.err
     assert test_hub.writer.private.get("model/bomerge-tester/pythia-tiny-bomerge") is True
+
+
+def test_a_note_is_one_paragraph_after_the_opening_and_absent_otherwise(tmp_path):
+    result = _result(["step142000", "step143000"], [0.35, 0.65], "pairwise")
+    plain = render_card(result, repo_id="me/merged").text
+    result.note = "Merging constant-LR checkpoints matched an annealed run here."
+    noted = render_card(result, repo_id="me/merged").text
+    assert result.note not in plain
+    assert f"trials) against the held-out loss on {result.dataset}.\n\n{result.note}\n" in noted
+    assert noted.replace(f"\n\n{result.note}", "") == plain  # nothing else changes

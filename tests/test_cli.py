@@ -167,6 +167,7 @@ def test_demo_json(tmp_path):
     singles = [summary["baselines"][r] for r in summary["revisions"]]
     assert summary["loss"] < min(singles)  # the demo's promise: better than the best single checkpoint
     assert "better than the best single checkpoint" in proc.stderr
+    assert "benchmarks/reproduce.py" in (tmp_path / "demo" / "README.md").read_text()  # the card cites it
 
 
 def test_trainer_output_folder_never_opens_its_pickles(trajectory, tmp_path):
