@@ -1,7 +1,8 @@
 """A lazy, validated view over the N checkpoints of one training run.
 
-Tensors are read one at a time: safetensors with positioned reads at the offsets of their JSON header,
-`.bin` through `torch.load(weights_only=True, mmap=True)`, which never unpickles anything but tensors. Names, shapes
+Tensors are read one at a time, without copying: safetensors through a private memory map at the offsets of their
+JSON header, `.bin` through `torch.load(weights_only=True, mmap=True)`, which never unpickles anything but
+tensors. Either way the pages of a used tensor are handed back (`release`), so the resident set stays small. Names, shapes
 and dtypes are checked across all checkpoints once, up front, from the headers alone where the format
 allows it.
 """
@@ -79,9 +80,10 @@ def find_weight_files(folder: Path) -> list[Path]:
 class Checkpoint:
     """One checkpoint's tensors, read lazily by name.
 
-    safetensors are read with positioned reads from the offsets in their header, `.bin` through a
-    memory map whose pages are handed back once a tensor is used (`release`), so reading a whole
-    checkpoint never holds more than a few tensors in memory.
+    Both formats are memory-mapped (safetensors at the offsets of its header, `.bin` through `torch.load`);
+    `get` returns a view of the mapping, not a copy, and the pages are handed back once a tensor is used
+    (`release`), so reading a whole checkpoint never holds more than a few tensors in memory. The mapping is
+    private (copy-on-write): writing into a returned tensor never reaches the file.
 
     >>> ckpt = Checkpoint("run/step1000")           # doctest: +SKIP
     >>> ckpt.infos["embed_out.weight"].shape        # doctest: +SKIP
@@ -122,28 +124,38 @@ class Checkpoint:
     def _open(self, index: int):
         if index not in self._handles:
             path = self.files[index]
-            self._handles[index] = open(path, "rb") if path.suffix == ".safetensors" else load_bin(path)
+            self._handles[index] = map_file(path) if path.suffix == ".safetensors" else load_bin(path)
         return self._handles[index]
 
     def get(self, name: str) -> torch.Tensor:
-        """The tensor `name`, in its stored dtype, on CPU."""
+        """The tensor `name`, in its stored dtype, on CPU (a view of the file's private mapping)."""
         index, offset = self._where[name]
         handle = self._open(index)
         if offset < 0:
             return handle[0][name]
         info = self.infos[name]
-        out = torch.empty(info.shape, dtype=info.dtype)
-        if info.nbytes:
-            handle.seek(offset)
-            if handle.readinto(memoryview(out.reshape(-1).view(torch.uint8).numpy())) != info.nbytes:
-                raise CorruptFileError(f"{self.files[index]} ended inside tensor {name!r}: the file is truncated.")
-        return out
+        if not info.nbytes:
+            return torch.empty(info.shape, dtype=info.dtype)
+        if offset % info.dtype.itemsize:  # a writer that did not align the data: copy it out, aligned
+            raw = torch.frombuffer(handle, dtype=torch.uint8, count=info.nbytes, offset=offset)
+            return raw.clone().view(info.dtype).view(info.shape)
+        return torch.frombuffer(handle, dtype=info.dtype, count=info.numel, offset=offset).view(info.shape)
 
     def release(self, name: str) -> None:
-        """Hand back the memory-mapped pages of a `.bin` tensor that has been used (a no-op otherwise)."""
+        """Hand back the memory-mapped pages of a tensor that has been used (a no-op for a non-mapped `.bin`)."""
         index, offset = self._where[name]
-        if offset < 0 and self._handles[index][1]:
-            _drop_pages(self._handles[index][0][name])
+        if offset >= 0 or self._handles[index][1]:
+            _drop_pages(self.get(name))
+
+    def prefetch(self, name: str) -> None:
+        """Ask the kernel to start reading tensor `name` from disk now (MADV_WILLNEED on a safetensors mapping),
+        so a cold file is read while the previous tensor is summed. A no-op for `.bin` and empty tensors."""
+        index, offset = self._where[name]
+        info = self.infos[name]
+        if offset < 0 or not info.nbytes or not hasattr(mmap, "MADV_WILLNEED"):
+            return
+        start = offset // _PAGE * _PAGE
+        self._open(index).madvise(mmap.MADV_WILLNEED, start, offset + info.nbytes - start)
 
     def aliases(self) -> dict[str, str]:
         """Names whose tensor shares storage with an earlier name (tied weights in .bin files)."""
@@ -180,6 +192,13 @@ def load_bin(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
     except Exception as err:
         raise CorruptFileError(f"Cannot read {path} as tensors only: {err}. The file is truncated or corrupt, "
                                "or holds more than tensors; delete it and download it again.") from err
+
+
+def map_file(path: Path) -> mmap.mmap:
+    """A private (copy-on-write) read mapping of a whole file: tensors viewed from it are writable in torch's
+    eyes, but a write only ever changes this process's copy of a page, never the file."""
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
 
 
 _PAGE = mmap.PAGESIZE
