@@ -217,6 +217,26 @@ def _drop_pages(tensor: torch.Tensor) -> None:
         _libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # 4 = MADV_DONTNEED
 
 
+# Architectures whose checkpoints hold only parameters and the buffers LEGACY_BUFFER_SUFFIXES names, so the
+# name rule (`is_merged`) is exactly the rule of the loaded model's parameters (`engine.model_rule`) and a fixed
+# merge need not import transformers to build the model class (6-9 s of CPU on a 2-core box).
+# tests/test_rules.py checks every entry against the model transformers builds.
+SUFFIX_RULE_ARCHITECTURES = frozenset({
+    "GPTNeoXForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "OlmoForCausalLM",
+    "Olmo2ForCausalLM",
+})
+
+
+def suffix_rule_suffices(folder: str | Path) -> bool:
+    """Whether `folder`'s config names only architectures of `SUFFIX_RULE_ARCHITECTURES` (and no remote code)."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    archs = config.get("architectures") or []
+    return bool(archs) and "auto_map" not in config and set(archs) <= SUFFIX_RULE_ARCHITECTURES
+
+
 def is_merged(info: TensorInfo) -> bool:
     """The rule when no model is at hand: a floating-point tensor that is not a legacy buffer is weighted.
     `CheckpointSet.follow_model` replaces it with the loaded model's own parameters."""

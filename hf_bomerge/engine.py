@@ -11,7 +11,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from .checkpoints import CheckpointSet
+from .checkpoints import CheckpointSet, suffix_rule_suffices
 from .errors import CheckpointError
 
 CHUNK = 1 << 20  # elements of the float32 accumulator: 4 MB, cache-resident (a multiple of any SIMD width)
@@ -176,8 +176,11 @@ def rule_from_config(ckpts: CheckpointSet, folder, trust_remote_code: bool = Fal
     """Derive the rule from the model class of `folder`'s config, built on the `meta` device (no memory).
 
     Returns False, leaving the name-based rule, when the class cannot be built here (remote code that is not
-    trusted, an architecture this transformers lacks).
+    trusted, an architecture this transformers lacks). For an architecture where the two rules agree
+    (`suffix_rule_suffices`) nothing is built: the name-based rule is the model's.
     """
+    if suffix_rule_suffices(folder):
+        return True
     try:
         from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -45,13 +45,17 @@ def save(result, args, default_name: str, claim: bool = True):
     """Write (and push) the merge. For a search, the study's storage decides which worker does it: exactly
     one, the first to finish once the budget is spent; the others report where it went. None on a process
     that does not write (not the main one under `accelerate launch`)."""
-    from .. import parallel, workers
-    from ..study import open_storage, safe_url
+    from .. import parallel
 
     if not parallel.is_main():  # under `accelerate launch`, only the main process writes
         return None
     output = Path(args.output or default_name).expanduser().resolve()
-    storage = open_storage(result.storage) if claim and result.storage else None
+    storage = None
+    if claim and result.storage:  # a search's study (a fixed merge has none: Optuna is not imported)
+        from .. import workers
+        from ..study import open_storage, safe_url
+
+        storage = open_storage(result.storage)
     if storage is not None:
         winner = workers.claim_export(storage, result.study, result.budget,
                                       {"output": str(output), "push_to_hub": args.push_to_hub})
@@ -88,11 +92,11 @@ def report(result, args) -> None:
 
 
 def format_summary(result) -> str:
-    from ..study import best_of, direction
-
     lines = [f"merged {len(result.revisions)} revisions of {result.source} -> {result.output}", "", "weights:"]
     lines += [f"  {name:<24} {w:9.5f}" for name, w in zip(result.revisions, result.weights)]
     if result.loss is not None:
+        from ..study import best_of, direction
+
         lines += ["", *_scores(result)]
         objective, sign = result.objective, 1 if direction(result.objective) == "minimize" else -1
         unit = " nats/token" if objective == "loss" else ""
