@@ -26,7 +26,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
 CKPTS = OUT / "ckpts"                  # pytorch_model.bin with legacy buffers, like real Pythia steps
-CKPTS_ST = OUT / "ckpts-safetensors"   # only made if mergekit cannot read the .bin files
+CKPTS_ST = OUT / "ckpts-st"            # the same tensors (legacy buffers included) as model.safetensors
 VENV = OUT / "venv-mergekit"
 MERGEKIT = "mergekit==0.1.5"
 REVISIONS = ["step1000", "step2000", "step3000", "step4000"]
@@ -93,15 +93,16 @@ def build_checkpoints() -> list[Path]:
 
 
 def safetensors_copies(folders: list[Path]) -> list[Path]:
-    """The same checkpoints as model.safetensors without the legacy buffers (mergekit fallback)."""
+    """The same checkpoints as model.safetensors, every tensor kept (mergekit's gpt-neox definition requires the
+    legacy `masked_bias`)."""
     from safetensors.torch import save_file
     out = [CKPTS_ST / f.name for f in folders]
     for src, dst in zip(folders, out):
         if not (dst / "model.safetensors").is_file():
             write_folder_files(dst)
             sd = torch.load(src / "pytorch_model.bin", weights_only=True, mmap=True)
-            save_file({k: v for k, v in sd.items() if not k.endswith(LEGACY)}, dst / "model.safetensors",
-                      metadata={"format": "pt"})
+            save_file({k: v.contiguous() for k, v in sd.items()}, dst / "tmp.safetensors", metadata={"format": "pt"})
+            (dst / "tmp.safetensors").rename(dst / "model.safetensors")
     return out
 
 
@@ -292,7 +293,7 @@ def import_floor() -> float:
 
 
 FORMATS = {"bin": ("pytorch_model.bin (fp16, legacy buffers)", "pytorch_model.bin"),
-           "safetensors": ("model.safetensors (fp16, no legacy buffers)", "model.safetensors")}
+           "safetensors": ("model.safetensors (fp16, legacy buffers)", "model.safetensors")}
 
 
 def main() -> None:

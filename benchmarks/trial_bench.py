@@ -22,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the hf-bomerge command sets it, before torch loads
+import torch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"

@@ -144,8 +144,12 @@ class Checkpoint:
     def release(self, name: str) -> None:
         """Hand back the memory-mapped pages of a tensor that has been used (a no-op for a non-mapped `.bin`)."""
         index, offset = self._where[name]
-        if offset >= 0 or self._handles[index][1]:
-            _drop_pages(self.get(name))
+        if offset < 0:
+            if self._handles[index][1]:
+                _drop_pages(self._handles[index][0][name])
+        elif self.infos[name].nbytes and index in self._handles:
+            _drop_pages(torch.frombuffer(self._handles[index], dtype=torch.uint8, count=self.infos[name].nbytes,
+                                         offset=offset))
 
     def prefetch(self, name: str) -> None:
         """Ask the kernel to start reading tensor `name` from disk now (MADV_WILLNEED on a safetensors mapping),

@@ -78,8 +78,8 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def _best_of(fn, device: str, repeat: int = 2) -> float:
-    fn()  # warm-up: kernels, allocator, first-touch page faults
+def _best_of(fn, device: str, repeat: int = 2, warmup=None) -> float:
+    (warmup or fn)()  # kernels, allocator, first-touch page faults
     _sync(device)
     best = math.inf
     for _ in range(repeat):
@@ -103,7 +103,7 @@ def merge_seconds_per_param(device: str, n: int, stored, target) -> float:
         run = lambda: merge_into(out, sources, weights, stored, check=False)  # noqa: E731
     else:
         run = lambda: weighted_sum_([out], sources, weights)  # noqa: E731
-    return _best_of(run, device) / PROBE_ELEMENTS
+    return _best_of(run, device, repeat=3) / PROBE_ELEMENTS
 
 
 def matmul_rate(device: str, dtype, hidden: int, tokens: int) -> float:
@@ -145,11 +145,11 @@ def forward_rate(config: dict, device: str, dtype, tokens: int, batch: int) -> f
                 b.uniform_(0.0, 0.02) if "inv_freq" in name else b.zero_()
         ids = torch.randint(0, shape(config)[2] or 2, (batch, tokens), device=device)
 
-        def run():
+        def run(ids=ids):
             logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
             F.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1)).item()
 
-        seconds = _best_of(run, device)
+        seconds = _best_of(run, device, warmup=lambda: run(ids[:, :64]))
     params = sum(p.numel() for p in model.parameters())
     return flops_per_token(config, params, tokens) * batch * tokens / seconds
 
@@ -184,7 +184,8 @@ def estimate(config: dict, params: int, *, n_checkpoints: int, device: str, eval
         confirm = 0
     search_tokens, confirm_tokens = (blocks - confirm) * block, confirm * block
     hidden = shape(config)[0]
-    probe_tokens, probe_batch = (min(block, 512), 1) if device == "cpu" else (block, batch_size)
+    # CPU: one block of up to 1024 tokens (GEMMs as efficient as the real batch's, a few seconds); GPU: a real batch
+    probe_tokens, probe_batch = (min(block, 1024), 1) if device == "cpu" else (block, batch_size)
     rate, how = None, "a matmul probe"
     if method == "model":
         rate = forward_rate(config, device, dtype, probe_tokens, probe_batch)
