@@ -1,6 +1,6 @@
 """Merge engine vs mergekit on four Pythia-410m-shaped fp16 checkpoints (see benchmarks/README.md).
 
-    python benchmarks/merge_bench.py [--rounds 3] [--applies 5]
+    python benchmarks/merge_bench.py [--rounds 3] [--applies 5] [--levers 2] [--mergekit-python PY]
 
 Everything it builds (checkpoints, the mergekit venv, outputs) lives under benchmarks/out/ (gitignored)
 and is reused by later runs. Each merge is a separate process under /usr/bin/time -v; hf-bomerge and
@@ -26,7 +26,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
 CKPTS = OUT / "ckpts"                  # pytorch_model.bin with legacy buffers, like real Pythia steps
-CKPTS_ST = OUT / "ckpts-safetensors"   # only made if mergekit cannot read the .bin files
+CKPTS_ST = OUT / "ckpts-st"            # the same tensors (legacy buffers included) as model.safetensors
 VENV = OUT / "venv-mergekit"
 MERGEKIT = "mergekit==0.1.5"
 REVISIONS = ["step1000", "step2000", "step3000", "step4000"]
@@ -93,15 +93,16 @@ def build_checkpoints() -> list[Path]:
 
 
 def safetensors_copies(folders: list[Path]) -> list[Path]:
-    """The same checkpoints as model.safetensors without the legacy buffers (mergekit fallback)."""
+    """The same checkpoints as model.safetensors, every tensor kept (mergekit's gpt-neox definition requires the
+    legacy `masked_bias`)."""
     from safetensors.torch import save_file
     out = [CKPTS_ST / f.name for f in folders]
     for src, dst in zip(folders, out):
         if not (dst / "model.safetensors").is_file():
             write_folder_files(dst)
             sd = torch.load(src / "pytorch_model.bin", weights_only=True, mmap=True)
-            save_file({k: v for k, v in sd.items() if not k.endswith(LEGACY)}, dst / "model.safetensors",
-                      metadata={"format": "pt"})
+            save_file({k: v.contiguous() for k, v in sd.items()}, dst / "tmp.safetensors", metadata={"format": "pt"})
+            (dst / "tmp.safetensors").rename(dst / "model.safetensors")
     return out
 
 
@@ -200,14 +201,45 @@ def differing_merged(a: Path, b: Path) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------- workers (run as subprocesses)
-def worker_hf(out_dir: str, folders: list[str]) -> None:
-    from hf_bomerge.checkpoints import CheckpointSet
-    from hf_bomerge.writer import export_merge
-    t0 = time.perf_counter()
-    ckpts = CheckpointSet(folders)
-    t1 = time.perf_counter()
-    export_merge(ckpts, WEIGHTS, out_dir, dtype=torch.float16)
-    print(json.dumps({"open_s": t1 - t0, "export_s": time.perf_counter() - t1}))
+def hf_cli(root: Path, out: Path, variant: str = "shipped") -> list[str]:
+    """The user's command: `hf-bomerge ROOT --revisions ... --weights ... --no-eval`, optionally with one lever
+    turned back (see `worker_variant`)."""
+    args = [str(root), "--revisions", f"{REVISIONS[0]}..{REVISIONS[-1]}", "--weights", ",".join(map(str, WEIGHTS)),
+            "--no-eval", "--dtype", "float16", "--quiet", "--overwrite", "--output", str(out)]
+    if variant == "shipped":
+        return [sys.executable, "-m", "hf_bomerge.cli", *args]
+    return [sys.executable, __file__, "--worker", variant, *args]
+
+
+VARIANTS = {
+    "no-read-ahead": "merge and write one after the other (no merge thread)",
+    "copying-reader": "safetensors read with positioned reads into fresh memory (the reader before this change)",
+    "model-rule": "the merge rule from the model class built on the meta device (imports transformers)",
+}
+
+
+def worker_variant(variant: str, args: list[str]) -> int:
+    """The CLI with one lever turned back, to measure what it is worth."""
+    from hf_bomerge import checkpoints, cli, engine, writer
+
+    if variant == "no-read-ahead":
+        writer.ahead = lambda items, produce, depth=0: (produce(item) for item in items)
+    elif variant == "copying-reader":
+        def get(self, name, _mapped=checkpoints.Checkpoint.get):
+            index, offset = self._where[name]
+            if offset < 0:
+                return _mapped(self, name)
+            info = self.infos[name]
+            out = torch.empty(info.shape, dtype=info.dtype)
+            with open(self.files[index], "rb") as f:
+                f.seek(offset)
+                f.readinto(memoryview(out.reshape(-1).view(torch.uint8).numpy()))
+            return out
+        checkpoints.Checkpoint.get = get
+        checkpoints.Checkpoint.release = lambda self, name: None
+    elif variant == "model-rule":
+        engine.suffix_rule_suffices = lambda folder: False
+    return cli.main(args)
 
 
 def worker_resident(applies: int, device: str, folders: list[str]) -> None:
@@ -226,7 +258,6 @@ def worker_resident(applies: int, device: str, folders: list[str]) -> None:
                       "params": sum(p.numel() for p in model.parameters())}))
 
 
-# ---------------------------------------------------------------- main
 def transformers_version() -> str:
     import importlib.metadata
     return importlib.metadata.version("transformers")
@@ -240,131 +271,185 @@ def machine() -> str:
             f"torch {torch.__version__}, transformers {transformers_version()}")
 
 
+def write_bandwidth(nbytes: int) -> float:
+    """Best of 3: GB/s of writing `nbytes` to a new file in 64 MiB writes, fsync included (as the export)."""
+    block = os.urandom(64 << 20)
+    path, best = OUT / "write-probe.bin", 0.0
+    for _ in range(3):
+        t = time.perf_counter()
+        with open(path, "wb") as f:
+            for _ in range(max(1, nbytes // len(block))):
+                f.write(block)
+            f.flush()
+            os.fsync(f.fileno())
+        best = max(best, max(1, nbytes // len(block)) * len(block) / (time.perf_counter() - t) / 1e9)
+        path.unlink()
+    return best
+
+
+def import_floor() -> float:
+    """Best of 3: a bare interpreter that imports torch (what any merge in Python pays before reading a byte)."""
+    return min(timed([sys.executable, "-c", "import torch"], "imports")["wall"] for _ in range(3))
+
+
+FORMATS = {"bin": ("pytorch_model.bin (fp16, legacy buffers)", "pytorch_model.bin"),
+           "safetensors": ("model.safetensors (fp16, legacy buffers)", "model.safetensors")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--applies", type=int, default=5)
+    ap.add_argument("--applies", type=int, default=5, help="ResidentMerger.apply repetitions (0: skip)")
+    ap.add_argument("--formats", default="bin,safetensors")
+    ap.add_argument("--levers", type=int, default=0, metavar="R",
+                    help="also time R alternating rounds of the CLI with each lever turned back (safetensors)")
     ap.add_argument("--mergekit-python", help="an interpreter that can import mergekit (default: install "
                     f"{MERGEKIT} into {VENV.relative_to(HERE.parent)} and run its mergekit-yaml)")
     ap.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
-    ap.add_argument("--worker", choices=["hf", "resident"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["resident", *VARIANTS], help=argparse.SUPPRESS)
     ap.add_argument("args", nargs="*", help=argparse.SUPPRESS)
-    a = ap.parse_args()
-    if a.worker == "hf":
-        return worker_hf(a.args[0], a.args[1:])
+    a, rest = ap.parse_known_args()
     if a.worker == "resident":
         return worker_resident(a.applies, a.device, a.args)
+    if a.worker:
+        sys.exit(worker_variant(a.worker, a.args + rest))
 
     OUT.mkdir(exist_ok=True)
-    folders = build_checkpoints()
-    mk_py = a.mergekit_python or str(VENV / "bin" / "python")
+    folders = {"bin": build_checkpoints()}
+    folders["safetensors"] = safetensors_copies(folders["bin"])
+    formats = a.formats.split(",")
     if a.mergekit_python:
         mk_cmd = [a.mergekit_python, "-c", "import sys; from mergekit.scripts.run_yaml import main; sys.exit(main())"]
-        mk_version = subprocess.run([a.mergekit_python, "-c", "import importlib.metadata as m; print(m.version('mergekit'))"],
-                                    capture_output=True, text=True, check=True).stdout.strip()
+        mk_py = a.mergekit_python
     else:
-        mk_cmd, mk_version = [str(VENV / "bin" / "mergekit-yaml")], ensure_mergekit()
+        ensure_mergekit()
+        mk_cmd, mk_py = [str(VENV / "bin" / "mergekit-yaml")], str(VENV / "bin" / "python")
+    mk_version = subprocess.run([mk_py, "-c", "import importlib.metadata as m; print(m.version('mergekit'))"],
+                                capture_output=True, text=True, check=True).stdout.strip()
+    os.environ["HF_BOMERGE_CACHE"] = str(OUT / "cache")
     load0 = os.getloadavg()
-    bins = [f / "pytorch_model.bin" for f in folders]
-    in_bytes = sum(p.stat().st_size for p in bins)
-    hf_out, mk_out = OUT / "merged-hf", OUT / "merged-mergekit"
 
-    def mk_config(srcs: list[Path]) -> Path:
-        cfg = OUT / "mergekit.yml"
+    def inputs(fmt: str) -> list[Path]:
+        return [f / FORMATS[fmt][1] for f in folders[fmt]]
+
+    def mk_config(fmt: str) -> Path:
+        cfg = OUT / f"mergekit-{fmt}.yml"
         cfg.write_text("merge_method: linear\ndtype: float16\nmodels:\n" + "".join(
-            f"  - model: {s}\n    parameters:\n      weight: {w}\n" for s, w in zip(srcs, WEIGHTS)))
+            f"  - model: {s}\n    parameters:\n      weight: {w}\n" for s, w in zip(folders[fmt], WEIGHTS)))
         return cfg
 
-    runs = {
-        "hf-bomerge": lambda: timed([sys.executable, __file__, "--worker", "hf", str(hf_out)] + [str(f) for f in folders], "hf"),
-        "mergekit": lambda: timed(mk_cmd + [str(mk_config(mk_srcs)), str(mk_out)], "mk"),
-    }
-    log(f"warm-up read of {in_bytes / 1e9:.2f} GB of inputs")
-    warm_read(bins)
-    mk_srcs, notes = folders, []
-    for tool, out in (("hf-bomerge", hf_out), ("mergekit", mk_out)):  # untimed warm-up runs (imports, caches)
-        shutil.rmtree(out, ignore_errors=True)
-        r = runs[tool]()
-        if r["rc"] and tool == "mergekit":
-            err = r["stderr"].strip().splitlines()[-1:] or ["?"]
-            notes.append(f"mergekit {mk_version} failed on the .bin checkpoints with legacy buffers: {err[0]}; "
-                         "it was given safetensors copies without those buffers instead.")
-            log(notes[-1])
-            mk_srcs = safetensors_copies(folders)
-            warm_read([s / "model.safetensors" for s in mk_srcs])
-            shutil.rmtree(out, ignore_errors=True)
-            r = runs[tool]()
-        if r["rc"]:
-            sys.exit(f"{tool} failed:\n{r['stderr']}")
-    log("timing interpreter start + imports alone (best of 3)")
-    imports = {tool: min(timed(cmd, "imports")["wall"] for _ in range(3)) for tool, cmd in (
-        ("hf-bomerge", [sys.executable, "-c", "import torch, hf_bomerge.engine, hf_bomerge.checkpoints"]),
-        ("mergekit", [mk_py, "-c", "import mergekit.scripts.run_yaml"]))}
-    log("measuring memory bandwidth")
-    bw_copy, bw_read = mem_bandwidth()
+    def out_dir(tool: str, fmt: str) -> Path:
+        return OUT / f"merged-{tool}-{fmt}"
 
-    results: dict[str, list[dict]] = {"hf-bomerge": [], "mergekit": []}
+    runs = {("hf-bomerge", fmt): (lambda fmt=fmt: timed(hf_cli(folders[fmt][0].parent, out_dir("hf-bomerge", fmt)), "hf"))
+            for fmt in formats}
+    runs.update({("mergekit", fmt): (lambda fmt=fmt: timed(mk_cmd + [str(mk_config(fmt)), str(out_dir("mergekit", fmt))], "mk"))
+                 for fmt in formats})
+    if a.levers:
+        runs.update({(v, "safetensors"): (lambda v=v: timed(hf_cli(folders["safetensors"][0].parent,
+                                                                    out_dir(v, "safetensors"), v), v))
+                     for v in VARIANTS})
+
+    def run(key) -> dict:
+        shutil.rmtree(out_dir(*key), ignore_errors=True)
+        r = runs[key]()
+        if r["rc"]:
+            sys.exit(f"{key} failed:\n{r['stderr']}")
+        r["bytes"] = sum(p.stat().st_size for p in inputs(key[1])) + dir_bytes(out_dir(*key))
+        return r
+
+    for fmt in formats:
+        log(f"warm-up read of the {fmt} inputs")
+        warm_read(inputs(fmt))
+    for key in [k for k in runs if k[0] in ("hf-bomerge", "mergekit")]:  # untimed: imports and caches warm
+        log(f"warm-up run {key}")
+        run(key)
+    log("timing interpreter start + imports alone (best of 3)")
+    imports = {"hf-bomerge": import_floor(),
+               "mergekit": min(timed([mk_py, "-c", "import mergekit.scripts.run_yaml"], "imports")["wall"]
+                               for _ in range(3))}
+    log("measuring memory and write bandwidth")
+    bw_copy, bw_read = mem_bandwidth()
+    out_bytes = dir_bytes(out_dir("hf-bomerge", formats[0]))
+    bw_write = write_bandwidth(out_bytes)
+
+    results: dict = {key: [] for key in runs}
+    main_keys = [k for k in runs if k[0] in ("hf-bomerge", "mergekit")]
     for rnd in range(a.rounds):
-        for tool, out in (("hf-bomerge", hf_out), ("mergekit", mk_out)):
-            shutil.rmtree(out, ignore_errors=True)
-            r = runs[tool]()
-            if r["rc"]:
-                sys.exit(f"{tool} failed:\n{r['stderr']}")
-            r["bytes"] = (in_bytes if tool == "hf-bomerge" or mk_srcs is folders else
-                          sum((s / "model.safetensors").stat().st_size for s in mk_srcs)) + dir_bytes(out)
-            results[tool].append(r)
-            log(f"round {rnd + 1} {tool}: {r['wall']:.2f} s, {r['rss']:.2f} GiB {r.get('info', '')}")
-    errors = {"hf-bomerge": max_errors(hf_out, folders), "mergekit": max_errors(mk_out, folders)}
-    ndiff, nmerged = differing_merged(hf_out, mk_out)
+        for key in main_keys:
+            results[key].append(run(key))
+            log(f"round {rnd + 1} {key}: {results[key][-1]['wall']:.2f} s, {results[key][-1]['rss']:.2f} GiB")
+    for rnd in range(a.levers):
+        for key in [("hf-bomerge", "safetensors")] + [(v, "safetensors") for v in VARIANTS]:
+            results[key].append(run(key))
+            log(f"lever round {rnd + 1} {key}: {results[key][-1]['wall']:.2f} s")
     load1 = os.getloadavg()
+    (OUT / "merge_bench.json").write_text(json.dumps({" ".join(k): v for k, v in results.items()}, default=str))
+
+    def med(key, field="wall"):
+        return statistics.median(r[field] for r in results[key])
+
+    header = ("| inputs | tool | wall s, median (rounds) | interpreter + imports alone, s | CPU s, median "
+              "| peak RSS GiB (max) | GB/s (in + out files) / wall | × floor | max abs err vs fp16(Σ wᵢθᵢ in fp64) "
+              "| elements ≠ fp16(ref) | legacy buffers in output |")
+    rows, verdicts = [header, "| --- " * 11 + "|"], []
+    for fmt in formats:
+        in_bytes = sum(p.stat().st_size for p in inputs(fmt))
+        out_b = dir_bytes(out_dir("hf-bomerge", fmt))
+        floor = (in_bytes + out_b) / (bw_copy * 1e9) + out_b / (bw_write * 1e9)
+        for tool in ("hf-bomerge", "mergekit"):
+            key, e = (tool, fmt), max_errors(out_dir(tool, fmt), folders["bin"])
+            walls = ", ".join(f"{r['wall']:.2f}" for r in results[key])
+            rows.append(f"| {FORMATS[fmt][0]}, {in_bytes / 1e9:.2f} GB | {tool} | {med(key):.2f} ({walls}) | "
+                        f"{imports[tool]:.2f} | {med(key, 'cpu'):.1f} | {max(r['rss'] for r in results[key]):.2f} | "
+                        f"{statistics.median(r['bytes'] / r['wall'] / 1e9 for r in results[key]):.2f} | "
+                        f"{med(key) / floor:.2f} | {e['f16']:.3g} | {e['wrong']:.2e} | {e['buffers']} |")
+        hf, mk = med(("hf-bomerge", fmt)), med(("mergekit", fmt))
+        hrss = max(r["rss"] for r in results[("hf-bomerge", fmt)])
+        mrss = max(r["rss"] for r in results[("mergekit", fmt)])
+        ndiff, nmerged = differing_merged(out_dir("hf-bomerge", fmt), out_dir("mergekit", fmt))
+        verdicts.append(
+            f"{fmt}: hf-bomerge {mk / hf:.2f}× mergekit's speed (target ≥ 3), {hrss / mrss:.2f}× its peak RSS "
+            f"(target ≤ 0.33); {hf / floor:.2f}× this machine's floor of {floor:.2f} s (target ≤ 2; floor = "
+            f"(input {in_bytes / 1e9:.2f} GB + output {out_b / 1e9:.2f} GB) at the copy bandwidth + the output at the "
+            f"write bandwidth); {hf / (floor + imports['hf-bomerge']):.2f}× floor + `import torch`. "
+            f"Merged tensors differing bit-wise between the tools: {ndiff} of {nmerged}.")
+    levers = []
+    if a.levers:
+        base = med(("hf-bomerge", "safetensors"))
+        levers = ["", "Levers (safetensors inputs, the shipped CLI against the same CLI with one lever turned back, "
+                  f"{a.levers} alternating rounds; medians):", "",
+                  "| variant | wall s, median (rounds) | CPU s | peak RSS GiB | Δ wall vs shipped |", "| --- " * 5 + "|"]
+        for key in [("hf-bomerge", "safetensors")] + [(v, "safetensors") for v in VARIANTS]:
+            rs = results[key][-a.levers:]
+            w, walls = statistics.median(r["wall"] for r in rs), ", ".join(f"{r['wall']:.2f}" for r in rs)
+            name = "shipped" if key[0] == "hf-bomerge" else f"{key[0]}: {VARIANTS[key[0]]}"
+            levers.append(f"| {name} | {w:.2f} ({walls}) | "
+                          f"{statistics.median(r['cpu'] for r in rs):.1f} | {max(r['rss'] for r in rs):.2f} | "
+                          f"{w - base:+.2f} |")
     resident = []
-    for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+    for dev in (["cpu"] + (["cuda"] if torch.cuda.is_available() else [])) if a.applies else []:
         log(f"timing ResidentMerger.apply on {dev}")
         res = timed([sys.executable, __file__, "--worker", "resident", "--applies", str(a.applies), "--device", dev]
-                    + [str(f) for f in folders], "resident")
-        if res["rc"]:  # reported, not fatal: the export comparison above still stands
-            err = res["stderr"].strip().splitlines()[-1]
-            resident.append(f"ResidentMerger on {dev} FAILED (transformers {transformers_version()}): {err}")
+                    + [str(f) for f in folders["bin"]], "resident")
+        if res["rc"]:
+            resident.append(f"ResidentMerger on {dev} FAILED: {res['stderr'].strip().splitlines()[-1]}")
             continue
         ri = res["info"]
-        resident.append(
-            f"ResidentMerger.apply on {dev} (4 fp16 checkpoints → float32 GPTNeoXForCausalLM, {ri['params'] / 1e6:.0f} M "
-            f"params): median {ri['median_s']:.3f} s over {a.applies} applies (first apply {ri['first_s']:.3f} s, "
-            f"setup {ri['setup_s']:.2f} s, process peak RSS {res['rss']:.2f} GiB).")
-
-    rows = []
-    for tool, rs in results.items():
-        wall = statistics.median(r["wall"] for r in rs)
-        gbs = statistics.median(r["bytes"] / r["wall"] / 1e9 for r in rs)
-        e = errors[tool]
-        walls = ", ".join(f"{r['wall']:.2f}" for r in rs)
-        cpu = statistics.median(r["cpu"] for r in rs)
-        rows.append(f"| {tool} | {wall:.2f} ({walls}) | {imports[tool]:.2f} | {cpu:.1f} | "
-                    f"{max(r['rss'] for r in rs):.2f} | {gbs:.2f} | {gbs / bw_copy:.1%} | "
-                    f"{e['f16']:.3g} | {e['wrong']:.2e} | {e['raw']:.3g} | {e['buffers']} |")
-    hf, mk = (statistics.median(r["wall"] for r in results[t]) for t in results)
-    hrss, mrss = (max(r["rss"] for r in results[t]) for t in results)
+        resident.append(f"ResidentMerger.apply on {dev} (4 fp16 checkpoints → float32 model, {ri['params'] / 1e6:.0f} M "
+                        f"params): median {ri['median_s']:.3f} s over {a.applies} applies (first {ri['first_s']:.3f} s, "
+                        f"setup {ri['setup_s']:.2f} s, peak RSS {res['rss']:.2f} GiB).")
     md = "\n".join([
         f"Machine: {machine()}; mergekit {mk_version}.",
-        f"Inputs: 4 × Pythia-410m-shaped fp16 pytorch_model.bin with legacy buffers, {in_bytes / 1e9:.2f} GB in all; "
-        f"weights {WEIGHTS}; {a.rounds} alternating rounds, page cache warm.",
-        "",
-        "| tool | wall s, median (rounds) | interpreter + imports alone, s | CPU s (user+sys), median "
-        "| peak RSS GiB (max) "
-        "| GB/s = (input files + output files) / wall | of memory copy bandwidth "
-        "| max abs err vs fp16(Σ wᵢθᵢ in fp64) | fraction of elements ≠ fp16(ref) | max abs err vs raw fp64 "
-        "| legacy buffers in output |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", *rows, "",
-        f"hf-bomerge vs mergekit: {mk / hf:.2f}× the speed, {hrss / mrss:.2f}× the peak RSS "
-        f"(target ≥ 3× and ≤ 0.33×). Merged tensors differing bit-wise between the two outputs: {ndiff} of {nmerged}.",
-        f"Memory bandwidth (torch, best of 3, 2 GiB): copy {bw_copy:.1f} GB/s (read + write counted), "
-        f"read (sum) {bw_read:.1f} GB/s.",
-        f"hf-bomerge phases (last round): open {results['hf-bomerge'][-1]['info']['open_s']:.2f} s, "
-        f"export_merge {results['hf-bomerge'][-1]['info']['export_s']:.2f} s (rest: interpreter start, imports, exit).",
-        *resident,
-        f"Load average (1 min) before / after the timed rounds: {load0[0]:.2f} / {load1[0]:.2f} "
-        f"(other work on the machine slows both tools; compare within one run).",
-        *(f"Note: {n}" for n in notes),
+        f"Command: `hf-bomerge ROOT --revisions {REVISIONS[0]}..{REVISIONS[-1]} --weights "
+        f"{','.join(map(str, WEIGHTS))} --no-eval --dtype float16 --quiet` vs `mergekit-yaml` (linear, float16); "
+        f"4 Pythia-410m-shaped checkpoints per format; {a.rounds} rounds, each running every (tool, format) once in "
+        "turn; page cache warm.", "", *rows, "", *verdicts, "",
+        f"Bandwidth: memory copy {bw_copy:.1f} GB/s (read + write counted; torch, 2 GiB, best of 3), read {bw_read:.1f} "
+        f"GB/s; file write {bw_write:.2f} GB/s ({out_bytes / 1e9:.2f} GB in 64 MiB writes + fsync, best of 3). "
+        f"`python -c 'import torch'` alone: {imports['hf-bomerge']:.2f} s.",
+        *levers, "", *resident,
+        f"Load average (1 min) before / after: {load0[0]:.2f} / {load1[0]:.2f} (a shared machine: compare within one run).",
     ])
     print(md)
     (OUT / "merge_bench.md").write_text(md + "\n")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from . import parallel
 from . import weights as W
@@ -26,9 +26,10 @@ from .plan import Plan
 from .prepare import Prepared, prepare, resolve, run_plan
 from .result import MergeResult
 from .spaces import Layered, space_for
-from .study import (Trial, best_of, default_storage, default_study_name, load_study, run_search, set_study_attr,
-                    study_outcome)
 from .tasks import Metric, objective_key
+
+if TYPE_CHECKING:  # the study (Optuna, SQLAlchemy) is imported where used: a fixed merge never needs it
+    from .study import Trial
 
 logger = logging.getLogger("hf_bomerge")
 
@@ -135,6 +136,8 @@ def search(source: str, revisions: str = "last:2", *, dataset: str | None = None
     >>> result.weights, result.loss, result.baselines                               # doctest: +SKIP
     >>> search("EleutherAI/pythia-160m", "last:4", objective="./metrics/accuracy", dataset="mc.jsonl")  # doctest: +SKIP
     """
+    from .study import default_storage, default_study_name, run_search, set_study_attr
+
     if not 0.0 <= confirm_fraction < 1.0:
         raise BOMergeError(f"--confirm-fraction must be in [0, 1), got {confirm_fraction}; 0.25 keeps every 4th "
                            "held-out block for the confirm part, 0 turns it off.")
@@ -233,6 +236,8 @@ def from_study(study_name: str | None = None, storage: str | None = None, *, tok
 
     >>> from_study("bomerge-pythia-1b-0123abcd", "postgresql+psycopg://db/bomerge").save_pretrained("out")  # doctest: +SKIP
     """
+    from .study import default_storage, load_study, study_outcome
+
     url = storage or default_storage(cache_dir)
     study = load_study(url, study_name)
     recipe = study.user_attrs.get("recipe") or {}
@@ -262,6 +267,8 @@ def from_study(study_name: str | None = None, storage: str | None = None, *, tok
 def _generalization(evaluate, eval_datasets, text_column, best_weights, outcome, names, objective: str) -> dict:
     """Loss (mean NLL, whatever the objective) of the merge, the best single checkpoint (best on the
     objective) and the uniform average on each extra eval set."""
+    from .study import best_of
+
     if not eval_datasets:
         return {}
     singles = {k: v for k, v in outcome.baselines.items() if k in names}

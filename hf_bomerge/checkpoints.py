@@ -1,7 +1,8 @@
 """A lazy, validated view over the N checkpoints of one training run.
 
-Tensors are read one at a time: safetensors with positioned reads at the offsets of their JSON header,
-`.bin` through `torch.load(weights_only=True, mmap=True)`, which never unpickles anything but tensors. Names, shapes
+Tensors are read one at a time, without copying: safetensors through a private memory map at the offsets of their
+JSON header, `.bin` through `torch.load(weights_only=True, mmap=True)`, which never unpickles anything but
+tensors. Either way the pages of a used tensor are handed back (`release`), so the resident set stays small. Names, shapes
 and dtypes are checked across all checkpoints once, up front, from the headers alone where the format
 allows it.
 """
@@ -79,9 +80,10 @@ def find_weight_files(folder: Path) -> list[Path]:
 class Checkpoint:
     """One checkpoint's tensors, read lazily by name.
 
-    safetensors are read with positioned reads from the offsets in their header, `.bin` through a
-    memory map whose pages are handed back once a tensor is used (`release`), so reading a whole
-    checkpoint never holds more than a few tensors in memory.
+    Both formats are memory-mapped (safetensors at the offsets of its header, `.bin` through `torch.load`);
+    `get` returns a view of the mapping, not a copy, and the pages are handed back once a tensor is used
+    (`release`), so reading a whole checkpoint never holds more than a few tensors in memory. The mapping is
+    private (copy-on-write): writing into a returned tensor never reaches the file.
 
     >>> ckpt = Checkpoint("run/step1000")           # doctest: +SKIP
     >>> ckpt.infos["embed_out.weight"].shape        # doctest: +SKIP
@@ -122,28 +124,42 @@ class Checkpoint:
     def _open(self, index: int):
         if index not in self._handles:
             path = self.files[index]
-            self._handles[index] = open(path, "rb") if path.suffix == ".safetensors" else load_bin(path)
+            self._handles[index] = map_file(path) if path.suffix == ".safetensors" else load_bin(path)
         return self._handles[index]
 
     def get(self, name: str) -> torch.Tensor:
-        """The tensor `name`, in its stored dtype, on CPU."""
+        """The tensor `name`, in its stored dtype, on CPU (a view of the file's private mapping)."""
         index, offset = self._where[name]
         handle = self._open(index)
         if offset < 0:
             return handle[0][name]
         info = self.infos[name]
-        out = torch.empty(info.shape, dtype=info.dtype)
-        if info.nbytes:
-            handle.seek(offset)
-            if handle.readinto(memoryview(out.reshape(-1).view(torch.uint8).numpy())) != info.nbytes:
-                raise CorruptFileError(f"{self.files[index]} ended inside tensor {name!r}: the file is truncated.")
-        return out
+        if not info.nbytes:
+            return torch.empty(info.shape, dtype=info.dtype)
+        if offset % info.dtype.itemsize:  # a writer that did not align the data: copy it out, aligned
+            raw = torch.frombuffer(handle, dtype=torch.uint8, count=info.nbytes, offset=offset)
+            return raw.clone().view(info.dtype).view(info.shape)
+        return torch.frombuffer(handle, dtype=info.dtype, count=info.numel, offset=offset).view(info.shape)
 
     def release(self, name: str) -> None:
-        """Hand back the memory-mapped pages of a `.bin` tensor that has been used (a no-op otherwise)."""
+        """Hand back the memory-mapped pages of a tensor that has been used (a no-op for a non-mapped `.bin`)."""
         index, offset = self._where[name]
-        if offset < 0 and self._handles[index][1]:
-            _drop_pages(self._handles[index][0][name])
+        if offset < 0:
+            if self._handles[index][1]:
+                _drop_pages(self._handles[index][0][name])
+        elif self.infos[name].nbytes and index in self._handles:
+            _drop_pages(torch.frombuffer(self._handles[index], dtype=torch.uint8, count=self.infos[name].nbytes,
+                                         offset=offset))
+
+    def prefetch(self, name: str) -> None:
+        """Ask the kernel to start reading tensor `name` from disk now (MADV_WILLNEED on a safetensors mapping),
+        so a cold file is read while the previous tensor is summed. A no-op for `.bin` and empty tensors."""
+        index, offset = self._where[name]
+        info = self.infos[name]
+        if offset < 0 or not info.nbytes or not hasattr(mmap, "MADV_WILLNEED"):
+            return
+        start = offset // _PAGE * _PAGE
+        self._open(index).madvise(mmap.MADV_WILLNEED, start, offset + info.nbytes - start)
 
     def aliases(self) -> dict[str, str]:
         """Names whose tensor shares storage with an earlier name (tied weights in .bin files)."""
@@ -182,6 +198,13 @@ def load_bin(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
                                "or holds more than tensors; delete it and download it again.") from err
 
 
+def map_file(path: Path) -> mmap.mmap:
+    """A private (copy-on-write) read mapping of a whole file: tensors viewed from it are writable in torch's
+    eyes, but a write only ever changes this process's copy of a page, never the file."""
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+
+
 _PAGE = mmap.PAGESIZE
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform == "linux" else None
 
@@ -196,6 +219,26 @@ def _drop_pages(tensor: torch.Tensor) -> None:
     last = (start + tensor.numel() * tensor.element_size()) // _PAGE * _PAGE
     if last > first:
         _libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # 4 = MADV_DONTNEED
+
+
+# Architectures whose checkpoints hold only parameters and the buffers LEGACY_BUFFER_SUFFIXES names, so the
+# name rule (`is_merged`) is exactly the rule of the loaded model's parameters (`engine.model_rule`) and a fixed
+# merge need not import transformers to build the model class (6-9 s of CPU on a 2-core box).
+# tests/test_rules.py checks every entry against the model transformers builds.
+SUFFIX_RULE_ARCHITECTURES = frozenset({
+    "GPTNeoXForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "OlmoForCausalLM",
+    "Olmo2ForCausalLM",
+})
+
+
+def suffix_rule_suffices(folder: str | Path) -> bool:
+    """Whether `folder`'s config names only architectures of `SUFFIX_RULE_ARCHITECTURES` (and no remote code)."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    archs = config.get("architectures") or []
+    return bool(archs) and "auto_map" not in config and set(archs) <= SUFFIX_RULE_ARCHITECTURES
 
 
 def is_merged(info: TensorInfo) -> bool:

@@ -11,7 +11,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from .checkpoints import CheckpointSet
+from .checkpoints import CheckpointSet, suffix_rule_suffices
 from .errors import CheckpointError
 from .layers import Weights, tensor_weights
 
@@ -183,8 +183,11 @@ def rule_from_config(ckpts: CheckpointSet, folder, trust_remote_code: bool = Fal
     """Derive the rule from the model class of `folder`'s config, built on the `meta` device (no memory).
 
     Returns False, leaving the name-based rule, when the class cannot be built here (remote code that is not
-    trusted, an architecture this transformers lacks).
+    trusted, an architecture this transformers lacks). For an architecture where the two rules agree
+    (`suffix_rule_suffices`) nothing is built: the name-based rule is the model's.
     """
+    if suffix_rule_suffices(folder):
+        return True
     try:
         from transformers import AutoConfig, AutoModelForCausalLM
 

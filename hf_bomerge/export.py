@@ -44,11 +44,10 @@ def export_once(result: MergeResult, output: str | Path, *, repo_id: str | None 
 
     >>> export_once(search("EleutherAI/pythia-160m", "last:4", storage=url), "merged").output   # doctest: +SKIP
     """
-    from . import workers
-
     target = Path(output).expanduser().resolve()
-    storage = None
-    if claim and result.storage and result.study:
+    storage = workers = None
+    if claim and result.storage and result.study:  # a search's study (a fixed merge never imports Optuna)
+        from . import workers
         from .study import open_storage
 
         storage = open_storage(result.storage)

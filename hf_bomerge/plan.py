@@ -4,7 +4,7 @@ run downloads, holds in memory and writes, and refuse a plan that cannot fit, sa
 from __future__ import annotations
 
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -46,6 +46,8 @@ class Plan:
     source: str = ""
     shas: list[str] | None = None
     note: str | None = None
+    config: dict | None = field(default=None, repr=False)  # the latest revision's config.json
+    estimate: object | None = None  # an `estimate.Estimate` of the trial time, when one was calibrated
 
     @property
     def resident_bytes(self) -> int:
@@ -108,11 +110,29 @@ class Plan:
             lines.append(f"  memory    {human(self.resident_bytes)} on {self.device} (resident mode: "
                          f"{len(self.revisions)} checkpoints + model + activations), "
                          f"{human(self.memory_available)} available")
+        if self.estimate is not None:
+            lines.append(self.estimate.describe())
         return "\n".join(lines)
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "resident_bytes": self.resident_bytes, "streamed_bytes": self.streamed_bytes,
-                "disk_bytes": self.disk_bytes, "mode": self.mode}
+        out = {**asdict(self), "resident_bytes": self.resident_bytes, "streamed_bytes": self.streamed_bytes,
+               "disk_bytes": self.disk_bytes, "mode": self.mode}
+        out.pop("config")
+        return out
+
+    def estimate_time(self, *, trials: int, max_eval_tokens: int, batch_size: int, block_size: int | None,
+                      eval_dtype: str | None, confirm_fraction: float = 0.25) -> None:
+        """Calibrate the time of a trial on this plan's device (`estimate.estimate`, a few seconds; nothing is
+        downloaded) and keep it in `self.estimate` (shown by `describe`, in `as_dict` under "estimate")."""
+        from .estimate import estimate
+
+        if not self.evaluate or not self.config or self.device == "cuda:*":
+            return
+        stored = {"float32": 4, "float64": 8}.get(str(self.config.get("dtype") or self.config.get("torch_dtype")), 2)
+        self.estimate = estimate(self.config, self.params, n_checkpoints=len(self.revisions), device=self.device,
+                                 eval_dtype=eval_dtype, stored_itemsize=stored, batch_size=batch_size,
+                                 block_size=block_size, max_eval_tokens=max_eval_tokens, trials=trials,
+                                 confirm_fraction=confirm_fraction)
 
 
 def free_space(path: Path) -> int:
@@ -154,4 +174,4 @@ def make_plan(sizes: Sequence[dict[str, int]], cached: Sequence[bool], config: d
     free_disk = min(free_space(p) for p in paths)
     return Plan(list(revisions), per_checkpoint, params, sum(sum(s.values()) for s, c in zip(sizes, cached) if not c),
                 params * eval_itemsize, activations, device, max_memory or memory_available(device),
-                free_disk, evaluate)
+                free_disk, evaluate, config=config)

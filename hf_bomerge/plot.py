@@ -5,8 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .study import best_of
-
 if TYPE_CHECKING:
     from .study import Trial
 
@@ -16,6 +14,7 @@ PLOT_FILE = "bomerge_search.png"
 def plot_search(trials: list["Trial"], revisions: list[str], weights: list[float], path: str | Path,
                 objective: str = "loss") -> Path:
     """Write a PNG (byte-stable: no timestamp, no version metadata) and return its path."""
+    from .study import best_of  # here: exporting a fixed merge (no plot) never imports Optuna
     import matplotlib
 
     matplotlib.use("Agg")

@@ -204,13 +204,22 @@ def check_offline(source: str, revisions: str, max_checkpoints: int, token, cach
 
 
 def quiet_libraries() -> None:
-    import datasets
-    from huggingface_hub.utils import disable_progress_bars
-    from transformers.utils import logging as hf_logging
+    """No progress bars from huggingface_hub, transformers and datasets, without importing the last two (1-2 s
+    each): transformers reads huggingface_hub's switch when it is imported, datasets its environment variable."""
+    import os
+    import sys
 
-    datasets.disable_progress_bars()
+    from huggingface_hub.utils import disable_progress_bars
+
     disable_progress_bars()
-    hf_logging.disable_progress_bar()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+    else:
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 
 def _bar(items, desc: str, enabled: bool):

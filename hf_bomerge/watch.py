@@ -223,7 +223,7 @@ def _check_window(window: int) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of `hf-bomerge watch`: the watch's own, then the data and search options of a run."""
-    from .heldout import DEFAULT_MAX_EVAL_TOKENS
+    from .defaults import DEFAULT_MAX_EVAL_TOKENS
     from .spaces import SEARCHES
 
     p.add_argument("source", help="Hub repo id ORG/NAME (its branches) or a training output folder (checkpoint-N)")

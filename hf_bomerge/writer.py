@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 
@@ -18,6 +20,9 @@ from .layers import Weights
 
 from .defaults import DEFAULT_MAX_SHARD_SIZE  # noqa: F401  (re-exported)
 _ST_NAMES = {dtype: name for name, dtype in ST_DTYPES.items()}
+AHEAD = 2  # tensors merged ahead of the one being written: bounds the extra memory to two tensors
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def parse_size(size: str | int) -> int:
@@ -81,6 +86,30 @@ def _write_bytes(f, tensor: torch.Tensor) -> None:
         f.write(memoryview(flat.view(torch.uint8).numpy()))
 
 
+def ahead(items: Iterable[T], produce: Callable[[T], R], depth: int = AHEAD) -> Iterator[R]:
+    """`produce(item)` for every item, in order, computed by one background thread up to `depth` items ahead of
+    the consumer: the merge of the next tensors (reading, summing; torch and page faults release the GIL) runs
+    while the caller writes this one. An error in `produce` is raised at its item; when the consumer stops
+    early, the items not started are cancelled and the one in progress is waited for.
+
+    >>> list(ahead(range(4), lambda x: x * x))
+    [0, 1, 4, 9]
+    """
+    items = iter(items)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bomerge-merge") as pool:
+        pending = [pool.submit(produce, item) for item in islice(items, depth)]
+        try:
+            while pending:
+                result = pending.pop(0).result()
+                for item in items:
+                    pending.append(pool.submit(produce, item))
+                    break
+                yield result
+        finally:
+            for future in pending:
+                future.cancel()
+
+
 def export_merge(ckpts: CheckpointSet, weights: Weights, out_dir: str | Path, *,
                  dtype: torch.dtype | None = None, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
                  progress=None) -> list[Path]:
@@ -99,21 +128,35 @@ def export_merge(ckpts: CheckpointSet, weights: Weights, out_dir: str | Path, *,
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     tied = set(ckpts.aliases.values())
     kept: dict[str, torch.Tensor] = {}  # merged tied weights, written again under their other names
-    for shard, filename in zip(shards, names):
-        with open(out_dir / filename, "wb") as f:
-            f.write(_header(shard))
-            for info in shard:
-                source = ckpts.aliases.get(info.name, info.name)
-                tensor = kept.get(source)
-                if tensor is None:
-                    tensor = merged_tensor(ckpts, info.name, weights, dtype)
-                    if source in tied:
-                        kept[source] = tensor
-                _write_bytes(f, tensor.to(info.dtype))
-                if progress is not None:
-                    progress.update(info.nbytes)
-            f.flush()
-            os.fsync(f.fileno())
+    order = [info for shard in shards for info in shard]
+    upcoming = islice(order, AHEAD + 1, None)
+
+    def produce(info: TensorInfo) -> torch.Tensor:  # on the merge thread, AHEAD tensors before it is written
+        for nxt in upcoming:  # start reading a later tensor from disk (a no-op when it is in the page cache)
+            for ckpt in ckpts.checkpoints:
+                ckpt.prefetch(ckpts.aliases.get(nxt.name, nxt.name))
+            break
+        source = ckpts.aliases.get(info.name, info.name)
+        tensor = kept.get(source)
+        if tensor is None:
+            tensor = merged_tensor(ckpts, info.name, weights, dtype)
+            if source in tied:
+                kept[source] = tensor
+        return tensor.to(info.dtype)
+
+    merged = ahead(order, produce)
+    try:
+        for shard, filename in zip(shards, names):
+            with open(out_dir / filename, "wb") as f:
+                f.write(_header(shard))
+                for info, tensor in zip(shard, merged):
+                    _write_bytes(f, tensor)
+                    if progress is not None:
+                        progress.update(info.nbytes)
+                f.flush()
+                os.fsync(f.fileno())  # the never-half-a-model promise: the data is on disk before the rename
+    finally:
+        merged.close()  # an error here: stop the merge thread before returning
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(i.nbytes for i in infos)},
                  "weight_map": {i.name: fn for shard, fn in zip(shards, names) for i in shard}}

@@ -19,18 +19,16 @@ HEAVY = ("torch", "optuna", "sqlalchemy", "transformers", "datasets", "numpy")
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["show", "--help"], ["export", "--help"], ["recipe", "--help"],
-                                  ["demo", "--help"]])
-def test_help_imports_nothing_heavy_and_is_fast(argv):
+                                  ["demo", "--help"], ["watch", "--help"], ["download", "--help"]])
+def test_help_imports_nothing_heavy(argv):
+    """`--help` imports none of the heavy libraries (its speed is measured in benchmarks/README.md, not here)."""
     code = ("import sys, time; t = time.perf_counter(); from hf_bomerge.cli import main\n"
             "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
             f"print(sorted(m for m in {HEAVY!r} if m in sys.modules), time.perf_counter() - t, file=sys.stderr)")
-    start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60)
-    wall = time.perf_counter() - start
-    heavy, seconds = proc.stderr.strip().splitlines()[-1].rsplit(" ", 1)
+    heavy, _seconds = proc.stderr.strip().splitlines()[-1].rsplit(" ", 1)
     assert proc.returncode == 0 and "usage: hf-bomerge" in proc.stdout, proc.stderr
     assert heavy == "[]", f"--help imported {heavy}"
-    assert float(seconds) < 0.5 and wall < 5, (seconds, wall)  # ~0.05 s in-process here; the interpreter's start aside
 
 
 def test_search_is_the_default_and_subcommands_take_the_first_word():

@@ -46,7 +46,6 @@ def save(result, args, default_name: str, claim: bool = True):
     one under `accelerate launch`)."""
     from .. import parallel
     from ..export import export_once
-    from ..study import safe_url
 
     if not parallel.is_main():  # under `accelerate launch`, only the main process writes
         return None
@@ -54,6 +53,8 @@ def save(result, args, default_name: str, claim: bool = True):
                        private=args.private or None, revision=args.hub_revision, commit_message=args.commit_message,
                        claim=claim, overwrite=args.overwrite, max_shard_size=args.max_shard_size, progress=not args.quiet)
     if done.writer is not None:
+        from ..study import safe_url
+
         w = done.writer
         print(f"hf-bomerge: the budget of {result.budget} trials of study {result.study} is spent and its merge "
               f"is exported by {w.get('worker')} (to {w.get('output')}, since {w.get('at')}"
@@ -74,8 +75,6 @@ def report(result, args) -> None:
 
 
 def format_summary(result) -> str:
-    from ..study import best_of, direction
-
     lines = [f"merged {len(result.revisions)} revisions of {result.source} -> {result.output}", "", "weights:"]
     lines += [f"  {name:<24} {w:9.5f}" for name, w in zip(result.revisions, result.weights)]
     if result.layer_weights:
@@ -84,6 +83,8 @@ def format_summary(result) -> str:
         lines += [f"  {group:<24} " + " ".join(f"{w:7.4f}" for w in vector)
                   for group, vector in result.layer_weights.items()]
     if result.loss is not None:
+        from ..study import best_of, direction
+
         lines += ["", *_scores(result)]
         objective, sign = result.objective, 1 if direction(result.objective) == "minimize" else -1
         unit = " nats/token" if objective == "loss" else ""

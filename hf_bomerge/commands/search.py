@@ -145,6 +145,13 @@ def dry_run(args: argparse.Namespace) -> int:
                     cache_dir=args.cache_dir, device=args.device, eval_dtype=args.eval_dtype,
                     batch_size=args.batch_size, block_size=args.block_size, max_memory=args.max_memory,
                     evaluate=not (fixed and args.no_eval), device_map=args.device_map)
+    if not fixed:  # a search: calibrate the time of a trial on the device (seconds; nothing downloaded)
+        plan.estimate_time(trials=args.trials, max_eval_tokens=args.max_eval_tokens, batch_size=args.batch_size,
+                           block_size=args.block_size, eval_dtype=args.eval_dtype,
+                           confirm_fraction=args.confirm_fraction)
+    elif not args.no_eval:  # a fixed merge scores one weight vector
+        plan.estimate_time(trials=1, max_eval_tokens=args.max_eval_tokens, batch_size=args.batch_size,
+                           block_size=args.block_size, eval_dtype=args.eval_dtype, confirm_fraction=0.0)
     fits = True
     try:
         plan.check()

@@ -180,7 +180,7 @@ def _hub_dataset(name: str | None, what: str) -> str | None:
 # What the fork server imports once, so that a search does not spend its first seconds importing: the
 # pipeline and what it imports lazily (model classes, datasets, the GP's scipy, the study's SQL storage).
 # A name that does not import is skipped by multiprocessing.
-PRELOAD = ["space_worker", "hf_bomerge.api", "hf_bomerge.card", "hf_bomerge.plot", "transformers.modeling_utils",
+PRELOAD = ["space_worker", "hf_bomerge.api", "hf_bomerge.study", "hf_bomerge.card", "hf_bomerge.plot", "transformers.modeling_utils",
            "transformers.models.auto.modeling_auto", "transformers.models.gpt_neox.modeling_gpt_neox",
            "transformers.models.olmo.modeling_olmo", "transformers.models.llama.modeling_llama", "datasets",
            "scipy.optimize", "optuna.storages", "sqlalchemy.dialects.sqlite", "alembic", "matplotlib.pyplot"]
