@@ -7,7 +7,6 @@ import re
 
 import subprocess
 import sys
-import time
 import types
 
 import pytest
