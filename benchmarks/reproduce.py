@@ -6,8 +6,9 @@
 1. Trains (benchmarks/reproduce_train.py, cached under benchmarks/out/reproduce/) the demo's tiny GPT-NeoX on
    CPython's stdlib at a constant learning rate after warmup, a checkpoint every 50 steps to step 1200, and an
    annealed fork from step 1000: the same batches with the learning rate decayed linearly to zero at step 1200.
-2. Merges the constant-LR checkpoints with hf-bomerge's Python API (`hf_bomerge.merge` for SMA/EMA/WMA and the
-   decay-emulating WSM weights, `hf_bomerge.search` for the GP merge; each saved with `save_pretrained`).
+2. Merges the constant-LR checkpoints with hf-bomerge's Python API: `hf_bomerge.merge` for SMA/EMA/WMA and WSM's
+   decay-emulating weights (`method="wsm-linear"|"wsm-cosine"`, `window` in steps), `hf_bomerge.search` for the GP
+   merge; each saved with `save_pretrained`.
 3. Measures every saved model independently of hf-bomerge: transformers' own `labels=` loss of packed blocks
    (tests/measure.py's `document_blocks`), on the in-domain held-out code (all blocks, and the confirm part the
    GP never saw: every 4th block) and on out-of-domain English prose.
@@ -54,20 +55,11 @@ def log(msg: str) -> None:
     print(f"[reproduce] {msg}", file=sys.stderr, flush=True)
 
 
-def wsm_weights(n: int, shape: str = "linear") -> list[float]:
-    """WSM's decay-emulating merge weights for n equally spaced checkpoints (oldest first).
-
-    Σ cᵢθᵢ = θ₁ + Σₖ Mₖ Δₖ, where Δₖ is the update from checkpoint k to k+1 and Mₖ = Σ_{i>k} cᵢ its
-    effective learning-rate multiplier; choosing Mₖ = f(midpoint of block k in the window) for a decay f
-    from 1 to 0 gives c₁ = 1 − M₁, cᵢ = Mᵢ₋₁ − Mᵢ (the drop of the multiplier across checkpoint i), cₙ = Mₙ₋₁.
-
-    >>> [round(w, 3) for w in wsm_weights(5)]
-    [0.125, 0.25, 0.25, 0.25, 0.125]
-    """
-    f = {"linear": lambda t: 1 - t, "cosine": lambda t: 0.5 * (1 + math.cos(math.pi * t)),
-         "sqrt": lambda t: 1 - math.sqrt(t)}[shape]
-    m = [f((k + 0.5) / (n - 1)) for k in range(n - 1)]
-    return [1 - m[0]] + [m[k - 1] - m[k] for k in range(1, n - 1)] + [m[-1]]
+def trapezoid(n: int) -> list[float]:
+    """WSM-linear's weights for n evenly spaced checkpoints over a window spanning them: (½, 1, …, 1, ½)/(n − 1).
+    Σ cᵢθᵢ = θ₁ + Σₖ Mₖ Δₖ with Mₖ = Σ_{i>k} cᵢ the learning-rate multiplier of the update Δₖ = θₖ₊₁ − θₖ; a linear
+    decay of M over the window gives these (hf_bomerge.schedules derives the general case)."""
+    return [0.5 / (n - 1)] + [1 / (n - 1)] * (n - 2) + [0.5 / (n - 1)]
 
 
 class Meter:
@@ -150,14 +142,18 @@ def one_seed(args, seed: int) -> dict:
     for method in ("sma", "ema", "wma"):
         folder, w = fixed(root, merges, method, last8, method=method)
         add(f"{method.upper()}" + (" (α=0.2)" if method == "ema" else ""), folder, span, w)
-    folder, w = fixed(root, merges, "wsm-linear-decay-span", decay_span, weights=wsm_weights(len(decay_span)))
+    # WSM through hf-bomerge's own rule (--method wsm-*, --window in steps), over the same 8 checkpoints: a window
+    # of the fork's decay span gives the checkpoints before it no weight.
+    folder, w = fixed(root, merges, "wsm-linear-decay-span", last8, method="wsm-linear", window=args.decay_steps)
+    assert all(abs(a - b) < 1e-12 for a, b in zip(w, [0.0] * (N - len(decay_span)) + trapezoid(len(decay_span))))
     add("WSM-linear, window = the fork's decay span", folder, f"{decay_span[0]}..{decay_span[-1]} "
         f"({len(decay_span)})", w)
     for shape in ("linear", "cosine"):
-        folder, w = fixed(root, merges, f"wsm-{shape}", last8, weights=wsm_weights(N, shape))
+        folder, w = fixed(root, merges, f"wsm-{shape}", last8, method=f"wsm-{shape}", window=(N - 1) * V)
         add(f"WSM-{shape}", folder, span, w)
     long = window(S, 2 * N, V)
-    folder, w = fixed(root, merges, "wsm-linear-long", long, weights=wsm_weights(2 * N))
+    folder, w = fixed(root, merges, "wsm-linear-long", long, method="wsm-linear", window=(2 * N - 1) * V)
+    assert all(abs(a - b) < 1e-12 for a, b in zip(w, trapezoid(2 * N)))
     add("WSM-linear, 2× window", folder, f"{long[0]}..{long[-1]} ({2 * N})", w)
 
     t1 = time.perf_counter()
@@ -249,11 +245,11 @@ def main() -> None:
     parser.add_argument("--scan-ends", default="200,250,300,400,600,800,1000,1200")
     args = parser.parse_args()
     args.scan_ends = [int(x) for x in args.scan_ends.split(",")]
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # 2 threads on a loaded 2-core box ran a training step ~10× slower (measured)
     import transformers
 
     transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()  # 2 threads on a loaded 2-core box ran a training step ~10× slower (measured)
+    transformers.logging.disable_progress_bar()
     logging.getLogger("hf_bomerge").setLevel(logging.ERROR)  # the early-phase warning would flood the scan
     start = time.perf_counter()
     runs = [one_seed(args, int(s)) for s in args.seeds.split(",")]
