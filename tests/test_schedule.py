@@ -165,6 +165,7 @@ def _cli(*args, capsys):
     return code, (json.loads(out.strip().splitlines()[-1]) if code == 0 else None), err
 
 
+@pytest.mark.e2e  # real merges and a real search: the e2e tier, as the repo's other searches
 def test_method_wsm_through_the_cli(trajectory, tmp_path, capsys):
     common = [str(trajectory), "--revisions", "step300..step600", "--cache-dir", str(tmp_path / "c")]
     code, summary, err = _cli(*common, "--method", "wsm-linear", "--window", "200", "--output", str(tmp_path / "a"),
@@ -187,6 +188,7 @@ def test_method_wsm_through_the_cli(trajectory, tmp_path, capsys):
     assert code != 0 and "--window" in err and "wsm-linear" in err
 
 
+@pytest.mark.e2e
 def test_search_schedule_through_the_cli(trajectory, tmp_path, capsys):
     code, summary, err = _cli(str(trajectory), "--revisions", "step250..step600", "--search", "schedule",
                               "--trials", "7", "--dataset", str(trajectory / "heldout" / "validation.jsonl"),
