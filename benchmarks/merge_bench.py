@@ -21,7 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+if "--worker" in sys.argv:  # a lever variant runs the command: the same OpenMP policy as `hf-bomerge` sets
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
