@@ -6,6 +6,7 @@ Deterministic: the same result gives the same bytes (no timestamps), so a re-pus
 from __future__ import annotations
 
 from importlib import resources
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -51,7 +52,8 @@ def render_card(result: "MergeResult", repo_id: str | None = None, license: str 
         template_str=template,
         model_name=model_name,
         repo_id=repo_id or model_name,
-        source=result.source,
+        # a local source is named by its folder: a published card never shows a path of the machine it ran on
+        source=result.source if result.source_kind == "hub" else Path(result.source).name,
         source_url=source_url,
         revisions=[{"name": n, "sha": s, "weight": w} for n, s, w in zip(result.revisions, result.shas, result.weights)],
         searched=result.search is not None,

@@ -96,3 +96,11 @@ def test_a_note_is_one_paragraph_after_the_opening_and_absent_otherwise(tmp_path
     assert result.note not in plain
     assert f"trials) against the held-out loss on {result.dataset}.\n\n{result.note}\n" in noted
     assert noted.replace(f"\n\n{result.note}", "") == plain  # nothing else changes
+
+
+def test_a_local_source_is_named_by_its_folder_not_its_path():
+    result = MergeResult(source="/home/someone/private/run-7", revisions=["checkpoint-1", "checkpoint-2"],
+                         shas=["a" * 40, "b" * 40], weights=[0.5, 0.5], source_kind="folder")
+    text = render_card(result, repo_id="me/merged").content
+    assert "/home/someone" not in text and "`run-7`" in text
+    assert "huggingface.co/" not in text.split("---")[-1].split("## Use it")[0]  # no invented link to a local run
