@@ -11,6 +11,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from hf_bomerge.cli import main
 from hf_bomerge.estimate import estimate, flops_per_token
 
+pytestmark = pytest.mark.e2e  # the test Hub, subprocess CLIs, real searches or training
+
 
 @pytest.fixture
 def run_folder(tmp_path):

@@ -20,6 +20,8 @@ import pytest
 
 from testhub import DATASET_CARD, free_port, pythia_branches
 
+pytestmark = pytest.mark.e2e  # the test Hub, subprocess CLIs, real searches or training
+
 CLI = [sys.executable, "-m", "hf_bomerge.cli"]
 QUIET_NOISE = ("Traceback", "Repo card metadata", "Using the latest cached version", "WARNING:datasets")
 

@@ -19,6 +19,8 @@ from hf_bomerge.cli import main
 from hf_bomerge.errors import StudyError
 from measure import heldout_loss, load_state, reference_merge
 
+pytestmark = pytest.mark.e2e  # the test Hub, subprocess CLIs, real searches or training
+
 ASSETS = Path(__file__).parent / "assets"
 NORMHEAD_REPO = "baichuan-like/normhead-tiny"
 

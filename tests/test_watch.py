@@ -21,6 +21,8 @@ from hf_bomerge.watch import LEDGER, _claim, read_ledger, shifted, watch_once
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from testhub import pythia_branches  # noqa: E402
 
+pytestmark = pytest.mark.e2e  # the test Hub, subprocess CLIs, real searches or training
+
 TOKEN = "hf_test_watch_token_42"
 
 
