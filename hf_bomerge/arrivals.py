@@ -68,14 +68,20 @@ def _model_like(folder: Path) -> bool:
     return folder.name.startswith("checkpoint-") or any((folder / f).exists() for f in ("config.json", *WEIGHT_LAYOUTS))
 
 
+def weight_layout(files) -> tuple[str | None, str]:
+    """The weight layout among `files` (names), or why there is none yet; the same for a folder and a commit."""
+    if "config.json" not in files:
+        return None, "no config.json yet"
+    layout = next((name for name in WEIGHT_LAYOUTS if name in files), None)
+    return layout, "" if layout else "no weights yet"
+
+
 def folder_incomplete(folder: Path, settle: float = 0.0) -> str:
     """Why `folder` is not a complete checkpoint yet ("" when it is)."""
     files = {p.name: p for p in folder.iterdir() if p.is_file()}
-    if "config.json" not in files:
-        return "no config.json yet"
-    layout = next((name for name in WEIGHT_LAYOUTS if name in files), None)
-    if layout is None:
-        return "no weights yet"
+    layout, why = weight_layout(files)
+    if why:
+        return why
     if layout.endswith(".index.json"):
         try:
             shards = sorted(set(json.loads(files[layout].read_text())["weight_map"].values()))
@@ -146,11 +152,9 @@ def _commit_incomplete(api, repo_id: str, name: str, sha: str, token) -> str:
 
     with hub_errors(repo_id, name):
         files = {e.path for e in api.list_repo_tree(repo_id, revision=sha) if isinstance(e, RepoFile)}
-    if "config.json" not in files:
-        return "no config.json yet"
-    layout = next((f for f in WEIGHT_LAYOUTS if f in files), None)
-    if layout is None:
-        return "no weights yet"
+    layout, why = weight_layout(files)
+    if why:
+        return why
     if layout.endswith(".index.json"):
         try:
             with hub_errors(repo_id, name):

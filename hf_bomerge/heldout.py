@@ -167,10 +167,9 @@ def content_fingerprint(spec: HeldOutSpec, split=None, token: str | bool | None 
 def heldout_blocks(spec: HeldOutSpec, tokenizer, tokenizer_folder: Path, block_size: int, max_tokens: int,
                    cache_dir: Path, token: str | bool | None = None) -> torch.Tensor:
     """Tokenized, packed blocks for `spec`, cached on disk (safetensors, keyed by the data's content, the
-    tokenizer, the block size, the token cap and the protocol) so a rerun does not re-tokenize."""
-    from .sources import check_dataset_access
-
-    check_dataset_access(spec.dataset, token)  # the cached blocks too: only for whoever may read the dataset
+    tokenizer, the block size, the token cap and the protocol) so a rerun does not re-tokenize. A Hub split is
+    loaded (and its access checked, `load_split`) before the cache is read: the cached blocks only serve
+    whoever may read the dataset."""
     split = None if Path(spec.dataset).expanduser().exists() else load_split(spec, token)
     key = [content_fingerprint(spec, split, token), spec.text_column, tokenizer_fingerprint(tokenizer_folder),
            block_size, max_tokens, PROTOCOL]

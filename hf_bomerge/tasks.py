@@ -56,9 +56,9 @@ def objective_key(objective: str) -> str:
     return str(path.resolve()) if path.exists() else objective
 
 
-def load_items(spec: HeldOutSpec, token: str | bool | None = None) -> list[tuple[str, list[str], int]]:
-    """(question, choices, answer index) of every row, in order."""
-    ds = load_split(spec, token)
+def load_items(spec: HeldOutSpec, token: str | bool | None = None, split=None) -> list[tuple[str, list[str], int]]:
+    """(question, choices, answer index) of every row (of the already loaded `split`, if given), in order."""
+    ds = split if split is not None else load_split(spec, token)
     missing = [c for c in COLUMNS if c not in ds.column_names]
     if missing:
         raise DataError(f"The dataset {spec.label} has no column {missing[0]!r} (it has {ds.column_names}); a "
@@ -117,13 +117,12 @@ def tokenize_choices(items, tokenizer, context: int, max_tokens: int) -> dict[st
 
 def choice_set(spec: HeldOutSpec, tokenizer, tokenizer_folder: Path, context: int, max_tokens: int,
                cache_dir: Path, token: str | bool | None = None) -> dict[str, torch.Tensor]:
-    """`tokenize_choices` of the split, cached on disk like the held-out blocks."""
-    from .sources import check_dataset_access
-
-    check_dataset_access(spec.dataset, token)  # the cached set too: only for whoever may read the dataset
-    key = ["choices", content_fingerprint(spec, None, token), spec.text_column, tokenizer_fingerprint(tokenizer_folder),
-           context, max_tokens]
-    build = lambda: tokenize_choices(load_items(spec, token), tokenizer, context, max_tokens)  # noqa: E731
+    """`tokenize_choices` of the split, cached on disk like the held-out blocks (a Hub split is loaded, and its
+    access checked, once, before the cache is read)."""
+    split = None if Path(spec.dataset).expanduser().exists() else load_split(spec, token)
+    key = ["choices", content_fingerprint(spec, split, token), spec.text_column,
+           tokenizer_fingerprint(tokenizer_folder), context, max_tokens]
+    build = lambda: tokenize_choices(load_items(spec, token, split), tokenizer, context, max_tokens)  # noqa: E731
     return cached_tensors(Path(cache_dir) / "heldout", key, build)
 
 
