@@ -33,7 +33,7 @@ import optuna  # noqa: E402
 import torch  # noqa: E402
 
 from hf_bomerge import demo  # noqa: E402
-from hf_bomerge.api import EvalSpec  # noqa: E402
+from hf_bomerge.specs import EvalSpec, SourceSpec  # noqa: E402
 from hf_bomerge.confirm import confirm  # noqa: E402
 from hf_bomerge.evaluator import CONFIRM  # noqa: E402
 from hf_bomerge.heldout import HeldOutSpec  # noqa: E402
@@ -52,7 +52,7 @@ def run(seeds: list[int], budgets: list[int], groups: int) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="layer-groups-") as tmp:
         spec = EvalSpec(HeldOutSpec.parse(str(root / "heldout" / "validation.jsonl"), "text"), confirm_fraction=0.25)
         prep = prepare(str(root), "last:4", 8, None, tmp, False, planning=spec.planning())
-        evaluator = spec.evaluator(prep, Path(tmp), None)
+        evaluator = spec.evaluator(prep, Path(tmp), SourceSpec(str(root)))
         ood = HeldOutSpec.parse(str(root / "heldout" / "ood.jsonl"), "text")
         rule = LayerGroups.from_names(groups, prep.ckpts.merged_names)
         sizes = rule.sizes({n: prep.ckpts.infos[n].numel for n in prep.ckpts.merged_names})

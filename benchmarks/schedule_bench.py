@@ -16,6 +16,11 @@ What it does:
 3. Target: the simplex GP's median confirm loss at 40 trials is C*; for every run, the trials until the pick's
    confirm loss is ≤ C*. `schedule` meets the target when its GP's median is ≤ 20 (half of 40).
 4. Writes benchmarks/out/schedule_bench.md (--quick: schedule_bench-quick.md) and the raw runs as .json.
+
+`--schedule-combos SPACE/SAMPLER,...` runs a subset (it must include simplex/gp, the target's reference), e.g.
+the 2-dimensional variant `schedule-2d` (window × shape, the LR decayed to 0 as in WSM; defined here):
+
+    python benchmarks/search_bench.py --schedule --schedule-combos simplex/gp,schedule/gp,schedule-2d/gp
 """
 
 from __future__ import annotations
@@ -33,13 +38,35 @@ from hf_bomerge.checkpoints import CheckpointSet
 from hf_bomerge.evaluator import CONFIRM, Evaluator
 from hf_bomerge.heldout import HeldOutSpec
 from hf_bomerge.prepare import Prepared
-from hf_bomerge.spaces import space_for
+from hf_bomerge.spaces import Schedule, register, space_for
 from hf_bomerge.study import run_search
 
 K = 16
 BUDGETS = (12, 20, 40)
 COMBOS = [("simplex", "gp"), ("schedule", "gp"), ("family", "gp"), ("simplex", "tpe"), ("simplex", "random"),
           ("schedule", "tpe"), ("schedule", "random")]
+
+
+@register
+class ScheduleNoFloor(Schedule):
+    """The shipped `schedule` space with the floor fixed at 0 (the LR decays to 0 at the end of the window, as
+    WSM's schedules do): window × shape, 2 dimensions."""
+
+    name = "schedule-2d"
+
+    def suggest(self, trial):
+        return self.weights({"window": trial.suggest_float("window", self.low, self.high, log=True),
+                             "shape": trial.suggest_float("shape", -self.SHAPE, self.SHAPE)})
+
+    def weights(self, params):
+        return super().weights({**params, "floor": 0.0})
+
+    def param_names(self):
+        return ["window", "shape"]
+
+    def raw_params(self, weights):
+        params = super().raw_params(weights)
+        return None if params is None or abs(params["floor"]) > 1e-9 else {k: params[k] for k in ("window", "shape")}
 
 
 class Objective:
@@ -126,7 +153,7 @@ def _med(values) -> str:
 def report(runs: list[Run], bases: dict, args, seconds: float, obj: Objective, machine: str) -> str:
     simplex40 = [r.at(40)[1] for r in runs if (r.space, r.sampler) == ("simplex", "gp")]
     target = statistics.median(simplex40)
-    blocks = len(obj.ev.objective.blocks), obj.ev.confirm_blocks
+    blocks = len(obj.ev.objective.blocks), obj.ev.confirm_size
     lines = [f"Window: the last {K} checkpoints ({obj.names[0]}..{obj.names[-1]}, every 25 steps) of the search "
              f"bench's trajectory; {args.max_eval_tokens} held-out tokens split {blocks[0]} search / {blocks[1]} "
              f"confirm blocks (every 4th); ood = English prose. {args.seeds} seeds per row; loss = mean token NLL "
@@ -134,7 +161,7 @@ def report(runs: list[Run], bases: dict, args, seconds: float, obj: Objective, m
              f"Target C* = the simplex GP's median confirm loss at 40 trials = {target:.4f}.", "",
              "| space | sampler | budget | search loss | confirm loss | ood loss | trials to confirm ≤ C*: median "
              "(reached) | s/run (40 trials) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for kind, sampler in COMBOS:
+    for kind, sampler in combos(args):
         rs = [r for r in runs if (r.space, r.sampler) == (kind, sampler)]
         hits = [r.trials_to(target) for r in rs]
         reach = f"{statistics.median(hits):g} ({sum(h <= 40 for h in hits)}/{len(rs)})"
@@ -157,15 +184,23 @@ def report(runs: list[Run], bases: dict, args, seconds: float, obj: Objective, m
     return "\n".join(lines) + "\n"
 
 
+def combos(args) -> list[tuple[str, str]]:
+    if not getattr(args, "schedule_combos", None):
+        return COMBOS
+    chosen = [tuple(c.split("/")) for c in args.schedule_combos.split(",")]
+    assert ("simplex", "gp") in chosen, "--schedule-combos needs simplex/gp: the target is its confirm loss"
+    return chosen
+
+
 def main(args, build_trajectory, sampler_for, machine, out: Path, log) -> None:
     start = time.perf_counter()
     root = build_trajectory()
     obj = Objective(root, out / "schedule_bench", args.max_eval_tokens, args.batch_size)
     log(f"window {obj.names[0]}..{obj.names[-1]}: {len(obj.ev.objective.blocks)} search and "
-        f"{obj.ev.confirm_blocks} confirm blocks")
+        f"{obj.ev.confirm_size} confirm blocks")
     bases = baselines(obj)
     runs = []
-    for kind, sampler in COMBOS:
+    for kind, sampler in combos(args):
         for seed in range(args.seeds):
             run = one_run(obj, kind, sampler, seed, sampler_for)
             runs.append(run)

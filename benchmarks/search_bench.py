@@ -481,6 +481,8 @@ def main() -> None:
     parser.add_argument("--schedule", action="store_true",
                         help="schedule vs simplex vs family (GP, TPE, random) on a 16-checkpoint window, budgets "
                              "12/20/40, search/confirm/ood loss (benchmarks/schedule_bench.py; default 4 seeds)")
+    parser.add_argument("--schedule-combos", metavar="SPACE/SAMPLER,...",
+                        help="--schedule: only these (must include simplex/gp), e.g. simplex/gp,schedule-2d/gp")
     args = parser.parse_args()
     if args.schedule and not args.seeds:
         args.seeds = 2 if args.quick else 4

@@ -99,13 +99,13 @@ def main() -> None:
     root = build(a.shape)
     os.environ.setdefault("HF_BOMERGE_CACHE", str(OUT / "cache"))
 
-    from hf_bomerge.api import EvalSpec, _heldout
+    from hf_bomerge.specs import EvalSpec, SourceSpec
     from hf_bomerge.estimate import estimate
     from hf_bomerge.prepare import prepare
 
     load0 = os.getloadavg()
-    spec = EvalSpec(_heldout(str(OUT / "trial-heldout.txt"), None, None, "text"), "loss", a.max_eval_tokens, None,
-                    a.batch_size, a.eval_dtype, a.device, confirm_fraction=0.25)
+    spec = EvalSpec.from_options(str(OUT / "trial-heldout.txt"), max_eval_tokens=a.max_eval_tokens,
+                                 batch_size=a.batch_size, eval_dtype=a.eval_dtype, device=a.device)
     prep = prepare(str(root), f"step1000..step{N}000", 0, None, None, False, planning=spec.planning())
     params = sum(i.numel for i in prep.ckpts.infos.values())
     config = json.loads((prep.folders[-1] / "config.json").read_text())
@@ -118,7 +118,7 @@ def main() -> None:
         log(f"estimate ({method}): trial {e.trial_s:.2f} s (merge {e.merge_s:.2f}, forward {e.forward_s:.2f}), "
             f"{e.flop_rate / 1e9:.1f} GFLOP/s, calibration {estimates[method][1]:.1f} s")
     t = time.perf_counter()
-    evaluator = spec.evaluator(prep, OUT / "cache", None)
+    evaluator = spec.evaluator(prep, OUT / "cache", SourceSpec(str(root)))
     setup = time.perf_counter() - t
     sync = (lambda: torch.cuda.synchronize()) if a.device.startswith("cuda") else (lambda: None)
     weights = [0.1, 0.2, 0.3, 0.4]

@@ -71,12 +71,28 @@ def render_card(result: "MergeResult", repo_id: str | None = None, license: str 
                    for k, v in result.baselines.items()],
         generalization=result.generalization,
         confirm=result.confirm,
+        **_confirm_terms(result),
         plot=plot,
         layer_weights=result.layer_weights,
         layer_groups=result.layer_groups,
         layer_plot=layer_plot,
         note=result.note,
     )
+
+
+def _confirm_terms(result: "MergeResult") -> dict:
+    """How the confirm section speaks: blocks and nats for the loss, questions and the metric otherwise."""
+    c = result.confirm
+    if not c:
+        return {}
+    sign = 1 if result.objective == "loss" else -1  # a gain is a lower loss, a higher metric
+    delta, worst_end = sign * (c["loss"] - c["baselines"][c["best_baseline"]]), max(sign * v for v in c["interval"])
+    verdict = "better" if worst_end < 0 else "better, interval includes 0" if delta < 0 else "not better"
+    if sign == 1:
+        return dict(confirm_units="blocks", confirm_header="loss (nats/token)", confirm_unit="nats/token",
+                    confirm_verdict=verdict)
+    return dict(confirm_units="questions", confirm_header=f"{result.objective} (higher is better)",
+                confirm_unit=result.objective, confirm_verdict=verdict)
 
 
 def _dataset(label: str | None, dataset_id: str | None, config: str | None, split: str | None) -> dict:

@@ -1,5 +1,5 @@
-"""An honest number: held-out blocks split into a search part (all the GP sees) and a confirm part, and a
-paired bootstrap interval over confirm blocks for (merge − best baseline).
+"""An honest number: held-out blocks (or a metric's questions) split into a search part (all the GP sees) and a
+confirm part, and a paired bootstrap interval over the confirm part's units for (merge − best baseline).
 
 The best of many trials on one set is biased low; the confirm part was never used to choose anything, so the
 merge and every baseline are compared there on equal terms.
@@ -10,24 +10,35 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
-DEFAULT_CONFIRM_FRACTION = 0.25  # search:confirm = 3:1
+from .defaults import DEFAULT_CONFIRM_FRACTION  # noqa: E402,F401  (re-exported)
+
 BOOTSTRAP_SAMPLES = 2000
+Statistic = Callable[[Sequence, Sequence[int]], float]  # (per-unit outcomes, unit indices) -> objective value
+
+
+def confirm_indices(n: int, fraction: float) -> list[int]:
+    """The units of the confirm part: every i where ⌊(i+1)·f⌋ > ⌊i·f⌋ (f = 0.25: 3, 7, 11, …), interleaved so
+    that both parts cover the whole set. Fewer than 2 confirm units (or no search unit left): none.
+
+    >>> confirm_indices(8, 0.25), confirm_indices(4, 0.25)
+    ([3, 7], [])
+    """
+    picked = [i for i in range(n) if math.floor((i + 1) * fraction + 1e-9) > math.floor(i * fraction + 1e-9)]
+    return picked if fraction > 0 and 2 <= len(picked) < n else []
 
 
 def split_blocks(blocks: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(search, confirm): every block i where ⌊(i+1)·f⌋ > ⌊i·f⌋ goes to confirm (f = 0.25: blocks 3, 7, 11, …),
-    interleaved so that both parts cover the whole text. Fewer than 2 confirm blocks: no confirm part.
+    """(search, confirm) blocks, the confirm part as `confirm_indices` picks it.
 
     >>> [len(p) for p in split_blocks(torch.zeros(8, 2), 0.25)]
     [6, 2]
     """
-    n = len(blocks)
-    picked = [i for i in range(n) if math.floor((i + 1) * fraction + 1e-9) > math.floor(i * fraction + 1e-9)]
-    if fraction <= 0 or len(picked) < 2 or len(picked) >= n:
+    n, picked = len(blocks), confirm_indices(len(blocks), fraction)
+    if not picked:
         return blocks, blocks[:0]
     mask = torch.zeros(n, dtype=torch.bool)
     mask[picked] = True
@@ -36,36 +47,56 @@ def split_blocks(blocks: torch.Tensor, fraction: float) -> tuple[torch.Tensor, t
 
 @dataclass
 class Confirmation:
-    """The merge and the baselines on the confirm part, and the 95% interval of (merge − best baseline)."""
+    """The merge and the baselines on the confirm part, and the 95% interval of (merge − best baseline).
+    `loss` holds the objective's value (a metric's, when `higher_is_better`); `blocks` counts the units."""
 
     loss: float
     baselines: dict[str, float]
     best_baseline: str
     interval: tuple[float, float]
     blocks: int
+    higher_is_better: bool = False
 
     @property
     def merge_is_better(self) -> bool:
-        """Whether the whole interval says the merge's loss is lower than the best baseline's."""
-        return self.interval[1] < 0
+        """Whether the whole interval says the merge beats the best baseline."""
+        return self.interval[0] > 0 if self.higher_is_better else self.interval[1] < 0
+
+    @property
+    def merge_wins(self) -> bool:
+        """Whether the merge beats the best baseline at all on the confirm part (interval aside)."""
+        best = self.baselines[self.best_baseline]
+        return self.loss > best if self.higher_is_better else self.loss < best
 
     def as_dict(self) -> dict:
         return {"loss": self.loss, "baselines": self.baselines, "best_baseline": self.best_baseline,
                 "interval": list(self.interval), "blocks": self.blocks}
 
 
-def confirm(merged: Sequence[float], baselines: dict[str, Sequence[float]], seed: int = 0) -> Confirmation:
-    """Per-block losses (same blocks, same order) of the merge and of each baseline -> a `Confirmation`.
+def mean(values: Sequence[float], idx: Sequence[int]) -> float:
+    """The loss's statistic: the mean of the per-block losses at `idx`."""
+    return sum(values[i] for i in idx) / len(idx)
+
+
+def confirm(merged: Sequence, baselines: dict[str, Sequence], statistic: Statistic = mean,
+            higher_is_better: bool = False, seed: int = 0) -> Confirmation:
+    """Per-unit outcomes (same units, same order) of the merge and of each baseline -> a `Confirmation`: per-block
+    losses with `mean` (lower is better), or per-question predictions with a metric's `statistic` (higher is
+    better). Each bootstrap draw resamples the units and takes (merge − best baseline) on the same draw.
 
     >>> c = confirm([1.0, 1.1, 0.9, 1.0], {"a": [1.2, 1.2, 1.1, 1.3], "b": [1.5, 1.4, 1.6, 1.5]})
     >>> c.best_baseline, round(c.loss - c.baselines["a"], 3), c.merge_is_better
     ('a', -0.2, True)
     """
-    mean = {name: sum(v) / len(v) for name, v in baselines.items()}
-    best = min(mean, key=mean.get)
-    diffs = [m - b for m, b in zip(merged, baselines[best])]
+    n = len(merged)
+    every = range(n)
+    value = {name: statistic(v, every) for name, v in baselines.items()}
+    best = (max if higher_is_better else min)(value, key=value.get)
     rng = random.Random(seed)
-    n = len(diffs)
-    draws = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(BOOTSTRAP_SAMPLES))
+    draws = []
+    for _ in range(BOOTSTRAP_SAMPLES):
+        idx = [rng.randrange(n) for _ in every]
+        draws.append(statistic(merged, idx) - statistic(baselines[best], idx))
+    draws.sort()
     lo, hi = draws[int(0.025 * BOOTSTRAP_SAMPLES)], draws[int(0.975 * BOOTSTRAP_SAMPLES) - 1]
-    return Confirmation(sum(merged) / n, mean, best, (lo, hi), n)
+    return Confirmation(statistic(merged, every), value, best, (lo, hi), n, higher_is_better)

@@ -3,3 +3,4 @@ use them, import torch; `hf-bomerge --help` must not)."""
 
 DEFAULT_MAX_SHARD_SIZE = "2GB"  # transformers 5 would write one 50 GB shard
 DEFAULT_MAX_EVAL_TOKENS = 16384  # keeps a CPU run in minutes
+DEFAULT_CONFIRM_FRACTION = 0.25  # search:confirm = 3:1 (every 4th held-out block)

@@ -43,7 +43,7 @@ def download(source: str, revisions: str = "last:2", *, max_checkpoints: int = 8
     >>> print(done.command)                                                                   # doctest: +SKIP
     HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 hf-bomerge EleutherAI/pythia-160m --revisions step140000,…
     """
-    from .api import _heldout
+    from .specs import EvalSpec
     from .heldout import HeldOutSpec, load_split
     from .prepare import _bar, quiet_libraries, resolve, tokenizer_folder, tokenizer_source
 
@@ -65,7 +65,7 @@ def download(source: str, revisions: str = "last:2", *, max_checkpoints: int = 8
         tokenizer_source(tokenizer, token, cache_dir)
     else:
         tokenizer_folder(src, folders[-1])
-    specs = [_heldout(dataset, dataset_config, split, "text"), *(HeldOutSpec.parse(e) for e in eval_datasets)] \
+    specs = [EvalSpec.from_options(dataset, dataset_config, split).data, *(HeldOutSpec.parse(e) for e in eval_datasets)] \
         if evaluate else []
     fetched = []
     for spec in specs:

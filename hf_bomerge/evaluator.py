@@ -16,34 +16,45 @@ from . import parallel
 from .checkpoints import CheckpointSet, check_remote_code
 from .engine import DTYPES, dtype_name
 from .errors import BOMergeError
-from .confirm import split_blocks
+from .confirm import mean, split_blocks
 from .heldout import HeldOutSpec, block_losses, blocks_digest, heldout_blocks, nll_sums, tokenizer_fingerprint
 from .mergers import ResidentMerger, StreamedMerger
 from .prepare import Prepared
-from .tasks import Metric, choice_set, predict
+from .tasks import Metric, choice_set, predict, split_questions
 from .writer import parse_size
 
 
 class Objective(Protocol):
-    """Scores a loaded model; `tokens`/`questions` say how much data it reads, `identity` what it reads."""
+    """Scores a loaded model on the search part; `tokens`/`questions` say how much data it reads, `identity`
+    what it reads. The confirm part, kept from the search: `confirm_units` (per-unit outcomes of the model),
+    reduced by `statistic(outcomes, unit indices)`, `confirm_size` units (0: no confirm part)."""
 
     tokens: int
     questions: int
     identity: str
+    confirm_size: int
+    higher_is_better: bool
 
     def __call__(self, model: torch.nn.Module) -> float: ...
 
+    def confirm_units(self, model: torch.nn.Module) -> list: ...
 
-CONFIRM = "confirm"  # `Evaluator(weights, CONFIRM)`: the per-block losses of the confirm part
+    def statistic(self, outcomes: Sequence, idx: Sequence[int]) -> float: ...
+
+
+CONFIRM = "confirm"  # `Evaluator(weights, CONFIRM)`: the per-unit outcomes of the confirm part
 
 
 class HeldOutLoss:
     """Mean next-token NLL over the search part of the held-out blocks (each process of `accelerate launch`
-    scores its share); `confirm_fraction` of the blocks are kept apart for `per_block_confirm`."""
+    scores its share); `confirm_fraction` of the blocks are kept apart for `confirm_units`."""
+
+    higher_is_better = False
+    statistic = staticmethod(mean)
 
     def __init__(self, blocks: torch.Tensor, batch_size: int, confirm_fraction: float = 0.0):
         self.blocks, self.confirm = split_blocks(blocks, confirm_fraction)
-        self.batch_size = batch_size
+        self.batch_size, self.confirm_size = batch_size, len(self.confirm)
         self.tokens, self.questions = int(self.blocks.numel()), 0
         self.identity = f"{blocks_digest(blocks)}/{confirm_fraction:g}"
 
@@ -51,21 +62,37 @@ class HeldOutLoss:
         total, count = parallel.reduce_sums(*nll_sums(model, self.blocks, self.batch_size, *parallel.world()))
         return total / count
 
-    def per_block_confirm(self, model: torch.nn.Module) -> list[float]:
+    def confirm_units(self, model: torch.nn.Module) -> list[float]:
         """Each confirm block's loss (computed whole on every process: the confirm part is small)."""
         return block_losses(model, self.confirm, self.batch_size)
 
 
 class MetricObjective:
-    """An `evaluate` metric of the multiple-choice predictions (computed whole on each process)."""
+    """An `evaluate` metric of the multiple-choice predictions (computed whole on each process) on the search
+    part of the questions; `confirm_fraction` of the questions are kept apart for `confirm_units`."""
 
-    def __init__(self, metric: Metric, pairs: dict[str, torch.Tensor], batch_tokens: int):
-        self.metric, self.pairs, self.batch_tokens = metric, pairs, batch_tokens
-        self.tokens, self.questions = int(pairs["lengths"].sum()), len(pairs["answers"])
-        self.identity = blocks_digest(torch.cat([pairs["ids"].reshape(-1), pairs["answers"].reshape(-1)]))
+    higher_is_better = True
+
+    def __init__(self, metric: Metric, pairs: dict[str, torch.Tensor], batch_tokens: int,
+                 confirm_fraction: float = 0.0):
+        self.metric, self.batch_tokens = metric, batch_tokens
+        self.pairs, self.confirm = split_questions(pairs, confirm_fraction)
+        self.confirm_size = len(self.confirm["answers"]) if self.confirm else 0
+        self.tokens, self.questions = int(self.pairs["lengths"].sum()), len(self.pairs["answers"])
+        digest = blocks_digest(torch.cat([pairs["ids"].reshape(-1), pairs["answers"].reshape(-1)]))
+        self.identity = f"{digest}/{confirm_fraction:g}"
 
     def __call__(self, model: torch.nn.Module) -> float:
         return self.metric(predict(model, self.pairs, self.batch_tokens), self.pairs["answers"].tolist())
+
+    def confirm_units(self, model: torch.nn.Module) -> list[int]:
+        """The prediction for each confirm question."""
+        return predict(model, self.confirm, self.batch_tokens)
+
+    def statistic(self, predictions: Sequence[int], idx: Sequence[int]) -> float:
+        """The metric of the confirm questions at `idx` (a bootstrap draw repeats some)."""
+        answers = self.confirm["answers"].tolist()
+        return self.metric([predictions[i] for i in idx], [answers[i] for i in idx])
 
 
 def choose_eval_dtype(name: str | None, device: str, ckpts: CheckpointSet) -> torch.dtype:
@@ -120,7 +147,7 @@ class Evaluator:
         else:
             pairs = choice_set(dataset, self.tokenizer, self.tokenizer_folder, context, max_eval_tokens, cache_dir,
                                prep.token)
-            self.objective = MetricObjective(metric, pairs, batch_size * self.block_size)
+            self.objective = MetricObjective(metric, pairs, batch_size * self.block_size, confirm_fraction)
         self.eval_tokens, self.eval_questions = self.objective.tokens, self.objective.questions
         self.saved_dtype = saved_dtype(prep.ckpts, self.store)
         self.identity = {"eval_dtype": dtype_name(self.eval_dtype), "device": torch.device(self.device).type,
@@ -150,8 +177,8 @@ class Evaluator:
                               self.cache_dir, self.token)
 
     @property
-    def confirm_blocks(self) -> int:
-        return len(getattr(self.objective, "confirm", ()))
+    def confirm_size(self) -> int:
+        return self.objective.confirm_size
 
     def __call__(self, weights: Sequence[float], data: HeldOutSpec | str | None = None, saved_dtype: bool = False):
         """The objective of the merge `weights`; with `data`, the mean token NLL on that text set instead;
@@ -160,7 +187,7 @@ class Evaluator:
             self.rescore_in_saved_dtype()
         self.merger.apply(weights)
         if data == CONFIRM:
-            return self.objective.per_block_confirm(self.model)
+            return self.objective.confirm_units(self.model)
         if data is None:
             return self.objective(self.model)
         if data not in self._texts:

@@ -117,7 +117,7 @@ def save_pretrained(result: MergeResult, output: str | Path, *, overwrite: bool 
                          max_shard_size=max_shard_size, progress=bar)
         _copy_side_files(result.folders[-1], result.tokenizer_folder, staging, result.dtype)
         result.output = str(target)
-        (staging / RECIPE_FILE).write_text(yaml.safe_dump(result.recipe(), sort_keys=False))
+        (staging / RECIPE_FILE).write_text(yaml.safe_dump(result.recipe().as_dict(), sort_keys=False))
         (staging / RESULT_FILE).write_text(json.dumps(result.summary(), indent=2) + "\n")
         if result.trace:
             plot_search(result.trace, result.revisions, result.weights, staging / PLOT_FILE, result.objective)

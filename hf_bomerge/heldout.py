@@ -14,7 +14,6 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,39 +22,9 @@ from safetensors.torch import load_file, save_file
 
 from .errors import DataError
 
-DEFAULT_DATASET = "Salesforce/wikitext"
-DEFAULT_DATASET_CONFIG = "wikitext-2-raw-v1"
 from .defaults import DEFAULT_MAX_EVAL_TOKENS  # noqa: E402,F401  (re-exported)
+from .specs import DEFAULT_DATASET, DEFAULT_DATASET_CONFIG, HeldOutSpec  # noqa: F401  (re-exported)
 _LOCAL_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-
-
-@dataclass(frozen=True)
-class HeldOutSpec:
-    """Which text to evaluate on. A local file is its own single split.
-
-    >>> HeldOutSpec.parse("Salesforce/wikitext:wikitext-103-raw-v1@test").split
-    'test'
-    """
-
-    dataset: str = DEFAULT_DATASET
-    config: str | None = DEFAULT_DATASET_CONFIG
-    split: str = "validation"
-    text_column: str = "text"
-
-    @classmethod
-    def parse(cls, spec: str, text_column: str = "text") -> "HeldOutSpec":
-        """`DATASET[:CONFIG][@SPLIT]`, or a path to a local file/folder (used as is)."""
-        if Path(spec).expanduser().exists():
-            return cls(spec, None, "train", text_column)
-        name, _, split = spec.partition("@")
-        name, _, config = name.partition(":")
-        return cls(name, config or None, split or "validation", text_column)
-
-    @property
-    def label(self) -> str:
-        if Path(self.dataset).expanduser().exists():
-            return Path(self.dataset).name
-        return self.dataset + (f":{self.config}" if self.config else "") + f"@{self.split}"
 
 
 def load_split(spec: HeldOutSpec, token: str | bool | None = None):

@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import __version__
 from .layers import LayerGroups, LayerWeights
+from .specs import Recipe
 
 # 2: schema 1 + `eval_dtype`, `confirm` and `layer_weights` (README, the --json row).
 SCHEMA = 2
@@ -82,15 +82,12 @@ class MergeResult:
         """The `--json` object."""
         return {"schema": SCHEMA, **{k: getattr(self, k) for k in JSON_KEYS}}
 
-    def recipe(self) -> dict:
-        """`bomerge_recipe.yaml`: the pinned revisions, weights, dtype and copy rule; it rebuilds the merge
-        (a layered merge: from `layer_weights` and the grouping rule `layer_groups`; `weights` is their mean)."""
-        recipe = {"hf_bomerge_version": __version__, "source": self.source, "source_kind": self.source_kind,
-                  "revisions": [{"name": n, "sha": s} for n, s in zip(self.revisions, self.shas)],
-                  "weights": self.weights, "dtype": self.dtype, "copied": sorted(self.copied)}
-        if self.layer_weights is not None:
-            recipe.update(layer_weights=self.layer_weights, layer_groups=self.layer_groups)
-        return recipe
+    def recipe(self) -> Recipe:
+        """The pinned merge (`bomerge_recipe.yaml`, `Recipe.as_dict`): revisions, weights, dtype and copy rule;
+        a layered merge adds `layer_weights` and the grouping rule `layer_groups` (`weights` is their mean)."""
+        layered = self.layer_weights is not None
+        return Recipe(self.source, list(self.revisions), list(self.shas), list(self.weights), self.source_kind,
+                      self.dtype, sorted(self.copied), self.layer_weights, self.layer_groups if layered else None)
 
     def save_pretrained(self, output: str | Path, **kwargs) -> Path:
         """Write the merged model to `output` (see `hf_bomerge.export.save_pretrained`)."""

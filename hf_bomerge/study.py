@@ -13,7 +13,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import optuna
 import sqlalchemy.exc
@@ -70,9 +70,12 @@ def best_of(values, key=None, *, objective: str = "loss"):
 
 
 def open_study(storage: str | optuna.storages.BaseStorage, study_name: str, inputs: dict, space: SearchSpace,
-               seed: int | None, seeds: Sequence[tuple[str, dict]], recipe: dict | None = None,
+               seed: int | None, seeds: Sequence[tuple[str, dict]], attrs: Mapping[str, object] = {},
                objective: str = "loss", sampler: Sampler | None = None) -> optuna.Study:
     """Create the study, or join/resume it; a study made from different inputs is refused.
+
+    `attrs` (the study's record: `recipe`, `search`, `evaluation`; see `hf_bomerge.specs`) are stored when it is
+    created.
 
     Whoever creates the study enqueues the baseline seeds, then marks it ready by storing its inputs; a
     worker that joins meanwhile waits for that, so the seeds are enqueued exactly once. `storage` is a URL
@@ -89,7 +92,8 @@ def open_study(storage: str | optuna.storages.BaseStorage, study_name: str, inpu
     else:
         for label, params in seeds:
             study.enqueue_trial(params, user_attrs={"seed": label})
-        study.set_user_attr("recipe", recipe or {})
+        for key, value in attrs.items():
+            study.set_user_attr(key, value)
         study.set_user_attr("inputs", inputs)
     stored = _ready(study, storage)
     if stored != inputs or study.direction.name.lower() != direction(objective):
@@ -172,7 +176,7 @@ def safe_url(storage) -> str:
 def run_search(evaluate: Callable[[list[float]], float], space: SearchSpace, labels: Sequence[str], *, trials: int,
                storage: str | optuna.storages.BaseStorage, study_name: str, inputs: dict, seed: int | None = None,
                ema_alpha: float = 0.2, progress: bool = True,
-               on_trial: Callable[[Trial, int, int], None] | None = None, recipe: dict | None = None,
+               on_trial: Callable[[Trial, int, int], None] | None = None, attrs: Mapping[str, object] = {},
                objective: str = "loss", sampler: Sampler | None = None,
                extra_seeds: Sequence[tuple[str, Sequence[float]]] = ()) -> SearchOutcome:
     """Run (or resume, or join) the study until it holds `trials` COMPLETE trials, seeds included.
@@ -204,7 +208,7 @@ def run_search(evaluate: Callable[[list[float]], float], space: SearchSpace, lab
         raise StudyError("--trials must be at least 1.")
     optuna.logging.set_verbosity(logging.ERROR)  # failed trials are reported by us, without tracebacks
     study = open_study(storage, study_name, inputs, space, seed,
-                       [(label, p) for label, _, p in enqueued if p is not None], recipe, objective, sampler)
+                       [(label, p) for label, _, p in enqueued if p is not None], attrs, objective, sampler)
     _refuse_other_parameters(study, space)
     rdb = study._storage
 
@@ -354,7 +358,8 @@ def show_study(storage: str | None = None, study_name: str | None = None, cache_
     exports = [{"budget": b, **(workers.export_status(rdb, study.study_name, b) or {})} for b in budgets]
     recipe, objective = _recipe(study), _objective(study)
     return {"storage": safe_url(url), "study": study.study_name, "source": recipe.get("source"),
-            "search": recipe.get("search"), "revisions": recipe.get("revisions"), "counts": counts,
+            "search": (study.user_attrs.get("search") or {}).get("space"),
+            "revisions": [r["name"] for r in recipe.get("revisions") or []], "counts": counts,
             "objective": objective, "trials": trials, "exports": exports,
             "best": best_of(done, key=lambda t: t["loss"], objective=objective) if done else None}
 
@@ -365,7 +370,8 @@ def _recipe(study: optuna.Study) -> dict:
 
 def _objective(study: optuna.Study) -> str:
     """The objective's display name (a metric's name, not the path it was loaded from)."""
-    return _recipe(study).get("objective") or ("loss" if study.direction.name == "MINIMIZE" else "metric")
+    recorded = (study.user_attrs.get("evaluation") or {}).get("objective")
+    return recorded or ("loss" if study.direction.name == "MINIMIZE" else "metric")
 
 
 def set_study_attr(storage: str, study_name: str, key: str, value) -> None:

@@ -126,6 +126,33 @@ def choice_set(spec: HeldOutSpec, tokenizer, tokenizer_folder: Path, context: in
     return cached_tensors(Path(cache_dir) / "heldout", key, build)
 
 
+def split_questions(pairs: dict[str, torch.Tensor], fraction: float) -> tuple[dict, dict | None]:
+    """(search, confirm) parts of a `choice_set`, by question, as `confirm.confirm_indices` picks them (every
+    4th question for 0.25); each part has its questions numbered from 0. None: no confirm part.
+
+    >>> pairs = {"ids": torch.arange(16)[:, None], "lengths": torch.ones(16), "choice_lengths": torch.ones(16),
+    ...          "item": torch.arange(8).repeat_interleave(2), "answers": torch.tensor([0, 1] * 4)}
+    >>> search, confirm = split_questions(pairs, 0.25)
+    >>> confirm["ids"].flatten().tolist(), confirm["item"].tolist(), len(search["answers"])
+    ([6, 7, 14, 15], [0, 0, 1, 1], 6)
+    """
+    from .confirm import confirm_indices
+
+    picked = confirm_indices(len(pairs["answers"]), fraction)
+    if not picked:
+        return pairs, None
+
+    def part(questions: list[int]) -> dict[str, torch.Tensor]:
+        number = {q: i for i, q in enumerate(questions)}
+        rows = torch.tensor([r for r, q in enumerate(pairs["item"].tolist()) if q in number], dtype=torch.long)
+        chosen = {k: pairs[k][rows] for k in ("ids", "lengths", "choice_lengths")}
+        return {**chosen, "item": torch.tensor([number[q] for q in pairs["item"][rows].tolist()]),
+                "answers": pairs["answers"][torch.tensor(questions, dtype=torch.long)]}
+
+    kept = set(picked)
+    return part([q for q in range(len(pairs["answers"])) if q not in kept]), part(picked)
+
+
 @torch.no_grad()
 def predict(model: torch.nn.Module, pairs: dict[str, torch.Tensor], batch_tokens: int) -> list[int]:
     """The index of the most likely choice of every item (the first one on a tie), scoring as many pairs

@@ -11,7 +11,7 @@ import torch
 
 from hf_bomerge.api import _confirm
 from hf_bomerge.confirm import confirm, split_blocks
-from hf_bomerge.evaluator import CONFIRM
+from hf_bomerge.evaluator import CONFIRM, HeldOutLoss
 from hf_bomerge.result import MergeResult
 
 
@@ -39,6 +39,9 @@ def test_bootstrap_interval_brackets_the_paired_difference():
     assert confirm(worse, {"latest": base}).interval == bad.interval  # seeded: the same interval every time
 
 
+LOSS = HeldOutLoss(torch.zeros(8, 4, dtype=torch.long), 1, 0.25)  # the loss objective's statistic and direction
+
+
 def _result() -> MergeResult:
     return MergeResult("run", ["a", "b"], ["1" * 40, "2" * 40], [0.4, 0.6], loss=2.0,
                        baselines={"a": 2.2, "b": 2.1, "uniform": 2.05})
@@ -56,13 +59,36 @@ def test_fallback_keeps_the_best_baseline_when_the_merge_is_not_better_on_confir
     losses = {(0.4, 0.6): [2.3, 2.4, 2.2], (1.0, 0.0): [2.5] * 3, (0.0, 1.0): [2.1, 2.2, 2.0],
               (0.5, 0.5): [2.2] * 3}
     kept = _result()
-    _confirm(kept, _evaluate(losses), baselines, fallback=False)
+    _confirm(kept, _evaluate(losses), baselines, False, LOSS)
     assert kept.confirm["exported"] == "merge" and kept.weights == [0.4, 0.6]
     assert kept.confirm["best_baseline"] == "b" and kept.confirm["loss"] == pytest.approx(2.3)
     fell = _result()
-    _confirm(fell, _evaluate(losses), baselines, fallback=True)
+    _confirm(fell, _evaluate(losses), baselines, True, LOSS)
     assert fell.confirm["exported"] == "b" and fell.weights == [0.0, 1.0] and fell.loss == 2.1
     better = {**losses, (0.4, 0.6): [2.0, 2.1, 1.9]}
     won = _result()
-    _confirm(won, _evaluate(better), baselines, fallback=True)
+    _confirm(won, _evaluate(better), baselines, True, LOSS)
     assert won.confirm["exported"] == "merge" and won.weights == [0.4, 0.6]
+
+
+def test_a_metric_confirm_part_is_split_by_question_and_higher_is_better():
+    """A metric's bootstrap resamples questions and recomputes the metric (not a mean of per-unit values)."""
+    from hf_bomerge.tasks import split_questions
+
+    n = 40
+    pairs = {"ids": torch.arange(2 * n)[:, None], "lengths": torch.ones(2 * n), "choice_lengths": torch.ones(2 * n),
+             "item": torch.arange(n).repeat_interleave(2), "answers": torch.tensor([i % 2 for i in range(n)])}
+    search, held = split_questions(pairs, 0.25)
+    assert held["answers"].tolist() == [i % 2 for i in range(3, n, 4)] and len(search["answers"]) == 30
+    assert held["item"].tolist() == [i // 2 for i in range(20)]  # renumbered from 0, two choices each
+    assert not set(search["ids"].flatten().tolist()) & set(held["ids"].flatten().tolist())
+
+    answers = held["answers"].tolist()
+    accuracy = lambda preds, idx: sum(preds[i] == answers[i] for i in idx) / len(idx)  # noqa: E731
+    right = list(answers)
+    wrong_half = [a if i % 2 else 1 - a for i, a in enumerate(answers)]
+    good = confirm(right, {"latest": wrong_half, "uniform": [1 - a for a in answers]}, accuracy, True)
+    assert good.best_baseline == "latest" and good.loss == 1.0 and good.baselines["latest"] == 0.5
+    assert good.merge_is_better and good.merge_wins and 0 < good.interval[0] <= 0.5 <= good.interval[1]
+    bad = confirm(wrong_half, {"latest": right}, accuracy, True)
+    assert not bad.merge_is_better and not bad.merge_wins and bad.interval[1] < 0

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hf_bomerge import engine
-from hf_bomerge.api import _check_layer_groups
+from hf_bomerge.specs import SearchSpec
 from hf_bomerge.checkpoints import CheckpointSet
 from hf_bomerge.errors import BOMergeError, StudyError, WeightsError
 from hf_bomerge.layers import LayerGroups, LayerWeights
@@ -46,7 +46,7 @@ def test_a_grouping_the_model_cannot_have_is_refused_with_the_fix():
     with pytest.raises(WeightsError, match="no tensor name holds a block index"):
         LayerGroups.from_names(1, ["wte.weight", "lm_head.weight"])
     with pytest.raises(StudyError, match="cannot combine with --search family"):
-        _check_layer_groups("family", 2)
+        SearchSpec(space="family", layer_groups=2)
     with pytest.raises(StudyError, match="needs --layer-groups"):
         make_space("layered", 4)
     with pytest.raises(StudyError, match="at most 8 revisions"):
@@ -196,7 +196,7 @@ def _global_recipe(merged: Path, tmp_path: Path) -> Path:
 def test_a_recipe_for_another_model_is_refused(tmp_path):
     from types import SimpleNamespace
 
-    from hf_bomerge.api import _layered
+    from hf_bomerge.recorded import _layered
 
     folders, _ = _trajectory(tmp_path, ["bin", "bin"])
     prep = SimpleNamespace(ckpts=CheckpointSet(folders), names=["step100", "step200"])

@@ -85,12 +85,21 @@ def test_metric_search_maximizes_and_is_at_least_every_baseline(metric_run):
     study = optuna.load_study(study_name=summary["study"], storage=f"sqlite:///{tmp / 'cache' / 'studies.db'}")
     assert study.direction == optuna.study.StudyDirection.MAXIMIZE
     assert study.best_value == summary["loss"]
-    assert "held-out mc_accuracy (higher is better)" in err and "96 questions" in err
+    # every 4th question is kept from the search (the confirm part): 72 searched, 24 confirmed
+    assert "held-out mc_accuracy (higher is better)" in err and "search part (72 questions)" in err
+    assert "on the confirm part (24 questions the search never saw)" in err
+    confirm = summary["confirm"]
+    assert confirm["blocks"] == 24 and set(confirm["baselines"]) == set(summary["baselines"])
+    best = confirm["baselines"][confirm["best_baseline"]]
+    assert best == max(confirm["baselines"].values())  # higher is better: the best baseline is the highest
+    lo, hi = confirm["interval"]
+    assert lo <= confirm["loss"] - best <= hi
     card = ModelCard.load(Path(summary["output"]) / "README.md")
     result = card.data.eval_results[0]
     assert (result.metric_type, result.metric_name) == ("mc_accuracy", "mc_accuracy")
-    assert result.metric_value == pytest.approx(summary["loss"], abs=1e-6)
+    assert result.metric_value == pytest.approx(confirm["loss"], abs=1e-6)  # the number the search never saw
     assert "| model | mc_accuracy (higher is better) |" in card.text
+    assert "paired bootstrap 95% interval over questions" in card.text
 
 
 def test_reported_metric_is_the_saved_models_accuracy_scored_independently(metric_run, questions):
@@ -101,7 +110,7 @@ def test_reported_metric_is_the_saved_models_accuracy_scored_independently(metri
     folder = Path(summary["output"])
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    correct = 0
+    correct = []
     rows = [json.loads(line) for line in questions.open()]
     for row in rows:
         scores = []
@@ -114,8 +123,11 @@ def test_reported_metric_is_the_saved_models_accuracy_scored_independently(metri
                 logp = model(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
             scores.append(sum(logp[t - 1, ids[t]].item() for t in range(len(ids) - n_choice, len(ids))))
         answer = row["answer"] if isinstance(row["answer"], int) else row["choices"].index(row["answer"])
-        correct += scores.index(max(scores)) == answer
-    assert summary["loss"] == correct / len(rows)
+        correct.append(scores.index(max(scores)) == answer)
+    held = [c for i, c in enumerate(correct) if i % 4 == 3]  # the confirm part: questions 3, 7, 11, …
+    searched = [c for i, c in enumerate(correct) if i % 4 != 3]
+    assert summary["loss"] == sum(searched) / len(searched)
+    assert summary["confirm"]["loss"] == sum(held) / len(held)
 
 
 def _answer_out_of_range(tmp_path: Path, questions: Path) -> Path:

@@ -110,16 +110,18 @@ def _confirmation(result) -> list[str]:
     if not c:
         return []
     best, delta = c["best_baseline"], c["loss"] - c["baselines"][c["best_baseline"]]
-    lo, hi = c["interval"]
-    verdict = ("better than" if hi < 0 else "better than (but the interval includes 0)" if delta < 0
+    sign = 1 if result.objective == "loss" else -1  # a gain is a lower loss, a higher metric
+    lo, hi = sorted((sign * c["interval"][0], sign * c["interval"][1]))
+    verdict = ("better than" if hi < 0 else "better than (but the interval includes 0)" if sign * delta < 0
                else "NOT better than")
-    lines = ["", f"on the confirm part ({c['blocks']} held-out blocks the search never saw):",
+    units, per = ("held-out blocks", " nats/token") if sign == 1 else ("questions", f" {result.objective}")
+    lines = ["", f"on the confirm part ({c['blocks']} {units} the search never saw):",
              *(f"  {k:<24} {v:9.5f}" for k, v in {"merged": c["loss"], **c["baselines"]}.items()),
-             f"the merge is {verdict} the best baseline ({best}): {delta:+.5f} nats/token, "
-             f"95% interval [{lo:+.5f}, {hi:+.5f}]"]
+             f"the merge is {verdict} the best baseline ({best}): {delta:+.5f}{per}, "
+             f"95% interval [{c['interval'][0]:+.5f}, {c['interval'][1]:+.5f}]"]
     if c.get("exported", "merge") != "merge":
         lines.append(f"--fallback: the output holds {c['exported']}, not the searched merge")
-    elif delta >= 0:
+    elif sign * delta >= 0:
         lines.append("pass --fallback to export that baseline instead")
     return lines
 
@@ -134,5 +136,6 @@ def _scores(result) -> list[str]:
         return [f"held-out loss on {where} ({result.eval_tokens} tokens{dtype}):",
                 *(f"  {k:<24} {v:9.5f}  (ppl {perplexity(v):.3f})"
                   for k, v in {"merged": result.loss, **result.baselines}.items())]
-    return [f"held-out {result.objective} (higher is better) on {result.dataset} ({result.eval_questions} questions):",
+    where = f"{result.dataset}, search part" if result.confirm else result.dataset
+    return [f"held-out {result.objective} (higher is better) on {where} ({result.eval_questions} questions):",
             *(f"  {k:<24} {v:9.5f}" for k, v in {"merged": result.loss, **result.baselines}.items())]

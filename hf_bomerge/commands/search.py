@@ -6,9 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
-from ..defaults import DEFAULT_MAX_EVAL_TOKENS
 from ..errors import BOMergeError
 from ..spaces import SEARCHES
+from ..specs import EvalSpec, FixedSpec, HeldOutSpec, SearchSpec, SourceSpec
 from ..weights import METHODS
 from .output import add_common_options, add_output_options, finish
 
@@ -32,41 +32,42 @@ def add_arguments(p: argparse.ArgumentParser, *, source: bool = True) -> None:
         p.add_argument("source", nargs="?", help="Hub repo id ORG/NAME, a local folder or git repository")
     p.add_argument("--version", action="version", version=f"hf-bomerge {_version()}")
     g = p.add_argument_group("revisions")
-    g.add_argument("--revisions", default="last:2",
+    g.add_argument("--revisions", default=SourceSpec.revisions,
                    help="A..B (training order, ends inclusive), R1,R2,..., or last:N (default: %(default)s)")
-    g.add_argument("--max-checkpoints", type=int, default=8, help="keep K evenly spaced (default 8; 0 = all)")
+    g.add_argument("--max-checkpoints", type=int, default=SourceSpec.max_checkpoints, help="keep K evenly spaced (default 8; 0 = all)")
     g = p.add_argument_group("held-out data")
     g.add_argument("--dataset", help="Hub dataset id or local file/folder (default Salesforce/wikitext)")
     g.add_argument("--dataset-config", help="dataset config (default wikitext-2-raw-v1 for the default dataset)")
     g.add_argument("--split", help="split (default validation; a local file is its own single split)")
-    g.add_argument("--text-column", default="text")
+    g.add_argument("--text-column", default=HeldOutSpec.text_column)
     g.add_argument("--eval-dataset", action="append", default=[], metavar="DATASET[:CONFIG][@SPLIT]",
                    help="extra set for the generalization report (repeatable; or a local file)")
-    g.add_argument("--max-eval-tokens", type=int, default=DEFAULT_MAX_EVAL_TOKENS,
+    g.add_argument("--max-eval-tokens", type=int, default=EvalSpec.max_eval_tokens,
                    help="cap on the tokens evaluated: the held-out text for loss; for a metric, the first "
                         "questions whose question+choice sequences (all choices) fit in it (default %(default)s)")
     g.add_argument("--block-size", type=int, help="default: min(model context, 2048)")
-    g.add_argument("--batch-size", type=int, default=4,
+    g.add_argument("--batch-size", type=int, default=EvalSpec.batch_size,
                    help="blocks per forward pass (a metric: as many question+choice sequences as fit in "
-                        "batch-size x block-size tokens; default 4)")
+                        "batch-size x block-size tokens; default %(default)s)")
     g.add_argument("--eval-dtype", choices=["float32", "float16", "bfloat16", "float64"],
                    help="default float32 on CPU, the checkpoint dtype on CUDA")
-    g.add_argument("--objective", default="loss", metavar="loss|METRIC",
+    g.add_argument("--objective", default=EvalSpec.objective, metavar="loss|METRIC",
                    help="loss (mean token NLL, minimized; default), or an `evaluate` metric name or local path "
                         "(maximized) graded on multiple-choice rows: --dataset with columns question, choices "
                         "(list) and answer (index or text); each choice scored by its log-likelihood")
     g = p.add_argument_group("search")
-    g.add_argument("--search", choices=SEARCHES, default="auto")
-    g.add_argument("--trials", type=int, default=20, help="total COMPLETE trials of the study, seeds included")
-    g.add_argument("--lambda-min", type=float, default=0.0, help="pairwise lower bound of λ (default 0.0)")
-    g.add_argument("--layer-groups", type=int, default=0, metavar="G",
+    g.add_argument("--search", choices=SEARCHES, default=SearchSpec.space)
+    g.add_argument("--trials", type=int, default=SearchSpec.trials, help="total COMPLETE trials of the study, seeds included")
+    g.add_argument("--lambda-min", type=float, default=SearchSpec.lambda_min,
+                   help="pairwise lower bound of λ (default %(default)s)")
+    g.add_argument("--layer-groups", type=int, default=SearchSpec.layer_groups, metavar="G",
                    help="depth-wise weights: a weight vector each for the embeddings, G groups of transformer "
                         "blocks and the head, interpolated between a shallow and a deep vector (2·N dimensions; "
                         "N ≤ 8; default 0 = one global vector)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=SearchSpec.seed)
     g.add_argument("--storage", help="Optuna storage URL (default: SQLite under the cache dir)")
     g.add_argument("--study-name", help="default: derived from the inputs")
-    g.add_argument("--confirm-fraction", type=float, default=0.25,
+    g.add_argument("--confirm-fraction", type=float, default=EvalSpec.confirm_fraction,
                    help="held-out blocks kept from the search to confirm the merge on (every 4th: 0.25; 0 = off)")
     g.add_argument("--fallback", action="store_true",
                    help="export the best baseline instead when the merge is not better on the confirm part")
@@ -74,7 +75,7 @@ def add_arguments(p: argparse.ArgumentParser, *, source: bool = True) -> None:
         g = p.add_argument_group("fixed merges (no search)")
         g.add_argument("--weights", help="W1,W2,... one per revision, oldest first")
         g.add_argument("--method", choices=METHODS)
-        g.add_argument("--ema-alpha", type=float, default=0.2)
+        g.add_argument("--ema-alpha", type=float, default=SearchSpec.ema_alpha)
         g.add_argument("--window", type=float, metavar="W",
                        help="wsm-* methods: the decay's window in the revisions' progress unit (tokens when their "
                             "names carry them, e.g. OLMo step1000-tokens4B or train_00220B; else steps, or tokens "
@@ -114,25 +115,25 @@ def run(args: argparse.Namespace) -> int:
                            "--method wsm-linear, wsm-cosine or wsm-sqrt (--search schedule finds the window itself).")
     if args.dry_run:
         return dry_run(args)
-    common = dict(dataset=args.dataset, dataset_config=args.dataset_config, split=args.split,
-                  text_column=args.text_column, max_eval_tokens=args.max_eval_tokens, block_size=args.block_size,
-                  batch_size=args.batch_size, eval_dtype=args.eval_dtype, device=args.device, token=args.token,
-                  cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code, progress=not args.quiet,
-                  max_checkpoints=args.max_checkpoints, ema_alpha=args.ema_alpha, dtype=args.dtype,
-                  max_memory=args.max_memory, device_map=args.device_map, objective=args.objective,
-                  tokenizer=args.tokenizer)
+    source = SourceSpec(args.source, args.revisions, args.max_checkpoints, None, args.tokenizer, args.dtype,
+                        args.trust_remote_code)
+    evaluation = EvalSpec.from_options(
+        args.dataset, args.dataset_config, args.split, args.text_column, objective=args.objective,
+        max_eval_tokens=args.max_eval_tokens, block_size=args.block_size, batch_size=args.batch_size,
+        eval_dtype=args.eval_dtype, device=args.device, device_map=args.device_map, max_memory=args.max_memory,
+        confirm_fraction=args.confirm_fraction)
+    where = dict(token=args.token, cache_dir=args.cache_dir, progress=not args.quiet)
     if args.weights or args.method:
         from ..weights import parse_weights
 
-        weights = parse_weights(args.weights) if args.weights else None
-        result = api.merge(args.source, args.revisions, weights=weights, method=args.method,
-                           allow_extrapolation=args.allow_extrapolation, evaluate=not args.no_eval,
-                           window=args.window, tokens_per_step=args.tokens_per_step, **common)
+        fixed = FixedSpec(tuple(parse_weights(args.weights)) if args.weights else None, args.method, args.ema_alpha,
+                          args.window, args.tokens_per_step, args.allow_extrapolation)
+        result = api.merge_with(source, fixed, None if args.no_eval else evaluation, **where)
     else:
-        result = api.search(args.source, args.revisions, eval_datasets=args.eval_dataset, search=args.search,
-                            trials=args.trials, lambda_min=args.lambda_min, seed=args.seed, storage=args.storage,
-                            study_name=args.study_name, confirm_fraction=args.confirm_fraction,
-                            fallback=args.fallback, layer_groups=args.layer_groups, **common)
+        search = SearchSpec(args.search, args.trials, args.seed, args.lambda_min, args.ema_alpha, args.layer_groups,
+                            args.fallback, tuple(args.eval_dataset))
+        result = api.search_with(source, evaluation, search, storage=args.storage, study_name=args.study_name,
+                                 **where)
     return finish(result, args, default_name=Path(result.source.rstrip("/")).name + "-bomerge")
 
 

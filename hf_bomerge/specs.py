@@ -1,0 +1,284 @@
+"""The typed configuration of a run, each part serialized in one place.
+
+- `SourceSpec`: which checkpoints (a Hub repo, a folder or a git repository, and the revisions asked for) and how
+  their tensors are read and merged.
+- `EvalSpec`: how a merge is scored (held-out data, objective, numerics of the forward passes, confirm part).
+- `SearchSpec`: how the weights are searched (space, budget, seeds).
+- `FixedSpec`: a merge without a search (explicit weights or a named rule).
+- `Recipe`: the pinned merge itself (revisions at their commits, weights, dtype, copy rule): `bomerge_recipe.yaml`.
+
+A study stores its `Recipe` (without weights), its `SearchSpec` and what its evaluation read (`described`); its
+identity (`study_identity`) is derived from them, so resuming with any input changed is refused.
+
+>>> SearchSpec(trials=12).as_dict()["trials"]
+12
+>>> Recipe.from_dict(Recipe("org/model", ["a"], ["0" * 40], [1.0]).as_dict()).revisions
+['a']
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+from . import __version__
+from .errors import BOMergeError, StudyError
+from .defaults import DEFAULT_CONFIRM_FRACTION, DEFAULT_MAX_EVAL_TOKENS
+
+if TYPE_CHECKING:  # the evaluator imports torch and transformers: only where a merge is scored
+    from .evaluator import Evaluator
+    from .prepare import Prepared
+
+DEFAULT_DATASET = "Salesforce/wikitext"
+DEFAULT_DATASET_CONFIG = "wikitext-2-raw-v1"
+
+
+@dataclass(frozen=True)
+class HeldOutSpec:
+    """Which text to evaluate on. A local file is its own single split.
+
+    >>> HeldOutSpec.parse("Salesforce/wikitext:wikitext-103-raw-v1@test").split
+    'test'
+    """
+
+    dataset: str = DEFAULT_DATASET
+    config: str | None = DEFAULT_DATASET_CONFIG
+    split: str = "validation"
+    text_column: str = "text"
+
+    @classmethod
+    def parse(cls, spec: str, text_column: str = "text") -> "HeldOutSpec":
+        """`DATASET[:CONFIG][@SPLIT]`, or a path to a local file/folder (used as is)."""
+        if Path(spec).expanduser().exists():
+            return cls(spec, None, "train", text_column)
+        name, _, split = spec.partition("@")
+        name, _, config = name.partition(":")
+        return cls(name, config or None, split or "validation", text_column)
+
+    @property
+    def label(self) -> str:
+        if Path(self.dataset).expanduser().exists():
+            return Path(self.dataset).name
+        return self.dataset + (f":{self.config}" if self.config else "") + f"@{self.split}"
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """The checkpoints to merge: `source` (a Hub repo id, a folder of checkpoints or a git repository) and
+    `revisions` (`last:K`, `A..B`, `A,B,C`), at most `max_checkpoints` (0: no limit); `shas` pins them to
+    commits; `tokenizer` (a repo id or folder) when the source has none; `dtype` forces every merged tensor to
+    one dtype (None: each keeps its checkpoints' dtype); `trust_remote_code` runs the repo's own model code.
+
+    >>> SourceSpec("EleutherAI/pythia-160m", "last:4").max_checkpoints
+    8
+    """
+
+    source: str
+    revisions: str = "last:2"
+    max_checkpoints: int = 8
+    shas: tuple[str, ...] | None = None
+    tokenizer: str | None = None
+    dtype: str | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """How a merge is scored: the held-out data, the objective (`loss`, or an `evaluate` metric's name or path)
+    and the numerics of the forward passes; `confirm_fraction` of the held-out blocks are kept from a search (a
+    fixed merge is scored on all of them: there is no search to keep them from).
+
+    >>> EvalSpec(HeldOutSpec("notes.txt", None, "train")).objective
+    'loss'
+    """
+
+    data: HeldOutSpec = HeldOutSpec()
+    objective: str = "loss"
+    max_eval_tokens: int = DEFAULT_MAX_EVAL_TOKENS
+    block_size: int | None = None
+    batch_size: int = 4
+    eval_dtype: str | None = None
+    device: str | None = None
+    device_map: str | None = None
+    max_memory: str | int | None = None
+    confirm_fraction: float = DEFAULT_CONFIRM_FRACTION
+
+    def __post_init__(self):
+        if not 0.0 <= self.confirm_fraction < 1.0:
+            raise BOMergeError(f"--confirm-fraction must be in [0, 1), got {self.confirm_fraction}; 0.25 keeps "
+                               "every 4th held-out block for the confirm part, 0 turns it off.")
+
+    @classmethod
+    def from_options(cls, dataset: str | None = None, dataset_config: str | None = None, split: str | None = None,
+                     text_column: str = "text", **options) -> "EvalSpec":
+        """From the CLI's / keyword API's flat options (`dataset` as `DATASET[:CONFIG][@SPLIT]` or a file)."""
+        if dataset is None:
+            return cls(HeldOutSpec(text_column=text_column), **options)
+        data = HeldOutSpec.parse(dataset, text_column)
+        if not Path(dataset).expanduser().exists():
+            data = HeldOutSpec(data.dataset, dataset_config or data.config, split or data.split, text_column)
+        return cls(data, **options)
+
+    def evaluator(self, prep: Prepared, cache_dir: Path, source: SourceSpec) -> Evaluator:
+        from .evaluator import Evaluator
+        from .tasks import Metric
+
+        metric = None if self.objective == "loss" else Metric.load(self.objective)
+        return Evaluator(prep, dataset=self.data, max_eval_tokens=self.max_eval_tokens, block_size=self.block_size,
+                         batch_size=self.batch_size, eval_dtype=self.eval_dtype, device=self.device,
+                         trust_remote_code=source.trust_remote_code, cache_dir=cache_dir, store_dtype=source.dtype,
+                         device_map=self.device_map, max_memory=self.max_memory, metric=metric,
+                         confirm_fraction=self.confirm_fraction)
+
+    def planning(self, evaluate: bool = True) -> dict:
+        return dict(device=self.device, eval_dtype=self.eval_dtype, batch_size=self.batch_size,
+                    block_size=self.block_size, max_memory=self.max_memory, device_map=self.device_map,
+                    evaluate=evaluate)
+
+    def identity(self, evaluator: Evaluator) -> dict:
+        """Everything about the evaluation that changes the objective's value (the exact tokens read included)."""
+        from .tasks import objective_key
+
+        return {"dataset": self.data.label,
+                "objective": objective_key(self.objective) if self.objective != "loss" else "loss",
+                **evaluator.identity}
+
+    def described(self, evaluator: Evaluator) -> dict:
+        """What the result, its card and `--json` say about the data and numerics (`MergeResult` fields)."""
+        data, is_hub = self.data, not Path(self.data.dataset).expanduser().exists()
+        return {"dataset": data.label, "dataset_id": data.dataset if is_hub else None,
+                "dataset_config": data.config if is_hub else None, "dataset_split": data.split if is_hub else None,
+                "eval_tokens": evaluator.eval_tokens, "eval_questions": evaluator.eval_questions,
+                "eval_dtype": str(evaluator.eval_dtype).removeprefix("torch."),
+                "objective": evaluator.objective.metric.name if self.objective != "loss" else "loss"}
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """How the weights are searched: the `space` (`auto`, `pairwise`, `simplex`, `family`, `schedule`), the
+    budget of `trials` (baselines included), the GP's `seed`, the smallest weight `lambda_min` (pairwise), the EMA
+    baseline's `ema_alpha`, depth-wise weights over `layer_groups` groups of blocks (0: one global vector),
+    `fallback` to the best baseline when the merge is not better on the confirm part, and `eval_datasets` the
+    merge is also scored on.
+
+    >>> SearchSpec(space="schedule", layer_groups=2)
+    Traceback (most recent call last):
+    ...
+    hf_bomerge.errors.StudyError: --layer-groups G (G ≥ 1) searches a simplex weight vector per depth group; it cannot combine with --search schedule (got G=2). Use --search auto or simplex, or leave out --layer-groups.
+    """
+
+    space: str = "auto"
+    trials: int = 20
+    seed: int | None = 0
+    lambda_min: float = 0.0
+    ema_alpha: float = 0.2
+    layer_groups: int = 0
+    fallback: bool = False
+    eval_datasets: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.layer_groups < 0 or (self.layer_groups and self.space not in ("auto", "simplex", "layered")):
+            raise StudyError(f"--layer-groups G (G ≥ 1) searches a simplex weight vector per depth group; it "
+                             f"cannot combine with --search {self.space} (got G={self.layer_groups}). Use --search "
+                             "auto or simplex, or leave out --layer-groups.")
+        object.__setattr__(self, "eval_datasets", tuple(self.eval_datasets))
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "eval_datasets": list(self.eval_datasets)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "SearchSpec":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass(frozen=True)
+class FixedSpec:
+    """A merge without a search: explicit `weights` (oldest revision first), or a named `method` (sma, ema, wma,
+    wsm-linear, wsm-cosine, wsm-sqrt; `window` and `tokens_per_step` shape the wsm-* ones).
+
+    >>> FixedSpec(method="wma").weights_for(["step1", "step2"])
+    [0.3333333333333333, 0.6666666666666666]
+    """
+
+    weights: tuple[float, ...] | None = None
+    method: str | None = None
+    ema_alpha: float = 0.2
+    window: float | None = None
+    tokens_per_step: float | None = None
+    allow_extrapolation: bool = False
+
+    def weights_for(self, names: Sequence[str]) -> list[float]:
+        from . import weights as W
+
+        n = len(names)
+        if self.weights is not None:
+            return W.check(self.weights, n, self.allow_extrapolation)
+        vector = W.rule(self.method or "sma", n, self.ema_alpha, names=list(names), window=self.window,
+                        tokens_per_step=self.tokens_per_step)
+        return W.check(vector, n, self.allow_extrapolation)
+
+
+@dataclass
+class Recipe:
+    """A merge pinned to its commits: what `bomerge_recipe.yaml` holds and `hf-bomerge recipe` rebuilds.
+
+    `copied` lists the float tensors copied from the latest revision rather than weighted (None in a recipe
+    written before the rule was recorded: it is derived again). A layered merge adds `layer_weights` (one vector
+    per depth group) and its grouping rule `layer_groups`; `weights` is then their mean.
+    """
+
+    source: str
+    revisions: list[str]
+    shas: list[str]
+    weights: list[float] = field(default_factory=list)
+    source_kind: str = "hub"
+    dtype: str | None = None
+    copied: list[str] | None = None
+    layer_weights: dict[str, list[float]] | None = None
+    layer_groups: dict | None = None
+
+    def as_dict(self) -> dict:
+        recipe = {"hf_bomerge_version": __version__, "source": self.source, "source_kind": self.source_kind,
+                  "revisions": [{"name": n, "sha": s} for n, s in zip(self.revisions, self.shas)],
+                  "weights": list(self.weights), "dtype": self.dtype, "copied": sorted(self.copied or [])}
+        if self.copied is None:
+            del recipe["copied"]
+        if self.layer_weights is not None or self.layer_groups is not None:
+            recipe.update(layer_weights=self.layer_weights, layer_groups=self.layer_groups)
+        return recipe
+
+    @classmethod
+    def from_dict(cls, recipe: Mapping, where: str = "the recipe") -> "Recipe":
+        try:
+            return cls(source=recipe["source"], revisions=[r["name"] for r in recipe["revisions"]],
+                       shas=[r["sha"] for r in recipe["revisions"]], weights=list(recipe.get("weights") or []),
+                       source_kind=recipe.get("source_kind", "hub"), dtype=recipe.get("dtype"),
+                       copied=recipe.get("copied"), layer_weights=recipe.get("layer_weights"),
+                       layer_groups=recipe.get("layer_groups"))
+        except (KeyError, TypeError) as err:
+            raise BOMergeError(f"Cannot read {where}: {err!r} is missing or malformed. A recipe is the "
+                               "bomerge_recipe.yaml that hf-bomerge writes next to a merged model.") from err
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Recipe":
+        import yaml
+
+        try:
+            recipe = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError) as err:
+            raise BOMergeError(f"Cannot read the recipe {path}: {err}. A recipe is the bomerge_recipe.yaml that "
+                               "hf-bomerge writes next to a merged model.") from err
+        if not isinstance(recipe, Mapping):
+            raise BOMergeError(f"Cannot read the recipe {path}: it is not a YAML mapping. A recipe is the "
+                               "bomerge_recipe.yaml that hf-bomerge writes next to a merged model.")
+        return cls.from_dict(recipe, f"the recipe {path}")
+
+
+def study_identity(recipe: Recipe, search: SearchSpec, space_kind: str, evaluation: dict) -> dict:
+    """The study's inputs: everything that changes the value of a trial. A study resumed with any of them changed
+    is refused (naming the key); the default study name is derived from them."""
+    return {"source": recipe.source, "shas": list(recipe.shas), "dtype": recipe.dtype, "space": space_kind,
+            "lambda_min": search.lambda_min, "ema_alpha": search.ema_alpha, **evaluation,
+            **({"layer_groups": recipe.layer_groups} if recipe.layer_groups else {})}
