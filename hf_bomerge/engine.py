@@ -7,6 +7,7 @@ weighted is decided once, by `CheckpointSet.copied`, from the loaded model's par
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Sequence
 
 import torch
@@ -101,10 +102,19 @@ def merge_into(flat: torch.Tensor, sources, weights: Sequence[float], store: tor
         stop = min(start + CHUNK, flat.numel())
         part = acc[start:stop] if direct else acc[: stop - start]
         weighted_sum_([part], slice_sources(sources, start, stop), weights)
-        finite = finite and (not check or bool(torch.isfinite(part).all()))
-        if not direct or store != flat.dtype:
+        finite = finite and (not check or _all_finite(part))
+        if store != flat.dtype:  # a trial: the model holds the merge rounded to the dtype it is saved in
             flat[start:stop].copy_(part.to(store))
+        elif not direct:  # the copy rounds to flat's dtype as .to() would, without a temporary
+            flat[start:stop].copy_(part)
     return finite
+
+
+def _all_finite(part: torch.Tensor) -> bool:
+    """Whether every element is finite. The sum is finite when they all are (a NaN or inf in any element
+    reaches it), and it is one cheap reduction; only when it is not (or it overflowed) are the elements checked
+    one by one (`isfinite().all()` alone costs more than the whole weighted sum: benchmarks/README.md)."""
+    return math.isfinite(float(part.sum())) or bool(torch.isfinite(part).all())
 
 
 def merged_tensor(ckpts: CheckpointSet, name: str, weights: Weights, dtype: torch.dtype | None) -> torch.Tensor:

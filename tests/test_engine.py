@@ -202,3 +202,17 @@ def test_legacy_non_zip_bin_falls_back_to_weights_only_load(tmp_path):
     torch.save(state, folder / "pytorch_model.bin", _use_new_zipfile_serialization=False)
     ckpt = CheckpointSet([folder, folder])
     assert torch.equal(ckpt.checkpoints[0].get("embed_out.weight"), state["embed_out.weight"])
+
+
+def test_the_finiteness_check_is_exact_even_when_the_fast_sum_overflows():
+    from hf_bomerge.engine import _all_finite
+
+    big = torch.full((1000,), 3e38)  # every element finite, their sum overflows float32
+    assert _all_finite(big)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.zeros(1000)
+        x[517] = bad
+        assert not _all_finite(x)
+    x = torch.zeros(1000)
+    x[1], x[2] = float("inf"), -float("inf")  # the sum is NaN, not inf: still caught
+    assert not _all_finite(x)
