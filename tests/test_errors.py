@@ -378,6 +378,7 @@ def test_a_source_without_a_tokenizer(run, capsys, caplog, trajectory):
     assert (run.tmp / "out" / "tokenizer.json").read_bytes() == (trajectory / "main" / "tokenizer.json").read_bytes()
 
 
+@pytest.mark.e2e  # five subprocess CLI runs with real searches and exports
 def test_a_finished_search_rerun_writes_its_missing_output_and_a_dead_exporters_claim_expires(run, tmp_path):
     """Real processes: a lone re-run is not a concurrent worker, and a killed exporter's claim is not forever."""
     from hf_bomerge import workers
