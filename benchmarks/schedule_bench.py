@@ -18,7 +18,8 @@ What it does:
 4. Writes benchmarks/out/schedule_bench.md (--quick: schedule_bench-quick.md) and the raw runs as .json.
 
 `--schedule-combos SPACE/SAMPLER,...` runs a subset (it must include simplex/gp, the target's reference), e.g.
-the 2-dimensional variant `schedule-2d` (window × shape, the LR decayed to 0 as in WSM; defined here):
+the variants defined here: `schedule-2d` (window × shape, the LR decayed to 0 as in WSM) and `schedule-tail`
+(the shipped space mixed with the uniform average, 4 dimensions):
 
     python benchmarks/search_bench.py --schedule --schedule-combos simplex/gp,schedule/gp,schedule-2d/gp
 """
@@ -67,6 +68,31 @@ class ScheduleNoFloor(Schedule):
     def raw_params(self, weights):
         params = super().raw_params(weights)
         return None if params is None or abs(params["floor"]) > 1e-9 else {k: params[k] for k in ("window", "shape")}
+
+
+@register
+class ScheduleTail(Schedule):
+    """The shipped `schedule` space mixed with the uniform average over all N (`tail` τ ∈ [0, 0.5]): the simplex's
+    best picks here keep small weights on the older checkpoints that a window cuts off. 4 dimensions."""
+
+    name = "schedule-tail"
+
+    def suggest(self, trial):
+        return self.weights({"window": trial.suggest_float("window", self.low, self.high, log=True),
+                             "shape": trial.suggest_float("shape", -self.SHAPE, self.SHAPE),
+                             "floor": trial.suggest_float("floor", 0.0, 1.0),
+                             "tail": trial.suggest_float("tail", 0.0, 0.5)})
+
+    def weights(self, params):
+        tail = params.get("tail", 0.0)
+        return [(1 - tail) * w + tail / self.n for w in super().weights(params)]
+
+    def param_names(self):
+        return ["window", "shape", "floor", "tail"]
+
+    def raw_params(self, weights):
+        params = super().raw_params(weights)
+        return None if params is None else {**params, "tail": 0.0}
 
 
 class Objective:
