@@ -98,11 +98,11 @@ class ScheduleTail(Schedule):
 class Objective:
     """The shipped evaluator over the window, with the shipped 3:1 search/confirm split; confirm and ood cached."""
 
-    def __init__(self, root: Path, out: Path, max_eval_tokens: int, batch_size: int):
+    def __init__(self, root: Path, out: Path, max_eval_tokens: int, batch_size: int, names=None):
         meta = json.loads((root / "trajectory.json").read_text())
-        self.names = meta["revisions"][-K:]
+        self.names = list(names) if names else meta["revisions"][-K:]
         folders = [root / name for name in self.names]
-        known = {"names": self.names, "shas": [""] * K, "folders": folders, "tokenizer_folder": folders[-1],
+        known = {"names": self.names, "shas": [""] * len(self.names), "folders": folders, "tokenizer_folder": folders[-1],
                  "ckpts": CheckpointSet(folders, self.names), "mode": "resident"}
         prep = Prepared(**{f.name: known.get(f.name) for f in dataclasses.fields(Prepared)})
         self.ev = Evaluator(prep, dataset=HeldOutSpec.parse(str(root / "heldout" / "validation.jsonl")),
@@ -164,10 +164,11 @@ def one_run(obj: Objective, kind: str, sampler: str, seed: int, sampler_for) -> 
 
 
 def baselines(obj: Objective) -> dict:
-    singles = {n: obj.search(W.one_hot(K, i)) for i, n in enumerate(obj.names)}
+    k = len(obj.names)
+    singles = {n: obj.search(W.one_hot(k, i)) for i, n in enumerate(obj.names)}
     best = min(singles, key=singles.get)
-    rules = {"latest": W.one_hot(K, K - 1), f"best single ({best})": W.one_hot(K, obj.names.index(best)),
-             "uniform": W.uniform(K), "ema": W.ema(K), **{m: W.rule(m, K, names=obj.names)
+    rules = {"latest": W.one_hot(k, k - 1), f"best single ({best})": W.one_hot(k, obj.names.index(best)),
+             "uniform": W.uniform(k), "ema": W.ema(k), **{m: W.rule(m, k, names=obj.names)
                                                            for m in ("wsm-linear", "wsm-cosine", "wsm-sqrt")}}
     return {label: (obj.search(w), *obj.confirm_and_ood(w)) for label, w in rules.items()}
 
@@ -180,7 +181,7 @@ def report(runs: list[Run], bases: dict, args, seconds: float, obj: Objective, m
     simplex40 = [r.at(40)[1] for r in runs if (r.space, r.sampler) == ("simplex", "gp")]
     target = statistics.median(simplex40)
     blocks = len(obj.ev.objective.blocks), obj.ev.confirm_size
-    lines = [f"Window: the last {K} checkpoints ({obj.names[0]}..{obj.names[-1]}, every 25 steps) of the search "
+    lines = [f"Window: {len(obj.names)} checkpoints ({', '.join(obj.names)}) of the search "
              f"bench's trajectory; {args.max_eval_tokens} held-out tokens split {blocks[0]} search / {blocks[1]} "
              f"confirm blocks (every 4th); ood = English prose. {args.seeds} seeds per row; loss = mean token NLL "
              "(nats); median over seeds (min–max). The pick = the trial with the lowest search loss so far.", "",
@@ -221,7 +222,8 @@ def combos(args) -> list[tuple[str, str]]:
 def main(args, build_trajectory, sampler_for, machine, out: Path, log) -> None:
     start = time.perf_counter()
     root = build_trajectory()
-    obj = Objective(root, out / "schedule_bench", args.max_eval_tokens, args.batch_size)
+    names = args.schedule_revisions.split(",") if getattr(args, "schedule_revisions", None) else None
+    obj = Objective(root, out / "schedule_bench", args.max_eval_tokens, args.batch_size, names)
     log(f"window {obj.names[0]}..{obj.names[-1]}: {len(obj.ev.objective.blocks)} search and "
         f"{obj.ev.confirm_size} confirm blocks")
     bases = baselines(obj)

@@ -483,6 +483,8 @@ def main() -> None:
                              "12/20/40, search/confirm/ood loss (benchmarks/schedule_bench.py; default 4 seeds)")
     parser.add_argument("--schedule-combos", metavar="SPACE/SAMPLER,...",
                         help="--schedule: only these (must include simplex/gp), e.g. simplex/gp,schedule-2d/gp")
+    parser.add_argument("--schedule-revisions", metavar="R1,R2,...",
+                        help="--schedule: this window instead of the last 16 (e.g. unevenly spaced checkpoints)")
     args = parser.parse_args()
     if args.schedule and not args.seeds:
         args.seeds = 2 if args.quick else 4
