@@ -2,12 +2,13 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["search", "merge", "from_recipe", "from_study", "MergeResult", "BOMergeError", "watch_once"]
+__all__ = ["search", "merge", "search_with", "merge_with", "from_recipe", "from_study", "MergeResult",
+           "BOMergeError", "watch_once"]
 
 
 def __getattr__(name: str):
     # Lazy: `import hf_bomerge` stays cheap (no torch) for the CLI's --help and error paths.
-    if name in ("search", "merge", "from_recipe", "from_study", "MergeResult"):
+    if name in ("search", "merge", "search_with", "merge_with", "from_recipe", "from_study", "MergeResult"):
         from . import api
 
         return getattr(api, name)
