@@ -83,3 +83,17 @@ def test_the_study_identity_changes_with_every_input_that_changes_a_trials_value
     assert all(c != base for c in changed)
     # the budget and the seed do not change a trial's value: more trials extend the same study
     assert study_identity(pins, SearchSpec(trials=80, seed=5), "simplex", evaluation) == base
+
+
+def test_a_study_that_does_not_record_the_specs_is_refused_with_what_to_do(tmp_path):
+    """A study made before the specs (session-3 attributes: a flat recipe, no search/evaluation) is not guessed at."""
+    import optuna
+
+    from hf_bomerge import from_study
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    study = optuna.create_study(study_name="old", storage=url)
+    study.set_user_attr("recipe", {"source": "org/run", "revisions": ["step1", "step2"], "shas": SHAS})
+    study.set_user_attr("inputs", {"source": "org/run"})
+    with pytest.raises(StudyError, match="older hf-bomerge made it.*re-run the search"):
+        from_study("old", url)
