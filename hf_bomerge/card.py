@@ -85,14 +85,14 @@ def _confirm_terms(result: "MergeResult") -> dict:
     c = result.confirm
     if not c:
         return {}
-    sign = 1 if result.objective == "loss" else -1  # a gain is a lower loss, a higher metric
-    delta, worst_end = sign * (c["loss"] - c["baselines"][c["best_baseline"]]), max(sign * v for v in c["interval"])
-    verdict = "better" if worst_end < 0 else "better, interval includes 0" if delta < 0 else "not better"
-    if sign == 1:
+    from .confirm import verdict
+
+    said = verdict(c, higher_is_better=result.objective != "loss")
+    if result.objective == "loss":
         return dict(confirm_units="blocks", confirm_header="loss (nats/token)", confirm_unit="nats/token",
-                    confirm_verdict=verdict)
+                    confirm_verdict=said)
     return dict(confirm_units="questions", confirm_header=f"{result.objective} (higher is better)",
-                confirm_unit=result.objective, confirm_verdict=verdict)
+                confirm_unit=result.objective, confirm_verdict=said)
 
 
 def _dataset(label: str | None, dataset_id: str | None, config: str | None, split: str | None) -> dict:

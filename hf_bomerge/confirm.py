@@ -60,17 +60,29 @@ class Confirmation:
     @property
     def merge_is_better(self) -> bool:
         """Whether the whole interval says the merge beats the best baseline."""
-        return self.interval[0] > 0 if self.higher_is_better else self.interval[1] < 0
+        return verdict(self.as_dict(), self.higher_is_better) == "better"
 
     @property
     def merge_wins(self) -> bool:
         """Whether the merge beats the best baseline at all on the confirm part (interval aside)."""
-        best = self.baselines[self.best_baseline]
-        return self.loss > best if self.higher_is_better else self.loss < best
+        return verdict(self.as_dict(), self.higher_is_better) != "not better"
 
     def as_dict(self) -> dict:
         return {"loss": self.loss, "baselines": self.baselines, "best_baseline": self.best_baseline,
                 "interval": list(self.interval), "blocks": self.blocks}
+
+
+def verdict(confirmed: dict, higher_is_better: bool = False) -> str:
+    """What the confirm part says of the merge against the best baseline (`--json`'s `confirm`): "better" (the
+    whole interval), "better, interval includes 0", or "not better".
+
+    >>> verdict({"loss": 2.0, "baselines": {"a": 2.1}, "best_baseline": "a", "interval": [-0.2, 0.05]})
+    'better, interval includes 0'
+    """
+    sign = -1 if higher_is_better else 1  # a gain is a lower loss, a higher metric
+    delta = sign * (confirmed["loss"] - confirmed["baselines"][confirmed["best_baseline"]])
+    worst_end = max(sign * v for v in confirmed["interval"])
+    return "better" if worst_end < 0 else "better, interval includes 0" if delta < 0 else "not better"
 
 
 def mean(values: Sequence[float], idx: Sequence[int]) -> float:

@@ -223,3 +223,19 @@ def test_forget_deletes_only_a_runs_output(tmp_path):
 def test_the_worker_sends_trials_as_plain_data():
     assert space_worker.trial_row(Trial(3, [0.25, 0.75], 2.5, None), 4, 10) == {
         "number": 3, "weights": [0.25, 0.75], "loss": 2.5, "seed": None, "complete": 4, "budget": 10}
+
+
+def test_the_summary_gives_the_confirm_parts_verdict_plainly(tmp_path):
+    result = _result(tmp_path / "out")
+    assert H.confirm_summary(result) == ""  # no confirm part (turned off): nothing claimed
+    result.confirm = {"loss": 2.2, "baselines": {"step4000": 2.15, "uniform": 2.18}, "best_baseline": "step4000",
+                      "interval": [0.01, 0.09], "blocks": 16, "exported": "merge"}
+    text = H.summary(result)
+    assert "search part" in text and "16 held-out blocks the search never saw" in text
+    assert "**the merge is NOT better than `step4000`.**" in text and "Δ +0.05000" in text
+    result.confirm.update(loss=2.1, interval=[-0.09, 0.02])
+    assert "the merge is better, but the interval includes 0." in H.summary(result)
+    result.confirm.update(interval=[-0.09, -0.01])
+    assert "the merge is better." in H.summary(result)
+    result.confirm.update(loss=2.2, interval=[0.01, 0.09], exported="step4000")  # --fallback kept the baseline
+    assert "The output holds `step4000` (fallback), not the searched merge." in H.summary(result)

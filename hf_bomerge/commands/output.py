@@ -109,19 +109,21 @@ def _confirmation(result) -> list[str]:
     c = result.confirm
     if not c:
         return []
+    from ..confirm import verdict
+
     best, delta = c["best_baseline"], c["loss"] - c["baselines"][c["best_baseline"]]
-    sign = 1 if result.objective == "loss" else -1  # a gain is a lower loss, a higher metric
-    lo, hi = sorted((sign * c["interval"][0], sign * c["interval"][1]))
-    verdict = ("better than" if hi < 0 else "better than (but the interval includes 0)" if sign * delta < 0
-               else "NOT better than")
-    units, per = ("held-out blocks", " nats/token") if sign == 1 else ("questions", f" {result.objective}")
+    said = verdict(c, higher_is_better=result.objective != "loss")
+    phrase = {"better": "better than", "better, interval includes 0": "better than (but the interval includes 0)",
+              "not better": "NOT better than"}[said]
+    units, per = (("held-out blocks", " nats/token") if result.objective == "loss"
+                  else ("questions", f" {result.objective}"))
     lines = ["", f"on the confirm part ({c['blocks']} {units} the search never saw):",
              *(f"  {k:<24} {v:9.5f}" for k, v in {"merged": c["loss"], **c["baselines"]}.items()),
-             f"the merge is {verdict} the best baseline ({best}): {delta:+.5f}{per}, "
+             f"the merge is {phrase} the best baseline ({best}): {delta:+.5f}{per}, "
              f"95% interval [{c['interval'][0]:+.5f}, {c['interval'][1]:+.5f}]"]
     if c.get("exported", "merge") != "merge":
         lines.append(f"--fallback: the output holds {c['exported']}, not the searched merge")
-    elif sign * delta >= 0:
+    elif said == "not better":
         lines.append("pass --fallback to export that baseline instead")
     return lines
 

@@ -316,12 +316,33 @@ def generalization_table(result) -> pd.DataFrame:
 def summary(result) -> str:
     singles = {k: v for k, v in result.baselines.items() if k in result.revisions}
     weights = " · ".join(f"`{n}` {w:.3f}" for n, w in zip(result.revisions, result.weights))
+    part = ", search part" if getattr(result, "confirm", None) else ""
     text = (f"**Merged held-out loss {result.loss:.5f}** ({result.search} search, {result.trials} trials on "
-            f"{result.dataset}).")
+            f"{result.dataset}{part}).")
     if singles:
         best = min(singles, key=singles.get)
         text += f" Best single checkpoint: `{best}` {singles[best]:.5f} (Δ {result.loss - singles[best]:+.5f})."
-    return f"{text}\n\nWeights (oldest first): {weights}"
+    return f"{text}{confirm_summary(result)}\n\nWeights (oldest first): {weights}"
+
+
+def confirm_summary(result) -> str:
+    """The number the search never saw: the merge against the best baseline on the confirm part."""
+    c = getattr(result, "confirm", None)
+    if not c:
+        return ""
+    from hf_bomerge.confirm import verdict
+
+    said = verdict(c)
+    best = c["best_baseline"]
+    line = (f"On the confirm part ({c['blocks']} held-out blocks the search never saw): merge {c['loss']:.5f}, "
+            f"best baseline `{best}` {c['baselines'][best]:.5f}, Δ {c['loss'] - c['baselines'][best]:+.5f} "
+            f"(95% interval [{c['interval'][0]:+.5f}, {c['interval'][1]:+.5f}]): ")
+    line += {"better": "the merge is better.", "better, interval includes 0":
+             "the merge is better, but the interval includes 0.",
+             "not better": f"**the merge is NOT better than `{best}`.**"}[said]
+    if c.get("exported", "merge") != "merge":
+        line += f" The output holds `{c['exported']}` (fallback), not the searched merge."
+    return "\n\n" + line
 
 
 def card_preview(folder: str | Path) -> str:
