@@ -92,13 +92,13 @@ def test_list_run_and_publish(space, test_hub, tmp_path):
     assert "`main`" in note and f"{len(test_hub.step_branches)} checkpoint branches" in note
 
     job = client.submit(*_run_args(test_hub, eval_sets=f"{test_hub.dataset_id}@ood"), api_name="/run")
-    progress = []
-    while not job.done():
-        status = job.status()
-        if status.progress_data:
-            progress += [(p.index, p.length, p.unit) for p in status.progress_data]
-        time.sleep(0.05)
     plan, status, trials, curve, summary, baselines, general, plot, card, result = job.result()
+    # Every status message the server sent, in order (gradio_client queues each one; polling job.status() sees
+    # only the latest, and a trial's progress message is followed within milliseconds by its output message).
+    progress = []
+    while not job.communicator.updates.empty():
+        update = job.communicator.updates.get_nowait()
+        progress += [(p.index, p.length, p.unit) for p in getattr(update, "progress_data", None) or []]
     assert "2 revisions" in plan and test_hub.step_branches[-1] in plan
     assert status.startswith("Done") and "5 trials" in status
     assert [r[1] for r in _rows(trials)][:4] == [test_hub.step_branches[-1], test_hub.step_branches[-2],
