@@ -13,7 +13,8 @@ from . import offline, phase
 from .checkpoints import CheckpointSet, check_same_tokenizer
 from .engine import DTYPES
 from .errors import BOMergeError, CorruptFileError, HubError
-from .sources import HubSource, Source, default_cache_dir, hub_errors, open_source, weight_sizes
+from .sources import (TOKENIZER_FILES, HubSource, Source, default_cache_dir, hub_errors, open_source,
+                      weight_sizes)
 from .writer import parse_size
 from .plan import Plan, make_plan
 from .revisions import resolve_revisions
@@ -32,9 +33,6 @@ class Prepared:
     ckpts: CheckpointSet
     mode: str = "resident"  # the plan's: the checkpoints resident beside the model, or streamed per trial
     token: str | bool | None = None  # the user's token (or False/None): the held-out data is loaded with it too
-
-TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja"]
 
 
 def resolve(source: str, revisions: str, max_checkpoints: int, token, cache_dir,

@@ -8,6 +8,7 @@ materializes one revision as a local folder holding only what a merge needs: wei
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -28,9 +29,9 @@ from .checkpoints import WEIGHT_LAYOUTS, find_weight_files
 from .errors import HubError
 
 # What a merge reads besides weights. Never optimizer states or training_args pickles.
-SIDE_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
-              "tokenizer.model", "chat_template.jinja"]
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja"]
+SIDE_FILES = ["config.json", "generation_config.json", *TOKENIZER_FILES]
 _log = logging.getLogger(__name__)
 
 
@@ -358,8 +359,6 @@ def check_dataset_access(dataset: str, token: str | bool | None) -> None:
 def local_cause(err: BaseException) -> str | None:
     """A message for an error of this machine (full disk, no permission, read-only file system) met while
     downloading or writing: it is not the Hub's fault, and the message must not say so."""
-    import errno
-
     seen = err
     while seen is not None and not (isinstance(seen, OSError) and seen.errno in _LOCAL_ERRNOS):
         seen = seen.__cause__ or seen.__context__
@@ -373,15 +372,12 @@ def local_cause(err: BaseException) -> str | None:
             "--output you can write to, or fix the folder's permissions.")
 
 
-_LOCAL_ERRNOS = {28, 13, 1, 30}  # ENOSPC, EACCES, EPERM, EROFS
+_LOCAL_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 def status_of(err: BaseException) -> int | None:
     response = getattr(err, "response", None)
     return getattr(response, "status_code", None)
-
-
-# ---- publishing ---------------------------------------------------------------------------------------
 
 
 def is_connection_error(err: BaseException) -> bool:
