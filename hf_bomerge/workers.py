@@ -67,17 +67,23 @@ def twin_of(study: optuna.Study, number: int, weights: list[float],
             layer_weights: dict[str, list[float]] | None = None) -> optuna.trial.FrozenTrial | None:
     """A finished trial with the same weights (and the same per-group weights of a layered merge), or an
     earlier-numbered one in flight, if there is one."""
-    def same(a, b) -> bool:
-        return all(abs(x - y) < 1e-12 for x, y in zip(a, b))
-
+    point = _point(weights, layer_weights)
     for t in study.get_trials(deepcopy=False, states=LIVE):
-        other, layers = t.user_attrs.get("weights"), t.user_attrs.get("layer_weights")
+        other = t.user_attrs.get("weights")
         if (t.state == TrialState.COMPLETE or t.number < number) and t.number != number and other \
-                and same(other, weights) and (layers is None) == (layer_weights is None) \
-                and (layers is None or (list(layers) == list(layer_weights)
-                                        and all(same(layers[g], layer_weights[g]) for g in layers))):
+                and _same_point(_point(other, t.user_attrs.get("layer_weights")), point):
             return t
     return None
+
+
+def _point(weights: list[float], layer_weights: dict[str, list[float]] | None) -> tuple:
+    """A trial's weights as (group names, one flat vector): the global vector, then each group's."""
+    groups = layer_weights or {}
+    return tuple(groups), [*weights, *(w for vector in groups.values() for w in vector)]
+
+
+def _same_point(a: tuple, b: tuple) -> bool:
+    return a[0] == b[0] and len(a[1]) == len(b[1]) and all(abs(x - y) < 1e-12 for x, y in zip(a[1], b[1]))
 
 
 def counts(study: optuna.Study) -> dict[TrialState, int]:
@@ -124,7 +130,7 @@ def fail_orphans(study: optuna.Study, storage: optuna.storages.BaseStorage) -> l
 def claim_export(storage: optuna.storages.BaseStorage, study_name: str, budget: int, claim: dict) -> dict | None:
     """Claim the export of `study_name` at `budget` trials. Returns None if this caller won the claim, else
     the winner's claim (who, where to, when)."""
-    name = f"{study_name}:export@{budget}"
+    name = export_lock(study_name, budget)
     try:
         lock = optuna.create_study(storage=storage, study_name=name)
     except optuna.exceptions.DuplicatedStudyError:
@@ -170,7 +176,7 @@ def claim_heartbeat(storage: optuna.storages.BaseStorage, study_name: str, budge
     def beat():
         while not stop.wait(CLAIM_BEAT_S):
             try:
-                optuna.load_study(study_name=f"{study_name}:export@{budget}", storage=storage).set_user_attr(
+                optuna.load_study(study_name=export_lock(study_name, budget), storage=storage).set_user_attr(
                     "beat", _now())
             except Exception:  # noqa: BLE001 - a missed beat only risks a takeover after CLAIM_STALE_S
                 pass
@@ -186,21 +192,26 @@ def claim_heartbeat(storage: optuna.storages.BaseStorage, study_name: str, budge
 
 def release_export(storage: optuna.storages.BaseStorage, study_name: str, budget: int) -> None:
     """Give the claim back (the export failed), so that a re-run can export."""
-    optuna.delete_study(study_name=f"{study_name}:export@{budget}", storage=storage)
+    optuna.delete_study(study_name=export_lock(study_name, budget), storage=storage)
 
 
 def finish_export(storage: optuna.storages.BaseStorage, study_name: str, budget: int) -> None:
-    lock = optuna.load_study(study_name=f"{study_name}:export@{budget}", storage=storage)
+    lock = optuna.load_study(study_name=export_lock(study_name, budget), storage=storage)
     lock.set_user_attr("done", _now())
 
 
 def export_status(storage: optuna.storages.BaseStorage, study_name: str, budget: int) -> dict | None:
     try:
-        lock = optuna.load_study(study_name=f"{study_name}:export@{budget}", storage=storage)
+        lock = optuna.load_study(study_name=export_lock(study_name, budget), storage=storage)
     except KeyError:
         return None
     return {"worker": "?", **lock.user_attrs.get("claim", {}), "done": lock.user_attrs.get("done"),
             "beat": lock.user_attrs.get("beat")}
+
+
+def export_lock(study_name: str, budget: int) -> str:
+    """The name of the study whose creation claims the export of `study_name` at `budget`."""
+    return f"{study_name}:export@{budget}"
 
 
 def is_export_lock(study_name: str) -> bool:
