@@ -17,6 +17,7 @@ from typing import Sequence
 
 from . import offline
 from .errors import HubError
+from .specs import EvalSpec, SourceSpec
 
 OFFLINE_ENV = "HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1"
 
@@ -43,7 +44,6 @@ def download(source: str, revisions: str = "last:2", *, max_checkpoints: int = 8
     >>> print(done.command)                                                                   # doctest: +SKIP
     HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 hf-bomerge EleutherAI/pythia-160m --revisions step140000,…
     """
-    from .specs import EvalSpec
     from .heldout import HeldOutSpec, load_split
     from .prepare import _bar, quiet_libraries, resolve, tokenizer_folder, tokenizer_source
 
@@ -65,8 +65,9 @@ def download(source: str, revisions: str = "last:2", *, max_checkpoints: int = 8
         tokenizer_source(tokenizer, token, cache_dir)
     else:
         tokenizer_folder(src, folders[-1])
-    specs = [EvalSpec.from_options(dataset, dataset_config, split).data, *(HeldOutSpec.parse(e) for e in eval_datasets)] \
-        if evaluate else []
+    specs = []
+    if evaluate:
+        specs = [EvalSpec.from_options(dataset, dataset_config, split).data, *map(HeldOutSpec.parse, eval_datasets)]
     fetched = []
     for spec in specs:
         if not Path(spec.dataset).expanduser().exists():
@@ -83,8 +84,9 @@ def download(source: str, revisions: str = "last:2", *, max_checkpoints: int = 8
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="Hub repo id ORG/NAME (or a local folder / git repository)")
-    p.add_argument("--revisions", default="last:2", help="as for a run: A..B, R1,R2,..., last:N")
-    p.add_argument("--max-checkpoints", type=int, default=8, help="as for a run (default 8; 0 = all)")
+    p.add_argument("--revisions", default=SourceSpec.revisions, help="as for a run: A..B, R1,R2,..., last:N")
+    p.add_argument("--max-checkpoints", type=int, default=SourceSpec.max_checkpoints,
+                   help="as for a run (default %(default)s; 0 = all)")
     p.add_argument("--dataset", help="the held-out dataset (default Salesforce/wikitext)")
     p.add_argument("--dataset-config")
     p.add_argument("--split")

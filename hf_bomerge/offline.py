@@ -120,8 +120,7 @@ def dataset_args(specs: Sequence, evaluate: bool = True) -> list[str]:
             if not local:
                 args += (["--dataset-config", spec.config] if spec.config else []) + ["--split", spec.split]
         else:
-            args += ["--eval-dataset", spec.dataset if local else
-                     spec.dataset + (f":{spec.config}" if spec.config else "") + f"@{spec.split}"]
+            args += ["--eval-dataset", spec.dataset if local else spec.label]
     return args
 
 

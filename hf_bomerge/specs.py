@@ -242,9 +242,9 @@ class Recipe:
     def as_dict(self) -> dict:
         recipe = {"hf_bomerge_version": __version__, "source": self.source, "source_kind": self.source_kind,
                   "revisions": [{"name": n, "sha": s} for n, s in zip(self.revisions, self.shas)],
-                  "weights": list(self.weights), "dtype": self.dtype, "copied": sorted(self.copied or [])}
-        if self.copied is None:
-            del recipe["copied"]
+                  "weights": list(self.weights), "dtype": self.dtype}
+        if self.copied is not None:  # an unknown rule stays unknown: `recipe` derives it again
+            recipe["copied"] = sorted(self.copied)
         if self.layer_weights is not None or self.layer_groups is not None:
             recipe.update(layer_weights=self.layer_weights, layer_groups=self.layer_groups)
         return recipe

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from hf_bomerge.errors import BOMergeError, StudyError
-from hf_bomerge.specs import EvalSpec, FixedSpec, HeldOutSpec, Recipe, SearchSpec, SourceSpec, study_identity
+from hf_bomerge.specs import EvalSpec, FixedSpec, HeldOutSpec, Recipe, SearchSpec, study_identity
 
 SHAS = ["a" * 40, "b" * 40]
 
