@@ -25,6 +25,8 @@ if "--worker" in sys.argv:  # a lever variant runs the command: the same OpenMP 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
+from cpu import cpu_model  # noqa: E402  (benchmarks/cpu.py, beside this script)
+
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
 CKPTS = OUT / "ckpts"                  # pytorch_model.bin with legacy buffers, like real Pythia steps
@@ -266,8 +268,7 @@ def transformers_version() -> str:
 
 
 def machine() -> str:
-    cpu = next((l.split(":", 1)[1].strip() for l in subprocess.run(["lscpu"], capture_output=True, text=True)
-                .stdout.splitlines() if l.startswith("Model name")), platform.processor())
+    cpu = cpu_model()
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return (f"{cpu}, {os.cpu_count()} cores, {ram:.1f} GiB RAM; Python {platform.python_version()}, "
             f"torch {torch.__version__}, transformers {transformers_version()}")

@@ -22,10 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,10 +40,10 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
 import measure  # noqa: E402  (tests/measure.py: no hf_bomerge inside)
 import reproduce_train  # noqa: E402
+from cpu import cpu_model  # noqa: E402
 
 import hf_bomerge  # noqa: E402
 from hf_bomerge import phase  # noqa: E402
-from hf_bomerge import weights as W  # noqa: E402
 from hf_bomerge.checkpoints import CheckpointSet  # noqa: E402
 
 MAX_TOKENS = 32768  # 256 blocks of 128 tokens per set; the confirm part is 64 of them
@@ -186,16 +184,9 @@ def one_seed(args, seed: int) -> dict:
 
 
 def machine() -> str:
-    model = platform.machine()
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
     import transformers
 
-    return (f"{model}, {os.cpu_count()} cores (load average {os.getloadavg()[0]:.1f} at the end), Python "
+    return (f"{cpu_model()}, {os.cpu_count()} cores (load average {os.getloadavg()[0]:.1f} at the end), Python "
             f"{platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}")
 
 

@@ -38,11 +38,9 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -57,6 +55,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import optuna  # noqa: E402
 import torch  # noqa: E402
 
+from cpu import cpu_model  # noqa: E402  (benchmarks/cpu.py, beside this script)
 from hf_bomerge import demo  # noqa: E402
 from hf_bomerge import weights as W  # noqa: E402
 from hf_bomerge.evaluator import Evaluator as _Evaluator  # noqa: E402
@@ -250,14 +249,7 @@ def fmt(x: float) -> str:
 
 
 def machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, optuna {optuna.__version__}"
+    return f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, optuna {optuna.__version__}"
 
 
 def baselines(obj: Objective, k: int) -> dict:
