@@ -63,26 +63,12 @@ def _save(folder: Path, model, tokenizer) -> None:
 
 def _train(out: Path, p: dict, log) -> None:
     import torch
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
+    from transformers import GPTNeoXForCausalLM
 
     start = time.perf_counter()
-    train_files, heldout_files, ood = demo._stdlib_texts()
-    texts = [demo._read(f) for f in train_files]
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=p["vocab_size"], min_frequency=2, special_tokens=[demo.EOS],
-                            show_progress=False)
+    tokenizer, data, _, heldout_files, ood = demo.corpus(p)
     T, B = p["max_position_embeddings"], p["batch_size"]
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=demo.EOS, eos_token=demo.EOS,
-                                        unk_token=demo.EOS)
-    eos_id = tokenizer.convert_tokens_to_ids(demo.EOS)
-    data = torch.tensor([i for e in bpe.encode_batch(texts) for i in e.ids + [eos_id]])
-    config = GPTNeoXConfig(
-        vocab_size=p["vocab_size"], hidden_size=p["hidden_size"], num_hidden_layers=p["num_hidden_layers"],
-        num_attention_heads=p["num_attention_heads"], intermediate_size=4 * p["hidden_size"],
-        max_position_embeddings=T, rotary_pct=p["rotary_pct"], rotary_emb_base=10000, tie_word_embeddings=False,
-        use_parallel_residual=True, bos_token_id=eos_id, eos_token_id=eos_id, hidden_act="gelu",
-    )
+    config = demo.model_config(p, tokenizer.convert_tokens_to_ids(demo.EOS))
     config.architectures = ["GPTNeoXForCausalLM"]
     total, interval, decay = p["total_steps"], p["interval"], p["decay_steps"]
     branch = total - decay
@@ -93,13 +79,7 @@ def _train(out: Path, p: dict, log) -> None:
         for step in range(first, last + 1):
             for group in opt.param_groups:
                 group["lr"] = p["lr"] * lr_mult(step)
-            idx = torch.randint(0, len(data) - T, (B,), generator=gen)
-            batch = torch.stack([data[i: i + T] for i in idx.tolist()])
-            loss = model(input_ids=batch, labels=batch).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            recent = (recent + [loss.item()])[-interval:]
+            recent = (recent + [demo.train_step(model, opt, data, gen, T, B)])[-interval:]
             if step % interval == 0:
                 losses[name][f"step{step}"] = round(sum(recent) / len(recent), 4)
                 _save(out / name / f"step{step}", model, tokenizer)
@@ -131,15 +111,7 @@ def _train(out: Path, p: dict, log) -> None:
         fork_gen.set_state(gen.get_state())
         run(model, opt, gen, branch + 1, total, constant, "constant")
         run(fork_model, fork_opt, fork_gen, branch + 1, total, annealed, "annealed")
-    held = out / "heldout"
-    held.mkdir()
-    lib = Path(os.__file__).parent
-    with open(held / "validation.jsonl", "w") as f:
-        for path in heldout_files:
-            f.write(json.dumps({"text": demo._read(path), "source": str(path.relative_to(lib))}) + "\n")
-    with open(held / "ood.jsonl", "w") as f:
-        for name, text in ood:
-            f.write(json.dumps({"text": text, "source": f"pydoc_data.topics:{name}"}) + "\n")
+    demo.write_heldout(out / "heldout", heldout_files, ood)
     meta = {"params": p, "branch_step": branch, "tokens_per_step": B * T, "train_loss": losses,
             "num_parameters": sum(x.numel() for x in model.parameters()),
             "train_tokens_available": len(data), "train_seconds": round(time.perf_counter() - start, 1),

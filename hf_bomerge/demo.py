@@ -141,36 +141,81 @@ def _save_common(folder: Path, model, tokenizer) -> None:
     cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
+def corpus(params: dict):
+    """The stdlib corpus tokenized with a byte-level BPE trained on it: (tokenizer, training tokens with an EOS
+    after each file, train files, held-out files, out-of-domain texts)."""
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    train_files, heldout_files, ood = _stdlib_texts()
+    texts = [_read(p) for p in train_files]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=params["vocab_size"], min_frequency=2,
+                            special_tokens=[EOS], show_progress=False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=EOS, eos_token=EOS,
+                                        unk_token=EOS)
+    eos_id = tokenizer.convert_tokens_to_ids(EOS)
+    data = torch.tensor([i for e in bpe.encode_batch(texts) for i in e.ids + [eos_id]])
+    return tokenizer, data, train_files, heldout_files, ood
+
+
+def model_config(params: dict, eos_id: int):
+    """The tiny Pythia-like GPT-NeoX of `params`."""
+    from transformers import GPTNeoXConfig
+
+    return GPTNeoXConfig(
+        vocab_size=params["vocab_size"], hidden_size=params["hidden_size"],
+        num_hidden_layers=params["num_hidden_layers"], num_attention_heads=params["num_attention_heads"],
+        intermediate_size=4 * params["hidden_size"], max_position_embeddings=params["max_position_embeddings"],
+        rotary_pct=params["rotary_pct"], rotary_emb_base=10000, tie_word_embeddings=False,
+        use_parallel_residual=True, bos_token_id=eos_id, eos_token_id=eos_id, hidden_act="gelu",
+    )
+
+
+def train_step(model, opt, data, gen, block: int, batch: int) -> float:
+    """One optimizer step on `batch` random windows of `block` tokens of `data` (drawn with `gen`); the loss."""
+    import torch
+
+    idx = torch.randint(0, len(data) - block, (batch,), generator=gen)
+    windows = torch.stack([data[i : i + block] for i in idx.tolist()])
+    loss = model(input_ids=windows, labels=windows).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def write_heldout(held: Path, heldout_files, ood, *, text_copy: bool = False) -> None:
+    """heldout/validation.jsonl (the held-out stdlib files; with `text_copy`, also as validation.txt) and
+    heldout/ood.jsonl (English prose)."""
+    held.mkdir()
+    lib = Path(os.__file__).parent
+    texts = [(p, _read(p)) for p in heldout_files]
+    with open(held / "validation.jsonl", "w") as f:
+        for p, text in texts:
+            f.write(json.dumps({"text": text, "source": str(p.relative_to(lib))}) + "\n")
+    if text_copy:
+        (held / "validation.txt").write_text("".join(text + "\n\n" for _, text in texts))
+    with open(held / "ood.jsonl", "w") as f:
+        for name, text in ood:
+            f.write(json.dumps({"text": text, "source": f"pydoc_data.topics:{name}"}) + "\n")
+
+
 def _build(out: Path, *, quiet: bool) -> None:
     import torch
     from safetensors.torch import save_file
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
+    from transformers import GPTNeoXForCausalLM
 
     def log(msg: str) -> None:
         if not quiet:
             print(f"[demo] {msg}", file=sys.stderr, flush=True)
 
     start = time.perf_counter()
-    train_files, heldout_files, ood = _stdlib_texts()
-    texts = [_read(p) for p in train_files]
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=PARAMS["vocab_size"], min_frequency=2,
-                            special_tokens=[EOS], show_progress=False)
-    T = PARAMS["max_position_embeddings"]
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=EOS, eos_token=EOS,
-                                        unk_token=EOS)
-    eos_id = tokenizer.convert_tokens_to_ids(EOS)
-    data = torch.tensor([i for e in bpe.encode_batch(texts) for i in e.ids + [eos_id]])
+    tokenizer, data, train_files, heldout_files, ood = corpus(PARAMS)
     log(f"tokenizer trained; {len(data):,} training tokens from {len(train_files)} stdlib files")
-
-    config = GPTNeoXConfig(
-        vocab_size=PARAMS["vocab_size"], hidden_size=PARAMS["hidden_size"],
-        num_hidden_layers=PARAMS["num_hidden_layers"], num_attention_heads=PARAMS["num_attention_heads"],
-        intermediate_size=4 * PARAMS["hidden_size"], max_position_embeddings=T,
-        rotary_pct=PARAMS["rotary_pct"], rotary_emb_base=10000, tie_word_embeddings=False,
-        use_parallel_residual=True, bos_token_id=eos_id, eos_token_id=eos_id, hidden_act="gelu",
-    )
+    config = model_config(PARAMS, tokenizer.convert_tokens_to_ids(EOS))
+    T = PARAMS["max_position_embeddings"]
     steps, B, losses = PARAMS["steps"], PARAMS["batch_size"], {}
     with torch.random.fork_rng():
         torch.manual_seed(PARAMS["seed"])
@@ -185,14 +230,9 @@ def _build(out: Path, *, quiet: bool) -> None:
         model.train()
         recent: list[float] = []
         for step in range(1, steps[-1] + 1):
-            idx = torch.randint(0, len(data) - T, (B,), generator=gen)
-            batch = torch.stack([data[i : i + T] for i in idx.tolist()])
-            loss = model(input_ids=batch, labels=batch).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            loss = train_step(model, opt, data, gen, T, B)
             sched.step()
-            recent = (recent + [loss.item()])[-50:]
+            recent = (recent + [loss])[-50:]
             if step in steps:
                 losses[f"step{step}"] = round(sum(recent) / len(recent), 4)
                 folder = out / f"step{step}"
@@ -203,17 +243,8 @@ def _build(out: Path, *, quiet: bool) -> None:
     fp16 = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     save_file(fp16, out / "main" / "model.safetensors", metadata={"format": "pt"})
 
-    held = out / "heldout"
-    held.mkdir()
+    write_heldout(out / "heldout", heldout_files, ood, text_copy=True)
     lib = Path(os.__file__).parent
-    with open(held / "validation.jsonl", "w") as f, open(held / "validation.txt", "w") as g:
-        for p in heldout_files:
-            text = _read(p)
-            f.write(json.dumps({"text": text, "source": str(p.relative_to(lib))}) + "\n")
-            g.write(text + "\n\n")
-    with open(held / "ood.jsonl", "w") as f:
-        for name, text in ood:
-            f.write(json.dumps({"text": text, "source": f"pydoc_data.topics:{name}"}) + "\n")
 
     import transformers
 
