@@ -4,7 +4,6 @@ staging folder that is renamed into place only when complete (never half a model
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
@@ -14,6 +13,7 @@ from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 import torch
 
 from .checkpoints import ST_DTYPES, CheckpointSet, TensorInfo
+from .durable import DurableFile
 from .engine import merged_tensor
 from .errors import OutputError
 from .layers import Weights
@@ -80,10 +80,10 @@ def _header(infos: Sequence[TensorInfo]) -> bytes:
     return len(raw).to_bytes(8, "little") + raw
 
 
-def _write_bytes(f, tensor: torch.Tensor) -> None:
+def _write_bytes(f: DurableFile, tensor: torch.Tensor) -> None:
     flat = tensor.contiguous().reshape(-1)
     if flat.numel():
-        f.write(memoryview(flat.view(torch.uint8).numpy()))
+        f.write(flat.view(torch.uint8).numpy())
 
 
 def ahead(items: Iterable[T], produce: Callable[[T], R], depth: int = AHEAD) -> Iterator[R]:
@@ -147,14 +147,12 @@ def export_merge(ckpts: CheckpointSet, weights: Weights, out_dir: str | Path, *,
     merged = ahead(order, produce)
     try:
         for shard, filename in zip(shards, names):
-            with open(out_dir / filename, "wb") as f:
+            with DurableFile(out_dir / filename) as f:  # on disk when closed: before the caller's rename
                 f.write(_header(shard))
                 for info, tensor in zip(shard, merged):
                     _write_bytes(f, tensor)
                     if progress is not None:
                         progress.update(info.nbytes)
-                f.flush()
-                os.fsync(f.fileno())  # the never-half-a-model promise: the data is on disk before the rename
     finally:
         merged.close()  # an error here: stop the merge thread before returning
     if len(shards) > 1:
