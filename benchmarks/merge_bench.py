@@ -10,6 +10,7 @@ mergekit alternate, after an untimed warm-up read of the inputs and one untimed 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -216,18 +217,28 @@ def hf_cli(root: Path, out: Path, variant: str = "shipped") -> list[str]:
 
 
 VARIANTS = {
-    "no-read-ahead": "merge and write one after the other (no merge thread)",
+    "write-in-line": "each buffer written before the next is filled (no writer thread)",
+    "tensor-then-copy": "each tensor merged into its own memory, then copied into the file buffer (the export before)",
     "copying-reader": "safetensors read with positioned reads into fresh memory (the reader before this change)",
     "model-rule": "the merge rule from the model class built on the meta device (imports transformers)",
+    "buffered-write": "the shards written through the page cache, then fsync'd (the writer before O_DIRECT)",
 }
 
 
 def worker_variant(variant: str, args: list[str]) -> int:
     """The CLI with one lever turned back, to measure what it is worth."""
-    from hf_bomerge import checkpoints, cli, engine, writer
+    from hf_bomerge import checkpoints, cli, durable, engine, writer
 
-    if variant == "no-read-ahead":
-        writer.ahead = lambda items, produce, depth=0: (produce(item) for item in items)
+    if variant == "write-in-line":
+        def hand_over(self, last=False, _threaded=durable.DurableFile._hand_over):
+            _threaded(self, last)
+            self._wait()
+        durable.DurableFile._hand_over = hand_over
+    elif variant == "tensor-then-copy":
+        def write_tensor(f, ckpts, info, weights, dtype, kept):
+            tensor = writer.merged_tensor(ckpts, info.name, weights, dtype).to(info.dtype)
+            f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+        writer._write_tensor = write_tensor
     elif variant == "copying-reader":
         def get(self, name, _mapped=checkpoints.Checkpoint.get):
             index, offset = self._where[name]
@@ -243,6 +254,8 @@ def worker_variant(variant: str, args: list[str]) -> int:
         checkpoints.Checkpoint.release = lambda self, name: None
     elif variant == "model-rule":
         engine.suffix_rule_suffices = lambda folder: False
+    elif variant == "buffered-write":
+        writer.DurableFile = functools.partial(writer.DurableFile, direct=False)
     return cli.main(args)
 
 
@@ -274,20 +287,27 @@ def machine() -> str:
             f"torch {torch.__version__}, transformers {transformers_version()}")
 
 
-def write_bandwidth(nbytes: int) -> float:
-    """Best of 3: GB/s of writing `nbytes` to a new file in 64 MiB writes, fsync included (as the export)."""
+def write_bandwidth(nbytes: int) -> tuple[float, str]:
+    """Best of 3 each way: GB/s of writing `nbytes` to a new file in 64 MiB writes, fsync included (as the
+    export), buffered and with O_DIRECT (hf_bomerge.durable); the faster way and its name."""
+    from hf_bomerge.durable import DurableFile
+
     block = os.urandom(64 << 20)
-    path, best = OUT / "write-probe.bin", 0.0
-    for _ in range(3):
-        t = time.perf_counter()
-        with open(path, "wb") as f:
-            for _ in range(max(1, nbytes // len(block))):
-                f.write(block)
-            f.flush()
-            os.fsync(f.fileno())
-        best = max(best, max(1, nbytes // len(block)) * len(block) / (time.perf_counter() - t) / 1e9)
-        path.unlink()
-    return best
+    count = max(1, nbytes // len(block))
+    path, best = OUT / "write-probe.bin", {}
+    for way in ("buffered", "O_DIRECT"):
+        for _ in range(3):
+            t = time.perf_counter()
+            with open(path, "wb") if way == "buffered" else DurableFile(path, buffer_size=len(block)) as f:
+                for _ in range(count):
+                    f.write(block)
+                if way == "buffered":
+                    f.flush()
+                    os.fsync(f.fileno())
+            best[way] = max(best.get(way, 0.0), count * len(block) / (time.perf_counter() - t) / 1e9)
+            path.unlink()
+    way = max(best, key=best.get)
+    return best[way], way
 
 
 def import_floor() -> float:
@@ -374,7 +394,7 @@ def main() -> None:
     log("measuring memory and write bandwidth")
     bw_copy, bw_read = mem_bandwidth()
     out_bytes = dir_bytes(out_dir("hf-bomerge", formats[0]))
-    bw_write = write_bandwidth(out_bytes)
+    bw_write, write_way = write_bandwidth(out_bytes)
 
     results: dict = {key: [] for key in runs}
     main_keys = [k for k in runs if k[0] in ("hf-bomerge", "mergekit")]
@@ -449,7 +469,8 @@ def main() -> None:
         f"4 Pythia-410m-shaped checkpoints per format; {a.rounds} rounds, each running every (tool, format) once in "
         "turn; page cache warm.", "", *rows, "", *verdicts, "",
         f"Bandwidth: memory copy {bw_copy:.1f} GB/s (read + write counted; torch, 2 GiB, best of 3), read {bw_read:.1f} "
-        f"GB/s; file write {bw_write:.2f} GB/s ({out_bytes / 1e9:.2f} GB in 64 MiB writes + fsync, best of 3). "
+        f"GB/s; file write {bw_write:.2f} GB/s ({out_bytes / 1e9:.2f} GB in 64 MiB writes + fsync, {write_way}; the "
+        "faster of buffered and O_DIRECT, best of 3 each). "
         f"`python -c 'import torch'` alone: {imports['hf-bomerge']:.2f} s.",
         *levers, "", *resident,
         f"Load average (1 min) before / after: {load0[0]:.2f} / {load1[0]:.2f} (a shared machine: compare within one run).",

@@ -8,7 +8,7 @@ weighted is decided once, by `CheckpointSet.copied`, from the loaded model's par
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
@@ -124,14 +124,28 @@ def merged_tensor(ckpts: CheckpointSet, name: str, weights: Weights, dtype: torc
     name = ckpts.aliases.get(name, name)
     if not ckpts.is_merged(name):
         return ckpts.reference.get(name)
-    weights = tensor_weights(weights, name)
     out = torch.empty(info.numel, dtype=dtype or info.dtype)
-    if not merge_into(out, as_sources([[t.reshape(-1)] for t in ckpts.tensors(name)]), weights, out.dtype):
-        for tensor, ckpt in zip(ckpts.tensors(name), ckpts.checkpoints):
-            check_finite(tensor, name, ckpt.label)  # name the culprit rather than write a broken model
-        raise CheckpointError(f"Merging {name!r} overflowed to inf with weights {list(weights)}.")
-    ckpts.release(name)
+    merge_chunks(ckpts, name, weights, lambda start, stop: out[start:stop])
     return out.view(info.shape)
+
+
+def merge_chunks(ckpts: CheckpointSet, name: str, weights: Weights,
+                 out: Callable[[int, int], torch.Tensor]) -> None:
+    """Σ wᵢθᵢ of the weighted tensor `name`, CHUNK elements at a time: `out(start, stop)` gives the memory for
+    elements [start, stop) of the flattened result, in the dtype it is saved in (a slice of a tensor, or the
+    export's file buffer, so the merge is summed straight into what is written). Refuses a non-finite result,
+    naming the checkpoint that holds NaN/inf; hands the sources' pages back when done."""
+    sources = as_sources([[t.reshape(-1)] for t in ckpts.tensors(name)])
+    weights = tensor_weights(weights, name)
+    numel = ckpts.infos[name].numel
+    for start in range(0, numel, CHUNK):
+        stop = min(start + CHUNK, numel)
+        part = out(start, stop)
+        if not merge_into(part, slice_sources(sources, start, stop), weights, part.dtype):
+            for tensor, ckpt in zip(ckpts.tensors(name), ckpts.checkpoints):
+                check_finite(tensor, name, ckpt.label)  # name the culprit rather than write a broken model
+            raise CheckpointError(f"Merging {name!r} overflowed to inf with weights {list(weights)}.")
+    ckpts.release(name)
 
 
 def check_finite(tensor: torch.Tensor, name: str, label: str) -> torch.Tensor:

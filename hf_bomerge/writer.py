@@ -1,28 +1,23 @@
-"""Writing a merge to disk: sharded safetensors written tensor by tensor (a few tensors in memory), and the
-staging folder that is renamed into place only when complete (never half a model)."""
+"""Writing a merge to disk: sharded safetensors summed chunk by chunk into the file's write buffer (no
+tensor-sized memory), and the staging folder that is renamed into place only when complete (never half a model)."""
 
 from __future__ import annotations
 
 import json
 import shutil
-from concurrent.futures import ThreadPoolExecutor
-from itertools import islice
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Sequence
 
 import torch
 
 from .checkpoints import ST_DTYPES, CheckpointSet, TensorInfo
 from .durable import DurableFile
-from .engine import merged_tensor
+from .engine import merge_chunks, merged_tensor
 from .errors import OutputError
 from .layers import Weights
 
 from .defaults import DEFAULT_MAX_SHARD_SIZE  # noqa: F401  (re-exported)
 _ST_NAMES = {dtype: name for name, dtype in ST_DTYPES.items()}
-AHEAD = 2  # tensors merged ahead of the one being written: bounds the extra memory to two tensors
-T = TypeVar("T")
-R = TypeVar("R")
 
 
 def parse_size(size: str | int) -> int:
@@ -80,41 +75,15 @@ def _header(infos: Sequence[TensorInfo]) -> bytes:
     return len(raw).to_bytes(8, "little") + raw
 
 
-def _write_bytes(f: DurableFile, tensor: torch.Tensor) -> None:
-    flat = tensor.contiguous().reshape(-1)
-    if flat.numel():
-        f.write(flat.view(torch.uint8).numpy())
-
-
-def ahead(items: Iterable[T], produce: Callable[[T], R], depth: int = AHEAD) -> Iterator[R]:
-    """`produce(item)` for every item, in order, computed by one background thread up to `depth` items ahead of
-    the consumer: the merge of the next tensors (reading, summing; torch and page faults release the GIL) runs
-    while the caller writes this one. An error in `produce` is raised at its item; when the consumer stops
-    early, the items not started are cancelled and the one in progress is waited for.
-
-    >>> list(ahead(range(4), lambda x: x * x))
-    [0, 1, 4, 9]
-    """
-    items = iter(items)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bomerge-merge") as pool:
-        pending = [pool.submit(produce, item) for item in islice(items, depth)]
-        try:
-            while pending:
-                result = pending.pop(0).result()
-                for item in items:
-                    pending.append(pool.submit(produce, item))
-                    break
-                yield result
-        finally:
-            for future in pending:
-                future.cancel()
-
-
 def export_merge(ckpts: CheckpointSet, weights: Weights, out_dir: str | Path, *,
                  dtype: torch.dtype | None = None, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
                  progress=None) -> list[Path]:
     """Write Σ wᵢθᵢ into `out_dir` as (sharded) safetensors, tensor by tensor, and return the files written.
     `weights`: one vector, or a `LayerWeights` (each tensor merged with its depth group's vector).
+
+    Each weighted tensor is summed chunk by chunk straight into the shard's write buffer (`DurableFile.reserve`),
+    which a background thread writes while the next chunks are summed: no tensor-sized memory per tensor. A tied
+    tensor (stored under several names) is merged once and kept for its other names.
 
     `out_dir` should be a fresh staging folder (the caller renames it when everything is written).
 
@@ -126,40 +95,44 @@ def export_merge(ckpts: CheckpointSet, weights: Weights, out_dir: str | Path, *,
     shards = plan_shards(infos, parse_size(max_shard_size))
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    tied = set(ckpts.aliases.values())
     kept: dict[str, torch.Tensor] = {}  # merged tied weights, written again under their other names
-    order = [info for shard in shards for info in shard]
-    upcoming = islice(order, AHEAD + 1, None)
-
-    def produce(info: TensorInfo) -> torch.Tensor:  # on the merge thread, AHEAD tensors before it is written
-        for nxt in upcoming:  # start reading a later tensor from disk (a no-op when it is in the page cache)
-            for ckpt in ckpts.checkpoints:
-                ckpt.prefetch(ckpts.aliases.get(nxt.name, nxt.name))
-            break
-        source = ckpts.aliases.get(info.name, info.name)
-        tensor = kept.get(source)
-        if tensor is None:
-            tensor = merged_tensor(ckpts, info.name, weights, dtype)
-            if source in tied:
-                kept[source] = tensor
-        return tensor.to(info.dtype)
-
-    merged = ahead(order, produce)
-    try:
-        for shard, filename in zip(shards, names):
-            with DurableFile(out_dir / filename) as f:  # on disk when closed: before the caller's rename
-                f.write(_header(shard))
-                for info, tensor in zip(shard, merged):
-                    _write_bytes(f, tensor)
-                    if progress is not None:
-                        progress.update(info.nbytes)
-    finally:
-        merged.close()  # an error here: stop the merge thread before returning
+    upcoming = iter([info for shard in shards for info in shard][1:])
+    for shard, filename in zip(shards, names):
+        with DurableFile(out_dir / filename) as f:  # on disk when closed: before the caller's rename
+            f.write(_header(shard))
+            for info in shard:
+                _prefetch(ckpts, next(upcoming, None))
+                _write_tensor(f, ckpts, info, weights, dtype, kept)
+                if progress is not None:
+                    progress.update(info.nbytes)
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(i.nbytes for i in infos)},
                  "weight_map": {i.name: fn for shard, fn in zip(shards, names) for i in shard}}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return [out_dir / n for n in names]
+
+
+def _write_tensor(f: DurableFile, ckpts: CheckpointSet, info: TensorInfo, weights: Weights,
+                  dtype: torch.dtype | None, kept: dict[str, torch.Tensor]) -> None:
+    source = ckpts.aliases.get(info.name, info.name)
+    tied = source in ckpts.aliases.values()
+    if tied or not ckpts.is_merged(source):  # merged once for every name / copied as stored
+        tensor = kept.get(source)
+        if tensor is None:
+            tensor = merged_tensor(ckpts, info.name, weights, dtype)
+            if tied:
+                kept[source] = tensor
+        f.write(tensor.to(info.dtype).contiguous().reshape(-1).view(torch.uint8).numpy())
+    elif info.numel:
+        merge_chunks(ckpts, source, weights, lambda start, stop: torch.frombuffer(
+            f.reserve((stop - start) * info.dtype.itemsize), dtype=info.dtype))
+
+
+def _prefetch(ckpts: CheckpointSet, info: TensorInfo | None) -> None:
+    """Have the kernel start reading the next tensor from disk while this one is summed (a no-op when cached)."""
+    if info is not None:
+        for ckpt in ckpts.checkpoints:
+            ckpt.prefetch(ckpts.aliases.get(info.name, info.name))
 
 
 def replace_dir(staging: Path, target: Path) -> None:

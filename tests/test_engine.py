@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
 
-from hf_bomerge import engine
+from hf_bomerge import durable, engine
 from hf_bomerge.checkpoints import CheckpointSet, is_merged
 from hf_bomerge.mergers import ResidentMerger
 from hf_bomerge.writer import export_merge
@@ -155,8 +155,11 @@ def test_tied_weights_are_merged_once_and_stay_tied(tmp_path):
 def test_resident_merger_matches_export_bit_for_bit(tmp_path, model_dtype, weights, chunk, monkeypatch):
     """N checkpoints, and two (θ₀ + λΔ, one axpy per trial, extrapolation included); also for a
     half-precision model (as on GPU), which still accumulates in float32; also when the export's
-    cache-blocked accumulator cuts every tensor into many chunks (chunk=1000 elements)."""
+    cache-blocked accumulator cuts every tensor into many chunks (chunk=1000 elements) summed into a file
+    buffer of a few blocks, handed to the writer thread mid-tensor."""
     monkeypatch.setattr(engine, "CHUNK", chunk)
+    if chunk < engine.CHUNK:
+        monkeypatch.setattr(durable, "BUFFER", 4 * durable.BLOCK)
     folders, states = _trajectory(tmp_path, ["bin", "safetensors", "bin"][-len(weights):])
     ckpts = CheckpointSet(folders)
     model = AutoModelForCausalLM.from_pretrained(folders[-1], dtype=model_dtype)

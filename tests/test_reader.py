@@ -1,4 +1,4 @@
-"""The zero-copy safetensors reader and the export's read-ahead thread: the same tensors and files as before."""
+"""The zero-copy safetensors reader: the same tensors and merged files as `.bin` inputs and `load_file` give."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hf_bomerge.checkpoints import Checkpoint, CheckpointSet
-from hf_bomerge.writer import ahead, export_merge
+from hf_bomerge.writer import export_merge
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -54,21 +54,6 @@ def test_reader_copies_out_unaligned_data_and_never_writes_the_file(tmp_path):
     assert torch.equal(ckpt.get("a"), a) and torch.equal(ckpt.get("b"), b)
     ckpt.get("a").fill_(42)  # a private mapping: this process's copy changes, the file does not
     assert path.read_bytes() == blob
-
-
-def test_ahead_keeps_order_and_raises_at_the_failing_item():
-    assert list(ahead(range(10), lambda x: x * 2, depth=3)) == [2 * x for x in range(10)]
-
-    def produce(x):
-        if x == 4:
-            raise ValueError("item 4")
-        return x
-
-    got = []
-    with pytest.raises(ValueError, match="item 4"):
-        for x in ahead(range(10), produce):
-            got.append(x)
-    assert got == [0, 1, 2, 3]
 
 
 def test_export_from_safetensors_equals_export_from_bin(tmp_path):
