@@ -2,8 +2,8 @@
 
 Because the file is fsync'd before it is renamed into place (never half a model), every byte goes to the disk
 before the command ends anyway; passing it through the page cache first only adds a copy and a fresh page per
-4 KiB (on some virtual machines a fault to the host each: 2.8 s instead of 0.65 s for 0.87 GB,
-benchmarks/README.md). So where the OS and filesystem allow it the file is opened with `O_DIRECT` and written
+4 KiB (on some virtual machines a fault to the host each: 0.87 GB took 3.2-3.4 s buffered + fsync, 0.63-0.68 s
+direct; benchmarks/README.md). So where the OS and filesystem allow it the file is opened with `O_DIRECT` and written
 from page-aligned buffers in whole blocks; the last block is padded and the file truncated to its size. A
 filesystem that refuses direct I/O (at open or at a write) gets ordinary buffered writes, the same bytes. This
 is how DeepSpeed's FastPersist writes checkpoints.
