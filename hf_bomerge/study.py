@@ -20,6 +20,7 @@ import sqlalchemy.exc
 
 from . import workers
 from .errors import StudyError
+from .storage import GRACE_S, default_storage, open_storage, safe_url  # noqa: F401 - re-exported
 from .layers import LayerWeights
 from .spaces import MAX_SIMPLEX, SEARCHES, SIMPLEX_FLOOR, SearchSpace, make_space, same_weights  # noqa: F401 - re-exported
 
@@ -27,9 +28,6 @@ logger = logging.getLogger("hf_bomerge")
 # A sampler, or a factory (seed, n_seeds) -> sampler (see `run_search`).
 Sampler = Union[optuna.samplers.BaseSampler, Callable[[Optional[int], int], optuna.samplers.BaseSampler]]
 
-# A running trial writes a heartbeat every HEARTBEAT_S; one silent for GRACE_S belonged to a dead process:
-# it is marked failed and its parameters are queued again (nothing finished is lost).
-HEARTBEAT_S, GRACE_S = 2, 10
 POLL_S = 1.0  # how often a worker with nothing to run looks at the study again
 
 
@@ -104,28 +102,6 @@ def open_study(storage: str | optuna.storages.BaseStorage, study_name: str, inpu
     return study
 
 
-def open_storage(storage: str) -> optuna.storages.RDBStorage:
-    """An RDB storage with heartbeats: a dead worker's trial is failed after GRACE_S and queued again."""
-    if storage.startswith("sqlite:///"):
-        Path(storage[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():  # "experimental" in Optuna, and exactly what we want
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
-        for attempt in range(3):
-            try:
-                return optuna.storages.RDBStorage(storage, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                                                  heartbeat_stale_trial_callback=retry)
-            except (ImportError, ValueError) as err:
-                raise StudyError(f"Cannot open the study storage {safe_url(storage)}: {err}. Use an SQLAlchemy "
-                                 "URL such as sqlite:///studies.db or postgresql+psycopg://user@host/db "
-                                 "(PostgreSQL needs `pip install psycopg[binary]`).") from err
-            except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as err:
-                # Workers that open a new database at the same moment race to create Optuna's tables.
-                if attempt == 2:
-                    raise StudyError(f"Cannot open the study storage {safe_url(storage)}: {err}") from err
-                time.sleep(1.0 + attempt)
-
-
 def gp_sampler(seed: int | None, n_seeds: int) -> optuna.samplers.GPSampler:
     """The default sampler: a GP whose startup trials are exactly the enqueued baselines (Optuna's default
     would add 10 random trials) and which fits no noise (the objective is deterministic).
@@ -158,19 +134,6 @@ def _ready(study: optuna.Study, storage: str, timeout: float = 120.0) -> dict:
                              "--study-name.")
         time.sleep(0.5)
     return inputs
-
-
-def safe_url(storage) -> str:
-    """The storage URL without a password (an Optuna storage object: its class name)."""
-    from sqlalchemy.engine import make_url
-
-    if not isinstance(storage, str):
-        return type(storage).__name__
-
-    try:
-        return make_url(storage).render_as_string(hide_password=True)
-    except Exception:
-        return storage.split("@")[-1]
 
 
 def run_search(evaluate: Callable[[list[float]], float], space: SearchSpace, labels: Sequence[str], *, trials: int,
@@ -298,13 +261,6 @@ def study_outcome(study: optuna.Study, labels: Sequence[str], objective: str = "
     ranked = sorted(baselines, key=lambda k: order.index(k) if k in order else len(labels) - 0.5)
     best = best_of(found, key=lambda t: t.loss, objective=objective)
     return SearchOutcome(found, {k: baselines[k] for k in ranked}, best, extra)
-
-
-def default_storage(cache_dir=None) -> str:
-    """The study storage when --storage is not given: an SQLite file under the cache dir."""
-    from .sources import default_cache_dir
-
-    return f"sqlite:///{Path(cache_dir or default_cache_dir()) / 'studies.db'}"
 
 
 def load_study(storage: str, study_name: str | None = None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import shutil
 import signal
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy
 from optuna.trial import TrialState
 
 from hf_bomerge import workers
@@ -60,6 +62,24 @@ def _storage(url: str) -> optuna.storages.RDBStorage:
     load_study) keeps its PostgreSQL connection open until the garbage collector finds its pool, and a test
     polling every 50 ms ran the session's server out of connections ("too many clients already")."""
     return optuna.storages.RDBStorage(url)
+
+
+@pytest.mark.e2e
+def test_a_long_lived_process_opening_the_storage_again_and_again_holds_a_few_connections(postgres_url):
+    """The Space, `watch` or a notebook opens the study storage for every search, export and query. With the
+    garbage collector idle (a process with a large heap rarely runs a full collection), 150 opens must not run
+    the server (100 connections by default) out of connections."""
+    optuna.create_study(study_name="opened-often", storage=open_storage(postgres_url))
+    gc.disable()
+    try:
+        for _ in range(150):
+            optuna.load_study(study_name="opened-often", storage=open_storage(postgres_url)).get_trials()
+        with sqlalchemy.create_engine(postgres_url, poolclass=sqlalchemy.pool.NullPool).connect() as admin:
+            held = admin.execute(sqlalchemy.text(
+                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'")).scalar() - 1
+    finally:
+        gc.enable()
+    assert held <= 5, f"{held} connections held by one process"
 
 
 @pytest.mark.e2e
