@@ -12,11 +12,9 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence, Union
 
 import optuna
-import sqlalchemy.exc
 
 from . import workers
 from .errors import StudyError
