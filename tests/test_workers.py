@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import gc
 import json
 import shutil
@@ -53,15 +52,7 @@ def _finish(proc: subprocess.Popen) -> dict:
 
 
 def _trials(url: str, name: str, *states: TrialState) -> list[optuna.trial.FrozenTrial]:
-    return optuna.load_study(study_name=name, storage=_storage(url)).get_trials(states=states or None)
-
-
-@functools.cache
-def _storage(url: str) -> optuna.storages.RDBStorage:
-    """One storage (one connection pool) for the tests' polling. A storage made per poll (a URL passed to
-    load_study) keeps its PostgreSQL connection open until the garbage collector finds its pool, and a test
-    polling every 50 ms ran the session's server out of connections ("too many clients already")."""
-    return optuna.storages.RDBStorage(url)
+    return optuna.load_study(study_name=name, storage=open_storage(url)).get_trials(states=states or None)
 
 
 @pytest.mark.e2e
