@@ -88,7 +88,7 @@ class DurableFile:
             end -= end % BLOCK
         self._wait()
         full, self.buffers = self.buffers[0], self.buffers[::-1]
-        tail = self.filled - end if end < self.filled else 0
+        tail = max(0, self.filled - end)  # under a block while direct; none after padding
         self.buffers[0][:tail] = full[end:end + tail]
         self.filled = tail
         self.pending = self.writer.submit(self._write, full, end)

@@ -88,25 +88,35 @@ def slice_sources(sources: Pair | list[list[torch.Tensor]], start: int, stop: in
 
 
 def merge_into(flat: torch.Tensor, sources, weights: Sequence[float], store: torch.dtype, check: bool = True) -> bool:
-    """Write Σ wᵢθᵢ of one flattened tensor into `flat`, rounded to `store` (the saved dtype), chunk by chunk.
+    """Write Σ wᵢθᵢ of one flattened tensor into `flat`, rounded to `store` (the saved dtype): `merge_parts`
+    with `flat`'s slices as the targets."""
+    return merge_parts(lambda start, stop: flat[start:stop], flat.numel(), sources, weights, store, check)
+
+
+def merge_parts(out: Callable[[int, int], torch.Tensor], numel: int, sources, weights: Sequence[float],
+                store: torch.dtype, check: bool = True) -> bool:
+    """Write Σ wᵢθᵢ of one flattened tensor of `numel` elements, rounded to `store` (the saved dtype), CHUNK
+    elements at a time: `out(start, stop)` is the memory of elements [start, stop) (a slice of a parameter or a
+    tensor, or the export's file buffer, so the merge is summed straight into what is written).
 
     Each chunk is summed in the accumulator dtype, rounded and written while it is in cache. Returns whether
     every element is finite (True unchecked when `check` is off: a trial's NaN shows in its loss). The one
     loop both the trials and the export run, hence the same bits.
     """
-    acc_dtype = accumulator(store)
-    direct = flat.dtype == acc_dtype  # sum straight into the target, then round in place if needed
-    acc = flat if direct else torch.empty(min(CHUNK, flat.numel()), dtype=acc_dtype, device=flat.device)
-    finite = True
-    for start in range(0, flat.numel(), CHUNK):
-        stop = min(start + CHUNK, flat.numel())
-        part = acc[start:stop] if direct else acc[: stop - start]
+    acc_dtype, acc, finite = accumulator(store), None, True
+    for start in range(0, numel, CHUNK):
+        stop = min(start + CHUNK, numel)
+        target = out(start, stop)
+        direct = target.dtype == acc_dtype  # sum straight into the target, then round in place if needed
+        if not direct and acc is None:
+            acc = torch.empty(min(CHUNK, numel), dtype=acc_dtype, device=target.device)
+        part = target if direct else acc[: stop - start]
         weighted_sum_([part], slice_sources(sources, start, stop), weights)
         finite = finite and (not check or _all_finite(part))
-        if store != flat.dtype:  # a trial: the model holds the merge rounded to the dtype it is saved in
-            flat[start:stop].copy_(part.to(store))
-        elif not direct:  # the copy rounds to flat's dtype as .to() would, without a temporary
-            flat[start:stop].copy_(part)
+        if store != target.dtype:  # a trial: the model holds the merge rounded to the dtype it is saved in
+            target.copy_(part.to(store))
+        elif not direct:  # the copy rounds to the target's dtype as .to() would, without a temporary
+            target.copy_(part)
     return finite
 
 
@@ -125,26 +135,20 @@ def merged_tensor(ckpts: CheckpointSet, name: str, weights: Weights, dtype: torc
     if not ckpts.is_merged(name):
         return ckpts.reference.get(name)
     out = torch.empty(info.numel, dtype=dtype or info.dtype)
-    merge_chunks(ckpts, name, weights, lambda start, stop: out[start:stop])
+    merge_chunks(ckpts, name, weights, out.dtype, lambda start, stop: out[start:stop])
     return out.view(info.shape)
 
 
-def merge_chunks(ckpts: CheckpointSet, name: str, weights: Weights,
+def merge_chunks(ckpts: CheckpointSet, name: str, weights: Weights, dtype: torch.dtype,
                  out: Callable[[int, int], torch.Tensor]) -> None:
-    """Σ wᵢθᵢ of the weighted tensor `name`, CHUNK elements at a time: `out(start, stop)` gives the memory for
-    elements [start, stop) of the flattened result, in the dtype it is saved in (a slice of a tensor, or the
-    export's file buffer, so the merge is summed straight into what is written). Refuses a non-finite result,
-    naming the checkpoint that holds NaN/inf; hands the sources' pages back when done."""
-    sources = as_sources([[t.reshape(-1)] for t in ckpts.tensors(name)])
+    """Σ wᵢθᵢ of the weighted tensor `name` in `dtype`, written through `out(start, stop)` (`merge_parts`).
+    Refuses a non-finite result, naming the checkpoint that holds NaN/inf; hands the sources' pages back."""
     weights = tensor_weights(weights, name)
-    numel = ckpts.infos[name].numel
-    for start in range(0, numel, CHUNK):
-        stop = min(start + CHUNK, numel)
-        part = out(start, stop)
-        if not merge_into(part, slice_sources(sources, start, stop), weights, part.dtype):
-            for tensor, ckpt in zip(ckpts.tensors(name), ckpts.checkpoints):
-                check_finite(tensor, name, ckpt.label)  # name the culprit rather than write a broken model
-            raise CheckpointError(f"Merging {name!r} overflowed to inf with weights {list(weights)}.")
+    sources = as_sources([[t.reshape(-1)] for t in ckpts.tensors(name)])
+    if not merge_parts(out, ckpts.infos[name].numel, sources, weights, dtype):
+        for tensor, ckpt in zip(ckpts.tensors(name), ckpts.checkpoints):
+            check_finite(tensor, name, ckpt.label)  # name the culprit rather than write a broken model
+        raise CheckpointError(f"Merging {name!r} overflowed to inf with weights {list(weights)}.")
     ckpts.release(name)
 
 

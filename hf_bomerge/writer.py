@@ -124,7 +124,7 @@ def _write_tensor(f: DurableFile, ckpts: CheckpointSet, info: TensorInfo, weight
                 kept[source] = tensor
         f.write(tensor.to(info.dtype).contiguous().reshape(-1).view(torch.uint8).numpy())
     elif info.numel:
-        merge_chunks(ckpts, source, weights, lambda start, stop: torch.frombuffer(
+        merge_chunks(ckpts, source, weights, info.dtype, lambda start, stop: torch.frombuffer(
             f.reserve((stop - start) * info.dtype.itemsize), dtype=info.dtype))
 
 
