@@ -267,4 +267,5 @@ def merge_with(source: SourceSpec, fixed: FixedSpec = FixedSpec(), evaluation: E
     result = result_of(prep, dataclasses.replace(_pins(prep, source), weights=weights),
                        **evaluation.described(evaluator))
     result.loss = evaluator(result.weights, None, True)  # every process scores its share; the sums are reduced
+    prep.ckpts.check_unchanged()
     return result

@@ -14,15 +14,15 @@ commits).
 
 from __future__ import annotations
 
-import json
-import struct
 import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoints import WEIGHT_LAYOUTS
-from .errors import HubError
+from .errors import CorruptFileError, HubError
+from .formats import is_complete_safetensors
+from .layout import WEIGHT_LAYOUTS, shard_names
+from .layout import weight_layout as _layout
 from .revisions import progress_key, sort_revisions
 
 MERGE_SUFFIX = "-bomerge"  # the branches `hf-bomerge watch --push-to-hub` writes: never revisions themselves
@@ -72,7 +72,7 @@ def weight_layout(files) -> tuple[str | None, str]:
     """The weight layout among `files` (names), or why there is none yet; the same for a folder and a commit."""
     if "config.json" not in files:
         return None, "no config.json yet"
-    layout = next((name for name in WEIGHT_LAYOUTS if name in files), None)
+    layout = _layout(files)
     return layout, "" if layout else "no weights yet"
 
 
@@ -84,8 +84,8 @@ def folder_incomplete(folder: Path, settle: float = 0.0) -> str:
         return why
     if layout.endswith(".index.json"):
         try:
-            shards = sorted(set(json.loads(files[layout].read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError):
+            shards = shard_names(files[layout].read_bytes(), layout, folder.name)
+        except (OSError, CorruptFileError):
             return f"{layout} is incomplete"
         missing = [s for s in shards if s not in files]
         if missing:
@@ -105,26 +105,17 @@ def folder_incomplete(folder: Path, settle: float = 0.0) -> str:
 
 
 def _whole(path: Path) -> bool:
-    """A weight file written to its end: safetensors as long as its header says; a zip `.bin` readable."""
+    """A weight file written to its end: safetensors valid as the format requires; a zip `.bin` readable."""
     try:
         size = path.stat().st_size
         if path.suffix == ".safetensors":
-            with open(path, "rb") as f:
-                head = f.read(8)
-                if len(head) < 8:
-                    return False
-                n = struct.unpack("<Q", head)[0]
-                if n > size - 8:
-                    return False
-                header = json.loads(f.read(n))
-            ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-            return size == 8 + n + max(ends, default=0)
+            return is_complete_safetensors(path)
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as z:
                 return all(info.header_offset < size for info in z.infolist())
         with open(path, "rb") as f:  # a legacy (pre-zip) torch.save pickle: only `settle` can tell
             return f.read(2) == b"\x80\x02"
-    except (OSError, ValueError, KeyError, TypeError, struct.error, zipfile.BadZipFile):
+    except (OSError, ValueError, zipfile.BadZipFile):
         return False
 
 
@@ -159,8 +150,8 @@ def _commit_incomplete(api, repo_id: str, name: str, sha: str, token) -> str:
         try:
             with hub_errors(repo_id, name):
                 index = hf_hub_download(repo_id, layout, revision=sha, token=token)
-            shards = set(json.loads(Path(index).read_text())["weight_map"].values())
-        except (HubError, ValueError, KeyError) as err:
+            shards = set(shard_names(Path(index).read_bytes(), layout, f"Branch {name} of {repo_id}"))
+        except (HubError, CorruptFileError) as err:
             return f"{layout} cannot be read yet ({err})"
         missing = sorted(shards - files)
         if missing:

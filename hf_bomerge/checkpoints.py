@@ -12,69 +12,24 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import json
-import math
+import logging
 import mmap
+import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from .errors import CheckpointError, CorruptFileError
+from .errors import ChangedFileError, CheckpointError
+from .formats import ST_DTYPES, TensorInfo, load_bin, map_file, read_safetensors_header  # noqa: F401 - re-exported
+from .layout import WEIGHT_LAYOUTS, find_weight_files  # noqa: F401 - re-exported
+
+_log = logging.getLogger(__name__)
 
 # Buffers that Pythia-era GPT-NeoX files carry and current models do not treat as parameters. They are
 # copied from the reference checkpoint: averaging `masked_bias` (-1e9, i.e. -inf in fp16) gives NaN.
 LEGACY_BUFFER_SUFFIXES = ("masked_bias", "inv_freq", "position_ids", "attention.bias", "attn.bias")
-
-# Weight files in order of preference, as transformers looks for them.
-WEIGHT_LAYOUTS = (
-    "model.safetensors.index.json",
-    "model.safetensors",
-    "pytorch_model.bin.index.json",
-    "pytorch_model.bin",
-)
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
-
-
-ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-def find_weight_files(folder: Path) -> list[Path]:
-    """The weight files of one checkpoint folder, in transformers' order of preference.
-
-    Only weights are listed: an HF Trainer folder's `optimizer.pt` or `training_args.bin` are never opened.
-    """
-    folder = Path(folder)
-    for layout in WEIGHT_LAYOUTS:
-        path = folder / layout
-        if path.is_file():
-            if layout.endswith(".index.json"):
-                weight_map = json.loads(path.read_text())["weight_map"]
-                return [folder / f for f in dict.fromkeys(weight_map.values())]
-            return [path]
-    raise CheckpointError(
-        f"No model weights in {folder}: expected one of {', '.join(WEIGHT_LAYOUTS)}. "
-        "Point hf-bomerge at a folder (or revision) that holds a transformers checkpoint."
-    )
 
 
 class Checkpoint:
@@ -93,7 +48,9 @@ class Checkpoint:
     def __init__(self, folder: str | Path, label: str | None = None):
         self.folder = Path(folder)
         self.label = label or self.folder.name
-        self.files = find_weight_files(self.folder)
+        self.files = find_weight_files(self.folder, self.label)
+        self.stamps = {str(p): file_stamp(p) for p in self.files}  # what each file was when it was opened
+        self.skipped: list[str] = []  # non-tensor entries of its .bin files (a `step` counter, a nested dict)
         self.infos: dict[str, TensorInfo] = {}
         self._where: dict[str, tuple[int, int]] = {}  # name -> (file index, byte offset; -1 for .bin)
         self._handles: dict[int, object] = {}
@@ -104,28 +61,28 @@ class Checkpoint:
 
     def _read_header(self, index: int, path: Path) -> list[tuple[TensorInfo, int]]:
         if path.suffix == ".safetensors":
-            try:
-                with open(path, "rb") as f:
-                    size = int.from_bytes(f.read(8), "little")
-                    header = json.loads(f.read(size))
-            except (OSError, ValueError) as err:
-                raise CorruptFileError(f"Cannot read the safetensors header of {path}: {err}. "
-                                      "The file is truncated or corrupt; delete it and download it again.") from err
-            header.pop("__metadata__", None)
-            expected = 8 + size + max((h["data_offsets"][1] for h in header.values()), default=0)
-            if path.stat().st_size != expected:
-                raise CorruptFileError(f"{path} is {path.stat().st_size} bytes but its header describes {expected}: "
-                                      "the file is truncated or corrupt; delete it and download it again.")
-            return [(TensorInfo(n, tuple(h["shape"]), ST_DTYPES[h["dtype"]]), 8 + size + h["data_offsets"][0])
-                    for n, h in header.items()]
+            return read_safetensors_header(path)
         state, _ = self._open(index)
         return [(TensorInfo(n, tuple(t.shape), t.dtype), -1) for n, t in state.items()]
 
     def _open(self, index: int):
         if index not in self._handles:
             path = self.files[index]
-            self._handles[index] = map_file(path) if path.suffix == ".safetensors" else load_bin(path)
+            if path.suffix == ".safetensors":
+                self._handles[index] = map_file(path)
+            else:
+                tensors, mapped, skipped = load_bin(path)
+                self._handles[index] = tensors, mapped
+                self.skipped += skipped
         return self._handles[index]
+
+    def changed(self) -> str | None:
+        """How a weight file differs from when it was opened (rewritten, truncated, replaced), or None."""
+        for path, stamp in self.stamps.items():
+            now = file_stamp(Path(path))
+            if now != stamp:
+                return f"{path} {describe_change(stamp, now)}"
+        return None
 
     def get(self, name: str) -> torch.Tensor:
         """The tensor `name`, in its stored dtype, on CPU (a view of the file's private mapping)."""
@@ -179,30 +136,24 @@ class Checkpoint:
         return out
 
 
-def load_bin(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
-    """Tensors of a `.bin` file, never unpickling anything else, and whether they are memory-mapped."""
+def file_stamp(path: Path) -> tuple:
+    """What identifies a file's contents cheaply: (device, inode, size, mtime in ns); None fields if it is gone."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True), True
-    except RuntimeError as err:
-        if "zip" not in str(err).lower() and "mmap" not in str(err).lower():
-            raise CorruptFileError(f"Cannot read {path}: {err}. The file may be truncated or corrupt; "
-                                  "delete it and download it again.") from err
-    except Exception as err:  # UnpicklingError for non-tensor content, EOFError for truncation
-        raise CheckpointError(f"Cannot read {path} as tensors only (weights_only=True): {err}. "
-                              "hf-bomerge never unpickles arbitrary objects; convert the file to "
-                              "safetensors or check that it is not truncated.") from err
-    try:  # legacy (pre-1.6, non-zip) format: no mmap, still weights_only
-        return torch.load(path, map_location="cpu", weights_only=True), False
-    except Exception as err:
-        raise CorruptFileError(f"Cannot read {path} as tensors only: {err}. The file is truncated or corrupt, "
-                               "or holds more than tensors; delete it and download it again.") from err
+        st = os.stat(path)
+    except OSError:
+        return (None, None, None, None)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def map_file(path: Path) -> mmap.mmap:
-    """A private (copy-on-write) read mapping of a whole file: tensors viewed from it are writable in torch's
-    eyes, but a write only ever changes this process's copy of a page, never the file."""
-    with open(path, "rb") as f:
-        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+def describe_change(before, after) -> str:
+    before, after = tuple(before), tuple(after)
+    if after[2] is None:
+        return "was removed"
+    if after[:2] != before[:2]:
+        return "was replaced by another file"
+    if after[2] < before[2]:
+        return f"was truncated from {before[2]} to {after[2]} bytes"
+    return "was rewritten in place"
 
 
 _PAGE = mmap.PAGESIZE
@@ -263,6 +214,10 @@ class CheckpointSet:
         self.checkpoints = [Checkpoint(f, label) for f, label in zip(folders, labels)]
         self.reference = self.checkpoints[-1]
         self._validate()
+        skipped = sorted({name for c in self.checkpoints for name in c.skipped})
+        if skipped:
+            _log.warning("The .bin files hold entries that are not tensors (%s); they are not weights and are left "
+                         "out of the merge.", ", ".join(skipped[:8]) + (" and more" if len(skipped) > 8 else ""))
         self.aliases = self.reference.aliases()
         self.infos = self.reference.infos
         # The one rule of what is merged: floating-point tensors in `copied` are taken from the reference,
@@ -319,6 +274,26 @@ class CheckpointSet:
         weighted = {self.aliases.get(n, n) for n in stored}
         self.copied = frozenset(n for n, i in self.infos.items()
                                 if i.dtype.is_floating_point and self.aliases.get(n, n) not in weighted)
+
+    @property
+    def stamps(self) -> dict[str, tuple]:
+        """{weight file: (device, inode, size, mtime)} of every checkpoint as it was opened."""
+        return {path: stamp for c in self.checkpoints for path, stamp in c.stamps.items()}
+
+    def check_unchanged(self, since: dict[str, tuple] | None = None) -> None:
+        """Raise `ChangedFileError` if a weight file was rewritten, truncated or replaced since it was opened
+        (or since `since`, the `stamps` of an earlier run on the same folders): the numbers would no longer be
+        those of the pinned checkpoints, and a truncated mapping would kill the process when read."""
+        for ckpt in self.checkpoints:
+            what = ckpt.changed()
+            if what is None and since is not None:
+                what = next((f"{p} {describe_change(since[p], s)}" for p, s in ckpt.stamps.items()
+                             if p in since and tuple(since[p]) != s), None)
+            if what:
+                raise ChangedFileError(
+                    f"Checkpoint {ckpt.label!r} changed while this run was using it: {what}. Its numbers would no "
+                    "longer be the pinned checkpoint's, so nothing was reported or written. Leave the checkpoints "
+                    "alone during a run (write new ones to new folders), then run again.")
 
     def tensors(self, name: str) -> list[torch.Tensor]:
         return [c.get(name) for c in self.checkpoints]

@@ -21,6 +21,15 @@ class CorruptFileError(CheckpointError):
     """A weight file is truncated or corrupt (a Hub download is then fetched again, once)."""
 
 
+class UnsafeFileError(CheckpointError):
+    """A revision names a file outside itself (a shard index's absolute or `..` path): refused before any byte
+    of it is read."""
+
+
+class ChangedFileError(CheckpointError):
+    """A weight file changed (rewritten, truncated, replaced) while a run was reading it."""
+
+
 class WeightsError(BOMergeError):
     """A weight vector is invalid (wrong length, negative, does not sum to 1)."""
 

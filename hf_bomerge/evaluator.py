@@ -185,6 +185,7 @@ class Evaluator:
         with `saved_dtype`, computed in the dtype the merge is saved in (see `needs_rescore`)."""
         if saved_dtype and self.needs_rescore:
             self.rescore_in_saved_dtype()
+        self.prep.ckpts.check_unchanged()  # a few stats: a file changed under the run is an error, not a number
         self.merger.apply(weights)
         if data == CONFIRM:
             return self.objective.confirm_units(self.model)

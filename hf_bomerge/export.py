@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import json
+import os
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,9 +109,12 @@ def save_pretrained(result: MergeResult, output: str | Path, *, overwrite: bool 
     target = Path(output).expanduser().resolve()
     _check_output(target, result, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(target)
     ckpts = CheckpointSet(result.folders, result.revisions, copied=result.copied or None)
+    ckpts.check_unchanged(since=result.stamps)  # the files the numbers came from, not a rewrite of them
     result.dtype = dtype or result.dtype
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    _check_free_space(target, ckpts, result.dtype)
+    staging = Path(tempfile.mkdtemp(prefix=_partial_prefix(target), suffix=".partial", dir=target.parent))
     try:
         from tqdm.auto import tqdm
 
@@ -125,11 +132,54 @@ def save_pretrained(result: MergeResult, output: str | Path, *, overwrite: bool 
             plot_layer_weights(result.layer_weights, result.revisions, staging / LAYER_PLOT_FILE)
         render_card(result, license=result.license, plot=PLOT_FILE if result.trace else None,
                     layer_plot=LAYER_PLOT_FILE if result.layer_weights else None).save(staging / "README.md")
+        ckpts.check_unchanged()
         replace_dir(staging, target)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            raise OutputError(f"The disk holding {target.parent} filled up while the merge was written there; "
+                              f"nothing was kept ({staging.name} removed). Free some space or choose an --output "
+                              "on a disk with room, then run the same command again.") from err
         raise
     return target
+
+
+def _partial_prefix(target: Path) -> str:
+    """The staging folder's name says whose it is (host and pid), so a later run can tell a dead run's."""
+    return f".{target.name}.{socket.gethostname()}-{os.getpid()}-"
+
+
+def remove_stale_partials(target: Path) -> None:
+    """Remove the `.partial` staging siblings of `target` left by runs on this host that are no longer alive (a
+    killed export). A staging folder of a live process, or of another host sharing the disk, is left alone."""
+    host = socket.gethostname()
+    for sibling in target.parent.glob(f".{glob.escape(target.name)}.*.partial"):
+        owner = sibling.name[len(target.name) + 2:].rsplit("-", 1)[0]  # "host-pid"
+        who, _, pid = owner.rpartition("-")
+        if who == host and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(sibling, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _check_free_space(target: Path, ckpts: CheckpointSet, dtype: str | None) -> None:
+    """Refuse before writing when the output's own file system has no room for the merged weights."""
+    from .plan import free_space, human
+    from .writer import output_infos
+
+    needed = sum(i.nbytes for i in output_infos(ckpts, DTYPES[dtype] if dtype else None))
+    free = free_space(target.parent)
+    if needed > free:
+        raise OutputError(f"The merged model needs {human(needed)} but the disk holding {target.parent} has "
+                          f"{human(free)} free. Free some space or choose an --output on a disk with room.")
 
 
 def push_to_hub(result: MergeResult, repo_id: str, *, token: str | None = None, private: bool | None = None,

@@ -35,7 +35,7 @@ class Plan:
 
     revisions: list[str]
     checkpoint_bytes: int  # one checkpoint's weight files
-    params: int  # parameters (estimated from the file size and the stored dtype)
+    params: int  # parameters, from the safetensors headers (a .bin's bytes at 2 per parameter)
     download_bytes: int  # weight files not in the cache yet
     model_bytes: int  # the model the trials evaluate, in the evaluation dtype
     activation_bytes: int  # one evaluation batch (logits dominate)
@@ -48,6 +48,7 @@ class Plan:
     note: str | None = None
     config: dict | None = field(default=None, repr=False)  # the latest revision's config.json
     estimate: object | None = None  # an `estimate.Estimate` of the trial time, when one was calibrated
+    stored_bytes: int = 0  # the bytes `params` are stored in (their mean itemsize: stored_bytes / params)
 
     @property
     def resident_bytes(self) -> int:
@@ -128,7 +129,7 @@ class Plan:
 
         if not self.evaluate or not self.config or self.device == "cuda:*":
             return
-        stored = {"float32": 4, "float64": 8}.get(str(self.config.get("dtype") or self.config.get("torch_dtype")), 2)
+        stored = max(1, round(self.stored_bytes / max(self.params, 1)))
         self.estimate = estimate(self.config, self.params, n_checkpoints=len(self.revisions), device=self.device,
                                  eval_dtype=eval_dtype, stored_itemsize=stored, batch_size=batch_size,
                                  block_size=block_size, max_eval_tokens=max_eval_tokens, trials=trials,
@@ -163,15 +164,14 @@ def memory_available(device: str) -> int:
 
 def make_plan(sizes: Sequence[dict[str, int]], cached: Sequence[bool], config: dict, revisions: Sequence[str], *,
               device: str, eval_itemsize: int, batch_size: int, block_size: int | None, evaluate: bool,
-              paths: Sequence[Path], max_memory: int | None = None) -> Plan:
-    """`sizes`: per revision, {weight file: bytes}; `cached`: per revision, whether it is local already."""
+              paths: Sequence[Path], max_memory: int | None = None, params: int, stored_bytes: int) -> Plan:
+    """`sizes`: per revision, {weight file: bytes}; `cached`: per revision, whether it is local already;
+    `params` and `stored_bytes`: the latest revision's parameters as its headers declare them, and their bytes."""
     per_checkpoint = max((sum(s.values()) for s in sizes), default=0)
-    stored_itemsize = {"float32": 4, "float64": 8}.get(str(config.get("dtype") or config.get("torch_dtype")), 2)
-    params = per_checkpoint // stored_itemsize
     context = config.get("max_position_embeddings") or 2048
     tokens = batch_size * min(block_size or 2048, context)
     activations = 2 * tokens * int(config.get("vocab_size") or 50_000) * 4
     free_disk = min(free_space(p) for p in paths)
     return Plan(list(revisions), per_checkpoint, params, sum(sum(s.values()) for s, c in zip(sizes, cached) if not c),
                 params * eval_itemsize, activations, device, max_memory or memory_available(device),
-                free_disk, evaluate, config=config)
+                free_disk, evaluate, config=config, stored_bytes=stored_bytes)

@@ -13,8 +13,7 @@ from . import offline, phase
 from .checkpoints import CheckpointSet, check_same_tokenizer
 from .engine import DTYPES
 from .errors import BOMergeError, CorruptFileError, HubError
-from .sources import (TOKENIZER_FILES, HubSource, Source, default_cache_dir, hub_errors, open_source,
-                      weight_sizes)
+from .sources import TOKENIZER_FILES, HubSource, Source, default_cache_dir, hub_errors, open_source
 from .writer import parse_size
 from .plan import Plan, make_plan
 from .revisions import resolve_revisions
@@ -60,12 +59,12 @@ def run_plan(src: Source, names: Sequence[str], pins: Sequence[str], *, device: 
     if device_map and torch.cuda.is_available():  # the model and the checkpoints spread over every GPU
         device, budget = "cuda:*", budget and budget * torch.cuda.device_count()
     itemsize = DTYPES[eval_dtype].itemsize if eval_dtype else (4 if device == "cpu" else 2)
-    listings = [src.listing(n, p) for n, p in zip(names, pins)]
-    local = [src.is_local(n, p, listing) for n, p, listing in zip(names, pins, listings)]
-    return make_plan([weight_sizes(listing) for listing in listings], local,
-                     src.config(names[-1], pins[-1]), names, device=device, eval_itemsize=itemsize,
-                     batch_size=batch_size, block_size=block_size, evaluate=evaluate,
-                     paths=[Path(cache_dir or default_cache_dir())], max_memory=budget)
+    sizes = [src.weight_sizes(n, p) for n, p in zip(names, pins)]
+    local = [src.is_local(n, p, src.listing(n, p)) for n, p in zip(names, pins)]
+    params, stored = src.parameter_count(names[-1], pins[-1])  # from the headers, never from the config's dtype
+    return make_plan(sizes, local, src.config(names[-1], pins[-1]), names, device=device, eval_itemsize=itemsize,
+                     batch_size=batch_size, block_size=block_size, evaluate=evaluate, paths=[Path(cache_dir or default_cache_dir())],
+                     max_memory=budget, params=params, stored_bytes=stored)
 
 
 def prepare(source: str, revisions: str, max_checkpoints: int, token, cache_dir, progress: bool,

@@ -86,7 +86,7 @@ def result_of(prep: Prepared, recipe: Recipe, **fields) -> MergeResult:
                        weights=list(recipe.weights), source_kind=recipe.source_kind, dtype=recipe.dtype,
                        copied=list(recipe.copied or []), layer_weights=recipe.layer_weights,
                        layer_groups=recipe.layer_groups, license=prep.source.license(), folders=prep.folders,
-                       tokenizer_folder=prep.tokenizer_folder, **fields)
+                       tokenizer_folder=prep.tokenizer_folder, stamps=prep.ckpts.stamps, **fields)
 
 
 def _layered(prep: Prepared, layer_weights: dict, layer_groups: dict | None) -> tuple[dict, dict]:

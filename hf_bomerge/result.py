@@ -65,6 +65,8 @@ class MergeResult:
     trace: list = field(default_factory=list, repr=False)  # the study's trials, for the card's plot
     folders: list[Path] = field(default_factory=list, repr=False)
     tokenizer_folder: Path | None = field(default=None, repr=False)
+    # {weight file: (device, inode, size, mtime)} as the run read them: the export refuses files changed since
+    stamps: dict | None = field(default=None, repr=False)
     storage: str | None = field(default=None, repr=False)  # the study's storage URL, and its budget
     budget: int = 0
 

@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import subprocess
 import tarfile
@@ -25,14 +24,16 @@ from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNo
                                     RepositoryNotFoundError, RevisionNotFoundError)
 
 from . import offline
-from .checkpoints import WEIGHT_LAYOUTS, find_weight_files
-from .errors import HubError
+from .errors import CheckpointError, CorruptFileError, HubError, UnsafeFileError
+from .formats import ST_DTYPES, TensorInfo, read_safetensors_header
+from .layout import WEIGHT_LAYOUTS, find_weight_files, shard_names, unsafe_reason, weight_layout
 
 # What a merge reads besides weights. Never optimizer states or training_args pickles.
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja"]
 SIDE_FILES = ["config.json", "generation_config.json", *TOKENIZER_FILES]
 _log = logging.getLogger(__name__)
+MAX_HEADER_BYTES = 100_000_000  # the safetensors format's limit
 
 
 def default_cache_dir() -> Path:
@@ -59,6 +60,56 @@ class Source:
     def config(self, name: str, pin: str) -> dict:
         """The revision's config.json (a few bytes: fetched even for a plan)."""
         raise NotImplementedError
+
+    def read(self, name: str, pin: str, file: str) -> bytes:
+        """The bytes of one small file of the revision's top folder (a shard index), without the weights."""
+        raise NotImplementedError
+
+    def weight_files(self, name: str, pin: str) -> list[str]:
+        """The revision's weight files, as names in its top folder: the layout transformers would load, and
+        for a sharded checkpoint its index followed by the shards the index names, each checked to be a file
+        beside the index (`layout.shard_names`) before anything reads it."""
+        layout = weight_layout(self.listing(name, pin))
+        if layout is None:
+            raise HubError(f"Revision {name} ({pin[:12]}) of {self.id} has no transformers weights "
+                           f"({', '.join(WEIGHT_LAYOUTS)}); choose revisions that hold checkpoints.")
+        if not layout.endswith(".index.json"):
+            return [layout]
+        return [layout, *shard_names(self.read(name, pin, layout), layout, f"Revision {name} of {self.id}")]
+
+    def weight_sizes(self, name: str, pin: str) -> dict[str, int]:
+        """{weight file: bytes} of the files that hold the revision's tensors (the index's shards, not the index);
+        a shard the index names that the revision lacks is an error naming it."""
+        listing = self.listing(name, pin)
+        files = self.weight_files(name, pin)
+        shards = files[1:] if files[0].endswith(".index.json") else files
+        missing = [f for f in shards if f not in listing]
+        if missing:
+            raise HubError(f"Revision {name} of {self.id}: its {files[0]} names {missing[0]}, which the revision "
+                           "does not have. The checkpoint is incomplete; choose another revision.")
+        return {f: listing[f] for f in shards}
+
+    def parameter_count(self, name: str, pin: str) -> tuple[int, int]:
+        """(parameters, bytes they are stored in) of the revision, before downloading its weights: counted from
+        each safetensors header's shapes (checked against the file's size in the listing), and for `.bin` files,
+        which have no header to read first, their bytes at 2 per parameter (fp16/bf16: the most a file can hold
+        of floating-point weights above 8 bits). Never from file names or the config's dtype."""
+        params = stored = 0
+        for file, size in self.weight_sizes(name, pin).items():
+            if not file.endswith(".safetensors"):
+                params, stored = params + size // 2, stored + size
+                continue
+            infos = self.safetensors_header(name, pin, file)
+            data = sum(i.nbytes for i in infos)
+            if not 0 <= size - 8 - data <= MAX_HEADER_BYTES:
+                raise CorruptFileError(f"Revision {name} of {self.id}: the header of {file} describes {data} bytes "
+                                       f"of tensors, but the file is {size} bytes: it is corrupt or crafted.")
+            params, stored = params + sum(i.numel for i in infos), stored + data
+        return params, stored
+
+    def safetensors_header(self, name: str, pin: str, file: str) -> list[TensorInfo]:
+        """The tensors a safetensors file of the revision declares, read from its header alone."""
+        return [info for info, _ in read_safetensors_header(self.fetch(name, pin) / file)]
 
     def is_local(self, name: str, pin: str, listing: dict[str, int]) -> bool:
         """Whether the revision's weights (named in its `listing`) are on this machine already."""
@@ -104,8 +155,8 @@ class HubSource(Source):
             return offline.snapshot(self.id, pin, self.cache_dir)
         with hub_errors(self.id, name):
             files = list(self.listing(name, pin))
-            weights = self._weight_files(files, pin)
-            wanted = [f for f in files if f in SIDE_FILES or f.endswith(".py")] + weights
+            weights = self.weight_files(name, pin)
+            wanted = [f for f in files if (f in SIDE_FILES or f.endswith(".py")) and not unsafe_reason(f)] + weights
             folder = snapshot_download(self.id, revision=pin, allow_patterns=wanted, token=self.token,
                                        cache_dir=self.cache_dir, force_download=force)
         offline.record_ref(self.id, name, pin, self.cache_dir)  # so that an offline run can resolve `name`
@@ -117,15 +168,9 @@ class HubSource(Source):
         if not files:
             return ["all its files"]
         lacking = [] if "config.json" in files else ["config.json"]
-        weights = weight_sizes(files)
-        index = next((f for f in weights if f.endswith(".index.json")), None) or next(
-            (f for f in files if f.endswith(".index.json") and f in WEIGHT_LAYOUTS), None)
-        if index:
-            shards = json.loads((offline.snapshot(self.id, pin, self.cache_dir) / index).read_text())["weight_map"]
-            lacking += sorted(set(shards.values()) - set(files))
-        elif not weights:
-            lacking.append("its weights")
-        return lacking
+        if weight_layout(files) is None:
+            return [*lacking, "its weights"]
+        return lacking + [f for f in self.weight_files(name, pin) if f not in files]
 
     def listing(self, name: str, pin: str) -> dict[str, int]:
         from huggingface_hub import RepoFile
@@ -139,28 +184,44 @@ class HubSource(Source):
         return self._listings[pin]
 
     def config(self, name: str, pin: str) -> dict:
+        return json.loads(self.read(name, pin, "config.json"))
+
+    def read(self, name: str, pin: str, file: str) -> bytes:
+        if offline.is_offline():
+            path = offline.snapshot(self.id, pin, self.cache_dir) / file
+            if not path.is_file():
+                raise offline.OfflineError(f"Offline (HF_HUB_OFFLINE=1) and {name} ({pin[:12]}) of {self.id} lacks "
+                                           f"{file} in the cache.")
+            return path.read_bytes()
         with hub_errors(self.id, name):
-            path = hf_hub_download(self.id, "config.json", revision=pin, token=self.token, cache_dir=self.cache_dir)
-        return json.loads(Path(path).read_text())
+            return Path(hf_hub_download(self.id, file, revision=pin, token=self.token,
+                                        cache_dir=self.cache_dir)).read_bytes()
+
+    def safetensors_header(self, name: str, pin: str, file: str) -> list[TensorInfo]:
+        if offline.is_offline():
+            return super().safetensors_header(name, pin, file)
+        from huggingface_hub.errors import SafetensorsParsingError
+
+        try:
+            with hub_errors(self.id, name):
+                meta = self.api.parse_safetensors_file_metadata(self.id, file, revision=pin, token=self.token)
+        except SafetensorsParsingError as err:
+            raise CorruptFileError(f"Revision {name} of {self.id}: {file} has no valid safetensors header "
+                                   f"({err}).") from err
+        infos = []
+        for tensor, info in meta.tensors.items():
+            if info.dtype not in ST_DTYPES or any(not isinstance(d, int) or d < 0 for d in info.shape):
+                raise CorruptFileError(f"Revision {name} of {self.id}: {file} declares tensor {tensor!r} as "
+                                       f"{info.dtype} {info.shape}, which is not a tensor hf-bomerge can read.")
+            infos.append(TensorInfo(tensor, tuple(info.shape), ST_DTYPES[info.dtype]))
+        return infos
 
     def is_local(self, name: str, pin: str, listing: dict[str, int]) -> bool:
         from huggingface_hub import try_to_load_from_cache
 
-        files = weight_sizes(listing)
+        files = self.weight_sizes(name, pin)
         return all(isinstance(try_to_load_from_cache(self.id, f, revision=pin, cache_dir=self.cache_dir), str)
                    for f in files)
-
-    def _weight_files(self, files: list[str], pin: str) -> list[str]:
-        for layout in WEIGHT_LAYOUTS:
-            if layout in files:
-                if not layout.endswith(".index.json"):
-                    return [layout]
-                index = hf_hub_download(self.id, layout, revision=pin, token=self.token, cache_dir=self.cache_dir)
-                shards = sorted(set(json.loads(Path(index).read_text())["weight_map"].values()))
-                return [layout, *shards]
-        raise HubError(f"Revision {pin[:12]} of {self.id} has no transformers weights "
-                       f"({', '.join(WEIGHT_LAYOUTS)}); choose revisions that hold checkpoints.")
-
 
     def license(self) -> str | None:
         """The license in the source repo's model card (main branch), carried over to the merge's card."""
@@ -193,8 +254,10 @@ class FolderSource(Source):
         out = {}
         for sub in sorted(p for p in self.path.iterdir() if p.is_dir()):
             try:
-                weights = find_weight_files(sub)
-            except Exception:
+                weights = find_weight_files(sub, f"Revision {sub.name} of {self.path}")
+            except UnsafeFileError:
+                raise
+            except CheckpointError:  # a subfolder without weights (logs, runs/) is no revision
                 continue
             digest = hashlib.sha256()
             for f in weights:
@@ -215,6 +278,9 @@ class FolderSource(Source):
     def config(self, name: str, pin: str) -> dict:
         config = self.path / name / "config.json"
         return json.loads(config.read_text()) if config.is_file() else {}
+
+    def read(self, name: str, pin: str, file: str) -> bytes:
+        return (self.path / name / file).read_bytes()
 
 
 class GitSource(Source):
@@ -240,9 +306,28 @@ class GitSource(Source):
 
     def config(self, name: str, pin: str) -> dict:
         try:
-            return json.loads(self._git("show", f"{pin}:config.json"))
+            return json.loads(self.read(name, pin, "config.json"))
         except subprocess.CalledProcessError:
             return {}
+
+    def read(self, name: str, pin: str, file: str) -> bytes:
+        return self._git("show", f"{pin}:{file}")
+
+    def safetensors_header(self, name: str, pin: str, file: str) -> list[TensorInfo]:
+        if self.is_local(name, pin, {}):
+            return super().safetensors_header(name, pin, file)
+        with subprocess.Popen(["git", "-C", str(self.path), "cat-file", "blob", f"{pin}:{file}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) as proc:
+            head = proc.stdout.read(8)
+            size = int.from_bytes(head, "little") if len(head) == 8 else -1
+            raw = proc.stdout.read(size) if 0 < size <= MAX_HEADER_BYTES else b""
+            proc.kill()
+        try:
+            header = json.loads(raw)
+            header.pop("__metadata__", None)
+            return [TensorInfo(k, tuple(v["shape"]), ST_DTYPES[v["dtype"]]) for k, v in header.items()]
+        except (ValueError, TypeError, KeyError, AttributeError) as err:
+            raise CorruptFileError(f"Branch {name} of {self.path}: {file} has no valid safetensors header.") from err
 
     def is_local(self, name: str, pin: str, listing: dict[str, int]) -> bool:
         return (self.cache_dir / pin).exists()
@@ -266,18 +351,6 @@ class GitSource(Source):
                                        "run `git lfs fetch --all` in that repository first.")
             staging.rename(target)
         return target
-
-
-def weight_sizes(listing: dict[str, int]) -> dict[str, int]:
-    """The weight files (and their sizes) transformers would load from a folder listing."""
-    for layout in WEIGHT_LAYOUTS:
-        if layout in listing:
-            if not layout.endswith(".index.json"):
-                return {layout: listing[layout]}
-            stem, ext = layout.removesuffix(".index.json").rsplit(".", 1)
-            shard = re.compile(rf"{stem}-\d+-of-\d+\.{ext}")  # transformers' shard names
-            return {f: n for f, n in listing.items() if shard.fullmatch(f)}
-    return {}
 
 
 def open_source(source: str, token: str | bool | None = None, cache_dir: str | Path | None = None) -> Source:

@@ -10,14 +10,14 @@ from typing import Sequence
 
 import torch
 
-from .checkpoints import ST_DTYPES, CheckpointSet, TensorInfo
+from .checkpoints import CheckpointSet, TensorInfo
+from .formats import ST_NAMES as _ST_NAMES
 from .durable import DurableFile
 from .engine import merge_chunks, merged_tensor
 from .errors import OutputError
 from .layers import Weights
 
 from .defaults import DEFAULT_MAX_SHARD_SIZE  # noqa: F401  (re-exported)
-_ST_NAMES = {dtype: name for name, dtype in ST_DTYPES.items()}
 
 
 def parse_size(size: str | int) -> int:
