@@ -467,3 +467,25 @@ def test_folder_source_refs_refuse_a_hostile_revision(trajectory, secret, tmp_pa
     shutil.copytree(trajectory / "main", run / "step2")
     with pytest.raises(UnsafeFileError, match="step1"):
         FolderSource(run).refs()
+
+
+@pytest.mark.e2e
+def test_the_hub_plan_counts_parameters_from_the_served_headers(test_hub, trajectory, tmp_path):
+    """The same on the test Hub: headers read with range requests (no weight downloaded), shards freely named."""
+    from hf_bomerge.api import plan
+
+    tensors = load_file(trajectory / "main" / "model.safetensors")
+    names = sorted(tensors)
+    half = {n: "weights-a.safetensors" if i % 2 else "weights-b.safetensors" for i, n in enumerate(names)}
+    files = {}
+    for shard in set(half.values()):
+        save_file({n: tensors[n] for n in names if half[n] == shard}, tmp_path / shard)
+        files[shard] = tmp_path / shard
+    config = json.loads((trajectory / "main" / "config.json").read_text())
+    files.update({INDEX: json.dumps({"weight_map": half}), "config.json": json.dumps({**config, "dtype": "float64"})})
+    test_hub.add_model_repo("odd/shard-names", {"step1": files, "step2": files})
+    planned = plan("odd/shard-names", "step1,step2", device="cpu", cache_dir=tmp_path / "cache")
+    assert planned.params == sum(t.numel() for t in tensors.values())
+    assert planned.stored_bytes == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert planned.download_bytes == 2 * sum((tmp_path / s).stat().st_size for s in set(half.values()))
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))  # planned from headers: nothing downloaded
