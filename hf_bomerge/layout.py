@@ -46,8 +46,8 @@ def unsafe_reason(name: object) -> str | None:
         return "an absolute path"
     if "\\" in name or ":" in name:  # Windows separators, drives (C:), URLs (file://, https://)
         return "a path with a drive, a URL scheme or a backslash"
-    if "\0" in name or any(ord(c) < 32 for c in name):
-        return "a name with control characters"
+    if any(ord(c) < 32 for c in name) or any(c in name for c in "*?[]"):
+        return "a name with control or wildcard characters"  # a wildcard would widen the download's patterns
     if "/" in name:
         return "a path outside the index's folder" if ".." in name.split("/") else "a path into a subfolder"
     if name in (".", ".."):

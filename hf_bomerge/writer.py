@@ -101,6 +101,7 @@ def export_merge(ckpts: CheckpointSet, weights: Weights, out_dir: str | Path, *,
         with DurableFile(out_dir / filename) as f:  # on disk when closed: before the caller's rename
             f.write(_header(shard))
             for info in shard:
+                ckpts.check_unchanged()  # a few stats: a file truncated mid-export is an error, not a SIGBUS
                 _prefetch(ckpts, next(upcoming, None))
                 _write_tensor(f, ckpts, info, weights, dtype, kept)
                 if progress is not None:

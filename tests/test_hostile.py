@@ -56,7 +56,7 @@ def outside_names(secret: Path, revision: Path) -> list[str]:
 @pytest.mark.parametrize("name", ["/etc/passwd", "../model.safetensors", "a/../../b.safetensors",
                                   "C:\\x.safetensors", "c:x.safetensors", "\\\\host\\share.safetensors",
                                   "file:///etc/passwd.safetensors", "https://x/y.safetensors", "..", "",
-                                  "sub/model.safetensors", "optimizer.pt", "x\0.safetensors", 5, None])
+                                  "sub/model.safetensors", "optimizer.pt", "x\0.safetensors", "*.safetensors", 5, None])
 def test_an_index_naming_anything_but_a_file_beside_it_is_refused(name):
     index = json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors", "b": name}})
     with pytest.raises(UnsafeFileError, match="step7.*model.safetensors.index.json.*not a file beside the index"):
