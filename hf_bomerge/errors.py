@@ -48,3 +48,7 @@ class StudyError(BOMergeError):
 
 class WatchError(BOMergeError):
     """`hf-bomerge watch` cannot go on as asked (its output folder is busy or not its own, too few revisions)."""
+
+
+class RecipeError(BOMergeError):
+    """A recipe (a bomerge_recipe.yaml, or the one a study records) cannot be read: a field is missing or malformed."""

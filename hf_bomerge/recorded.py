@@ -44,7 +44,7 @@ def from_study(study_name: str | None = None, storage: str | None = None, *, tok
     if not {"recipe", "search", "evaluation"} <= set(attrs):
         raise StudyError(f"Study {study.study_name!r} does not record its recipe, search and evaluation (an older "
                          "hf-bomerge made it); re-run the search that made it.")
-    pins = Recipe.from_dict(attrs["recipe"], f"the recipe of study {study.study_name!r}")
+    pins = Recipe.from_dict(attrs["recipe"], f"the recipe of study {study.study_name!r}", weighted=False)
     described = attrs["evaluation"]
     outcome = study_outcome(study, pins.revisions, described["objective"])
     kept = attrs.get("exported_weights")  # a --fallback kept a baseline

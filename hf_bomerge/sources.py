@@ -13,9 +13,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
-import tarfile
 import tempfile
 from pathlib import Path
 
@@ -284,7 +284,12 @@ class FolderSource(Source):
 
 
 class GitSource(Source):
-    """A local git repository; revisions are its branches, extracted once per commit into the cache."""
+    """A local git repository; revisions are its branches, extracted once per commit into the cache.
+
+    A pin (a branch's commit, or a recipe's or study's sha: data, not trusted) is used only once git confirms it is
+    the full id of a commit here, so `--output=...` never reaches git as an option. Only the files a merge reads are
+    extracted, each blob streamed to disk: an `optimizer.pt` beside the weights is never read.
+    """
 
     kind = "git"
 
@@ -292,31 +297,48 @@ class GitSource(Source):
         self.path = Path(path).resolve()
         self.id = str(self.path)
         self.cache_dir = Path(cache_dir or default_cache_dir()) / "git"
+        self._trees: dict[str, dict[str, tuple[str, int]]] = {}  # verified pin -> {file: (blob id, size)}
 
     def _git(self, *args: str) -> bytes:
         return subprocess.run(["git", "-C", str(self.path), *args], check=True, capture_output=True).stdout
+
+    def _tree(self, name: str, pin: str) -> dict[str, tuple[str, int]]:
+        """The regular files of commit `pin`'s top folder, once `pin` is checked to be a full commit id here."""
+        if pin not in self._trees:
+            full = isinstance(pin, str) and re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", pin)
+            found = full and subprocess.run(["git", "-C", str(self.path), "rev-parse", "--verify", "-q",
+                                             "--end-of-options", f"{pin}^{{commit}}"], capture_output=True, check=False)
+            if not full or found.returncode or found.stdout.decode().strip() != pin:
+                raise HubError(f"The pin {pin!r} of revision {name!r} is not a commit of the git repository "
+                               f"{self.path}: a pin must be the full id (40 or 64 hex digits) of one of its commits. "
+                               "Check the shas in the recipe or study, or merge by branch names instead.")
+            rows = [row.split("\t", 1) for row in self._git("ls-tree", "-l", "-z", "--end-of-options", pin)
+                    .decode().split("\0") if row]
+            self._trees[pin] = {path: (meta.split()[2], int(meta.split()[3])) for meta, path in rows
+                                if meta.split()[0] in ("100644", "100755")}  # no symlinks, trees or submodules
+        return self._trees[pin]
 
     def refs(self) -> dict[str, str]:
         lines = self._git("for-each-ref", "--format=%(refname:short) %(objectname)", "refs/heads").decode()
         return dict(line.split(" ", 1) for line in lines.splitlines() if line)
 
     def listing(self, name: str, pin: str) -> dict[str, int]:
-        rows = [line.split(None, 4) for line in self._git("ls-tree", "-l", pin).decode().splitlines()]
-        return {row[4]: int(row[3]) for row in rows if row[1] == "blob"}
+        return {path: size for path, (_, size) in self._tree(name, pin).items()}
 
     def config(self, name: str, pin: str) -> dict:
-        try:
-            return json.loads(self.read(name, pin, "config.json"))
-        except subprocess.CalledProcessError:
-            return {}
+        return json.loads(self.read(name, pin, "config.json")) if "config.json" in self._tree(name, pin) else {}
 
     def read(self, name: str, pin: str, file: str) -> bytes:
-        return self._git("show", f"{pin}:{file}")
+        blob = self._tree(name, pin).get(file)
+        if blob is None:
+            raise HubError(f"Revision {name} ({pin[:12]}) of {self.path} has no {file}.")
+        return self._git("cat-file", "blob", blob[0])
 
     def safetensors_header(self, name: str, pin: str, file: str) -> list[TensorInfo]:
         if self.is_local(name, pin, {}):
             return super().safetensors_header(name, pin, file)
-        with subprocess.Popen(["git", "-C", str(self.path), "cat-file", "blob", f"{pin}:{file}"],
+        blob = self._tree(name, pin)[file][0]
+        with subprocess.Popen(["git", "-C", str(self.path), "cat-file", "blob", blob],
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) as proc:
             head = proc.stdout.read(8)
             size = int.from_bytes(head, "little") if len(head) == 8 else -1
@@ -330,26 +352,50 @@ class GitSource(Source):
             raise CorruptFileError(f"Branch {name} of {self.path}: {file} has no valid safetensors header.") from err
 
     def is_local(self, name: str, pin: str, listing: dict[str, int]) -> bool:
+        self._tree(name, pin)
         return (self.cache_dir / pin).exists()
 
+    def _wanted(self, name: str, pin: str) -> list[str]:
+        """What a merge reads of the revision: config, tokenizer, model code, the weights (an index's shards)."""
+        weights = self.weight_files(name, pin)  # an index's shards checked to be files beside it
+        missing = [f for f in weights if f not in self._tree(name, pin)]
+        if missing:
+            raise HubError(f"Revision {name} ({pin[:12]}) of {self.path}: its {weights[0]} names {missing[0]}, "
+                           "which the revision does not have. The checkpoint is incomplete; choose another revision.")
+        return [f for f in self._tree(name, pin) if f in SIDE_FILES or f.endswith(".py")] + weights
+
     def fetch(self, name: str, pin: str, force: bool = False) -> Path:
+        self._tree(name, pin)
         target = self.cache_dir / pin
         if force:
             shutil.rmtree(target, ignore_errors=True)
         if not target.exists():
+            wanted = self._wanted(name, pin)
             self.cache_dir.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(dir=self.cache_dir))
-            with tempfile.TemporaryFile() as archive:
-                archive.write(self._git("archive", pin))
-                archive.seek(0)
-                with tarfile.open(fileobj=archive) as tar:
-                    tar.extractall(staging, filter="data")
-            for weight in find_weight_files(staging):
-                with open(weight, "rb") as f:
-                    if f.read(24).startswith(b"version https://git-lfs"):
-                        raise HubError(f"{weight.name} on branch {name} of {self.path} is a git-lfs pointer; "
-                                       "run `git lfs fetch --all` in that repository first.")
-            staging.rename(target)
+            try:
+                with subprocess.Popen(["git", "-C", str(self.path), "cat-file", "--batch"], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE) as git:
+                    for path in wanted:  # each blob by its id, copied to disk 1 MB at a time
+                        git.stdin.write(self._trees[pin][path][0].encode() + b"\n")
+                        git.stdin.flush()
+                        left = int(git.stdout.readline().split()[2])
+                        with open(staging / path, "wb") as out:
+                            while left > 0:
+                                chunk = git.stdout.read(min(left, 1 << 20))
+                                if not chunk:
+                                    raise HubError(f"git stopped while reading {path} of {name} in {self.path}.")
+                                left -= out.write(chunk)
+                        git.stdout.read(1)  # the newline after each blob
+                    git.stdin.close()
+                for weight in find_weight_files(staging):
+                    with open(weight, "rb") as f:
+                        if f.read(24).startswith(b"version https://git-lfs"):
+                            raise HubError(f"{weight.name} on branch {name} of {self.path} is a git-lfs pointer; "
+                                           "run `git lfs fetch --all` in that repository first.")
+                staging.rename(target)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
         return target
 
 

@@ -18,12 +18,15 @@ identity (`study_identity`) is derived from them, so resuming with any input cha
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+import math
+import re
+import reprlib
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 from . import __version__
-from .errors import BOMergeError, StudyError
+from .errors import BOMergeError, RecipeError, StudyError
 from .defaults import DEFAULT_CONFIRM_FRACTION, DEFAULT_MAX_EVAL_TOKENS
 
 if TYPE_CHECKING:  # the evaluator imports torch and transformers: only where a merge is scored
@@ -189,8 +192,18 @@ class SearchSpec:
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "SearchSpec":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        """A study's recorded search (keys of a newer version ignored; a value of the wrong type refused)."""
+        spec = {k: v for k, v in data.items() if k in _SEARCH_TYPES}
+        for key, value in spec.items():
+            if type(value) not in _SEARCH_TYPES[key]:
+                raise StudyError(f"The study records its search setting {key} as {reprlib.repr(value)} (a "
+                                 f"{type(value).__name__}, not {' or '.join(t.__name__ for t in _SEARCH_TYPES[key])}): "
+                                 "it was edited or written by another tool; re-run the search under a new study name.")
+        return cls(**spec)
+
+
+_SEARCH_TYPES = {"space": (str,), "trials": (int,), "seed": (int, type(None)), "lambda_min": (float, int),
+                 "ema_alpha": (float, int), "layer_groups": (int,), "fallback": (bool,), "eval_datasets": (list, tuple)}
 
 
 @dataclass(frozen=True)
@@ -250,16 +263,40 @@ class Recipe:
         return recipe
 
     @classmethod
-    def from_dict(cls, recipe: Mapping, where: str = "the recipe") -> "Recipe":
-        try:
-            return cls(source=recipe["source"], revisions=[r["name"] for r in recipe["revisions"]],
-                       shas=[r["sha"] for r in recipe["revisions"]], weights=list(recipe.get("weights") or []),
-                       source_kind=recipe.get("source_kind", "hub"), dtype=recipe.get("dtype"),
-                       copied=recipe.get("copied"), layer_weights=recipe.get("layer_weights"),
-                       layer_groups=recipe.get("layer_groups"))
-        except (KeyError, TypeError) as err:
-            raise BOMergeError(f"Cannot read {where}: {err!r} is missing or malformed. A recipe is the "
-                               "bomerge_recipe.yaml that hf-bomerge writes next to a merged model.") from err
+    def from_dict(cls, recipe: Mapping, where: str = "the recipe", weighted: bool = True) -> "Recipe":
+        """Every field checked by type and value; `weighted=False` for a study's recipe (its weights are its trials)."""
+        if not isinstance(recipe, Mapping):
+            raise RecipeError(f"Cannot read {where}: it is not a YAML mapping of fields (it is a "
+                              f"{type(recipe).__name__}). {_RECIPE}")
+
+        def get(key: str, ok, what: str, default=_MISSING):
+            value = recipe.get(key, default)
+            if value is _MISSING:
+                raise RecipeError(f"Cannot read {where}: {key!r} is missing. {_RECIPE}")
+            if not ok(value):
+                raise RecipeError(f"Cannot read {where}: `{key}` must be {what}, got {reprlib.repr(value)}. {_RECIPE}")
+            return value
+
+        source = get("source", lambda v: isinstance(v, str) and v, "a Hub repo id or a path")
+        kind = get("source_kind", lambda v: v in ("hub", "folder", "git"), "hub, folder or git", "hub")
+        revisions = get("revisions", lambda v: isinstance(v, list) and v and all(
+            isinstance(r, Mapping) and isinstance(r.get("name"), str) and r["name"] and "," not in r["name"]
+            and isinstance(r.get("sha"), str) and _PIN.fullmatch(r["sha"]) for r in v),
+            "a list of {name: REVISION, sha: COMMIT}, each sha a full commit id (40 or 64 lowercase hex digits)")
+        n = len(revisions)
+        numbers = f"a list of {n} finite numbers (one per revision, oldest first)"
+        weights = get("weights", lambda v: _numbers(v, n) or not weighted and not v, numbers,
+                      _MISSING if weighted else [])
+        layer_weights = get("layer_weights", lambda v: v is None or isinstance(v, Mapping) and v and all(
+            isinstance(k, str) and _numbers(w, n) for k, w in v.items()), f"a map of depth group to {numbers}", None)
+        return cls(source, [r["name"] for r in revisions], [r["sha"] for r in revisions], list(weights or []), kind,
+                   get("dtype", lambda v: v is None or v in MERGE_DTYPES, f"one of {', '.join(MERGE_DTYPES)}", None),
+                   get("copied", lambda v: v is None or isinstance(v, list) and all(isinstance(c, str) for c in v),
+                       "a list of tensor names", None),
+                   None if layer_weights is None else dict(layer_weights),
+                   get("layer_groups", lambda v: v is None or isinstance(v, Mapping) and all(
+                       type(v.get(k)) is int and v[k] >= 1 for k in ("groups", "layers")),
+                       "a map with whole numbers `groups` and `layers` (at least 1)", None))
 
     @classmethod
     def load(cls, path: str | Path) -> "Recipe":
@@ -267,13 +304,21 @@ class Recipe:
 
         try:
             recipe = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError) as err:
-            raise BOMergeError(f"Cannot read the recipe {path}: {err}. A recipe is the bomerge_recipe.yaml that "
-                               "hf-bomerge writes next to a merged model.") from err
-        if not isinstance(recipe, Mapping):
-            raise BOMergeError(f"Cannot read the recipe {path}: it is not a YAML mapping. A recipe is the "
-                               "bomerge_recipe.yaml that hf-bomerge writes next to a merged model.")
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+            raise RecipeError(f"Cannot read the recipe {path}: {' '.join(str(err).split())}. {_RECIPE}") from err
         return cls.from_dict(recipe, f"the recipe {path}")
+
+
+_MISSING = object()
+_PIN = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # a commit id (or a folder's 40-digit fingerprint)
+MERGE_DTYPES = ("float32", "float16", "bfloat16", "float64", "fp32", "fp16", "bf16", "fp64")  # engine.DTYPES
+_RECIPE = ("A recipe is the bomerge_recipe.yaml that hf-bomerge writes next to a merged model: fix it, or write it "
+           "again by re-running the merge.")
+
+
+def _numbers(value, n: int) -> bool:
+    return isinstance(value, list) and len(value) == n and all(
+        type(w) in (int, float) and math.isfinite(w) for w in value)
 
 
 def study_identity(recipe: Recipe, search: SearchSpec, space_kind: str, evaluation: dict) -> dict:

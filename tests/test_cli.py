@@ -198,3 +198,27 @@ def test_local_git_repository_branches_are_revisions(trajectory, tmp_path, capsy
     summary = last_json(capsys.readouterr().out)
     assert code == 0 and summary["revisions"] == steps and summary["shas"] == [shas[s] for s in steps]
     assert summary["weights"] == [0.25, 0.75]
+
+
+@pytest.mark.parametrize("field", ["weights", "shas"])
+def test_a_malformed_recipe_is_one_message_naming_the_field_exit_2_nothing_written(trajectory, tmp_path, field):
+    """`weights: abc` was a ValueError traceback; a sha `--output=FILE` reached git (the old `git archive` made FILE)."""
+    import yaml
+
+    from testhub import make_git_repo
+
+    steps = json.loads((trajectory / "trajectory.json").read_text())["revisions"][-2:]
+    shas = make_git_repo(tmp_path / "repo", {s: {p.name: p for p in (trajectory / s).iterdir() if p.is_file()}
+                                             for s in steps}, lfs=False)
+    planted = tmp_path / "planted"
+    pins = [f"--output={planted}", shas[steps[1]]] if field == "shas" else [shas[s] for s in steps]
+    recipe = {"source": str(tmp_path / "repo"), "source_kind": "git",
+              "weights": "abc" if field == "weights" else [0.5, 0.5],
+              "revisions": [{"name": s, "sha": pin} for s, pin in zip(steps, pins)]}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(recipe))
+    proc = hf_bomerge("recipe", str(tmp_path / "bad.yaml"), "--output", str(tmp_path / "out"), cache=tmp_path / "c")
+    key = "revisions" if field == "shas" else "weights"
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith(f"hf-bomerge: error: Cannot read the recipe {tmp_path / 'bad.yaml'}: `{key}` must be")
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists() and not planted.exists()

@@ -97,3 +97,64 @@ def test_a_study_that_does_not_record_the_specs_is_refused_with_what_to_do(tmp_p
     study.set_user_attr("inputs", {"source": "org/run"})
     with pytest.raises(StudyError, match="older hf-bomerge made it.*re-run the search"):
         from_study("old", url)
+
+
+GOOD = Recipe("org/run", ["step1", "step2"], SHAS, [0.25, 0.75]).as_dict()
+
+
+@pytest.mark.parametrize("field, value", [
+    ("weights", "abc"), ("weights", [1.0]), ("weights", [0.5, float("nan")]), ("weights", [0.5, "0.5"]),
+    ("weights", [True, False]), ("copied", 5), ("copied", [5]), ("dtype", "int8"), ("source", ["org/run"]),
+    ("source_kind", "ftp"),
+    ("revisions", [{"name": "step1", "sha": "--output=/tmp/x"}, {"name": "step2", "sha": SHAS[1]}]),
+    ("revisions", [{"name": "step1", "sha": SHAS[0][:12]}, {"name": "step2", "sha": SHAS[1]}]),
+    ("revisions", [{"name": 7, "sha": SHAS[0]}, {"name": "step2", "sha": SHAS[1]}]), ("revisions", "step1,step2"),
+    ("layer_weights", {"embeddings": [0.5]}), ("layer_weights", [0.5, 0.5]), ("layer_groups", {"groups": "2"}),
+])
+def test_every_recipe_field_is_checked_by_type_and_value_naming_the_field_and_the_file(tmp_path, field, value):
+    path = tmp_path / "bomerge_recipe.yaml"
+    path.write_text(yaml.safe_dump({**GOOD, field: value}))
+    with pytest.raises(BOMergeError, match=rf"Cannot read the recipe {path}: `{field}` must be .*, got .*"
+                                           "bomerge_recipe.yaml that hf-bomerge writes") as err:
+        Recipe.load(path)
+    assert "\n" not in str(err.value)
+
+
+def test_a_recipe_that_is_not_yaml_text_is_one_paragraph(tmp_path):
+    path = tmp_path / "r.yaml"
+    for content in (b"weights: [0.5,\nsource: {\n", b"\xff\xfe\x00binary"):
+        path.write_bytes(content)
+        with pytest.raises(BOMergeError, match=rf"Cannot read the recipe {path}: .*A recipe is") as err:
+            Recipe.load(path)
+        assert "\n" not in str(err.value)
+
+
+def test_a_recipes_dtype_is_one_the_merge_accepts():
+    from hf_bomerge.engine import DTYPES
+
+    for dtype in DTYPES:
+        assert Recipe.from_dict({**GOOD, "dtype": dtype}).dtype == dtype
+    study = Recipe.from_dict({**GOOD, "weights": []}, weighted=False)  # a study's recipe: its trials hold weights
+    assert study.weights == []
+
+
+def test_a_studys_recorded_search_of_the_wrong_type_is_refused():
+    with pytest.raises(StudyError, match=r"search setting layer_groups as '2' \(a str, not int\).*re-run the search"):
+        SearchSpec.from_dict({**SearchSpec().as_dict(), "layer_groups": "2"})
+
+
+def test_a_studys_recorded_recipe_is_checked_like_a_file(tmp_path):
+    """Its shas reach the source (git) as pins: a pin `--output=FILE` is refused before any source is opened."""
+    import optuna
+
+    from hf_bomerge import from_study
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="edited", storage=url)
+    recipe = Recipe(str(tmp_path), ["step1", "step2"], [f"--output={tmp_path / 'planted'}", SHAS[1]], source_kind="git")
+    for key, value in {"recipe": recipe.as_dict(), "search": SearchSpec().as_dict(),
+                       "evaluation": {"objective": "loss"}}.items():
+        study.set_user_attr(key, value)
+    with pytest.raises(BOMergeError, match="Cannot read the recipe of study 'edited': `revisions` must be"):
+        from_study("edited", url)
+    assert not (tmp_path / "planted").exists()
