@@ -218,6 +218,35 @@ def test_a_plan_too_large_is_refused_before_downloading(test_hub, tmp_path, monk
     assert weight_files() == before  # config.json only: not one weight file was downloaded
 
 
+@pytest.mark.e2e
+def test_a_hub_dataset_is_read_only_as_far_as_the_token_cap(space, test_hub):
+    """A large sharded dataset (as big Hub datasets are): the search streams it and stops at the Space's token
+    cap; nothing of it is written to disk. The test Hub answers Range requests as the Hub does (hubwrite.py)."""
+    import json
+
+    rows = [json.dumps({"text": f"def f{i}(x):\n    return x * {i} + {i % 7}\n" * 40}) for i in range(24_000)]
+    shards = {f"data/validation-{k:02d}.jsonl": "\n".join(rows[k::8]) + "\n" for k in range(8)}
+    card = ("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: validation\n"
+            "    path: data/validation-*.jsonl\n---\n")
+    test_hub.add_dataset_repo("bomerge-test/large-heldout", {"main": {"README.md": card, **shards}})
+    total = sum(len(t.encode()) for t in shards.values())
+    home = Path(os.environ["HF_HOME"])
+
+    def big_files() -> set[Path]:
+        return {p for p in [*home.rglob("*"), *space.cache.rglob("*")]
+                if p.is_file() and p.stat().st_size > 2e6 and "outputs" not in p.parts}  # not merged models
+
+    before, served = big_files(), dict(test_hub.writer.served)
+    args = list(_run_args(test_hub, trials=2))
+    args[2] = "bomerge-test/large-heldout"
+    result = space.client().predict(*args, api_name="/run")[-1]
+    read = sum(n - served.get(path, 0) for path, n in test_hub.writer.served.items() if "large-heldout" in path
+               and "/data/validation-" in path)
+    assert result["trials"] == 2 and total > 30e6
+    assert read < total / 4, (read, total)  # old code: every shard, whole
+    assert big_files() == before  # nothing of it on disk (old code: the shards and their Arrow files)
+
+
 def test_in_a_space_sign_in_replaces_the_token_box(tmp_path, monkeypatch):
     """With OAuth (a Space with `hf_oauth: true`): a LoginButton, no token box, and the events take the
     signed-in user's token (gradio injects `gr.OAuthToken | None` parameters)."""
