@@ -93,41 +93,46 @@ def run(ctx: Context, model_id, spec, dataset, dataset_config, split, text_colum
                        f"{ctx.limits.max_eval_sets} (BOMERGE_SPACE_MAX_EVAL_SETS): keep the ones you need most.")
     forget(previous)  # one merged model per session on disk
     progress(0, desc="checking the plan")
-    try:
-        plan = plan_run(model_id, spec, token, ctx.limits, ctx.cache)
-    except BOMergeError as err:
-        raise gr.Error(str(err)) from None
-    run_id = uuid.uuid4().hex[:12]
-    run_dir = ctx.cache / "runs" / run_id
+    run_id, kind = uuid.uuid4().hex[:12], None
+    run_dir = ctx.cache / "runs" / run_id  # this run's downloads, study and tokenized blocks
     run_dir.mkdir(parents=True)
-    output = ctx.cache / "outputs" / run_id / f"{plan.source.split('/')[-1]}-bomerge"
-    kwargs = dict(source=plan.source, revisions=",".join(plan.revisions), max_checkpoints=0, dataset=dataset,
-                  dataset_config=(dataset_config or "").strip() or None, split=(split or "").strip() or None,
-                  text_column=(text_column or "").strip() or "text", eval_datasets=evals, search=search_mode,
-                  trials=trials, storage=f"sqlite:///{run_dir / 'study.db'}", token=token or False,
-                  cache_dir=str(ctx.cache), max_eval_tokens=ctx.limits.max_eval_tokens,
-                  max_memory=int(ctx.limits.max_memory_gb * 1e9), progress=False)
-    rows: list[dict] = []
-    yield ctx.out(plan_md=plan_markdown(plan), status_md="Starting the search: downloading the revisions and "
-                  "tokenizing the held-out set…", trials_df=trial_table(rows), loss_plot=None, summary_md="",
-                  baselines_df=None, general_df=None, search_plot=None, card_md="", result_json=None,
-                  result_state=None)
-    started = time.monotonic()
-    proc, receive = start(run_id, kwargs, output)
     try:
-        for kind, payload in messages(proc, receive, ctx.limits, started):
-            if kind is None:
-                yield gr.skip()  # a yield point every POLL_S, so that Stop is honoured at once
-            elif kind == "trial":
-                rows.append(payload)
-                progress((payload["complete"], trials), desc="trials", unit="trials")
-                table = trial_table(rows)
-                yield ctx.out(status_md=trial_status(rows, trials), trials_df=table, loss_plot=loss_curve(table))
-            else:
-                break
-    finally:
-        stop(run_id)
-        receive.close()
+        try:
+            plan = plan_run(model_id, spec, token, ctx.limits, run_dir)
+        except BOMergeError as err:
+            raise gr.Error(str(err)) from None
+        output = ctx.cache / "outputs" / run_id / f"{plan.source.split('/')[-1]}-bomerge"
+        kwargs = dict(source=plan.source, revisions=",".join(plan.revisions), max_checkpoints=0, dataset=dataset,
+                      dataset_config=(dataset_config or "").strip() or None, split=(split or "").strip() or None,
+                      text_column=(text_column or "").strip() or "text", eval_datasets=evals, search=search_mode,
+                      trials=trials, storage=f"sqlite:///{run_dir / 'study.db'}", token=token or False,
+                      cache_dir=str(run_dir), max_eval_tokens=ctx.limits.max_eval_tokens,
+                      max_memory=int(ctx.limits.max_memory_gb * 1e9), progress=False)
+        rows: list[dict] = []
+        yield ctx.out(plan_md=plan_markdown(plan), status_md="Starting the search: downloading the revisions and "
+                      "tokenizing the held-out set…", trials_df=trial_table(rows), loss_plot=None, summary_md="",
+                      baselines_df=None, general_df=None, search_plot=None, card_md="", result_json=None,
+                      result_state=None)
+        started = time.monotonic()
+        proc, receive = start(run_id, kwargs, output)
+        try:
+            for kind, payload in messages(proc, receive, ctx.limits, started):
+                if kind is None:
+                    yield gr.skip()  # a yield point every POLL_S, so that Stop is honoured at once
+                elif kind == "trial":
+                    rows.append(payload)
+                    progress((payload["complete"], trials), desc="trials", unit="trials")
+                    table = trial_table(rows)
+                    yield ctx.out(status_md=trial_status(rows, trials), trials_df=table, loss_plot=loss_curve(table))
+                else:
+                    break
+        finally:
+            stop(run_id)
+            receive.close()
+    finally:  # however the run ends (done, error, Stop, time limit): its files go, all but a finished model
+        shutil.rmtree(run_dir, ignore_errors=True)
+        if kind != "ok":
+            shutil.rmtree(ctx.cache / "outputs" / run_id, ignore_errors=True)
     if kind != "ok":
         raise gr.Error(payload)
     table = trial_table(rows)  # the last yield is an API client's result: every output, none skipped

@@ -51,7 +51,7 @@ class Limits:
                 f"at most {self.max_trials} trials · {self.max_memory_gb:g} GB of memory and "
                 f"{self.max_disk_gb:g} GB of disk per run · {self.max_minutes:g} minutes per run · held-out "
                 f"loss on {self.max_eval_tokens} tokens · at most {self.max_eval_sets} generalization sets · "
-                "Hub models and datasets only. One search runs at a "
+                "Hub models and datasets only; a run's downloads are deleted when it ends. One search runs at a "
                 "time; the others wait in the queue (your position is shown). A plan that does not fit is refused before anything is "
                 "downloaded. For more, run `hf-bomerge` on your own machine.")
 
