@@ -3,8 +3,9 @@ evaluated as mean token negative log-likelihood (the same number transformers' `
 
 The protocol is the one users compare with: each row is a document, tokenized as the model's tokenizer does
 by default (with a BOS where the tokenizer adds one), followed by EOS; the documents are concatenated and cut
-into full blocks. The cache is keyed by the data's content (a local file's bytes, a Hub dataset's
-fingerprint), so an edited file is tokenized again.
+into full blocks. Only what the token cap needs is read: a Hub split is streamed (offline: read row by row from
+`datasets`' cache) and tokenized each time; a local file's blocks are cached, keyed by its bytes, so an edited
+file is tokenized again.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Iterable, Iterator
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -27,9 +30,10 @@ from .specs import DEFAULT_DATASET, DEFAULT_DATASET_CONFIG, HeldOutSpec  # noqa:
 _LOCAL_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-def load_split(spec: HeldOutSpec, token: str | bool | None = None):
+def load_split(spec: HeldOutSpec, token: str | bool | None = None, streaming: bool = False):
     """The split as a `datasets.Dataset` (any columns), loaded with `token`: the one the models get (a string,
-    None for huggingface_hub's own lookup, False for none: then no token of the environment is sent)."""
+    None for huggingface_hub's own lookup, False for none: then no token of the environment is sent). With
+    `streaming`, a Hub split is an `IterableDataset`: its files are read only as far as it is iterated."""
     import datasets
 
     path = Path(spec.dataset).expanduser()
@@ -52,7 +56,7 @@ def load_split(spec: HeldOutSpec, token: str | bool | None = None):
 
             config = cached_default_config(spec.dataset)
         with _quiet(datasets):  # "Using the latest cached version…" offline: nothing a user can act on
-            return datasets.load_dataset(spec.dataset, config, split=spec.split, token=token)
+            return datasets.load_dataset(spec.dataset, config, split=spec.split, token=token, streaming=streaming)
     except DataError:
         raise
     except Exception as err:
@@ -78,30 +82,61 @@ def load_texts(spec: HeldOutSpec, split=None, token: str | bool | None = None) -
     """The non-empty texts of the split (or of the already loaded `split`), in order."""
     ds = split if split is not None else load_split(spec, token)
     if spec.text_column not in ds.column_names:
-        raise DataError(f"The dataset {spec.label} has no column {spec.text_column!r} (it has "
-                        f"{ds.column_names}); pass --text-column.")
+        raise _no_column(spec, ds.column_names)
     texts = [t for t in ds[spec.text_column] if isinstance(t, str) and t.strip()]
     if not texts:
         raise DataError(f"The dataset {spec.label} has no non-empty text in column {spec.text_column!r}.")
     return texts
 
 
+def _no_column(spec: HeldOutSpec, columns) -> DataError:
+    return DataError(f"The dataset {spec.label} has no column {spec.text_column!r} (it has {columns}); pass "
+                     "--text-column.")
+
+
+def hub_texts(spec: HeldOutSpec, token: str | bool | None = None) -> Iterator[str]:
+    """The non-empty texts of a Hub split, in order, read as they are consumed: streamed from the Hub, or offline
+    from `datasets`' cache (`hf-bomerge download` fills it)."""
+    import datasets
+
+    rows = load_split(spec, token, streaming=not datasets.config.HF_DATASETS_OFFLINE)
+    if rows.column_names is not None and spec.text_column not in rows.column_names:
+        raise _no_column(spec, rows.column_names)
+    found = False
+    try:
+        for row in rows:
+            if spec.text_column not in row:
+                raise _no_column(spec, list(row))
+            text = row[spec.text_column]
+            if isinstance(text, str) and text.strip():
+                found = True
+                yield text
+    except DataError:
+        raise
+    except Exception as err:  # a stream breaks while it is read: the network, or a malformed file
+        raise DataError(f"Could not read the held-out dataset {spec.label}: {str(err) or type(err).__name__}. "
+                        "Check --dataset, or try again.") from err
+    if not found:
+        raise DataError(f"The dataset {spec.label} has no non-empty text in column {spec.text_column!r}.")
+
+
 PROTOCOL = 2  # bump when the tokenization or packing changes: cached blocks and studies of another one differ
 
 
-def tokenize_blocks(texts: list[str], tokenizer, block_size: int, max_tokens: int) -> torch.Tensor:
+def tokenize_blocks(texts: Iterable[str], tokenizer, block_size: int, max_tokens: int) -> torch.Tensor:
     """Tokenize each text as a document (the tokenizer's own special tokens, then EOS), concatenate, and cut
-    the first `max_tokens` into [n_blocks, block_size] (the remainder is dropped, so every block is full)."""
+    the first `max_tokens` into [n_blocks, block_size] (the remainder is dropped, so every block is full).
+    `texts` is read in growing chunks only until the cap is reached (at most about twice what it needs)."""
     wanted = max(max_tokens, block_size)
     eos = tokenizer.eos_token_id
     ids: list[int] = []
-    start, chunk = 0, 64
-    while start < len(texts) and len(ids) < wanted:
-        for doc in tokenizer(texts[start:start + chunk])["input_ids"]:
+    texts, chunk = iter(texts), 64
+    while len(ids) < wanted and (batch := list(islice(texts, chunk))):
+        for doc in tokenizer(batch)["input_ids"]:
             ids.extend(doc)
             if eos is not None and (not doc or doc[-1] != eos):
                 ids.append(eos)
-        start, chunk = start + chunk, chunk * 2
+        chunk *= 2
     n_blocks = min(len(ids), wanted) // block_size
     if n_blocks == 0:
         raise DataError(f"The held-out text has {len(ids)} tokens, fewer than one block of {block_size}; "
@@ -135,14 +170,15 @@ def content_fingerprint(spec: HeldOutSpec, split=None, token: str | bool | None 
 
 def heldout_blocks(spec: HeldOutSpec, tokenizer, tokenizer_folder: Path, block_size: int, max_tokens: int,
                    cache_dir: Path, token: str | bool | None = None) -> torch.Tensor:
-    """Tokenized, packed blocks for `spec`, cached on disk (safetensors, keyed by the data's content, the
-    tokenizer, the block size, the token cap and the protocol) so a rerun does not re-tokenize. A Hub split is
-    loaded (and its access checked, `load_split`) before the cache is read: the cached blocks only serve
-    whoever may read the dataset."""
-    split = None if Path(spec.dataset).expanduser().exists() else load_split(spec, token)
-    key = [content_fingerprint(spec, split, token), spec.text_column, tokenizer_fingerprint(tokenizer_folder),
+    """Tokenized, packed blocks for `spec`. A Hub split is streamed (its access checked, `load_split`) and read
+    only as far as `max_tokens` needs, every time: a cache key from its content would need that same read, and
+    it would save only the tokenizing. A local file's blocks are cached on disk (safetensors, keyed by the file's
+    bytes, the tokenizer, the block size, the token cap and the protocol) so a rerun does not re-tokenize."""
+    if not Path(spec.dataset).expanduser().exists():
+        return tokenize_blocks(hub_texts(spec, token), tokenizer, block_size, max_tokens)
+    key = [content_fingerprint(spec), spec.text_column, tokenizer_fingerprint(tokenizer_folder),
            block_size, max_tokens, PROTOCOL]
-    build = lambda: {"blocks": tokenize_blocks(load_texts(spec, split, token), tokenizer, block_size, max_tokens)}  # noqa: E731
+    build = lambda: {"blocks": tokenize_blocks(load_texts(spec), tokenizer, block_size, max_tokens)}  # noqa: E731
     return cached_tensors(Path(cache_dir) / "heldout", key, build)["blocks"]
 
 

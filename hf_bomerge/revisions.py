@@ -144,7 +144,7 @@ def select_revisions(spec: str, available: Sequence[str], max_checkpoints: int =
     elif spec.startswith("last:"):
         names, notes = _select_last(spec, pool)
     else:
-        return _select_named(spec, pool), None
+        return _select_named(spec, listed(spec), pool), None
     if max_checkpoints and len(names) > max_checkpoints:
         kept, unit = _thin(names, max_checkpoints)
         notes.append(f"kept {max_checkpoints} of {len(names)} revisions evenly spaced by {unit}: "
@@ -222,11 +222,22 @@ def _select_last(spec: str, pool: list[str]) -> tuple[list[str], list[str]]:
     return chosen[-count:], notes
 
 
-def _select_named(spec: str, pool: list[str]) -> list[str]:
-    names = [part.strip() for part in spec.split(",")]
-    if not all(names):
+def listed(spec: str) -> list[str] | None:
+    """The distinct names of an explicit list or single name, as given; None for a range or last:N.
+
+    >>> listed(" step2, step1,step2"), listed("last:3"), listed("step1..step4")
+    (['step2', 'step1'], None, None)
+    """
+    spec = spec.strip()
+    if ".." in spec or spec.startswith("last:"):
+        return None
+    return list(dict.fromkeys(part.strip() for part in spec.split(",")))
+
+
+def _select_named(spec: str, unique: list[str], pool: list[str]) -> list[str]:
+    if not all(unique):
         raise _grammar_error(spec)
-    unique, existing = list(dict.fromkeys(names)), set(pool)
+    existing = set(pool)
     missing = [n for n in unique if n not in existing]
     if missing:
         problems = [f"{n!r} (nearest: {', '.join(nearest(n, pool)) or 'none'})" for n in missing]

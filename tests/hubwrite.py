@@ -27,6 +27,9 @@ Write endpoints need ``Authorization: Bearer hf_test…`` (else 401). Headers ar
 Fault injection: ``fail_next("commit", n, status)`` (or ``fail_next_commits``) answers the next n calls
 of that kind with ``status``. Every handled call is recorded in ``calls`` (method, kind, repo, revision,
 status; never headers).
+
+Reads: a ``Range: bytes=A-B`` GET that olah answers whole (200) is answered 206 with those bytes only, as the Hub
+does; ``served`` counts the body bytes sent per path, so a test can tell how much of a file a client read.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import subprocess
 import tempfile
 import threading
@@ -106,6 +110,7 @@ class HubWriter:
         self.calls: list[Call] = []
         self.private: dict[str, bool] = {}
         self.hidden: set[str] = set()  # "type/ORG/NAME" served only with a token (set_private)
+        self.served: dict[str, int] = {}  # body bytes sent by the proxy, per request path
         self._faults: dict[str, list[int]] = {}
         self._lock = threading.RLock()
         self._server: uvicorn.Server | None = None
@@ -432,7 +437,25 @@ class HubWriter:
             upstream = client.build_request(request.method, url, headers=headers, content=await request.body())
             resp = await client.send(upstream, stream=True)
             out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP_HEADERS}
-            return StreamingResponse(resp.aiter_raw(), status_code=resp.status_code, headers=out_headers,
+            status, begin, end = resp.status_code, 0, None
+            wanted = re.fullmatch(r"bytes=(\d+)-(\d*)", request.headers.get("range", ""))
+            if request.method == "GET" and status == 200 and wanted and not resp.headers.get("content-encoding"):
+                # olah ignores Range (and streams without a length): cut the range out here
+                begin, end, status = int(wanted[1]), int(wanted[2]) + 1 if wanted[2] else None, 206
+                out_headers.pop("content-length", None)
+                out_headers["content-range"] = f"bytes {begin}-{'' if end is None else end - 1}/*"
+
+            async def body():
+                at = 0
+                async for chunk in resp.aiter_raw():
+                    part = chunk[max(0, begin - at):None if end is None else max(0, end - at)]
+                    at += len(chunk)
+                    self.served[path] = self.served.get(path, 0) + len(part)
+                    yield part
+                    if end is not None and at >= end:
+                        break
+
+            return StreamingResponse(body(), status_code=status, headers=out_headers,
                                      background=BackgroundTask(resp.aclose))
 
         return app

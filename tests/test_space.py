@@ -119,6 +119,8 @@ def test_list_run_and_publish(space, test_hub, tmp_path):
 
     out = Path(result["output"])
     assert out.is_relative_to(space.cache) and (out / "model.safetensors").is_file()
+    # The run's downloads and study are gone; only the merged model stays (for publishing, until it expires).
+    assert not _leftovers(space.cache) and not list(space.cache.rglob("pytorch_model.bin"))
 
     pushed_md, pushed_card = client.predict(PUSH_REPO, True, TOKEN, api_name="/publish")
     assert PUSH_REPO in pushed_md and "private" in pushed_md and TOKEN not in pushed_md
@@ -165,7 +167,7 @@ def test_runs_wait_in_the_queue_and_stop_ends_the_search(space, test_hub):
     while not space.module.WORKERS:
         assert not c.done() and time.monotonic() < deadline, c.status()
         time.sleep(0.05)
-    (proc,) = space.module.WORKERS.values()
+    ((run_id, proc),) = space.module.WORKERS.items()
     assert not Path(a.result()[-1]["output"]).exists()  # a session keeps one merged model: its latest
     time.sleep(1.0)
     with warnings.catch_warnings(record=True) as caught:
@@ -175,6 +177,9 @@ def test_runs_wait_in_the_queue_and_stop_ends_the_search(space, test_hub):
     deadline = time.monotonic() + 20
     while proc.is_alive() or space.module.WORKERS:
         assert time.monotonic() < deadline, "Stop did not end the search process"
+        time.sleep(0.1)
+    while _leftovers(space.cache) or (space.cache / "outputs" / run_id).exists():  # its files go too
+        assert time.monotonic() < deadline, _leftovers(space.cache)
         time.sleep(0.1)
 
 
@@ -186,7 +191,7 @@ def test_an_error_in_the_search_reaches_the_user(space, test_hub):
     args[2] = "bomerge-test/no-such-dataset"  # fails in the search process, after the plan
     with pytest.raises(AppError, match="no-such-dataset"):
         space.client().predict(*args, api_name="/run")
-    assert not space.module.WORKERS
+    assert not space.module.WORKERS and not _leftovers(space.cache)
 
 
 @pytest.mark.e2e
@@ -216,6 +221,92 @@ def test_a_plan_too_large_is_refused_before_downloading(test_hub, tmp_path, monk
     size = (test_hub.trajectory / test_hub.step_branches[-1] / "pytorch_model.bin").stat().st_size
     assert plan.revisions == test_hub.step_branches and plan.checkpoint_bytes == size and plan.params == size // 2
     assert weight_files() == before  # config.json only: not one weight file was downloaded
+
+
+def _leftovers(cache: Path) -> list[Path]:
+    """What the runs of a Space left in its cache: run folders (downloads, studies) and unfinished outputs."""
+    return [*(cache / "runs").glob("*"), *(p for p in cache.rglob("*") if ".partial" in p.name)]
+
+
+@pytest.fixture(scope="module")
+def strict(test_hub, tmp_path_factory):
+    """A Space with tight limits: 3 revisions, 2 generalization sets, 6 seconds per run."""
+    module = _app_module()
+    running = Running(module, tmp_path_factory.mktemp("strict-cache"), limits=module.Limits(max_revisions=3, max_eval_sets=2,
+                                                                       max_eval_tokens=4096, max_minutes=0.1))
+    try:
+        yield running
+    finally:
+        running.close()
+
+
+@pytest.mark.e2e
+def test_a_visitor_who_reads_the_code_cannot_lift_the_limits(strict, test_hub, tmp_path):
+    from gradio_client.exceptions import AppError
+
+    client, steps = strict.client(), test_hub.step_branches
+    args = list(_run_args(test_hub, trials=2))
+    for spec in (",".join(steps[:4]), ",".join(steps)):  # an explicit list is never thinned: refused
+        args[1] = spec
+        with pytest.raises(AppError, match=r"Refused before downloading anything: .* selects \d revisions; this "
+                                           r"Space merges at most 3 \(BOMERGE_SPACE_MAX_REVISIONS\)"):
+            client.predict(*args, api_name="/run")
+    for spec in (f"{steps[0]}..{steps[-1]}", "last:8", f"{steps[0]}.."):  # ranges and last:N are thinned to 3
+        plan = strict.module.plan_run(test_hub.repo_id, spec, None, strict.module.Limits(max_revisions=3),
+                                      tmp_path / "plans")
+        assert len(plan.revisions) == 3 and plan.revisions[-1] == steps[-1], (spec, plan.revisions)
+    args[1] = "last:2"
+    notes = tmp_path / "notes:v1.jsonl"  # HeldOutSpec.parse reads the whole string as a path
+    notes.write_text('{"text": "a file on the Space\'s machine, not on the Hub"}\n' * 50)
+    for field, value in ((2, str(notes)), (6, str(notes)), (2, "nowhere/.."), (6, f"{test_hub.dataset_id}\n~/x")):
+        hostile = list(args)
+        hostile[field] = value
+        with pytest.raises(AppError, match="reads Hub datasets only"):
+            client.predict(*hostile, api_name="/run")
+    args[6] = "\n".join(f"{test_hub.dataset_id}@ood" for _ in range(3))
+    with pytest.raises(AppError, match=r"3 generalization sets .* at most 2 \(BOMERGE_SPACE_MAX_EVAL_SETS\)"):
+        client.predict(*args, api_name="/run")
+    assert not _leftovers(strict.cache) and not list(strict.cache.rglob("*.bin"))
+
+
+@pytest.mark.e2e
+def test_a_run_stopped_by_the_time_limit_leaves_no_files(strict, test_hub):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="longer than this Space's 0.1 minutes"):
+        strict.client().predict(*_run_args(test_hub, trials=40, spec="last:3"), api_name="/run")
+    assert not strict.module.WORKERS
+    assert not _leftovers(strict.cache) and not list((strict.cache / "outputs").glob("*"))
+    assert not [p for p in strict.cache.rglob("*") if p.suffix in (".bin", ".safetensors", ".db")]
+
+
+@pytest.mark.e2e
+def test_a_hub_dataset_is_read_only_as_far_as_the_token_cap(space, test_hub):
+    """A large sharded dataset (as big Hub datasets are): the search streams it and stops at the Space's token
+    cap; nothing of it is written to disk. The test Hub answers Range requests as the Hub does (hubwrite.py)."""
+    import json
+
+    rows = [json.dumps({"text": f"def f{i}(x):\n    return x * {i} + {i % 7}\n" * 40}) for i in range(24_000)]
+    shards = {f"data/validation-{k:02d}.jsonl": "\n".join(rows[k::8]) + "\n" for k in range(8)}
+    card = ("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: validation\n"
+            "    path: data/validation-*.jsonl\n---\n")
+    test_hub.add_dataset_repo("bomerge-test/large-heldout", {"main": {"README.md": card, **shards}})
+    total = sum(len(t.encode()) for t in shards.values())
+    home = Path(os.environ["HF_HOME"])
+
+    def big_files() -> set[Path]:
+        return {p for p in [*home.rglob("*"), *space.cache.rglob("*")]
+                if p.is_file() and p.stat().st_size > 2e6 and "outputs" not in p.parts}  # not merged models
+
+    before, served = big_files(), dict(test_hub.writer.served)
+    args = list(_run_args(test_hub, trials=2))
+    args[2] = "bomerge-test/large-heldout"
+    result = space.client().predict(*args, api_name="/run")[-1]
+    read = sum(n - served.get(path, 0) for path, n in test_hub.writer.served.items() if "large-heldout" in path
+               and "/data/validation-" in path)
+    assert result["trials"] == 2 and total > 30e6
+    assert read < total / 4, (read, total)  # old code: every shard, whole
+    assert big_files() == before  # nothing of it on disk (old code: the shards and their Arrow files)
 
 
 def test_in_a_space_sign_in_replaces_the_token_box(tmp_path, monkeypatch):

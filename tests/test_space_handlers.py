@@ -112,8 +112,43 @@ def test_run_refuses_bad_inputs_before_any_plan(ctx, monkeypatch, change, messag
 
 
 def test_list_revisions_refuses_what_is_not_a_repo_id(ctx):
-    with pytest.raises(gr.Error, match="not a Hub model id"):
-        H.list_revisions(ctx, "just-a-name", "", None)
+    for text in ("just-a-name", "nowhere/..", "~/models", "/etc/x", "file:///etc/x", "org/a/../b", "org--x/y"):
+        with pytest.raises(gr.Error, match="not a Hub model id"):
+            H.list_revisions(ctx, text, "", None)
+
+
+def _local_names(tmp_path) -> list[str]:
+    """Inputs that name this machine, not the Hub: what HeldOutSpec.parse reads as a path, and ids with `..`."""
+    notes = tmp_path / "notes:v1.jsonl"  # parsed whole as a path; cut at ':' the old check saw "notes"
+    notes.write_text('{"text": "a file of the machine"}\n')
+    return [str(notes), "nowhere/..", "nowhere/../x@validation", "~/data", "file:///etc/hostname", "/etc/hostname",
+            "../data:cfg@split"]
+
+
+def test_local_paths_are_refused_as_the_search_would_parse_them(ctx, monkeypatch, tmp_path):
+    monkeypatch.setattr(H, "plan_run", lambda *a: pytest.fail("planned despite a local path"))
+    for name in _local_names(tmp_path):
+        with pytest.raises(gr.Error, match="Hub datasets only"):
+            next(H.run(ctx, **_run_args(dataset=name)))
+        with pytest.raises(gr.Error, match="Hub datasets only"):
+            next(H.run(ctx, **_run_args(eval_sets=f"org/a\n{name}")))
+    assert H._hub_dataset("Salesforce/wikitext:wikitext-2-raw-v1@validation", "Dataset")
+
+
+def test_eval_sets_are_capped(ctx, monkeypatch):
+    monkeypatch.setattr(H, "plan_run", lambda *a: pytest.fail("planned despite too many eval sets"))
+    with pytest.raises(gr.Error, match=r"4 generalization sets .* at most 3 \(BOMERGE_SPACE_MAX_EVAL_SETS\)"):
+        next(H.run(ctx, **_run_args(eval_sets="org/a\norg/b, org/c\norg/d")))
+    monkeypatch.setenv("BOMERGE_SPACE_MAX_EVAL_SETS", "1")
+    limits = H.Limits.from_env()
+    assert limits.max_eval_sets == 1 and "at most 1 generalization sets" in limits.markdown()
+
+
+def test_an_explicit_list_of_revisions_is_capped_before_any_hub_call(tmp_path):
+    limits = H.Limits(max_revisions=3)
+    for spec in ("s1,s2,s3,s4", "step1,step2,step3,step4,step5,step6"):
+        with pytest.raises(H.PlanRefused, match=r"selects \d revisions; this Space merges at most 3"):
+            H.plan_run("org/model", spec, None, limits, tmp_path)  # no Hub runs here: refused before asking
 
 
 def test_run_shows_each_pushed_trial_then_the_result(ctx, monkeypatch, tmp_path):

@@ -16,9 +16,10 @@ the layout and the wiring, the handlers are plain functions in handlers.py:
 Limits (environment variables; defaults fit a free CPU Space): BOMERGE_SPACE_MAX_PARAMS (1.5e9),
 BOMERGE_SPACE_MAX_REVISIONS (8), BOMERGE_SPACE_MAX_TRIALS (40), BOMERGE_SPACE_MAX_MEMORY_GB (14),
 BOMERGE_SPACE_MAX_DISK_GB (40), BOMERGE_SPACE_MAX_MINUTES (60), BOMERGE_SPACE_MAX_EVAL_TOKENS (16384),
-BOMERGE_SPACE_MAX_QUEUE (20), BOMERGE_SPACE_KEEP_HOURS (6: a session's merged model is deleted after
-that, when the session ends, or when it starts another run). Downloads, studies and outputs go to
-BOMERGE_SPACE_CACHE (default: a new temporary folder).
+BOMERGE_SPACE_MAX_EVAL_SETS (3), BOMERGE_SPACE_MAX_QUEUE (20), BOMERGE_SPACE_KEEP_HOURS (6: a session's merged
+model is deleted after that, when the session ends, or when it starts another run). Each run downloads into
+its own folder BOMERGE_SPACE_CACHE/runs/<run>/, deleted when the run ends however it ends; merged models go to
+BOMERGE_SPACE_CACHE/outputs/ (default: a new temporary folder).
 """
 
 import os

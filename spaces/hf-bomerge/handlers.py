@@ -27,7 +27,8 @@ import pandas as pd
 from hf_bomerge.errors import BOMergeError
 from hf_bomerge.sources import open_source
 from hf_bomerge.revisions import progress_key, sort_revisions
-from space_limits import REPO_ID, Limits, PlanError, PlanRefused, plan_markdown, plan_run  # noqa: F401 - re-exported
+from hf_bomerge.specs import HeldOutSpec
+from space_limits import REPO_ID, Limits, PlanError, PlanRefused, hub_id, plan_markdown, plan_run  # noqa: F401 - re-exported
 
 SEARCH_MODES = ["auto", "pairwise", "simplex", "schedule", "family"]
 POLL_S = 0.5  # how often the search process is listened to (and how soon Stop takes effect)
@@ -55,7 +56,7 @@ class Context:
 def list_revisions(ctx: Context, model_id, token_text, oauth_token: gr.OAuthToken | None):
     """The model's checkpoint branches in training order (table and picker)."""
     model_id = (model_id or "").strip()
-    if not REPO_ID.fullmatch(model_id) or Path(model_id).expanduser().exists():
+    if not hub_id(model_id):
         raise gr.Error(f"{model_id!r} is not a Hub model id; write it as ORG/NAME, e.g. EleutherAI/pythia-160m.")
     try:
         refs = open_source(model_id, token=token_for(token_text, oauth_token) or False, cache_dir=ctx.cache).refs()
@@ -87,43 +88,51 @@ def run(ctx: Context, model_id, spec, dataset, dataset_config, split, text_colum
         raise gr.Error(f"Search mode must be one of {', '.join(SEARCH_MODES)}, got {search_mode!r}.")
     dataset = _hub_dataset(dataset, "Dataset")
     evals = [_hub_dataset(e, "Eval set") for e in _lines(eval_sets)]
+    if len(evals) > ctx.limits.max_eval_sets:
+        raise gr.Error(f"{len(evals)} generalization sets given; this Space evaluates at most "
+                       f"{ctx.limits.max_eval_sets} (BOMERGE_SPACE_MAX_EVAL_SETS): keep the ones you need most.")
     forget(previous)  # one merged model per session on disk
     progress(0, desc="checking the plan")
-    try:
-        plan = plan_run(model_id, spec, token, ctx.limits, ctx.cache)
-    except BOMergeError as err:
-        raise gr.Error(str(err)) from None
-    run_id = uuid.uuid4().hex[:12]
-    run_dir = ctx.cache / "runs" / run_id
+    run_id, kind = uuid.uuid4().hex[:12], None
+    run_dir = ctx.cache / "runs" / run_id  # this run's downloads, study and tokenized blocks
     run_dir.mkdir(parents=True)
-    output = ctx.cache / "outputs" / run_id / f"{plan.source.split('/')[-1]}-bomerge"
-    kwargs = dict(source=plan.source, revisions=",".join(plan.revisions), max_checkpoints=0, dataset=dataset,
-                  dataset_config=(dataset_config or "").strip() or None, split=(split or "").strip() or None,
-                  text_column=(text_column or "").strip() or "text", eval_datasets=evals, search=search_mode,
-                  trials=trials, storage=f"sqlite:///{run_dir / 'study.db'}", token=token or False,
-                  cache_dir=str(ctx.cache), max_eval_tokens=ctx.limits.max_eval_tokens,
-                  max_memory=int(ctx.limits.max_memory_gb * 1e9), progress=False)
-    rows: list[dict] = []
-    yield ctx.out(plan_md=plan_markdown(plan), status_md="Starting the search: downloading the revisions and "
-                  "tokenizing the held-out set…", trials_df=trial_table(rows), loss_plot=None, summary_md="",
-                  baselines_df=None, general_df=None, search_plot=None, card_md="", result_json=None,
-                  result_state=None)
-    started = time.monotonic()
-    proc, receive = start(run_id, kwargs, output)
     try:
-        for kind, payload in messages(proc, receive, ctx.limits, started):
-            if kind is None:
-                yield gr.skip()  # a yield point every POLL_S, so that Stop is honoured at once
-            elif kind == "trial":
-                rows.append(payload)
-                progress((payload["complete"], trials), desc="trials", unit="trials")
-                table = trial_table(rows)
-                yield ctx.out(status_md=trial_status(rows, trials), trials_df=table, loss_plot=loss_curve(table))
-            else:
-                break
-    finally:
-        stop(run_id)
-        receive.close()
+        try:
+            plan = plan_run(model_id, spec, token, ctx.limits, run_dir)
+        except BOMergeError as err:
+            raise gr.Error(str(err)) from None
+        output = ctx.cache / "outputs" / run_id / f"{plan.source.split('/')[-1]}-bomerge"
+        kwargs = dict(source=plan.source, revisions=",".join(plan.revisions), max_checkpoints=0, dataset=dataset,
+                      dataset_config=(dataset_config or "").strip() or None, split=(split or "").strip() or None,
+                      text_column=(text_column or "").strip() or "text", eval_datasets=evals, search=search_mode,
+                      trials=trials, storage=f"sqlite:///{run_dir / 'study.db'}", token=token or False,
+                      cache_dir=str(run_dir), max_eval_tokens=ctx.limits.max_eval_tokens,
+                      max_memory=int(ctx.limits.max_memory_gb * 1e9), progress=False)
+        rows: list[dict] = []
+        yield ctx.out(plan_md=plan_markdown(plan), status_md="Starting the search: downloading the revisions and "
+                      "tokenizing the held-out set…", trials_df=trial_table(rows), loss_plot=None, summary_md="",
+                      baselines_df=None, general_df=None, search_plot=None, card_md="", result_json=None,
+                      result_state=None)
+        started = time.monotonic()
+        proc, receive = start(run_id, kwargs, output)
+        try:
+            for kind, payload in messages(proc, receive, ctx.limits, started):
+                if kind is None:
+                    yield gr.skip()  # a yield point every POLL_S, so that Stop is honoured at once
+                elif kind == "trial":
+                    rows.append(payload)
+                    progress((payload["complete"], trials), desc="trials", unit="trials")
+                    table = trial_table(rows)
+                    yield ctx.out(status_md=trial_status(rows, trials), trials_df=table, loss_plot=loss_curve(table))
+                else:
+                    break
+        finally:
+            stop(run_id)
+            receive.close()
+    finally:  # however the run ends (done, error, Stop, time limit): its files go, all but a finished model
+        shutil.rmtree(run_dir, ignore_errors=True)
+        if kind != "ok":
+            shutil.rmtree(ctx.cache / "outputs" / run_id, ignore_errors=True)
     if kind != "ok":
         raise gr.Error(payload)
     table = trial_table(rows)  # the last yield is an API client's result: every output, none skipped
@@ -169,9 +178,11 @@ def _lines(text: str | None) -> list[str]:
 
 
 def _hub_dataset(name: str | None, what: str) -> str | None:
+    """`name` if the search will read it as a Hub dataset: checked on `HeldOutSpec.parse`, the search's own parse."""
     name = (name or "").strip() or None
-    if name and Path(name.split("@")[0].split(":")[0]).expanduser().exists():
-        raise gr.Error(f"{what} {name!r}: this Space reads Hub datasets only (ORG/NAME[:CONFIG][@SPLIT]).")
+    if name and not hub_id(HeldOutSpec.parse(name).dataset):
+        raise gr.Error(f"{what} {name!r}: this Space reads Hub datasets only; write ORG/NAME[:CONFIG][@SPLIT], "
+                       "e.g. Salesforce/wikitext:wikitext-2-raw-v1@validation.")
     return name
 
 
