@@ -20,9 +20,10 @@ from . import weights as W
 from .confirm import confirm
 from .defaults import DEFAULT_CONFIRM_FRACTION
 from .engine import rule_from_config
-from .evaluator import CONFIRM, Objective
+from .evaluator import CONFIRM
 from .heldout import DEFAULT_MAX_EVAL_TOKENS, HeldOutSpec
 from .layers import LayerGroups
+from .objectives import Objective, objective_class
 from .plan import Plan
 from .prepare import Prepared, prepare, resolve, run_plan
 from .recorded import from_recipe, from_study, result_of  # noqa: F401  (part of the API)
@@ -112,10 +113,7 @@ def search_with(source: SourceSpec, evaluation: EvalSpec = EvalSpec(),
     """
     from .study import default_storage, default_study_name, run_search, set_study_attr
 
-    if evaluation.objective != "loss":
-        from .tasks import Metric
-
-        Metric.load(evaluation.objective)  # before any download: a metric that cannot load fails fast
+    objective_class(evaluation.objective).check(evaluation.objective)  # before any download: fail fast
     cache = Path(cache_dir or default_cache_dir())
     progress = progress and parallel.is_main()
     with parallel.main_process_first():  # downloads and the tokenized held-out cache, once
@@ -248,10 +246,8 @@ def merge_with(source: SourceSpec, fixed: FixedSpec = FixedSpec(), evaluation: E
 
     >>> merge_with(SourceSpec("EleutherAI/pythia-160m", "last:4"), FixedSpec(method="ema"), None)  # doctest: +SKIP
     """
-    if evaluation is not None and evaluation.objective != "loss":
-        from .tasks import Metric
-
-        Metric.load(evaluation.objective)  # before any download
+    if evaluation is not None:
+        objective_class(evaluation.objective).check(evaluation.objective)  # before any download
     progress = progress and parallel.is_main()
     planning = (evaluation or EvalSpec()).planning(evaluate=evaluation is not None)
     with parallel.main_process_first():

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .heldout import perplexity
+from .objectives import objective_class
 
 if TYPE_CHECKING:
     from .result import MergeResult
@@ -26,14 +26,14 @@ def render_card(result: "MergeResult", repo_id: str | None = None, license: str 
     model_name = (repo_id or result.output or "merged").rstrip("/").split("/")[-1]
     source_url = f"https://huggingface.co/{result.source}" if result.source_kind == "hub" else None  # no invented links
     evals = []
-    is_loss = result.objective == "loss"
+    kind = objective_class(result.objective)
     heldout = _dataset(result.dataset, result.dataset_id, result.dataset_config, result.dataset_split)
     if result.loss is not None and result.dataset:
         # The number the search never saw, when there is one: the confirm part's.
-        evals.append(_eval(model_name, heldout, result.objective, (result.confirm or {}).get("loss", result.loss)))
-        if is_loss:
-            evals.append(_eval(model_name, heldout, "perplexity",
-                               perplexity((result.confirm or {}).get("loss", result.loss))))
+        value = (result.confirm or {}).get("loss", result.loss)
+        evals.append(_eval(model_name, heldout, result.objective, value))
+        if kind.perplexity(value) is not None:
+            evals.append(_eval(model_name, heldout, "perplexity", kind.perplexity(value)))
     for name, row in result.generalization.items():
         evals.append(_eval(model_name, _parse_label(name), "loss", row["merged"]))
     data = ModelCardData(
@@ -64,11 +64,15 @@ def render_card(result: "MergeResult", repo_id: str | None = None, license: str 
         eval_questions=result.eval_questions,
         eval_dtype=result.eval_dtype,
         objective=result.objective,
-        objective_text="loss" if is_loss else f"{result.objective} of multiple-choice questions (maximized)",
+        header=kind.header(result.objective),
+        unit=kind.unit,
+        direction="higher is better" if kind.higher_is_better else "lower is better",
+        amount=(f"{result.eval_questions} multiple-choice questions" if result.eval_questions else
+                f"{result.eval_tokens} tokens" + (f", computed in {result.eval_dtype}" if result.eval_dtype else "")),
+        objective_text=kind.describe(result.objective),
         loss=result.loss,
-        ppl=perplexity(result.loss) if result.loss is not None and is_loss else None,
-        baselines=[{"name": k, "loss": v, "ppl": perplexity(v) if is_loss else None}
-                   for k, v in result.baselines.items()],
+        ppl=kind.perplexity(result.loss) if result.loss is not None else None,
+        baselines=[{"name": k, "loss": v, "ppl": kind.perplexity(v)} for k, v in result.baselines.items()],
         generalization=result.generalization,
         confirm=result.confirm,
         **_confirm_terms(result),
@@ -87,12 +91,10 @@ def _confirm_terms(result: "MergeResult") -> dict:
         return {}
     from .confirm import verdict
 
-    said = verdict(c, higher_is_better=result.objective != "loss")
-    if result.objective == "loss":
-        return dict(confirm_units="blocks", confirm_header="loss (nats/token)", confirm_unit="nats/token",
-                    confirm_verdict=said)
-    return dict(confirm_units="questions", confirm_header=f"{result.objective} (higher is better)",
-                confirm_unit=result.objective, confirm_verdict=said)
+    kind = objective_class(result.objective)
+    return dict(confirm_units=kind.confirm_units, confirm_header=kind.header(result.objective),
+                confirm_unit=kind.unit.strip() or result.objective,
+                confirm_verdict=verdict(c, higher_is_better=kind.higher_is_better))
 
 
 def _dataset(label: str | None, dataset_id: str | None, config: str | None, split: str | None) -> dict:

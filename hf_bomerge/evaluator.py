@@ -1,14 +1,13 @@
 """The objective of a weight vector: a loaded model, the N checkpoints beside it (or streamed), and the data.
 
-An `Objective` scores the model as it stands: `HeldOutLoss` (mean token NLL of the held-out blocks, summed
-over the processes of `accelerate launch`) or `MetricObjective` (an `evaluate` metric of multiple-choice
-predictions). `Evaluator` merges a weight vector into the model and asks the objective.
+`Evaluator` merges a weight vector into the model and asks the objective (`hf_bomerge.objectives`: the held-out
+loss, an `evaluate` metric, or any registered `Objective`) to score the model as it stands.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import torch
 
@@ -16,83 +15,15 @@ from . import parallel
 from .checkpoints import CheckpointSet, check_remote_code
 from .engine import DTYPES, dtype_name
 from .errors import BOMergeError
-from .confirm import mean, split_blocks
-from .heldout import HeldOutSpec, block_losses, blocks_digest, heldout_blocks, nll_sums, tokenizer_fingerprint
+from .heldout import HeldOutSpec, heldout_blocks, tokenizer_fingerprint
 from .mergers import ResidentMerger, StreamedMerger
+from .objectives import Objective, objective_class
+from .objectives.loss import HeldOutLoss
 from .prepare import Prepared
-from .tasks import Metric, choice_set, predict, split_questions
 from .writer import parse_size
 
 
-class Objective(Protocol):
-    """Scores a loaded model on the search part; `tokens`/`questions` say how much data it reads, `identity`
-    what it reads. The confirm part, kept from the search: `confirm_units` (per-unit outcomes of the model),
-    reduced by `statistic(outcomes, unit indices)`, `confirm_size` units (0: no confirm part)."""
-
-    tokens: int
-    questions: int
-    identity: str
-    confirm_size: int
-    higher_is_better: bool
-
-    def __call__(self, model: torch.nn.Module) -> float: ...
-
-    def confirm_units(self, model: torch.nn.Module) -> list: ...
-
-    def statistic(self, outcomes: Sequence, idx: Sequence[int]) -> float: ...
-
-
 CONFIRM = "confirm"  # `Evaluator(weights, CONFIRM)`: the per-unit outcomes of the confirm part
-
-
-class HeldOutLoss:
-    """Mean next-token NLL over the search part of the held-out blocks (each process of `accelerate launch`
-    scores its share); `confirm_fraction` of the blocks are kept apart for `confirm_units`."""
-
-    higher_is_better = False
-    statistic = staticmethod(mean)
-
-    def __init__(self, blocks: torch.Tensor, batch_size: int, confirm_fraction: float = 0.0):
-        self.blocks, self.confirm = split_blocks(blocks, confirm_fraction)
-        self.batch_size, self.confirm_size = batch_size, len(self.confirm)
-        self.tokens, self.questions = int(self.blocks.numel()), 0
-        self.identity = f"{blocks_digest(blocks)}/{confirm_fraction:g}"
-
-    def __call__(self, model: torch.nn.Module) -> float:
-        total, count = parallel.reduce_sums(*nll_sums(model, self.blocks, self.batch_size, *parallel.world()))
-        return total / count
-
-    def confirm_units(self, model: torch.nn.Module) -> list[float]:
-        """Each confirm block's loss (computed whole on every process: the confirm part is small)."""
-        return block_losses(model, self.confirm, self.batch_size)
-
-
-class MetricObjective:
-    """An `evaluate` metric of the multiple-choice predictions (computed whole on each process) on the search
-    part of the questions; `confirm_fraction` of the questions are kept apart for `confirm_units`."""
-
-    higher_is_better = True
-
-    def __init__(self, metric: Metric, pairs: dict[str, torch.Tensor], batch_tokens: int,
-                 confirm_fraction: float = 0.0):
-        self.metric, self.batch_tokens = metric, batch_tokens
-        self.pairs, self.confirm = split_questions(pairs, confirm_fraction)
-        self.confirm_size = len(self.confirm["answers"]) if self.confirm else 0
-        self.tokens, self.questions = int(self.pairs["lengths"].sum()), len(self.pairs["answers"])
-        digest = blocks_digest(torch.cat([pairs["ids"].reshape(-1), pairs["answers"].reshape(-1)]))
-        self.identity = f"{digest}/{confirm_fraction:g}"
-
-    def __call__(self, model: torch.nn.Module) -> float:
-        return self.metric(predict(model, self.pairs, self.batch_tokens), self.pairs["answers"].tolist())
-
-    def confirm_units(self, model: torch.nn.Module) -> list[int]:
-        """The prediction for each confirm question."""
-        return predict(model, self.confirm, self.batch_tokens)
-
-    def statistic(self, predictions: Sequence[int], idx: Sequence[int]) -> float:
-        """The metric of the confirm questions at `idx` (a bootstrap draw repeats some)."""
-        answers = self.confirm["answers"].tolist()
-        return self.metric([predictions[i] for i in idx], [answers[i] for i in idx])
 
 
 def choose_eval_dtype(name: str | None, device: str, ckpts: CheckpointSet) -> torch.dtype:
@@ -128,7 +59,7 @@ class Evaluator:
                  batch_size: int = 4, eval_dtype: str | None = None, device: str | None = None,
                  trust_remote_code: bool = False, cache_dir: Path, store_dtype: str | None = None,
                  device_map: str | dict | None = None, max_memory: str | int | None = None,
-                 metric: Metric | None = None, confirm_fraction: float = 0.0):
+                 objective: str = "loss", confirm_fraction: float = 0.0):
         from transformers import AutoTokenizer
 
         check_remote_code(prep.folders[-1], trust_remote_code)
@@ -138,16 +69,11 @@ class Evaluator:
         self.store = DTYPES[store_dtype] if store_dtype else None
         self._load(choose_eval_dtype(eval_dtype, self.device, prep.ckpts))
         self.tokenizer = AutoTokenizer.from_pretrained(prep.tokenizer_folder, trust_remote_code=trust_remote_code)
-        context = getattr(self.model.config, "max_position_embeddings", 2048) or 2048
-        self.block_size = min(block_size or 2048, context)
+        self.context = getattr(self.model.config, "max_position_embeddings", 2048) or 2048
+        self.block_size = min(block_size or 2048, self.context)
         self.batch_size, self.max_eval_tokens, self.cache_dir = batch_size, max_eval_tokens, cache_dir
         self.tokenizer_folder, self.token = prep.tokenizer_folder, prep.token  # data loads with the models' token
-        if metric is None:
-            self.objective: Objective = HeldOutLoss(self.blocks_for(dataset), batch_size, confirm_fraction)
-        else:
-            pairs = choice_set(dataset, self.tokenizer, self.tokenizer_folder, context, max_eval_tokens, cache_dir,
-                               prep.token)
-            self.objective = MetricObjective(metric, pairs, batch_size * self.block_size, confirm_fraction)
+        self.objective: Objective = objective_class(objective).build(self, dataset, objective, confirm_fraction)
         self.eval_tokens, self.eval_questions = self.objective.tokens, self.objective.questions
         self.saved_dtype = saved_dtype(prep.ckpts, self.store)
         self.identity = {"eval_dtype": dtype_name(self.eval_dtype), "device": torch.device(self.device).type,
@@ -188,11 +114,11 @@ class Evaluator:
         self.prep.ckpts.check_unchanged()  # a few stats: a file changed under the run is an error, not a number
         self.merger.apply(weights)
         if data == CONFIRM:
-            return self.objective.confirm_units(self.model)
+            return self.objective.confirm_scores(self.model)
         if data is None:
             return self.objective(self.model)
         if data not in self._texts:
-            self._texts[data] = HeldOutLoss(self.blocks_for(data), self.batch_size)
+            self._texts[data] = HeldOutLoss(self.blocks_for(data), self.batch_size)  # generalization: always the loss
         return self._texts[data](self.model)
 
     @property

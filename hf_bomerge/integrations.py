@@ -23,6 +23,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from .errors import WatchError
+from .objectives import objective_class
 from .watch import LEDGER, read_ledger
 
 logger = logging.getLogger("hf_bomerge")
@@ -146,13 +147,13 @@ def round_logs(record: dict) -> dict[str, float]:
     ...             "baselines": {"checkpoint-20": 4.0, "uniform": 3.95}})["bomerge/checkpoint_step"]
     20.0
     """
-    objective, latest = record.get("objective", "loss"), record["latest"]
-    key = "loss" if objective == "loss" else objective
+    key, latest = record.get("objective", "loss"), record["latest"]
+    sign = 1 if objective_class(key).higher_is_better else -1
     scores = record.get("confirm") or record  # the confirm part's numbers (never seen by the search) when there
     single, merged = scores["baselines"].get(latest), scores["loss"]
     logs = {f"bomerge/{key}": merged}
     if single is not None:
-        logs["bomerge/gain_vs_latest"] = (single - merged) if objective == "loss" else (merged - single)
+        logs["bomerge/gain_vs_latest"] = sign * (merged - single)
         logs[f"bomerge/latest_{key}"] = single
     if "uniform" in scores["baselines"]:
         logs[f"bomerge/uniform_{key}"] = scores["baselines"]["uniform"]

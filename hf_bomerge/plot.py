@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .objectives import objective_class
+
 if TYPE_CHECKING:
     from .study import Trial
 
@@ -29,7 +31,7 @@ def plot_search(trials: list["Trial"], revisions: list[str], weights: list[float
     if seeds:
         ax_loss.plot(*zip(*seeds), "s", color="tab:orange", ms=5, label="baseline seed")
     ax_loss.step(numbers, best_so_far, where="post", color="black", lw=1, label="best so far")
-    label = "held-out loss (nats/token)" if objective == "loss" else f"held-out {objective} (higher is better)"
+    label = f"held-out {objective_class(objective).header(objective)}"
     ax_loss.set(xlabel="trial", ylabel=label, title="search")
     ax_loss.legend(fontsize=8)
     ax_w.bar(range(len(weights)), weights, color="tab:green")

@@ -125,13 +125,11 @@ class EvalSpec:
 
     def evaluator(self, prep: Prepared, cache_dir: Path, source: SourceSpec) -> Evaluator:
         from .evaluator import Evaluator
-        from .tasks import Metric
 
-        metric = None if self.objective == "loss" else Metric.load(self.objective)
         return Evaluator(prep, dataset=self.data, max_eval_tokens=self.max_eval_tokens, block_size=self.block_size,
                          batch_size=self.batch_size, eval_dtype=self.eval_dtype, device=self.device,
                          trust_remote_code=source.trust_remote_code, cache_dir=cache_dir, store_dtype=source.dtype,
-                         device_map=self.device_map, max_memory=self.max_memory, metric=metric,
+                         device_map=self.device_map, max_memory=self.max_memory, objective=self.objective,
                          confirm_fraction=self.confirm_fraction)
 
     def planning(self, evaluate: bool = True) -> dict:
@@ -141,10 +139,9 @@ class EvalSpec:
 
     def identity(self, evaluator: Evaluator) -> dict:
         """Everything about the evaluation that changes the objective's value (the exact tokens read included)."""
-        from .tasks import objective_key
+        from .objectives import objective_class
 
-        return {"dataset": self.data.label,
-                "objective": objective_key(self.objective) if self.objective != "loss" else "loss",
+        return {"dataset": self.data.label, "objective": objective_class(self.objective).key(self.objective),
                 **evaluator.identity}
 
     def described(self, evaluator: Evaluator) -> dict:
@@ -154,7 +151,7 @@ class EvalSpec:
                 "dataset_config": data.config if is_hub else None, "dataset_split": data.split if is_hub else None,
                 "eval_tokens": evaluator.eval_tokens, "eval_questions": evaluator.eval_questions,
                 "eval_dtype": str(evaluator.eval_dtype).removeprefix("torch."),
-                "objective": evaluator.objective.metric.name if self.objective != "loss" else "loss"}
+                "objective": evaluator.objective.name}
 
 
 @dataclass(frozen=True)

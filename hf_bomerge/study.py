@@ -56,8 +56,10 @@ def default_study_name(inputs: dict) -> str:
 
 
 def direction(objective: str) -> str:
-    """The held-out loss is minimized; any metric objective is maximized."""
-    return "minimize" if objective == "loss" else "maximize"
+    """The study's direction for the objective named `objective` (`Objective.higher_is_better`)."""
+    from .objectives import objective_class
+
+    return "maximize" if objective_class(objective).higher_is_better else "minimize"
 
 
 def best_of(values, key=None, *, objective: str = "loss"):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .objectives import objective_class
+
 
 def plot_watch(rounds: list[dict], path: str | Path) -> Path | None:
     """Write the PNG (byte-stable: no timestamp) from the ledger's records; nothing without a round.
@@ -33,7 +35,7 @@ def plot_watch(rounds: list[dict], path: str | Path) -> Path | None:
         if points:
             ax.plot(*zip(*points), styles[label][0], color=styles[label][1], ms=4, label=label)
     objective = rounds[-1].get("objective", "loss")
-    ylabel = "held-out loss (nats/token)" if objective == "loss" else f"held-out {objective} (higher is better)"
+    ylabel = f"held-out {objective_class(objective).header(objective)}"
     ax.set_xticks(x, [r["latest"] for r in rounds], rotation=45, ha="right", fontsize=7)
     ax.set(xlabel="latest revision of the window", ylabel=ylabel, title="merge while training")
     ax.legend(fontsize=8)

@@ -11,7 +11,8 @@ import torch
 
 from hf_bomerge.api import _confirm
 from hf_bomerge.confirm import confirm, split_blocks
-from hf_bomerge.evaluator import CONFIRM, HeldOutLoss
+from hf_bomerge.evaluator import CONFIRM
+from hf_bomerge.objectives.loss import HeldOutLoss
 from hf_bomerge.result import MergeResult
 
 

@@ -86,7 +86,7 @@ def test_metric_search_maximizes_and_is_at_least_every_baseline(metric_run):
     assert study.direction == optuna.study.StudyDirection.MAXIMIZE
     assert study.best_value == summary["loss"]
     # every 4th question is kept from the search (the confirm part): 72 searched, 24 confirmed
-    assert "held-out mc_accuracy (higher is better)" in err and "search part (72 questions)" in err
+    assert "held-out mc_accuracy (higher is better)" in err and "search part (72 questions, computed in float32)" in err
     assert "on the confirm part (24 questions the search never saw)" in err
     confirm = summary["confirm"]
     assert confirm["blocks"] == 24 and set(confirm["baselines"]) == set(summary["baselines"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import BOMergeError
+from ..objectives import objective_class
 from . import search
 from .output import finish
 
@@ -28,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from .. import api
     from ..demo import build_trajectory
 
-    if args.objective != "loss":
+    if objective_class(args.objective).layout != "loss":
         raise BOMergeError("The demo searches on held-out loss; --objective METRIC needs a SOURCE and a "
                            "multiple-choice --dataset.")
     root = build_trajectory(quiet=args.quiet)

@@ -8,6 +8,7 @@ import json
 import sys
 
 from ..defaults import DEFAULT_MAX_SHARD_SIZE
+from ..objectives import objective_class
 
 
 def add_output_options(p: argparse.ArgumentParser, *, dtype: bool = False) -> None:
@@ -83,14 +84,12 @@ def format_summary(result) -> str:
         lines += [f"  {group:<24} " + " ".join(f"{w:7.4f}" for w in vector)
                   for group, vector in result.layer_weights.items()]
     if result.loss is not None:
-        from ..study import best_of, direction
-
         lines += ["", *_scores(result)]
-        objective, sign = result.objective, 1 if direction(result.objective) == "minimize" else -1
-        unit = " nats/token" if objective == "loss" else ""
+        kind = objective_class(result.objective)
+        sign, unit = -1 if kind.higher_is_better else 1, kind.unit
         singles = {k: v for k, v in result.baselines.items() if k in result.revisions}
         if singles:
-            best = best_of(singles, key=singles.get, objective=objective)
+            best = (max if kind.higher_is_better else min)(singles, key=singles.get)
             delta = sign * (result.loss - singles[best])
             verdict = "better than" if delta < 0 else "NOT better than"
             lines += ["", f"the merge is {verdict} the best single checkpoint ({best}) by {abs(delta):.5f}{unit}"]
@@ -111,13 +110,13 @@ def _confirmation(result) -> list[str]:
         return []
     from ..confirm import verdict
 
+    kind = objective_class(result.objective)
     best, delta = c["best_baseline"], c["loss"] - c["baselines"][c["best_baseline"]]
-    said = verdict(c, higher_is_better=result.objective != "loss")
+    said = verdict(c, higher_is_better=kind.higher_is_better)
     phrase = {"better": "better than", "better, interval includes 0": "better than (but the interval includes 0)",
               "not better": "NOT better than"}[said]
-    units, per = (("held-out blocks", " nats/token") if result.objective == "loss"
-                  else ("questions", f" {result.objective}"))
-    lines = ["", f"on the confirm part ({c['blocks']} {units} the search never saw):",
+    per = kind.unit or f" {result.objective}"
+    lines = ["", f"on the confirm part ({c['blocks']} {kind.confirm_units} the search never saw):",
              *(f"  {k:<24} {v:9.5f}" for k, v in {"merged": c["loss"], **c["baselines"]}.items()),
              f"the merge is {phrase} the best baseline ({best}): {delta:+.5f}{per}, "
              f"95% interval [{c['interval'][0]:+.5f}, {c['interval'][1]:+.5f}]"]
@@ -130,14 +129,12 @@ def _confirmation(result) -> list[str]:
 
 def _scores(result) -> list[str]:
     """The merge and the baselines on the objective: loss with perplexity, or the metric."""
-    from ..heldout import perplexity
-
-    if result.objective == "loss":
-        where = f"{result.dataset}, search part" if result.confirm else result.dataset
-        dtype = f", computed in {result.eval_dtype}" if result.eval_dtype else ""
-        return [f"held-out loss on {where} ({result.eval_tokens} tokens{dtype}):",
-                *(f"  {k:<24} {v:9.5f}  (ppl {perplexity(v):.3f})"
-                  for k, v in {"merged": result.loss, **result.baselines}.items())]
+    kind = objective_class(result.objective)
     where = f"{result.dataset}, search part" if result.confirm else result.dataset
-    return [f"held-out {result.objective} (higher is better) on {where} ({result.eval_questions} questions):",
-            *(f"  {k:<24} {v:9.5f}" for k, v in {"merged": result.loss, **result.baselines}.items())]
+    read = f"{result.eval_questions} questions" if result.eval_questions else f"{result.eval_tokens} tokens"
+    dtype = f", computed in {result.eval_dtype}" if result.eval_dtype else ""
+    title = result.objective if kind.layout == "loss" else kind.header(result.objective)
+    ppl = {k: kind.perplexity(v) for k, v in {"merged": result.loss, **result.baselines}.items()}
+    return [f"held-out {title} on {where} ({read}{dtype}):",
+            *(f"  {k:<24} {v:9.5f}" + (f"  (ppl {ppl[k]:.3f})" if ppl[k] is not None else "")
+              for k, v in {"merged": result.loss, **result.baselines}.items())]

@@ -1,0 +1,112 @@
+"""The contract every objective keeps, and the registry that finds one by the name a user or a study gives.
+
+An objective is one class. What it says about itself (direction, unit, wording) is known from its name alone,
+before torch or any data loads, so the study, the summary, the card, the plots and the Trainer logs ask the class
+and never compare names. What it computes (`__call__`, the confirm part) is built on a loaded model's tokenizer
+and data by `build`.
+
+>>> objective_class("loss").higher_is_better
+False
+>>> objective_class("accuracy").describe("accuracy")
+'accuracy of multiple-choice questions (maximized)'
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..evaluator import Evaluator
+    from ..specs import HeldOutSpec
+
+
+class Objective(abc.ABC):
+    """What a merge is scored by.
+
+    Known from the name (class level):
+    - `claims(spec)`: whether `--objective SPEC` names this kind; `check(spec)` fails fast (before any download)
+      when it cannot be used; `key(spec)` what identifies it in a study's inputs. An instance's `name` is what
+      `--json`'s `objective`, the study and the card record, and what `objective_class` is asked with later.
+    - `higher_is_better`: the direction. The study's direction, the best trial, the confirm verdict, `--fallback`
+      and every "better"/"worse" follow it.
+    - wording: `unit` after a value (" nats/token"), `confirm_units` what the confirm part resamples ("blocks"),
+      `header(name)` a column or axis ("loss (nats/token)"), `describe(name)` the card's phrase, `layout` which
+      card table fits ("loss": with perplexity; "score": the value alone), `perplexity(value)` or None.
+
+    Computed (instance level, from `build`): `__call__(model)` the search part's value; `confirm_scores(model)`
+    per-unit outcomes of the confirm part, reduced by `statistic(outcomes, indices)` (a bootstrap draw repeats
+    indices); `confirm_size` units (0: no confirm part); `tokens`/`questions` how much it reads; `identity` a digest
+    of exactly what it reads (a study resumed on other data is refused).
+    """
+
+    higher_is_better: ClassVar[bool]
+    unit: ClassVar[str] = ""
+    confirm_units: ClassVar[str] = "units"
+    layout: ClassVar[str] = "score"
+
+    name: str
+    tokens: int = 0
+    questions: int = 0
+    identity: str = ""
+    confirm_size: int = 0
+
+    @classmethod
+    @abc.abstractmethod
+    def claims(cls, spec: str) -> bool: ...
+
+    @classmethod
+    def key(cls, spec: str) -> str:
+        return spec
+
+    @classmethod
+    def check(cls, spec: str) -> None:
+        """Raise a `BOMergeError` saying what to do when `spec` cannot be used (before anything is downloaded)."""
+
+    @classmethod
+    def header(cls, name: str) -> str:
+        return f"{name} ({'higher' if cls.higher_is_better else 'lower'} is better)"
+
+    @classmethod
+    def describe(cls, name: str) -> str:
+        return name
+
+    @classmethod
+    def perplexity(cls, value: float) -> float | None:
+        return None
+
+    @classmethod
+    @abc.abstractmethod
+    def build(cls, evaluator: Evaluator, data: HeldOutSpec, spec: str, confirm_fraction: float) -> Objective:
+        """The objective of `spec` on `data`, with the evaluator's tokenizer, block and batch sizes and cache."""
+
+    @abc.abstractmethod
+    def __call__(self, model: torch.nn.Module) -> float: ...
+
+    @abc.abstractmethod
+    def confirm_scores(self, model: torch.nn.Module) -> list: ...
+
+    @abc.abstractmethod
+    def statistic(self, outcomes: Sequence, idx: Sequence[int]) -> float: ...
+
+
+OBJECTIVES: list[type[Objective]] = []  # asked in order: the first whose `claims` says yes is the objective
+
+
+def register(cls: type[Objective]) -> type[Objective]:
+    """Add an objective class to the registry (a class decorator)."""
+    OBJECTIVES.append(cls)
+    return cls
+
+
+def objective_class(spec: str | None) -> type[Objective]:
+    """The registered class of the objective `spec` (an `--objective` value, or the name a result recorded);
+    a name no registered class claims is an `evaluate` metric (`MetricObjective`)."""
+    from .loss import HeldOutLoss  # noqa: F401 - the built-in objectives register themselves on import
+    from .metric import MetricObjective
+
+    spec = spec or "loss"
+    return next((cls for cls in OBJECTIVES if cls.claims(spec)), MetricObjective)

@@ -1,0 +1,80 @@
+"""An `evaluate` metric of multiple-choice predictions (maximized): the objective of any other `--objective` value."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from .base import Objective
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..tasks import Metric
+
+
+class MetricObjective(Objective):
+    """An `evaluate` metric (a name, or a local path to a metric script) of the predictions on the search part of
+    the questions (computed whole on each process); `confirm_fraction` of the questions are kept apart for
+    `confirm_scores`, one prediction per question. Not registered: it is what an unclaimed name means."""
+
+    higher_is_better = True
+    confirm_units = "questions"
+
+    @classmethod
+    def claims(cls, spec: str) -> bool:
+        return True
+
+    @classmethod
+    def key(cls, spec: str) -> str:
+        from ..tasks import objective_key
+
+        return objective_key(spec)
+
+    @classmethod
+    def check(cls, spec: str) -> None:
+        from ..tasks import Metric
+
+        Metric.load(spec)
+
+    @classmethod
+    def describe(cls, name: str) -> str:
+        return f"{name} of multiple-choice questions (maximized)"
+
+    @classmethod
+    def build(cls, evaluator, data, spec: str, confirm_fraction: float) -> MetricObjective:
+        from ..tasks import Metric, choice_set
+
+        pairs = choice_set(data, evaluator.tokenizer, evaluator.tokenizer_folder, evaluator.context,
+                           evaluator.max_eval_tokens, evaluator.cache_dir, evaluator.token)
+        return cls(Metric.load(spec), pairs, evaluator.batch_size * evaluator.block_size, confirm_fraction)
+
+    def __init__(self, metric: Metric, pairs: dict[str, torch.Tensor], batch_tokens: int,
+                 confirm_fraction: float = 0.0):
+        import torch
+
+        from ..heldout import blocks_digest
+        from ..tasks import split_questions
+
+        self.metric, self.name, self.batch_tokens = metric, metric.name, batch_tokens
+        self.pairs, self.confirm = split_questions(pairs, confirm_fraction)
+        self.confirm_size = len(self.confirm["answers"]) if self.confirm else 0
+        self.tokens, self.questions = int(self.pairs["lengths"].sum()), len(self.pairs["answers"])
+        digest = blocks_digest(torch.cat([pairs["ids"].reshape(-1), pairs["answers"].reshape(-1)]))
+        self.identity = f"{digest}/{confirm_fraction:g}"
+
+    def __call__(self, model: torch.nn.Module) -> float:
+        from ..tasks import predict
+
+        return self.metric(predict(model, self.pairs, self.batch_tokens), self.pairs["answers"].tolist())
+
+    def confirm_scores(self, model: torch.nn.Module) -> list[int]:
+        """The prediction for each confirm question."""
+        from ..tasks import predict
+
+        return predict(model, self.confirm, self.batch_tokens)
+
+    def statistic(self, predictions: Sequence[int], idx: Sequence[int]) -> float:
+        """The metric of the confirm questions at `idx` (a bootstrap draw repeats some)."""
+        answers = self.confirm["answers"].tolist()
+        return self.metric([predictions[i] for i in idx], [answers[i] for i in idx])
