@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     debug = getattr(args, "debug", False)
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, stream=sys.stderr)
+    _configure_logging(debug)
     try:
         return importlib.import_module(COMMANDS[args.command].module).run(args)
     except BOMergeError as err:
@@ -105,6 +105,30 @@ def _run(args: argparse.Namespace) -> int:
         print("hf-bomerge: interrupted. Finished trials are saved in the study and no output folder was "
               "left half-written; run the same command again to resume.", file=sys.stderr)
         return 130
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a record is emitted (not the stream of the first call)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def _configure_logging(debug: bool) -> None:
+    """One stderr handler on the `hf_bomerge` logger, none on the root logger. `logging.basicConfig` gave the root
+    one as well, so every warning of a library with its own handler (huggingface_hub's retries) printed twice.
+    Records still propagate (pytest's caplog sees them); libraries without a handler reach `logging.lastResort`."""
+    log = logging.getLogger("hf_bomerge")
+    log.setLevel(logging.DEBUG if debug else logging.WARNING)
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:%(name)s:%(message)s"))
+        log.addHandler(handler)
 
 
 def _interrupt(signum, frame):
