@@ -6,12 +6,12 @@ Deterministic: the same result gives the same bytes (no timestamps), so a re-pus
 from __future__ import annotations
 
 from importlib import resources
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .objectives import objective_class
+from .sources import source_class
 
 if TYPE_CHECKING:
     from .result import MergeResult
@@ -24,7 +24,7 @@ def render_card(result: "MergeResult", repo_id: str | None = None, license: str 
     >>> render_card(result).save("merged/README.md")   # doctest: +SKIP
     """
     model_name = (repo_id or result.output or "merged").rstrip("/").split("/")[-1]
-    source_url = f"https://huggingface.co/{result.source}" if result.source_kind == "hub" else None  # no invented links
+    named = source_class(result.source_kind).card_fields(result.source)  # a local source: its folder's name, no link
     evals = []
     kind = objective_class(result.objective)
     heldout = _dataset(result.dataset, result.dataset_id, result.dataset_config, result.dataset_split)
@@ -38,8 +38,8 @@ def render_card(result: "MergeResult", repo_id: str | None = None, license: str 
         evals.append(_eval(model_name, _parse_label(name), "loss", row["merged"]))
     data = ModelCardData(
         library_name="transformers",
-        base_model=result.source if result.source_kind == "hub" else None,
-        base_model_relation="merge" if result.source_kind == "hub" else None,
+        base_model=named["base_model"],
+        base_model_relation="merge" if named["base_model"] else None,
         tags=["hf-bomerge", "merge", "checkpoint-merging"],
         datasets=[result.dataset_id] if result.dataset_id and "/" in result.dataset_id else None,
         license=license,
@@ -52,9 +52,8 @@ def render_card(result: "MergeResult", repo_id: str | None = None, license: str 
         template_str=template,
         model_name=model_name,
         repo_id=repo_id or model_name,
-        # a local source is named by its folder: a published card never shows a path of the machine it ran on
-        source=result.source if result.source_kind == "hub" else Path(result.source).name,
-        source_url=source_url,
+        source=named["name"],
+        source_url=named["url"],
         revisions=[{"name": n, "sha": s, "weight": w} for n, s, w in zip(result.revisions, result.shas, result.weights)],
         searched=result.search is not None,
         search=result.search,

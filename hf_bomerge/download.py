@@ -56,11 +56,7 @@ def download(source: str, revisions: str = "last:2", *, max_checkpoints: int = 8
     if note:
         print(note, file=sys.stderr)
     folders = [src.fetch(name, pin) for name, pin in _bar(list(zip(names, pins)), "download", progress)]
-    if src.kind == "hub":
-        main = src.refs().get("main")
-        if main:
-            offline.record_ref(src.id, "main", main, cache_dir)
-        src.license()  # the model card of main, read for the merge's card
+    src.remember_for_offline()  # e.g. a Hub repo's main branch and its card (the license)
     if tokenizer:
         tokenizer_source(tokenizer, token, cache_dir)
     else:
@@ -73,7 +69,7 @@ def download(source: str, revisions: str = "last:2", *, max_checkpoints: int = 8
         if not Path(spec.dataset).expanduser().exists():
             load_split(spec, token)
             fetched.append(spec.label)
-    args = ["hf-bomerge", src.id if src.kind == "hub" else source, "--revisions", ",".join(names)]
+    args = ["hf-bomerge", src.id, "--revisions", ",".join(names)]
     if len(names) > 8:
         args += ["--max-checkpoints", "0"]
     args += offline.dataset_args(specs, evaluate) + (["--tokenizer", tokenizer] if tokenizer else [])

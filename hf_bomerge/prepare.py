@@ -13,7 +13,7 @@ from . import offline, phase
 from .checkpoints import CheckpointSet, check_same_tokenizer
 from .engine import DTYPES
 from .errors import BOMergeError, CorruptFileError, HubError
-from .sources import TOKENIZER_FILES, HubSource, Source, default_cache_dir, hub_errors, open_source
+from .sources import Source, default_cache_dir, open_source, tokenizer_files
 from .writer import parse_size
 from .plan import Plan, make_plan
 from .revisions import resolve_revisions
@@ -38,17 +38,11 @@ def resolve(source: str, revisions: str, max_checkpoints: int, token, cache_dir,
              shas: Sequence[str] | None = None):
     """The source, the chosen revision names (oldest first), their pins, and the thinning note."""
     src = open_source(source, token=token, cache_dir=cache_dir)
-    if shas is not None and src.kind != "folder":  # pinned commits are used directly: no branch lookup
+    if shas is not None:  # pinned: used directly, once the source confirms they still read as recorded
+        src.verify_pins(revisions.split(","), list(shas))
         return src, revisions.split(","), list(shas), None
     resolved = resolve_revisions(revisions, src.refs(), max_checkpoints)
-    pins = [r.sha for r in resolved.revisions]
-    if shas is not None:
-        if src.kind == "folder" and list(shas) != pins:
-            changed = [n for n, a, b in zip(resolved.names, shas, pins) if a != b]
-            raise HubError(f"The checkpoint folders {changed} of {src.id} changed since the recipe was written; "
-                           "the recipe cannot be reproduced from them.")
-        pins = list(shas)
-    return src, resolved.names, pins, resolved.note
+    return src, resolved.names, [r.sha for r in resolved.revisions], resolved.note
 
 
 def run_plan(src: Source, names: Sequence[str], pins: Sequence[str], *, device: str | None = None,
@@ -60,7 +54,7 @@ def run_plan(src: Source, names: Sequence[str], pins: Sequence[str], *, device: 
         device, budget = "cuda:*", budget and budget * torch.cuda.device_count()
     itemsize = DTYPES[eval_dtype].itemsize if eval_dtype else (4 if device == "cpu" else 2)
     sizes = [src.weight_sizes(n, p) for n, p in zip(names, pins)]
-    local = [src.is_local(n, p, src.listing(n, p)) for n, p in zip(names, pins)]
+    local = [src.is_local(n, p) for n, p in zip(names, pins)]
     params, stored = src.parameter_count(names[-1], pins[-1])  # from the headers, never from the config's dtype
     return make_plan(sizes, local, src.config(names[-1], pins[-1]), names, device=device, eval_itemsize=itemsize,
                      batch_size=batch_size, block_size=block_size, evaluate=evaluate, paths=[Path(cache_dir or default_cache_dir())],
@@ -96,7 +90,7 @@ def prepare(source: str, revisions: str, max_checkpoints: int, token, cache_dir,
     try:
         ckpts = CheckpointSet(folders, names)
     except CorruptFileError as err:
-        if src.kind != "hub":
+        if not src.refetches:
             raise
         logger.warning("%s Downloading the revisions again, once.", err)
         folders = [src.fetch(name, pin, force=True) for name, pin in revs]
@@ -119,18 +113,11 @@ def has_tokenizer(folder: Path) -> bool:
 
 
 def tokenizer_folder(src: Source, latest: Path) -> Path | None:
-    """The tokenizer of the latest revision, else of `main` / the folder root; None if there is none."""
+    """The tokenizer of the latest revision, else the source's fallback (its `main`, the folder root); None if
+    there is none."""
     if has_tokenizer(latest):
         return latest
-    if src.kind == "folder":
-        return src.path if has_tokenizer(src.path) else None
-    refs = src.refs() if not (src.kind == "hub" and offline.is_offline()) else offline.cached_refs(src.id, src.cache_dir)
-    if "main" not in refs:
-        return None
-    if isinstance(src, HubSource):  # only the tokenizer files of main, not its weights
-        folder = _tokenizer_files(src.id, refs["main"], src.token, src.cache_dir)
-    else:
-        folder = src.fetch("main", refs["main"])
+    folder = src.tokenizer_fallback(src.refs())
     return folder if folder is not None and has_tokenizer(folder) else None
 
 
@@ -142,22 +129,10 @@ def tokenizer_source(spec: str, token, cache_dir) -> Path:
             raise HubError(f"--tokenizer {spec}: the folder holds no tokenizer (tokenizer.json, "
                            "tokenizer_config.json or tokenizer.model).")
         return path
-    folder = _tokenizer_files(spec, "main", token, cache_dir)
+    folder = tokenizer_files(spec, "main", token, cache_dir)
     if folder is None or not has_tokenizer(folder):
         raise HubError(f"--tokenizer {spec}: the repo holds no tokenizer files on its main branch.")
     return folder
-
-
-def _tokenizer_files(repo_id: str, revision: str, token, cache_dir) -> Path | None:
-    from huggingface_hub import snapshot_download
-
-    if offline.is_offline():
-        refs = offline.cached_refs(repo_id, cache_dir)
-        folder = offline.snapshot(repo_id, refs.get(revision, revision), cache_dir)
-        return folder if folder.is_dir() else None
-    with hub_errors(repo_id, revision):
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=TOKENIZER_FILES, token=token,
-                                      cache_dir=cache_dir))
 
 
 def check_offline(source: str, revisions: str, max_checkpoints: int, token, cache_dir, shas, heldout: Sequence,
@@ -185,8 +160,8 @@ def check_offline(source: str, revisions: str, max_checkpoints: int, token, cach
             latest = offline.snapshot(source, pins[-1], cache_dir) if pins else None
             if evaluate and not tokenizer and not problems and tokenizer_folder(src, latest) is None:
                 problems.append(f"the tokenizer of {source} (main branch)")
-    if tokenizer and not Path(tokenizer).expanduser().exists() and _tokenizer_files(tokenizer, "main", token,
-                                                                                    cache_dir) is None:
+    if tokenizer and not Path(tokenizer).expanduser().exists() and tokenizer_files(tokenizer, "main", token,
+                                                                                   cache_dir) is None:
         problems.append(f"the tokenizer {tokenizer}")
     for spec in heldout:
         if not Path(spec.dataset).expanduser().exists():

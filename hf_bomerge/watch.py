@@ -134,7 +134,7 @@ def watch_once(source: str, output: str | Path, *, latest: str | None = None, wi
 
     >>> watch_once("./out", "./out-merges", latest="checkpoint-3000", dataset="heldout.jsonl")  # doctest: +SKIP
     """
-    from .arrivals import arrivals
+    from .sources import arrivals
 
     output = Path(output).expanduser().resolve()
     _check_window(window)
@@ -177,7 +177,7 @@ def watch(source: str, output: str | Path, *, window: int = 4, trials: int = 12,
 
     >>> watch("EleutherAI/pythia-160m", "pythia-watch", window=4, poll=600)         # doctest: +SKIP
     """
-    from .arrivals import arrivals
+    from .sources import arrivals
     from .revisions import progress_key
     from .watchplot import plot_watch
 

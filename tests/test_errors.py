@@ -345,7 +345,7 @@ def test_a_full_disk_or_a_permission_error_is_not_blamed_on_the_hub(test_hub, tm
                                                                      words):
     """Neither can be produced here safely (the tests run as root), so the download raises the OSError the
     file system would (the one mock): wrapped, as huggingface_hub re-raises it."""
-    from hf_bomerge import sources as hub
+    from hf_bomerge.sources import hub
 
     def full(*args, **kwargs):
         try:

@@ -81,7 +81,7 @@ def test_a_pin_that_is_not_a_commit_is_refused_and_never_reaches_git_as_an_optio
     pin = {"option": f"--output={written}", "short": shas["step1"][:12], "blob": blob, "unknown": "0" * 40}[kind]
     src = GitSource(path, tmp_path / "cache")
     for call in (lambda: src.fetch("step1", pin), lambda: src.listing("step1", pin),
-                 lambda: src.config("step1", pin), lambda: src.is_local("step1", pin, {})):
+                 lambda: src.config("step1", pin), lambda: src.is_local("step1", pin)):
         with pytest.raises(HubError, match=rf"The pin '{pin}' of revision 'step1' is not a commit of the git "
                                            rf"repository {path}: .*full id"):
             call()

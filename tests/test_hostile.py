@@ -108,7 +108,7 @@ def test_a_hostile_git_branch_is_refused(trajectory, secret, tmp_path, capsys):
 def test_a_hostile_hub_repo_is_refused_by_the_plan_the_download_and_watch(test_hub, trajectory, secret, tmp_path,
                                                                             capsys):
     """The issue's exact attack, served by the test Hub: the outside file named by an absolute path and by `../`."""
-    from hf_bomerge.arrivals import arrivals
+    from hf_bomerge.sources import arrivals
 
     names = list(load_file(trajectory / "main" / "model.safetensors"))
     honest = {p.name: p for p in (trajectory / "main").iterdir() if p.is_file()}

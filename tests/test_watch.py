@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_bomerge.arrivals import arrivals, folder_incomplete
+from hf_bomerge.sources import arrivals, folder_incomplete
 from hf_bomerge.errors import WatchError
 from hf_bomerge.watch import _claim, read_ledger, shifted, watch_once
 

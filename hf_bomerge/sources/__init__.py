@@ -1,0 +1,31 @@
+"""Where checkpoints come from: the `Source` contract (`base`), its built-in kinds (a Hub repo's branches, a local
+folder's subfolders, a local git repository's branches) and the registry that opens one from a SOURCE string.
+
+>>> from hf_bomerge.sources import open_source
+>>> [a.name for a in arrivals("./trainer-output") if a.ready]      # doctest: +SKIP
+['checkpoint-500']
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import (MERGE_SUFFIX, SIDE_FILES, SOURCES, TOKENIZER_FILES, Arrival, Source, default_cache_dir,
+                   open_source, register, source_class)
+from .folder import FolderSource, folder_incomplete
+from .git import GitSource
+from .hub import (HubSource, check_dataset_access, hub_errors, is_connection_error, local_cause, status_of,
+                  tokenizer_files)
+
+__all__ = ["MERGE_SUFFIX", "SIDE_FILES", "SOURCES", "TOKENIZER_FILES", "Arrival", "FolderSource", "GitSource",
+           "HubSource", "Source", "arrivals", "check_dataset_access", "default_cache_dir", "folder_incomplete",
+           "hub_errors", "is_connection_error", "local_cause", "open_source", "register", "source_class",
+           "status_of", "tokenizer_files"]
+
+
+def arrivals(source: str, *, settle: float = 2.0, exclude: Path | None = None, token=None,
+             cache: dict | None = None) -> list[Arrival]:
+    """The revisions of a run that is still training, in training order, each marked ready (completely written)
+    or not, and why (`Source.arrivals`). `exclude` is a folder never taken for a revision (the watch's own output
+    inside the source); `cache` (a dict kept between calls) remembers pins found complete."""
+    return open_source(source, token=token).arrivals(settle=settle, exclude=exclude, cache=cache)

@@ -1,0 +1,235 @@
+"""The `Source` contract: where the checkpoints of one training run come from, and the registry that opens one.
+
+A source is one class. Everything outside `hf_bomerge.sources` talks to a `Source` through the methods below and
+never asks which kind it is; a new kind of source (a cloud bucket, a distributed-checkpoint folder) is one
+subclass registered with `@register`.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from ..errors import CorruptFileError, HubError
+from ..formats import TensorInfo, read_safetensors_header
+from ..layout import WEIGHT_LAYOUTS, shard_names, weight_layout
+from ..revisions import progress_key, sort_revisions
+
+# What a merge reads besides weights. Never optimizer states or training_args pickles.
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja"]
+SIDE_FILES = ["config.json", "generation_config.json", *TOKENIZER_FILES]
+MAX_HEADER_BYTES = 100_000_000  # the safetensors format's limit
+MERGE_SUFFIX = "-bomerge"  # the branches `hf-bomerge watch --push-to-hub` writes: never revisions themselves
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("HF_BOMERGE_CACHE", Path.home() / ".cache" / "hf_bomerge"))
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """One revision of a run that is still training: its name, whether it may be read, and if not, why."""
+
+    name: str
+    ready: bool
+    why: str = ""
+
+
+class Source(abc.ABC):
+    """Where the revisions (checkpoints) of one training run come from.
+
+    Who calls what: a run calls `refs()` once and uses its pins for every later step (a branch that moves during
+    a run does not change the run). Every other method takes a revision's name (for messages) and its pin.
+
+    Each kind implements:
+    - `claims(spec)` / `open(spec, token, cache_dir)`: whether a SOURCE string names this kind, and the source.
+    - `refs()` -> {revision name: pin}: a pin is a commit id, or for plain folders a fingerprint of the weight
+      files' names, sizes and mtimes; two pins are equal only if the revision's contents are.
+    - `listing(name, pin)` -> {file: bytes} of the revision's top folder, without downloading anything.
+    - `read(name, pin, file)` -> the bytes of one small file there (a shard index, config.json).
+    - `fetch(name, pin, force=False)` -> a local folder holding what a merge reads (weights, config, tokenizer,
+      model code) and nothing else; `force` replaces what is cached (`refetches` says whether that can help).
+    May override (the defaults suit a source whose revisions are immutable commits on this machine):
+    - `missing(name, pin)` -> what an offline run lacks of the revision ([] when nothing).
+    - `verify_pins(names, shas)` raises when recorded pins (a recipe's, a study's) no longer read as recorded.
+    - `readiness(name, pin)` -> "" when the revision is completely written, else why not; `arrivals(...)` the
+      revisions of a run that is still training, each marked ready or not (for `watch`).
+    - `tokenizer_fallback(refs)` -> a folder with the run's tokenizer when the latest revision has none.
+    - `remember_for_offline()` keeps what a later offline run needs beyond the revisions; `license()`.
+    - `card_fields(source_id)` -> how a published card names the source: {"name", "url", "base_model"} (a local
+      source is named by its folder, never by a path of this machine).
+    Derived, the same for every kind: `weight_files`, `weight_sizes`, `parameter_count`, `is_local`.
+    """
+
+    kind: ClassVar[str]
+    refetches: ClassVar[bool] = False  # whether `fetch(force=True)` downloads a corrupt file again
+    id: str
+
+    @classmethod
+    @abc.abstractmethod
+    def claims(cls, spec: str) -> bool: ...
+
+    @classmethod
+    @abc.abstractmethod
+    def open(cls, spec: str, token: str | bool | None = None, cache_dir: str | Path | None = None) -> Source: ...
+
+    @abc.abstractmethod
+    def refs(self) -> dict[str, str]: ...
+
+    @abc.abstractmethod
+    def listing(self, name: str, pin: str) -> dict[str, int]: ...
+
+    @abc.abstractmethod
+    def read(self, name: str, pin: str, file: str) -> bytes: ...
+
+    @abc.abstractmethod
+    def fetch(self, name: str, pin: str, force: bool = False) -> Path: ...
+
+    def config(self, name: str, pin: str) -> dict:
+        """The revision's config.json ({} when it has none)."""
+        import json
+
+        return json.loads(self.read(name, pin, "config.json")) if "config.json" in self.listing(name, pin) else {}
+
+    def missing(self, name: str, pin: str) -> list[str]:
+        return []
+
+    def verify_pins(self, names: list[str], shas: list[str]) -> None:
+        """Commits are immutable: a recorded commit id reads as it did."""
+
+    def tokenizer_fallback(self, refs: dict[str, str]) -> Path | None:
+        """The tokenizer of the run's `main` revision, if it has one."""
+        return self.fetch("main", refs["main"]) if "main" in refs else None
+
+    def remember_for_offline(self) -> None:
+        """Nothing beyond the revisions themselves."""
+
+    def license(self) -> str | None:
+        return None
+
+    @classmethod
+    def card_fields(cls, source_id: str) -> dict:
+        return {"name": Path(source_id).name, "url": None, "base_model": None}
+
+    def readiness(self, name: str, pin: str) -> str:
+        files = self.listing(name, pin)
+        if "config.json" not in files:
+            return "no config.json yet"
+        if weight_layout(files) is None:
+            return "no weights yet"
+        try:
+            weights = self.weight_files(name, pin)
+        except (HubError, CorruptFileError) as err:
+            return f"{weight_layout(files)} cannot be read yet ({err})"
+        missing = [f for f in weights if f not in files]
+        return f"shard {missing[0]} is not written yet" if missing else ""
+
+    def arrivals(self, *, settle: float = 0.0, exclude: Path | None = None,
+                 cache: dict | None = None) -> list[Arrival]:
+        """The revisions in training order (oldest first), each ready or not. `cache` (a dict kept between calls)
+        remembers pins found complete: a pin's contents never change."""
+        cache = {} if cache is None else cache
+        refs = self.refs()
+        out = []
+        for name in candidates(refs):
+            if cache.get(refs[name]) != "":
+                cache[refs[name]] = self.readiness(name, refs[name])
+            out.append(Arrival(name, cache[refs[name]] == "", cache[refs[name]]))
+        return out
+
+    # ---- derived: the same for every kind ----------------------------------------------------------------
+
+    def weight_files(self, name: str, pin: str) -> list[str]:
+        """The revision's weight files, as names in its top folder: the layout transformers would load, and
+        for a sharded checkpoint its index followed by the shards the index names, each checked to be a file
+        beside the index (`layout.shard_names`) before anything reads it."""
+        layout = weight_layout(self.listing(name, pin))
+        if layout is None:
+            raise HubError(f"Revision {name} ({pin[:12]}) of {self.id} has no transformers weights "
+                           f"({', '.join(WEIGHT_LAYOUTS)}); choose revisions that hold checkpoints.")
+        if not layout.endswith(".index.json"):
+            return [layout]
+        return [layout, *shard_names(self.read(name, pin, layout), layout, f"Revision {name} of {self.id}")]
+
+    def weight_sizes(self, name: str, pin: str) -> dict[str, int]:
+        """{weight file: bytes} of the files that hold the revision's tensors (the index's shards, not the index);
+        a shard the index names that the revision lacks is an error naming it."""
+        listing = self.listing(name, pin)
+        files = self.weight_files(name, pin)
+        shards = files[1:] if files[0].endswith(".index.json") else files
+        missing = [f for f in shards if f not in listing]
+        if missing:
+            raise HubError(f"Revision {name} of {self.id}: its {files[0]} names {missing[0]}, which the revision "
+                           "does not have. The checkpoint is incomplete; choose another revision.")
+        return {f: listing[f] for f in shards}
+
+    def parameter_count(self, name: str, pin: str) -> tuple[int, int]:
+        """(parameters, bytes they are stored in) of the revision, before downloading its weights: counted from
+        each safetensors header's shapes (checked against the file's size in the listing), and for `.bin` files,
+        which have no header to read first, their bytes at 2 per parameter (fp16/bf16: the most a file can hold
+        of floating-point weights above 8 bits). Never from file names or the config's dtype."""
+        params = stored = 0
+        for file, size in self.weight_sizes(name, pin).items():
+            if not file.endswith(".safetensors"):
+                params, stored = params + size // 2, stored + size
+                continue
+            infos = self.safetensors_header(name, pin, file)
+            data = sum(i.nbytes for i in infos)
+            if not 0 <= size - 8 - data <= MAX_HEADER_BYTES:
+                raise CorruptFileError(f"Revision {name} of {self.id}: the header of {file} describes {data} bytes "
+                                       f"of tensors, but the file is {size} bytes: it is corrupt or crafted.")
+            params, stored = params + sum(i.numel for i in infos), stored + data
+        return params, stored
+
+    def safetensors_header(self, name: str, pin: str, file: str) -> list[TensorInfo]:
+        """The tensors a safetensors file of the revision declares, read from its header alone."""
+        return [info for info, _ in read_safetensors_header(self.fetch(name, pin) / file)]
+
+    def is_local(self, name: str, pin: str) -> bool:
+        """Whether the revision's weights are on this machine already (nothing to download)."""
+        return True
+
+
+def candidates(names) -> list[str]:
+    """The names that are revisions of the run, in training order: a training progress in the name, not a merge
+    `watch` pushed, not a hidden or temporary folder."""
+    keep = [n for n in names if progress_key(n) is not None and not n.endswith(MERGE_SUFFIX)
+            and not n.startswith((".", "tmp-"))]
+    return sort_revisions(keep)
+
+
+SOURCES: list[type[Source]] = []  # asked in order: the first whose `claims` says yes opens the source
+
+
+def register(cls: type[Source]) -> type[Source]:
+    """Add a kind of source to the registry (a class decorator); kinds registered later are asked first."""
+    SOURCES.insert(0, cls)
+    return cls
+
+
+def source_class(kind: str) -> type[Source]:
+    """The registered class of `kind` (what a recipe or a result records as `source_kind`)."""
+    from . import folder, git, hub  # noqa: F401 - the built-in kinds register themselves on import
+
+    return next(cls for cls in SOURCES if cls.kind == kind)
+
+
+def open_source(source: str, token: str | bool | None = None, cache_dir: str | Path | None = None) -> Source:
+    """The source SOURCE names: a path that exists (a git repository, a folder of checkpoints) wins over a Hub
+    repo id.
+
+    >>> open_source("EleutherAI/pythia-160m").kind    # doctest: +SKIP
+    'hub'
+    """
+    from . import folder, git, hub  # noqa: F401 - the built-in kinds register themselves on import
+
+    for cls in SOURCES:
+        if cls.claims(source):
+            return cls.open(source, token=token, cache_dir=cache_dir)
+    if Path(source).expanduser().exists():
+        raise HubError(f"{source} is a file; SOURCE must be a Hub repo id or a folder of checkpoints.")
+    raise HubError(f"{source!r} is neither an existing folder nor a Hub repo id of the form ORG/NAME.")
