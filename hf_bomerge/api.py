@@ -27,7 +27,7 @@ from .objectives import Objective, objective_class
 from .plan import Plan
 from .prepare import Prepared, prepare, resolve, run_plan
 from .recorded import from_recipe, from_study, result_of  # noqa: F401  (part of the API)
-from .result import MergeResult
+from .result import Generalization, MergeResult
 from .sources import default_cache_dir
 from .spaces import Layered, space_for
 from .specs import EvalSpec, FixedSpec, Recipe, SearchSpec, SourceSpec, study_identity
@@ -131,33 +131,35 @@ def search_with(source: SourceSpec, evaluation: EvalSpec = EvalSpec(),
     inputs = study_identity(pins, search, space.kind, evaluation.identity(evaluator))
     name = study_name or default_study_name(inputs)
     url = storage or default_storage(cache)
-    result = result_of(prep, pins, study=name, storage=url, budget=search.trials, search=space.kind, **described)
     attrs = {"recipe": pins.as_dict(), "search": record.as_dict(), "evaluation": described}
 
     def main(evaluate) -> MergeResult:  # on the main process only; `evaluate` runs on all of them
         outcome = run_search(evaluate, space, prep.names, trials=search.trials, storage=url, study_name=name,
                              inputs=inputs, seed=search.seed, ema_alpha=search.ema_alpha, progress=progress,
-                             on_trial=on_trial, attrs=attrs, objective=result.objective, sampler=sampler,
+                             on_trial=on_trial, attrs=attrs, objective=described["objective"], sampler=sampler,
                              extra_seeds=extra_seeds)
-        result.weights, result.loss, result.baselines = outcome.best.weights, outcome.best.loss, outcome.baselines
-        result.layer_weights = outcome.best.layer_weights
-        result.trials, result.trace = len(outcome.trials), outcome.trials
+        best = dataclasses.replace(pins, weights=outcome.best.weights, layer_weights=outcome.best.layer_weights)
+        result = result_of(prep, best, study=name, search=space.kind, trials=len(outcome.trials),
+                           trace=outcome.trials, loss=outcome.best.loss, baselines=outcome.baselines, storage=url,
+                           budget=search.trials, **described)
         seeds = dict(space.seeds(prep.names, search.ema_alpha))
         if evaluator.needs_rescore:  # the GP ranked in a cheaper dtype; the numbers reported are the saved model's
-            result.loss = evaluate(result.merge_weights(), None, True)
-            result.baselines = {k: evaluate(seeds[k], None, True) if k in seeds else v
-                                for k, v in result.baselines.items()}
-            result.eval_dtype = str(evaluator.eval_dtype).removeprefix("torch.")
+            result = dataclasses.replace(
+                result, loss=evaluate(result.merge_weights(), None, True),
+                baselines={k: evaluate(seeds[k], None, True) if k in seeds else v for k, v in result.baselines.items()},
+                eval_dtype=str(evaluator.eval_dtype).removeprefix("torch."))
         if evaluator.confirm_size:
-            _confirm(result, evaluate, {k: seeds[k] for k in result.baselines if k in seeds}, search.fallback,
-                     evaluator.objective)
-        result.generalization = _generalization(evaluate, extra, result.merge_weights(), outcome, prep.names,
-                                                result.objective)
-        for key in ("generalization", "confirm"):
-            if getattr(result, key):
-                set_study_attr(url, name, key, getattr(result, key))
-        if result.confirm and result.confirm["exported"] != "merge":
-            set_study_attr(url, name, "exported_weights", result.weights)
+            result = _confirm(result, evaluate, {k: seeds[k] for k in result.baselines if k in seeds},
+                              search.fallback, evaluator.objective)
+        result = dataclasses.replace(result, generalization=_generalization(
+            evaluate, extra, result.merge_weights(), outcome, prep.names, result.objective))
+        if result.generalization:
+            set_study_attr(url, name, "generalization", result.summary()["generalization"])
+        if result.confirm:
+            set_study_attr(url, name, "confirm", result.confirm.as_dict())
+            if result.confirm.exported != "merge":
+                set_study_attr(url, name, "exported_weights", result.weights)
+        prep.ckpts.check_unchanged()  # the numbers reported are the pinned checkpoints'
         return result
 
     return parallel.drive(evaluator, main)
@@ -175,19 +177,19 @@ def _pins(prep: Prepared, source: SourceSpec, **fields) -> Recipe:
 
 
 def _confirm(result: MergeResult, evaluate, baselines: dict[str, list[float]], fallback: bool,
-             objective: Objective) -> None:
-    """Score the merge and the baselines on the confirm part; with `fallback`, keep the best baseline instead
-    of a merge that is not better there."""
+             objective: Objective) -> MergeResult:
+    """`result` with the merge and the baselines scored on the confirm part; with `fallback`, the best baseline
+    instead of a merge that is not better there."""
     check = confirm(evaluate(result.merge_weights(), CONFIRM, True),
                     {k: evaluate(w, CONFIRM, True) for k, w in baselines.items()},
                     objective.statistic, objective.higher_is_better)
-    result.confirm = {**check.as_dict(), "exported": "merge"}
-    if fallback and not check.merge_wins:
-        logger.warning("the merge is not better than %s on the confirm part: --fallback exports %s instead",
-                       check.best_baseline, check.best_baseline)
-        result.weights, result.layer_weights, result.layer_groups = list(baselines[check.best_baseline]), None, None
-        result.loss = result.baselines.get(check.best_baseline, result.loss)
-        result.confirm["exported"] = check.best_baseline
+    if not fallback or check.merge_wins:
+        return dataclasses.replace(result, confirm=check)
+    logger.warning("the merge is not better than %s on the confirm part: --fallback exports %s instead",
+                   check.best_baseline, check.best_baseline)
+    return dataclasses.replace(result, confirm=dataclasses.replace(check, exported=check.best_baseline),
+                               weights=list(baselines[check.best_baseline]), layer_weights=None, layer_groups=None,
+                               loss=result.baselines.get(check.best_baseline, result.loss))
 
 
 def _generalization(evaluate, extra: Sequence[HeldOutSpec], best_weights, outcome, names, objective: str) -> dict:
@@ -201,11 +203,8 @@ def _generalization(evaluate, extra: Sequence[HeldOutSpec], best_weights, outcom
     best_single = best_of(singles, key=singles.get, objective=objective) if singles else names[-1]
     candidates = {"merged": best_weights, "best_single": W.one_hot(len(names), names.index(best_single)),
                   "uniform": W.uniform(len(names))}
-    report = {}
-    for data in extra:
-        report[data.label] = {k: evaluate(w, data) for k, w in candidates.items()}
-        report[data.label]["best_single_revision"] = best_single
-    return report
+    return {data.label: Generalization(**{k: evaluate(w, data) for k, w in candidates.items()},
+                                       best_single_revision=best_single) for data in extra}
 
 
 def merge(source: str, revisions: str = "last:2", *, weights: Sequence[float] | None = None,
@@ -260,8 +259,7 @@ def merge_with(source: SourceSpec, fixed: FixedSpec = FixedSpec(), evaluation: E
     with parallel.main_process_first():
         evaluator = evaluation.evaluator(prep, Path(cache_dir or default_cache_dir()), source)
     # after the evaluator: the loaded model's parameters decide what is merged
-    result = result_of(prep, dataclasses.replace(_pins(prep, source), weights=weights),
-                       **evaluation.described(evaluator))
-    result.loss = evaluator(result.weights, None, True)  # every process scores its share; the sums are reduced
+    loss = evaluator(weights, None, True)  # every process scores its share; the sums are reduced
     prep.ckpts.check_unchanged()
-    return result
+    return result_of(prep, dataclasses.replace(_pins(prep, source), weights=weights), loss=loss,
+                     **evaluation.described(evaluator))

@@ -30,7 +30,7 @@ def render_card(result: "MergeResult", repo_id: str | None = None, license: str 
     heldout = _dataset(result.dataset, result.dataset_id, result.dataset_config, result.dataset_split)
     if result.loss is not None and result.dataset:
         # The number the search never saw, when there is one: the confirm part's.
-        value = (result.confirm or {}).get("loss", result.loss)
+        value = result.confirm.loss if result.confirm else result.loss
         evals.append(_eval(model_name, heldout, result.objective, value))
         if kind.perplexity(value) is not None:
             evals.append(_eval(model_name, heldout, "perplexity", kind.perplexity(value)))
@@ -88,12 +88,10 @@ def _confirm_terms(result: "MergeResult") -> dict:
     c = result.confirm
     if not c:
         return {}
-    from .confirm import verdict
-
     kind = objective_class(result.objective)
     return dict(confirm_units=kind.confirm_units, confirm_header=kind.header(result.objective),
                 confirm_unit=kind.unit.strip() or result.objective,
-                confirm_verdict=verdict(c, higher_is_better=kind.higher_is_better))
+                confirm_verdict=c.verdict)
 
 
 def _dataset(label: str | None, dataset_id: str | None, config: str | None, split: str | None) -> dict:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Callable, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from .defaults import DEFAULT_CONFIRM_FRACTION  # noqa: E402,F401  (re-exported)
+
+if TYPE_CHECKING:  # the interval's arithmetic needs no torch: a result (and --help) imports this module
+    import torch
 
 BOOTSTRAP_SAMPLES = 2000
 Statistic = Callable[[Sequence, Sequence[int]], float]  # (per-unit outcomes, unit indices) -> objective value
@@ -34,9 +35,12 @@ def confirm_indices(n: int, fraction: float) -> list[int]:
 def split_blocks(blocks: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(search, confirm) blocks, the confirm part as `confirm_indices` picks it.
 
+    >>> import torch
     >>> [len(p) for p in split_blocks(torch.zeros(8, 2), 0.25)]
     [6, 2]
     """
+    import torch
+
     n, picked = len(blocks), confirm_indices(len(blocks), fraction)
     if not picked:
         return blocks, blocks[:0]
@@ -45,10 +49,12 @@ def split_blocks(blocks: torch.Tensor, fraction: float) -> tuple[torch.Tensor, t
     return blocks[~mask], blocks[mask]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Confirmation:
     """The merge and the baselines on the confirm part, and the 95% interval of (merge − best baseline).
-    `loss` holds the objective's value (a metric's, when `higher_is_better`); `blocks` counts the units."""
+    `loss` holds the objective's value (a metric's, when `higher_is_better`); `blocks` counts the units;
+    `exported` names what the output holds ("merge", or the baseline `--fallback` kept). `as_dict` is `--json`'s
+    `confirm`; `c["loss"]` reads a field as that dict would."""
 
     loss: float
     baselines: dict[str, float]
@@ -56,20 +62,39 @@ class Confirmation:
     interval: tuple[float, float]
     blocks: int
     higher_is_better: bool = False
+    exported: str = "merge"
+
+    @property
+    def verdict(self) -> str:
+        """"better" (the whole interval), "better, interval includes 0", or "not better"."""
+        return verdict(self.as_dict(), self.higher_is_better)
 
     @property
     def merge_is_better(self) -> bool:
         """Whether the whole interval says the merge beats the best baseline."""
-        return verdict(self.as_dict(), self.higher_is_better) == "better"
+        return self.verdict == "better"
 
     @property
     def merge_wins(self) -> bool:
         """Whether the merge beats the best baseline at all on the confirm part (interval aside)."""
-        return verdict(self.as_dict(), self.higher_is_better) != "not better"
+        return self.verdict != "not better"
+
+    @property
+    def delta(self) -> float:
+        """merge − best baseline, in the objective's unit."""
+        return self.loss - self.baselines[self.best_baseline]
 
     def as_dict(self) -> dict:
         return {"loss": self.loss, "baselines": self.baselines, "best_baseline": self.best_baseline,
-                "interval": list(self.interval), "blocks": self.blocks}
+                "interval": list(self.interval), "blocks": self.blocks, "exported": self.exported}
+
+    @classmethod
+    def from_dict(cls, data: dict, higher_is_better: bool = False) -> "Confirmation":
+        return cls(data["loss"], dict(data["baselines"]), data["best_baseline"], tuple(data["interval"]),
+                   data["blocks"], higher_is_better, data.get("exported", "merge"))
+
+    def __getitem__(self, key: str):
+        return self.as_dict()[key]
 
 
 def verdict(confirmed: dict, higher_is_better: bool = False) -> str:

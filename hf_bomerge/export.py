@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import glob
 import json
@@ -50,32 +51,32 @@ def export_once(result: MergeResult, output: str | Path, *, repo_id: str | None 
     """
     target = Path(output).expanduser().resolve()
     storage = workers = None
-    if claim and result.storage and result.study:  # a search's study (a fixed merge never imports Optuna)
+    study, budget = result.study, result.workspace.budget
+    if claim and result.workspace.storage and study:  # a search's study (a fixed merge never imports Optuna)
         from . import workers
         from .study import open_storage
 
-        storage = open_storage(result.storage)
+        storage = open_storage(result.workspace.storage)
     owned = storage is not None
     if storage is not None:
-        writer = workers.claim_export(storage, result.study, result.budget, {"output": str(target), "push_to_hub": repo_id})
+        writer = workers.claim_export(storage, study, budget, {"output": str(target), "push_to_hub": repo_id})
         if writer is not None and _write_again(storage, result, writer, target):
             owned = False  # a lone re-run of a finished study whose output is gone: write it, keep the claim
         elif writer is not None:
-            result.output = writer.get("output")
-            return Exported(result.output, writer)
+            return Exported(writer.get("output"), writer)
     done = Exported(str(target))
     try:
-        with workers.claim_heartbeat(storage, result.study, result.budget) if owned else contextlib.nullcontext():
-            save_pretrained(result, target, **save_options)
+        with workers.claim_heartbeat(storage, study, budget) if owned else contextlib.nullcontext():
+            folder = save_pretrained(result, target, **save_options)
             if repo_id:
                 done.url = push_to_hub(result, repo_id, token=token, private=private, revision=revision,
-                                       commit_message=commit_message)
+                                       commit_message=commit_message, folder=folder)
     except BaseException:  # the export failed (or was interrupted): a re-run may claim it again
         if owned:
-            workers.release_export(storage, result.study, result.budget)
+            workers.release_export(storage, study, budget)
         raise
     if owned:
-        workers.finish_export(storage, result.study, result.budget)
+        workers.finish_export(storage, study, budget)
     return done
 
 
@@ -110,9 +111,10 @@ def save_pretrained(result: MergeResult, output: str | Path, *, overwrite: bool 
     _check_output(target, result, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(target)
-    ckpts = CheckpointSet(result.folders, result.revisions, copied=result.copied or None)
-    ckpts.check_unchanged(since=result.stamps)  # the files the numbers came from, not a rewrite of them
-    result.dtype = dtype or result.dtype
+    inputs = result.workspace
+    ckpts = CheckpointSet(inputs.folders, result.revisions, copied=result.copied or None)
+    ckpts.check_unchanged(since=inputs.stamps)  # the files the numbers came from, not a rewrite of them
+    result = dataclasses.replace(result, dtype=dtype or result.dtype, output=str(target))  # what the folder holds
     _check_free_space(target, ckpts, result.dtype)
     staging = Path(tempfile.mkdtemp(prefix=_partial_prefix(target), suffix=".partial", dir=target.parent))
     try:
@@ -122,8 +124,7 @@ def save_pretrained(result: MergeResult, output: str | Path, *, overwrite: bool 
         with tqdm(total=total, desc="export", unit="B", unit_scale=True, disable=not progress) as bar:
             export_merge(ckpts, result.merge_weights(), staging, dtype=DTYPES[result.dtype] if result.dtype else None,
                          max_shard_size=max_shard_size, progress=bar)
-        _copy_side_files(result.folders[-1], result.tokenizer_folder, staging, result.dtype)
-        result.output = str(target)
+        _copy_side_files(inputs.folders[-1], inputs.tokenizer_folder, staging, result.dtype)
         (staging / RECIPE_FILE).write_text(yaml.safe_dump(result.recipe().as_dict(), sort_keys=False))
         (staging / RESULT_FILE).write_text(json.dumps(result.summary(), indent=2) + "\n")
         if result.trace:
@@ -183,8 +184,10 @@ def _check_free_space(target: Path, ckpts: CheckpointSet, dtype: str | None) -> 
 
 
 def push_to_hub(result: MergeResult, repo_id: str, *, token: str | None = None, private: bool | None = None,
-                revision: str | None = None, commit_message: str | None = None) -> str:
-    """Publish the merged model (saved first if it was not) in one commit; returns the commit URL.
+                revision: str | None = None, commit_message: str | None = None,
+                folder: str | Path | None = None) -> str:
+    """Publish the merged model in `folder` (default: `result.output`; saved to a temporary folder first if
+    neither is written) in one commit; returns the commit URL.
 
     The card is rendered for `repo_id`. Re-pushing an unchanged folder creates no commit.
 
@@ -194,9 +197,11 @@ def push_to_hub(result: MergeResult, repo_id: str, *, token: str | None = None, 
     from .plot import LAYER_PLOT_FILE, PLOT_FILE
     from .publish import push_folder
 
-    if result.output is None or not Path(result.output).is_dir():
-        save_pretrained(result, Path(tempfile.mkdtemp(prefix="bomerge-push-")) / repo_id.split("/")[-1])
-    folder = Path(result.output)
+    folder = folder or result.output
+    if folder is None or not Path(folder).is_dir():
+        folder = save_pretrained(result, Path(tempfile.mkdtemp(prefix="bomerge-push-")) / repo_id.split("/")[-1])
+    folder = Path(folder)
+    result = dataclasses.replace(result, output=str(folder))
     plot = PLOT_FILE if (folder / PLOT_FILE).is_file() else None
     layer_plot = LAYER_PLOT_FILE if (folder / LAYER_PLOT_FILE).is_file() else None
     render_card(result, repo_id=repo_id, license=result.license, plot=plot, layer_plot=layer_plot).save(folder / "README.md")

@@ -15,7 +15,9 @@ from .engine import rule_from_config
 from .errors import BOMergeError, StudyError
 from .layers import LayerGroups, LayerWeights
 from .prepare import Prepared, prepare
-from .result import MergeResult
+from .confirm import Confirmation
+from .objectives import objective_class
+from .result import Generalization, MergeResult, Workspace
 from .specs import EvalSpec, Recipe, SearchSpec
 
 
@@ -52,14 +54,16 @@ def from_study(study_name: str | None = None, storage: str | None = None, *, tok
                                  layer_weights=None if kept else outcome.best.layer_weights,
                                  layer_groups=None if kept else pins.layer_groups)
     result = rebuild(recipe, token=token, cache_dir=cache_dir, progress=progress)
-    result = dataclasses.replace(result, **described, study=study.study_name, storage=url,
-                                 search=SearchSpec.from_dict(attrs["search"]).space,
-                                 generalization=attrs.get("generalization", {}), confirm=attrs.get("confirm"))
-    result.loss, result.baselines, result.trace = outcome.best.loss, outcome.baselines, outcome.trials
-    result.trials = result.budget = len(outcome.trials)
-    if kept:
-        result.loss = outcome.baselines.get(result.confirm["exported"], result.loss)
-    return result
+    confirmed = attrs.get("confirm")
+    if confirmed is not None:
+        confirmed = Confirmation.from_dict(confirmed, objective_class(described["objective"]).higher_is_better)
+    return dataclasses.replace(
+        result, **described, study=study.study_name, search=SearchSpec.from_dict(attrs["search"]).space,
+        generalization={k: Generalization(**g) for k, g in attrs.get("generalization", {}).items()},
+        confirm=confirmed,
+        loss=outcome.baselines.get(confirmed.exported, outcome.best.loss) if kept and confirmed else outcome.best.loss,
+        baselines=outcome.baselines, trace=outcome.trials, trials=len(outcome.trials),
+        workspace=dataclasses.replace(result.workspace, storage=url, budget=len(outcome.trials)))
 
 
 def rebuild(recipe: Recipe, *, token, cache_dir, progress: bool) -> MergeResult:
@@ -80,13 +84,16 @@ def rebuild(recipe: Recipe, *, token, cache_dir, progress: bool) -> MergeResult:
     return result_of(prep, checked)
 
 
-def result_of(prep: Prepared, recipe: Recipe, **fields) -> MergeResult:
-    """The `MergeResult` of `recipe` on the downloaded checkpoints `prep` (other fields from `fields`)."""
+def result_of(prep: Prepared, recipe: Recipe, *, storage: str | None = None, budget: int = 0,
+              **fields) -> MergeResult:
+    """The `MergeResult` of `recipe` on the downloaded checkpoints `prep` (other fields from `fields`; `storage`
+    and `budget` locate its study)."""
+    workspace = Workspace(tuple(prep.folders), prep.tokenizer_folder, prep.ckpts.stamps, storage, budget)
     return MergeResult(source=recipe.source, revisions=list(recipe.revisions), shas=list(recipe.shas),
                        weights=list(recipe.weights), source_kind=recipe.source_kind, dtype=recipe.dtype,
                        copied=list(recipe.copied or []), layer_weights=recipe.layer_weights,
-                       layer_groups=recipe.layer_groups, license=prep.source.license(), folders=prep.folders,
-                       tokenizer_folder=prep.tokenizer_folder, stamps=prep.ckpts.stamps, **fields)
+                       layer_groups=recipe.layer_groups, license=prep.source.license(), workspace=workspace,
+                       **fields)
 
 
 def _layered(prep: Prepared, layer_weights: dict, layer_groups: dict | None) -> tuple[dict, dict]:

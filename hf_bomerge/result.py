@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .confirm import Confirmation
 from .layers import LayerGroups, LayerWeights
 from .specs import Recipe
 
@@ -17,9 +18,44 @@ JSON_KEYS = ("source", "revisions", "shas", "weights", "objective", "loss", "bas
              "trials", "study", "output", "eval_dtype", "confirm", "layer_weights")
 
 
-@dataclass
+@dataclass(frozen=True)
+class Generalization:
+    """The loss (mean NLL, whatever the objective) on one extra eval set of the merge, of the best single
+    checkpoint (best on the objective) and of the uniform average. `g["merged"]` reads it as `--json` has it."""
+
+    merged: float
+    best_single: float
+    uniform: float
+    best_single_revision: str
+
+    def as_dict(self) -> dict:
+        return {"merged": self.merged, "best_single": self.best_single, "uniform": self.uniform,
+                "best_single_revision": self.best_single_revision}
+
+    def __getitem__(self, key: str):
+        return self.as_dict()[key]
+
+    def get(self, key: str, default=None):
+        return self.as_dict().get(key, default)
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """Where a merge's inputs are on this machine, and where its study is stored: what writing it needs, not what
+    it is. `stamps` records each weight file as the run read it (the export refuses one changed since)."""
+
+    folders: tuple[Path, ...] = ()
+    tokenizer_folder: Path | None = None
+    stamps: dict | None = None
+    storage: str | None = None  # the study's storage URL (may hold a password: never printed as is)
+    budget: int = 0  # the study's trial budget, the unit its export is claimed in
+
+
+@dataclass(frozen=True)
 class MergeResult:
-    """A merge: the revisions (oldest first, pinned to shas), their weights, and how it scored.
+    """A merge: the revisions (oldest first, pinned to shas), their weights, and how it scored. Built once, at the
+    end of a search or merge, from typed parts; writing or pushing it never changes it (`save_pretrained` returns
+    the folder; `dataclasses.replace(result, output=...)` records one).
 
     The fields in `JSON_KEYS` are the `--json` object (`summary()`); `recipe()` is what rebuilds it.
     `loss` and `baselines` hold the objective's values: the mean token NLL, or the metric when `objective`
@@ -37,19 +73,18 @@ class MergeResult:
     objective: str = "loss"
     loss: float | None = None
     baselines: dict[str, float] = field(default_factory=dict)
-    generalization: dict[str, dict[str, float]] = field(default_factory=dict)
+    generalization: dict[str, Generalization] = field(default_factory=dict)
     trials: int = 0
     study: str | None = None
     output: str | None = None
     eval_dtype: str | None = None
-    # The held-out confirm part, never seen by the search: {"loss", "baselines", "best_baseline", "interval",
-    # "blocks", "exported"} (None for fixed merges and metric objectives).
-    confirm: dict | None = None
+    # The held-out confirm part, never seen by the search (None for a fixed merge, or without a confirm part).
+    confirm: Confirmation | None = None
     # A layered merge (`--layer-groups`): {group: weights} shallow to deep; `weights` then holds their mean
     # weighted by each group's parameter count, and `layer_groups` the rule tensor name -> group.
     layer_weights: dict[str, list[float]] | None = None
     layer_groups: dict | None = None
-    # Not part of --json: what is needed to write and describe the merge.
+    # Not part of --json: what describes the merge in its card and recipe.
     source_kind: str = "hub"
     search: str | None = None
     dataset: str | None = None  # the held-out set's label, DATASET[:CONFIG]@SPLIT or a file name
@@ -63,12 +98,16 @@ class MergeResult:
     license: str | None = None
     note: str | None = None  # one sentence the card adds after its opening paragraph (the demo cites a benchmark)
     trace: list = field(default_factory=list, repr=False)  # the study's trials, for the card's plot
-    folders: list[Path] = field(default_factory=list, repr=False)
-    tokenizer_folder: Path | None = field(default=None, repr=False)
-    # {weight file: (device, inode, size, mtime)} as the run read them: the export refuses files changed since
-    stamps: dict | None = field(default=None, repr=False)
-    storage: str | None = field(default=None, repr=False)  # the study's storage URL, and its budget
-    budget: int = 0
+    workspace: Workspace = field(default_factory=Workspace, repr=False, compare=False)
+
+    def __post_init__(self):  # the typed parts also accept the plain dicts `--json` and a study record hold
+        if isinstance(self.confirm, dict):
+            from .objectives import objective_class
+
+            higher = objective_class(self.objective).higher_is_better
+            object.__setattr__(self, "confirm", Confirmation.from_dict(self.confirm, higher))
+        object.__setattr__(self, "generalization", {k: g if isinstance(g, Generalization) else Generalization(**g)
+                                                    for k, g in self.generalization.items()})
 
     @property
     def dataset_is_hub(self) -> bool:
@@ -82,7 +121,10 @@ class MergeResult:
 
     def summary(self) -> dict:
         """The `--json` object."""
-        return {"schema": SCHEMA, **{k: getattr(self, k) for k in JSON_KEYS}}
+        out = {"schema": SCHEMA, **{k: getattr(self, k) for k in JSON_KEYS}}
+        out["confirm"] = self.confirm.as_dict() if self.confirm is not None else None
+        out["generalization"] = {k: g.as_dict() for k, g in self.generalization.items()}
+        return out
 
     def recipe(self) -> Recipe:
         """The pinned merge (`bomerge_recipe.yaml`, `Recipe.as_dict`): revisions, weights, dtype and copy rule;
@@ -92,7 +134,7 @@ class MergeResult:
                       self.dtype, sorted(self.copied), self.layer_weights, self.layer_groups if layered else None)
 
     def save_pretrained(self, output: str | Path, **kwargs) -> Path:
-        """Write the merged model to `output` (see `hf_bomerge.export.save_pretrained`)."""
+        """Write the merged model to `output` and return the folder (see `hf_bomerge.export.save_pretrained`)."""
         from .export import save_pretrained
 
         return save_pretrained(self, output, **kwargs)

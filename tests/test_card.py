@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from pathlib import Path
 
@@ -91,7 +93,7 @@ def test_cli_push_to_hub_publishes_a_loadable_model_with_its_card(test_hub, tmp_
 def test_a_note_is_one_paragraph_after_the_opening_and_absent_otherwise(tmp_path):
     result = _result(["step142000", "step143000"], [0.35, 0.65], "pairwise")
     plain = render_card(result, repo_id="me/merged").text
-    result.note = "Merging constant-LR checkpoints matched an annealed run here."
+    result = dataclasses.replace(result, note="Merging constant-LR checkpoints matched an annealed run here.")
     noted = render_card(result, repo_id="me/merged").text
     assert result.note not in plain
     assert f"trials) against the held-out loss on {result.dataset}.\n\n{result.note}\n" in noted

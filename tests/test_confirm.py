@@ -59,16 +59,13 @@ def test_fallback_keeps_the_best_baseline_when_the_merge_is_not_better_on_confir
     baselines = {"a": [1.0, 0.0], "b": [0.0, 1.0], "uniform": [0.5, 0.5]}
     losses = {(0.4, 0.6): [2.3, 2.4, 2.2], (1.0, 0.0): [2.5] * 3, (0.0, 1.0): [2.1, 2.2, 2.0],
               (0.5, 0.5): [2.2] * 3}
-    kept = _result()
-    _confirm(kept, _evaluate(losses), baselines, False, LOSS)
+    kept = _confirm(_result(), _evaluate(losses), baselines, False, LOSS)
     assert kept.confirm["exported"] == "merge" and kept.weights == [0.4, 0.6]
     assert kept.confirm["best_baseline"] == "b" and kept.confirm["loss"] == pytest.approx(2.3)
-    fell = _result()
-    _confirm(fell, _evaluate(losses), baselines, True, LOSS)
+    fell = _confirm(_result(), _evaluate(losses), baselines, True, LOSS)
     assert fell.confirm["exported"] == "b" and fell.weights == [0.0, 1.0] and fell.loss == 2.1
     better = {**losses, (0.4, 0.6): [2.0, 2.1, 1.9]}
-    won = _result()
-    _confirm(won, _evaluate(better), baselines, True, LOSS)
+    won = _confirm(_result(), _evaluate(better), baselines, True, LOSS)
     assert won.confirm["exported"] == "merge" and won.weights == [0.4, 0.6]
 
 

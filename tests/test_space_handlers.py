@@ -4,6 +4,8 @@ The full path (a real search against the test Hub, in a browser) is tests/test_s
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import sys
 import time
@@ -20,6 +22,7 @@ gr = pytest.importorskip("gradio", reason='the Space needs gradio: pip install -
 import handlers as H  # noqa: E402
 import space_worker  # noqa: E402
 
+from hf_bomerge.confirm import Confirmation
 from hf_bomerge.errors import BOMergeError  # noqa: E402
 from hf_bomerge.plan import Plan  # noqa: E402
 from hf_bomerge.study import Trial  # noqa: E402
@@ -263,14 +266,15 @@ def test_the_worker_sends_trials_as_plain_data():
 def test_the_summary_gives_the_confirm_parts_verdict_plainly(tmp_path):
     result = _result(tmp_path / "out")
     assert H.confirm_summary(result) == ""  # no confirm part (turned off): nothing claimed
-    result.confirm = {"loss": 2.2, "baselines": {"step4000": 2.15, "uniform": 2.18}, "best_baseline": "step4000",
-                      "interval": [0.01, 0.09], "blocks": 16, "exported": "merge"}
+    confirmed = Confirmation(2.2, {"step4000": 2.15, "uniform": 2.18}, "step4000", (0.01, 0.09), 16)
+    base = result
+    result = types.SimpleNamespace(**{**vars(base), "confirm": confirmed})
     text = H.summary(result)
     assert "search part" in text and "16 held-out blocks the search never saw" in text
     assert "**the merge is NOT better than `step4000`.**" in text and "Δ +0.05000" in text
-    result.confirm.update(loss=2.1, interval=[-0.09, 0.02])
+    result.confirm = dataclasses.replace(confirmed, loss=2.1, interval=(-0.09, 0.02))
     assert "the merge is better, but the interval includes 0." in H.summary(result)
-    result.confirm.update(interval=[-0.09, -0.01])
+    result.confirm = dataclasses.replace(confirmed, loss=2.1, interval=(-0.09, -0.01))
     assert "the merge is better." in H.summary(result)
-    result.confirm.update(loss=2.2, interval=[0.01, 0.09], exported="step4000")  # --fallback kept the baseline
+    result.confirm = dataclasses.replace(confirmed, exported="step4000")  # --fallback kept the baseline
     assert "The output holds `step4000` (fallback), not the searched merge." in H.summary(result)

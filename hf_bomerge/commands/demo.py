@@ -4,6 +4,7 @@ checkpoints merged by the full pipeline (GP search, export, card)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from ..errors import BOMergeError
 from ..objectives import objective_class
@@ -40,5 +41,4 @@ def run(args: argparse.Namespace) -> int:
                         storage=args.storage, study_name=args.study_name, dtype=args.dtype,
                         confirm_fraction=args.confirm_fraction, fallback=args.fallback,
                         layer_groups=args.layer_groups)
-    result.note = NOTE
-    return finish(result, args, default_name="pythia-tiny-demo-bomerge")
+    return finish(dataclasses.replace(result, note=NOTE), args, default_name="pythia-tiny-demo-bomerge")

@@ -4,6 +4,7 @@ and the report (a human summary; under --json one object on stdout's last line).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -36,8 +37,9 @@ def add_common_options(g) -> None:
 
 def finish(result, args: argparse.Namespace, default_name: str, claim: bool = True) -> int:
     """Write (and push) `result`, then report it."""
-    if save(result, args, default_name, claim) is not None:
-        report(result, args)
+    written = save(result, args, default_name, claim)
+    if written is not None:
+        report(written, args)
     return 0
 
 
@@ -57,14 +59,14 @@ def save(result, args, default_name: str, claim: bool = True):
         from ..study import safe_url
 
         w = done.writer
-        print(f"hf-bomerge: the budget of {result.budget} trials of study {result.study} is spent and its merge "
+        print(f"hf-bomerge: the budget of {result.workspace.budget} trials of study {result.study} is spent and its merge "
               f"is exported by {w.get('worker')} (to {w.get('output')}, since {w.get('at')}"
               f"{'' if w.get('done') else ', maybe still running'}); this run writes nothing. To write it "
-              f"again: hf-bomerge export --storage {safe_url(result.storage)} --study-name {result.study} --output DIR",
+              f"again: hf-bomerge export --storage {safe_url(result.workspace.storage)} --study-name {result.study} --output DIR",
               file=sys.stderr)
     if done.url:
         print(f"pushed to {done.url}", file=sys.stderr)
-    return result
+    return dataclasses.replace(result, output=done.output)
 
 
 def report(result, args) -> None:
@@ -108,20 +110,17 @@ def _confirmation(result) -> list[str]:
     c = result.confirm
     if not c:
         return []
-    from ..confirm import verdict
-
     kind = objective_class(result.objective)
-    best, delta = c["best_baseline"], c["loss"] - c["baselines"][c["best_baseline"]]
-    said = verdict(c, higher_is_better=kind.higher_is_better)
+    best, delta, said = c.best_baseline, c.delta, c.verdict
     phrase = {"better": "better than", "better, interval includes 0": "better than (but the interval includes 0)",
               "not better": "NOT better than"}[said]
     per = kind.unit or f" {result.objective}"
-    lines = ["", f"on the confirm part ({c['blocks']} {kind.confirm_units} the search never saw):",
-             *(f"  {k:<24} {v:9.5f}" for k, v in {"merged": c["loss"], **c["baselines"]}.items()),
+    lines = ["", f"on the confirm part ({c.blocks} {kind.confirm_units} the search never saw):",
+             *(f"  {k:<24} {v:9.5f}" for k, v in {"merged": c.loss, **c.baselines}.items()),
              f"the merge is {phrase} the best baseline ({best}): {delta:+.5f}{per}, "
-             f"95% interval [{c['interval'][0]:+.5f}, {c['interval'][1]:+.5f}]"]
-    if c.get("exported", "merge") != "merge":
-        lines.append(f"--fallback: the output holds {c['exported']}, not the searched merge")
+             f"95% interval [{c.interval[0]:+.5f}, {c.interval[1]:+.5f}]"]
+    if c.exported != "merge":
+        lines.append(f"--fallback: the output holds {c.exported}, not the searched merge")
     elif said == "not better":
         lines.append("pass --fallback to export that baseline instead")
     return lines

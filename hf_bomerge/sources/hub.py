@@ -218,7 +218,7 @@ def check_dataset_access(dataset: str, token: str | bool | None) -> None:
     dataset already in a shared cache (the tokenized blocks, or `datasets`' own cache, which it falls back to
     when the Hub refuses) must not serve someone who may not read it, e.g. a Space's user. Offline, local
     paths and network trouble pass (loading the dataset reports the latter)."""
-    from .errors import DataError
+    from ..errors import DataError
 
     if offline.is_offline() or Path(dataset).expanduser().exists():
         return

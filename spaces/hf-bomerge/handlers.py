@@ -341,18 +341,16 @@ def confirm_summary(result) -> str:
     c = getattr(result, "confirm", None)
     if not c:
         return ""
-    from hf_bomerge.confirm import verdict
-
-    said = verdict(c)
-    best = c["best_baseline"]
-    line = (f"On the confirm part ({c['blocks']} held-out blocks the search never saw): merge {c['loss']:.5f}, "
-            f"best baseline `{best}` {c['baselines'][best]:.5f}, Δ {c['loss'] - c['baselines'][best]:+.5f} "
-            f"(95% interval [{c['interval'][0]:+.5f}, {c['interval'][1]:+.5f}]): ")
+    said = c.verdict
+    best = c.best_baseline
+    line = (f"On the confirm part ({c.blocks} held-out blocks the search never saw): merge {c.loss:.5f}, "
+            f"best baseline `{best}` {c.baselines[best]:.5f}, Δ {c.delta:+.5f} "
+            f"(95% interval [{c.interval[0]:+.5f}, {c.interval[1]:+.5f}]): ")
     line += {"better": "the merge is better.", "better, interval includes 0":
              "the merge is better, but the interval includes 0.",
              "not better": f"**the merge is NOT better than `{best}`.**"}[said]
-    if c.get("exported", "merge") != "merge":
-        line += f" The output holds `{c['exported']}` (fallback), not the searched merge."
+    if c.exported != "merge":
+        line += f" The output holds `{c.exported}` (fallback), not the searched merge."
     return "\n\n" + line
 
 

@@ -8,6 +8,7 @@ the app's fork server preloads this module and `hf_bomerge.api` (torch, transfor
 
 from __future__ import annotations
 
+import dataclasses
 import traceback
 from typing import Any
 
@@ -46,8 +47,8 @@ def _search(kwargs: dict[str, Any], output: str, on_trial) -> tuple[str, Any]:
 
         try:
             result = hf_bomerge.search(**kwargs, on_trial=on_trial)
-            result.save_pretrained(output, progress=False)
-            return "ok", result
+            folder = result.save_pretrained(output, progress=False)
+            return "ok", dataclasses.replace(result, output=str(folder))
         except BOMergeError as err:  # a user's mistake: its message says what to do
             message = str(err)
     except BaseException as err:  # noqa: BLE001 - internal: reported to the app, the traceback to stderr
