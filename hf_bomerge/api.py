@@ -167,7 +167,7 @@ def search_with(source: SourceSpec, evaluation: EvalSpec = EvalSpec(),
 
 def _prepare(source: SourceSpec, token, cache_dir, progress: bool, planning: dict, heldout=()) -> Prepared:
     return prepare(source.source, source.revisions, source.max_checkpoints, token, cache_dir, progress, source.shas,
-                   planning, heldout=heldout, tokenizer=source.tokenizer)
+                   {**planning, "store_dtype": source.dtype}, heldout=heldout, tokenizer=source.tokenizer)
 
 
 def _pins(prep: Prepared, source: SourceSpec, **fields) -> Recipe:
