@@ -147,8 +147,9 @@ def search_with(source: SourceSpec, evaluation: EvalSpec = EvalSpec(),
         seeds = dict(space.seeds(prep.names, search.ema_alpha))
         if evaluator.needs_rescore:  # the GP ranked in a cheaper dtype; the numbers reported are the saved model's
             result.loss = evaluate(result.merge_weights(), None, True)
-            result.baselines = {k: evaluate(seeds[k], None, True) if k in seeds else v
-                                for k, v in result.baselines.items()}
+            # every row, the extra seeds too (watch's warm start): a table in one dtype, a row unknown left out
+            scored = {**{t.seed: t.weights for t in outcome.trials if t.seed}, **dict(extra_seeds), **seeds}
+            result.baselines = {k: evaluate(scored[k], None, True) for k in result.baselines if k in scored}
             result.eval_dtype = str(evaluator.eval_dtype).removeprefix("torch.")
         if evaluator.confirm_size:
             _confirm(result, evaluate, {k: seeds[k] for k in result.baselines if k in seeds}, search.fallback,

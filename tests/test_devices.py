@@ -122,3 +122,19 @@ def test_the_rescore_streamed_gives_the_numbers_of_the_resident_one(source, traj
     short = str(plan["rescore_bytes"] - plan["resident_bytes"] + plan["streamed_bytes"] - 1)
     assert main([*args, "--output", str(tmp_path / "refused"), "--max-memory", short]) == 2
     assert "saved in" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+
+
+@pytest.mark.e2e
+def test_a_warm_start_seed_is_reported_in_the_saved_dtype_like_every_baseline(source, trajectory, tmp_path):
+    """`watch` seeds each round with the previous best (`extra_seeds`); searched in bfloat16, the fp16 merge's
+    numbers are scored again in float16, that seed's row too: it equals a fixed merge of the same weights."""
+    warm = [0.2, 0.3, 0.5]
+    common = dict(dataset=str(trajectory / "heldout" / "validation.jsonl"), eval_dtype="bfloat16",
+                  cache_dir=tmp_path / "cache", progress=False)
+    result = api.search(str(source), "last:3", trials=7, extra_seeds=[("previous round", warm)], confirm_fraction=0.0,
+                        storage=f"sqlite:///{tmp_path / 's.db'}", **common)
+    assert result.eval_dtype == "float16"  # the dtype the reported numbers were computed in
+    fixed = api.merge(str(source), "last:3", weights=warm, **common)
+    assert result.baselines["previous round"] == fixed.loss
+    uniform = next(t.weights for t in result.trace if t.seed == "uniform")
+    assert result.baselines["uniform"] == api.merge(str(source), "last:3", weights=uniform, **common).loss
