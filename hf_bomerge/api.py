@@ -144,9 +144,11 @@ def search_with(source: SourceSpec, evaluation: EvalSpec = EvalSpec(),
                            budget=search.trials, **described)
         seeds = dict(space.seeds(prep.names, search.ema_alpha))
         if evaluator.needs_rescore:  # the GP ranked in a cheaper dtype; the numbers reported are the saved model's
+            # every row, the extra seeds too (watch's warm start): a table in one dtype, a row unknown left out
+            scored = {**{t.seed: t.weights for t in outcome.trials if t.seed}, **dict(extra_seeds), **seeds}
             result = dataclasses.replace(
                 result, loss=evaluate(result.merge_weights(), None, True),
-                baselines={k: evaluate(seeds[k], None, True) if k in seeds else v for k, v in result.baselines.items()},
+                baselines={k: evaluate(scored[k], None, True) for k in result.baselines if k in scored},
                 eval_dtype=str(evaluator.eval_dtype).removeprefix("torch."))
         if evaluator.confirm_size:
             result = _confirm(result, evaluate, {k: seeds[k] for k in result.baselines if k in seeds},
@@ -167,7 +169,7 @@ def search_with(source: SourceSpec, evaluation: EvalSpec = EvalSpec(),
 
 def _prepare(source: SourceSpec, token, cache_dir, progress: bool, planning: dict, heldout=()) -> Prepared:
     return prepare(source.source, source.revisions, source.max_checkpoints, token, cache_dir, progress, source.shas,
-                   planning, heldout=heldout, tokenizer=source.tokenizer)
+                   {**planning, "store_dtype": source.dtype}, heldout=heldout, tokenizer=source.tokenizer)
 
 
 def _pins(prep: Prepared, source: SourceSpec, **fields) -> Recipe:

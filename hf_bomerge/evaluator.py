@@ -6,6 +6,8 @@ loss, an `evaluate` metric, or any registered `Objective`) to score the model as
 
 from __future__ import annotations
 
+import gc
+import logging
 from pathlib import Path
 from typing import Sequence
 
@@ -19,8 +21,10 @@ from .heldout import HeldOutSpec, heldout_blocks, tokenizer_fingerprint
 from .mergers import ResidentMerger, StreamedMerger
 from .objectives import Objective, objective_class
 from .objectives.loss import HeldOutLoss
-from .prepare import Prepared
+from .prepare import Prepared, has_bf16
 from .writer import parse_size
+
+logger = logging.getLogger("hf_bomerge")
 
 
 CONFIRM = "confirm"  # `Evaluator(weights, CONFIRM)`: the per-unit outcomes of the confirm part
@@ -29,10 +33,14 @@ CONFIRM = "confirm"  # `Evaluator(weights, CONFIRM)`: the per-unit outcomes of t
 def choose_eval_dtype(name: str | None, device: str, ckpts: CheckpointSet) -> torch.dtype:
     if name:
         return DTYPES[name]
-    if device.startswith("cuda"):
-        ref = ckpts.reference.infos[ckpts.merged_names[0]].dtype
+    if not device.startswith("cuda"):
+        return torch.float32  # half-precision matmul on CPUs is ~100x slower
+    ref = ckpts.reference.infos[ckpts.merged_names[0]].dtype
+    if ref == torch.float16 or has_bf16():
         return ref if ref in (torch.float16, torch.bfloat16) else torch.bfloat16
-    return torch.float32  # half-precision matmul on CPUs is ~100x slower
+    logger.warning("This GPU does not compute in bfloat16 (it emulates it, slowly): the search evaluates in float32. "
+                   "--eval-dtype float16 is faster, for a model whose activations stay within float16's range.")
+    return torch.float32  # a model trained in bfloat16 (or float32) may overflow float16
 
 
 def saved_dtype(ckpts: CheckpointSet, store_dtype: torch.dtype | None) -> torch.dtype:
@@ -58,16 +66,18 @@ class Evaluator:
     def __init__(self, prep: Prepared, *, dataset: HeldOutSpec, max_eval_tokens: int, block_size: int | None = None,
                  batch_size: int = 4, eval_dtype: str | None = None, device: str | None = None,
                  trust_remote_code: bool = False, cache_dir: Path, store_dtype: str | None = None,
-                 device_map: str | dict | None = None, max_memory: str | int | None = None,
-                 objective: str = "loss", confirm_fraction: float = 0.0):
+                 device_map: str | dict | None = None, objective: str = "loss", confirm_fraction: float = 0.0):
         from transformers import AutoTokenizer
 
         check_remote_code(prep.folders[-1], trust_remote_code)
         self.prep, self.trust_remote_code = prep, trust_remote_code
         self.device = device or parallel.device() or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.placement = _placement(device_map, max_memory) if device_map else {}
+        if device_map and parallel.world()[1] > 1:
+            raise BOMergeError("--device-map spreads one model over several devices; under `accelerate launch` "
+                               "each process holds its own copy (data parallel). Use one or the other.")
+        self.device_map = device_map
         self.store = DTYPES[store_dtype] if store_dtype else None
-        self._load(choose_eval_dtype(eval_dtype, self.device, prep.ckpts))
+        self._load(choose_eval_dtype(eval_dtype, self.device, prep.ckpts), prep.mode)
         self.tokenizer = AutoTokenizer.from_pretrained(prep.tokenizer_folder, trust_remote_code=trust_remote_code)
         self.context = getattr(self.model.config, "max_position_embeddings", 2048) or 2048
         self.block_size = min(block_size or 2048, self.context)
@@ -82,20 +92,22 @@ class Evaluator:
                          "data": self.objective.identity}
         self._texts: dict[HeldOutSpec, HeldOutLoss] = {}
 
-    def _load(self, dtype: torch.dtype) -> None:
-        """The latest revision's model in `dtype`, and the merger that writes each trial into it."""
+    def _load(self, dtype: torch.dtype, mode: str) -> None:
+        """The latest revision's model in `dtype`, and the merger (of the plan's `mode`) that writes each trial
+        into it."""
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()  # legacy Pythia buffers are "unexpected keys": expected here
+        placement = self._placement(dtype, mode) if self.device_map else {}
         self.model = AutoModelForCausalLM.from_pretrained(
-            self.prep.folders[-1], dtype=dtype, trust_remote_code=self.trust_remote_code, **self.placement)
-        if not self.placement:
+            self.prep.folders[-1], dtype=dtype, trust_remote_code=self.trust_remote_code, **placement)
+        if not placement:
             self.model.to(self.device)
         _check_placement(self.model)
         self.model.eval()
         self.eval_dtype = dtype
-        merger = StreamedMerger if self.prep.mode == "streamed" else ResidentMerger
+        merger = StreamedMerger if mode == "streamed" else ResidentMerger
         self.merger = merger(self.model, self.prep.ckpts, self.store)  # also makes the model's parameters the rule
 
     def blocks_for(self, spec: HeldOutSpec) -> torch.Tensor:
@@ -130,20 +142,19 @@ class Evaluator:
         """Evaluate from now on in the dtype the merge is saved in: the model is loaded again in that dtype
         (its buffers too, as a fresh process loads them), not upcast from the cheaper one."""
         del self.model, self.merger
-        self._load(self.saved_dtype)
+        gc.collect()  # the plan counts the first model and its checkpoints as gone before the second loads
+        self._load(self.saved_dtype, self.prep.rescore_mode)
 
-
-def _placement(device_map: str | dict, max_memory: str | int | None) -> dict:
-    """`from_pretrained` arguments that spread the model over the visible devices with Accelerate."""
-    if parallel.world()[1] > 1:
-        raise BOMergeError("--device-map spreads one model over several devices; under `accelerate launch` each "
-                           "process holds its own copy (data parallel). Use one or the other.")
-    placement: dict = {"device_map": device_map}
-    if max_memory:
-        budget = parse_size(max_memory)
-        devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"]
-        placement["max_memory"] = {(int(d[5:]) if d.startswith("cuda:") else d): budget for d in devices}
-    return placement
+    def _placement(self, dtype: torch.dtype, mode: str) -> dict:
+        """`from_pretrained` arguments that spread the model over the plan's devices with Accelerate, each device
+        keeping room for its share of the N checkpoints (the merger puts them beside each parameter) and one
+        batch's activations."""
+        plan = self.prep.plan
+        if plan is None:
+            return {"device_map": self.device_map}
+        share = plan.model_memory(plan.params * dtype.itemsize, mode)
+        return {"device_map": self.device_map,
+                "max_memory": {(int(d[5:]) if d.startswith("cuda:") else d): b for d, b in share.items()}}
 
 
 def _check_placement(model: torch.nn.Module) -> None:

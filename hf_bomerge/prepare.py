@@ -32,6 +32,8 @@ class Prepared:
     ckpts: CheckpointSet
     mode: str = "resident"  # the plan's: the checkpoints resident beside the model, or streamed per trial
     token: str | bool | None = None  # the user's token (or False/None): the held-out data is loaded with it too
+    rescore_mode: str = "resident"  # the plan's for the re-score in the saved dtype
+    plan: Plan | None = None
 
 
 def resolve(source: str, revisions: str, max_checkpoints: int, token, cache_dir,
@@ -47,18 +49,28 @@ def resolve(source: str, revisions: str, max_checkpoints: int, token, cache_dir,
 
 def run_plan(src: Source, names: Sequence[str], pins: Sequence[str], *, device: str | None = None,
           eval_dtype: str | None = None, batch_size: int = 4, block_size: int | None = None, evaluate: bool = True,
-          cache_dir=None, max_memory: str | int | None = None, device_map: str | None = None) -> Plan:
+          cache_dir=None, max_memory: str | int | None = None, device_map: str | None = None,
+          store_dtype: str | None = None) -> Plan:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    budget = parse_size(max_memory) if max_memory else None
+    devices = None
     if device_map and torch.cuda.is_available():  # the model and the checkpoints spread over every GPU
-        device, budget = "cuda:*", budget and budget * torch.cuda.device_count()
-    itemsize = DTYPES[eval_dtype].itemsize if eval_dtype else (4 if device == "cpu" else 2)
+        device, devices = "cuda:*", [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if eval_dtype:
+        itemsize = DTYPES[eval_dtype].itemsize
+    else:  # as `evaluator.choose_eval_dtype` (float32 for a GPU without bfloat16 counts the most it may take)
+        itemsize = 2 if device != "cpu" and has_bf16() else 4
     sizes = [src.weight_sizes(n, p) for n, p in zip(names, pins)]
     local = [src.is_local(n, p) for n, p in zip(names, pins)]
     params, stored = src.parameter_count(names[-1], pins[-1])  # from the headers, never from the config's dtype
     return make_plan(sizes, local, src.config(names[-1], pins[-1]), names, device=device, eval_itemsize=itemsize,
                      batch_size=batch_size, block_size=block_size, evaluate=evaluate, paths=[Path(cache_dir or default_cache_dir())],
-                     max_memory=budget, params=params, stored_bytes=stored)
+                     max_memory=parse_size(max_memory) if max_memory else None, params=params, stored_bytes=stored,
+                     saved_itemsize=DTYPES[store_dtype].itemsize if store_dtype else None, devices=devices)
+
+
+def has_bf16() -> bool:
+    """Whether the GPU computes in bfloat16 itself (GPUs before Ampere only emulate it, slowly)."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def prepare(source: str, revisions: str, max_checkpoints: int, token, cache_dir, progress: bool,
@@ -76,15 +88,18 @@ def prepare(source: str, revisions: str, max_checkpoints: int, token, cache_dir,
         check_offline(source, revisions, max_checkpoints, token, cache_dir, shas, heldout if evaluate else (),
                       tokenizer, evaluate)
     src, names, pins, note = resolve(source, revisions, max_checkpoints, token, cache_dir, shas)
-    mode = "resident"
+    plan = None
     if planning is not None:
         plan = run_plan(src, names, pins, cache_dir=cache_dir, **planning)
         plan.check()
-        mode = plan.mode if plan.evaluate else "resident"
-        if mode == "streamed":
+        if plan.mode == "streamed":
             logger.warning("The %d checkpoints do not fit in memory beside the model (%s): streamed mode, every "
                            "trial re-reads them (slower). --max-checkpoints %d would keep them resident.",
                            len(names), plan.device, plan.fitting_checkpoints())
+        elif plan.rescore_mode == "streamed":
+            logger.warning("The %d checkpoints do not fit beside the model in the dtype the merge is saved in (%s): "
+                           "the reported numbers are scored again in that dtype in streamed mode after the search "
+                           "(slower).", len(names), plan.device)
     revs = list(zip(names, pins))
     folders = [src.fetch(name, pin) for name, pin in _bar(revs, "download", progress)]
     try:
@@ -105,7 +120,8 @@ def prepare(source: str, revisions: str, max_checkpoints: int, token, cache_dir,
         logger.warning("No tokenizer in %s: the merge is written without one (pass --tokenizer REPO_OR_PATH to "
                        "include one).", src.id)
     phase.warn_if_early(ckpts, names)
-    return Prepared(src, names, pins, folders, found, note, ckpts, mode, token)
+    return Prepared(src, names, pins, folders, found, note, ckpts, plan.mode if plan else "resident", token,
+                    plan.rescore_mode or plan.mode if plan else "resident", plan)
 
 
 def has_tokenizer(folder: Path) -> bool:

@@ -129,7 +129,7 @@ class EvalSpec:
         return Evaluator(prep, dataset=self.data, max_eval_tokens=self.max_eval_tokens, block_size=self.block_size,
                          batch_size=self.batch_size, eval_dtype=self.eval_dtype, device=self.device,
                          trust_remote_code=source.trust_remote_code, cache_dir=cache_dir, store_dtype=source.dtype,
-                         device_map=self.device_map, max_memory=self.max_memory, objective=self.objective,
+                         device_map=self.device_map, objective=self.objective,
                          confirm_fraction=self.confirm_fraction)
 
     def planning(self, evaluate: bool = True) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -149,6 +150,10 @@ def test_tied_weights_are_merged_once_and_stay_tied(tmp_path):
     assert torch.equal(out["embed_out.weight"], out["gpt_neox.embed_in.weight"])
 
 
+# HF_BOMERGE_TEST_DEVICE=cuda runs the resident merger on a GPU (benchmarks/gpu_check.sh), against the CPU export
+DEVICE = os.environ.get("HF_BOMERGE_TEST_DEVICE", "cpu")
+
+
 @pytest.mark.parametrize("chunk", [engine.CHUNK, 1000])
 @pytest.mark.parametrize("model_dtype, weights", [(torch.float32, WEIGHTS), (torch.bfloat16, WEIGHTS),
                                                   (torch.float32, [0.35, 0.65]), (torch.float32, [-0.5, 1.5])])
@@ -162,7 +167,7 @@ def test_resident_merger_matches_export_bit_for_bit(tmp_path, model_dtype, weigh
         monkeypatch.setattr(durable, "BUFFER", 4 * durable.BLOCK)
     folders, states = _trajectory(tmp_path, ["bin", "safetensors", "bin"][-len(weights):])
     ckpts = CheckpointSet(folders)
-    model = AutoModelForCausalLM.from_pretrained(folders[-1], dtype=model_dtype)
+    model = AutoModelForCausalLM.from_pretrained(folders[-1], dtype=model_dtype).to(DEVICE)
     merger = ResidentMerger(model, ckpts)
     merger.apply(weights)
     export_merge(ckpts, weights, tmp_path / "out")
@@ -171,9 +176,9 @@ def test_resident_merger_matches_export_bit_for_bit(tmp_path, model_dtype, weigh
     assert params
     stored = {"lm_head.weight": "embed_out.weight"}
     for name, p in params.items():
-        assert torch.equal(p.detach(), out[stored.get(name, name)].to(model_dtype)), name
+        assert torch.equal(p.detach().cpu(), out[stored.get(name, name)].to(model_dtype)), name
     merger.apply([0.0] * (len(weights) - 1) + [1.0])  # a new trial overwrites in place
-    assert torch.equal(params["lm_head.weight"].detach(), states[-1]["embed_out.weight"].to(model_dtype))
+    assert torch.equal(params["lm_head.weight"].detach().cpu(), states[-1]["embed_out.weight"].to(model_dtype))
 
 
 def test_mismatched_names_and_shapes_name_the_tensor_and_revisions(tmp_path):

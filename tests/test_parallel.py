@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -10,6 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+
+# torchrun's launcher: `accelerate launch --cpu --num_processes 2` starts ONE process unless mpirun is set up, so
+# two real processes on a machine without GPUs come from --multi_gpu (hf_bomerge.parallel then picks gloo)
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
 @pytest.fixture()
@@ -31,9 +37,7 @@ def _run(launcher: list[str], source: Path, trajectory: Path, tmp: Path, name: s
 
 @pytest.mark.e2e
 def test_accelerate_launch_two_processes_gives_the_loss_of_one(source, trajectory, tmp_path):
-    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    two = _run(accelerate, source, trajectory, tmp_path, "two")
+    two = _run(ACCELERATE, source, trajectory, tmp_path, "two")
     one = _run([sys.executable], source, trajectory, tmp_path, "one")
     lines = [line for line in two.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 1  # only the main process reports
@@ -45,6 +49,23 @@ def test_accelerate_launch_two_processes_gives_the_loss_of_one(source, trajector
                                                                         rel=1e-9, abs=0)
     assert a["trials"] == 6 and (tmp_path / "two" / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("two")) == ["two"]  # one output
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("fail_rank, reduce", [(0, True), (1, True), (1, False)],
+                         ids=["main-before-reduce", "other-before-reduce", "other-no-reduce"])
+def test_an_objective_that_raises_on_one_process_stops_every_process_with_its_error(fail_rank, reduce, tmp_path):
+    """Two real processes (gloo): an evaluation that raises on one of them, before the loss reduction or in an
+    objective with none, ends the run with that error on every process, never a hang in mismatched collectives."""
+    env = {**os.environ, "FAIL_RANK": str(fail_rank), "REDUCE": "1" if reduce else "0",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    script = Path(__file__).parent / "assets" / "failing_rank.py"
+    proc = subprocess.run([*ACCELERATE, str(script)], capture_output=True, text=True, env=env, timeout=180,
+                          cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert f"[rank{fail_rank}]: RuntimeError: objective failed on rank {fail_rank}" in out
+    assert f"[rank{1 - fail_rank}]: hf_bomerge.parallel.PeerError" in out
 
 
 def test_shards_of_the_batches_sum_to_the_whole(trajectory):

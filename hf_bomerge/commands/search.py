@@ -145,7 +145,8 @@ def dry_run(args: argparse.Namespace) -> int:
     plan = api.plan(args.source, args.revisions, max_checkpoints=args.max_checkpoints, token=args.token,
                     cache_dir=args.cache_dir, device=args.device, eval_dtype=args.eval_dtype,
                     batch_size=args.batch_size, block_size=args.block_size, max_memory=args.max_memory,
-                    evaluate=not (fixed and args.no_eval), device_map=args.device_map)
+                    evaluate=not (fixed and args.no_eval), device_map=args.device_map,
+                    store_dtype=args.dtype)
     if not fixed:  # a search: calibrate the time of a trial on the device (seconds; nothing downloaded)
         plan.estimate_time(trials=args.trials, max_eval_tokens=args.max_eval_tokens, batch_size=args.batch_size,
                            block_size=args.block_size, eval_dtype=args.eval_dtype,
