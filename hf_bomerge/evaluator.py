@@ -22,7 +22,6 @@ from .mergers import ResidentMerger, StreamedMerger
 from .objectives import Objective, objective_class
 from .objectives.loss import HeldOutLoss
 from .prepare import Prepared, has_bf16
-from .writer import parse_size
 
 logger = logging.getLogger("hf_bomerge")
 

@@ -5,14 +5,19 @@ import sys
 
 from hf_bomerge import parallel
 
-fail_rank, reduce = int(os.environ["FAIL_RANK"]), os.environ["REDUCE"] == "1"
-rank, _ = parallel.world()
 
 
-def evaluate(x):
-    if rank == fail_rank and x == 2:
-        raise RuntimeError(f"objective failed on rank {rank}")
-    return parallel.reduce_sums(float(x), 1) if reduce else x
+def main() -> None:
+    fail_rank, reduce = int(os.environ["FAIL_RANK"]), os.environ["REDUCE"] == "1"
+    rank, _ = parallel.world()
+
+    def evaluate(x):
+        if rank == fail_rank and x == 2:
+            raise RuntimeError(f"objective failed on rank {rank}")
+        return parallel.reduce_sums(float(x), 1) if reduce else x
+
+    print(parallel.drive(evaluate, lambda everywhere: [everywhere(x) for x in range(4)]), file=sys.stderr)
 
 
-print(parallel.drive(evaluate, lambda everywhere: [everywhere(x) for x in range(4)]), file=sys.stderr)
+if __name__ == "__main__":
+    main()
