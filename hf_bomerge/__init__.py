@@ -1,6 +1,6 @@
 """hf-bomerge: merge the intermediate checkpoints of one pretraining run with Bayesian optimization."""
 
-__version__ = "0.1.0"
+from .defaults import VERSION as __version__  # noqa: F401 - the package version
 
 __all__ = ["search", "merge", "search_with", "merge_with", "from_recipe", "from_study", "MergeResult",
            "BOMergeError", "watch_once"]

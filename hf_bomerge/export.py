@@ -13,13 +13,16 @@ import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .checkpoints import CheckpointSet
 from .engine import DTYPES, dtype_name
 from .errors import OutputError
 from .sources import SIDE_FILES
-from .result import MergeResult
 from .writer import DEFAULT_MAX_SHARD_SIZE, export_merge, replace_dir
+
+if TYPE_CHECKING:  # a result writes itself through this module (`MergeResult.save_pretrained`)
+    from .result import MergeResult
 
 RECIPE_FILE = "bomerge_recipe.yaml"
 RESULT_FILE = "bomerge_result.json"

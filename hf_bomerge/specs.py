@@ -25,9 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from . import __version__
 from .errors import BOMergeError, RecipeError, StudyError
-from .defaults import DEFAULT_CONFIRM_FRACTION, DEFAULT_MAX_EVAL_TOKENS
+from .defaults import VERSION, DEFAULT_CONFIRM_FRACTION, DEFAULT_MAX_EVAL_TOKENS
 
 if TYPE_CHECKING:  # the evaluator imports torch and transformers: only where a merge is scored
     from .evaluator import Evaluator
@@ -250,7 +249,7 @@ class Recipe:
     layer_groups: dict | None = None
 
     def as_dict(self) -> dict:
-        recipe = {"hf_bomerge_version": __version__, "source": self.source, "source_kind": self.source_kind,
+        recipe = {"hf_bomerge_version": VERSION, "source": self.source, "source_kind": self.source_kind,
                   "revisions": [{"name": n, "sha": s} for n, s in zip(self.revisions, self.shas)],
                   "weights": list(self.weights), "dtype": self.dtype}
         if self.copied is not None:  # an unknown rule stays unknown: `recipe` derives it again

@@ -2,5 +2,7 @@
 loss, and any `evaluate` metric of multiple-choice questions). A new objective is one class with `@register`."""
 
 from .base import OBJECTIVES, Objective, objective_class, register
+from .loss import HeldOutLoss
+from .metric import MetricObjective
 
-__all__ = ["OBJECTIVES", "Objective", "objective_class", "register"]
+__all__ = ["OBJECTIVES", "HeldOutLoss", "MetricObjective", "Objective", "objective_class", "register"]

@@ -97,16 +97,15 @@ OBJECTIVES: list[type[Objective]] = []  # asked in order: the first whose `claim
 
 
 def register(cls: type[Objective]) -> type[Objective]:
-    """Add an objective class to the registry (a class decorator)."""
+    """Add an objective class to the registry (a class decorator). A class that claims every name (the
+    `evaluate` metric) is asked last, whatever the order of registration."""
     OBJECTIVES.append(cls)
+    OBJECTIVES.sort(key=lambda c: c.claims("\0any name\0"))  # stable: the catch-all moves to the end
     return cls
 
 
 def objective_class(spec: str | None) -> type[Objective]:
     """The registered class of the objective `spec` (an `--objective` value, or the name a result recorded);
-    a name no registered class claims is an `evaluate` metric (`MetricObjective`)."""
-    from .loss import HeldOutLoss  # noqa: F401 - the built-in objectives register themselves on import
-    from .metric import MetricObjective
-
+    `hf_bomerge.objectives` registers the built-ins (the loss, and any `evaluate` metric for other names)."""
     spec = spec or "loss"
-    return next((cls for cls in OBJECTIVES if cls.claims(spec)), MetricObjective)
+    return next(cls for cls in OBJECTIVES if cls.claims(spec))

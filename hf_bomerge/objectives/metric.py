@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from .base import Objective
+from .base import Objective, register
 
 if TYPE_CHECKING:
     import torch
@@ -13,10 +13,11 @@ if TYPE_CHECKING:
     from ..tasks import Metric
 
 
+@register
 class MetricObjective(Objective):
     """An `evaluate` metric (a name, or a local path to a metric script) of the predictions on the search part of
     the questions (computed whole on each process); `confirm_fraction` of the questions are kept apart for
-    `confirm_scores`, one prediction per question. Not registered: it is what an unclaimed name means."""
+    `confirm_scores`, one prediction per question. It claims every name: what no other objective claims."""
 
     higher_is_better = True
     confirm_units = "questions"

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import (MERGE_SUFFIX, SIDE_FILES, SOURCES, TOKENIZER_FILES, Arrival, Source, default_cache_dir,
-                   open_source, register, source_class)
+from ..errors import HubError
+from .base import MERGE_SUFFIX, SIDE_FILES, SOURCES, TOKENIZER_FILES, Arrival, Source, default_cache_dir, register
 from .folder import FolderSource, folder_incomplete
 from .git import GitSource
 from .hub import (HubSource, check_dataset_access, hub_errors, is_connection_error, local_cause, status_of,
@@ -21,6 +21,26 @@ __all__ = ["MERGE_SUFFIX", "SIDE_FILES", "SOURCES", "TOKENIZER_FILES", "Arrival"
            "HubSource", "Source", "arrivals", "check_dataset_access", "default_cache_dir", "folder_incomplete",
            "hub_errors", "is_connection_error", "local_cause", "open_source", "register", "source_class",
            "status_of", "tokenizer_files"]
+
+
+def source_class(kind: str) -> type[Source]:
+    """The registered class of `kind` (what a recipe or a result records as `source_kind`)."""
+    return next(cls for cls in SOURCES if cls.kind == kind)
+
+
+def open_source(source: str, token: str | bool | None = None, cache_dir: str | Path | None = None) -> Source:
+    """The source SOURCE names: a path that exists (a git repository, a folder of checkpoints) wins over a Hub
+    repo id.
+
+    >>> open_source("EleutherAI/pythia-160m").kind    # doctest: +SKIP
+    'hub'
+    """
+    for cls in SOURCES:
+        if cls.claims(source):
+            return cls.open(source, token=token, cache_dir=cache_dir)
+    if Path(source).expanduser().exists():
+        raise HubError(f"{source} is a file; SOURCE must be a Hub repo id or a folder of checkpoints.")
+    raise HubError(f"{source!r} is neither an existing folder nor a Hub repo id of the form ORG/NAME.")
 
 
 def arrivals(source: str, *, settle: float = 2.0, exclude: Path | None = None, token=None,

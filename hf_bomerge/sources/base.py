@@ -206,30 +206,7 @@ SOURCES: list[type[Source]] = []  # asked in order: the first whose `claims` say
 
 
 def register(cls: type[Source]) -> type[Source]:
-    """Add a kind of source to the registry (a class decorator); kinds registered later are asked first."""
-    SOURCES.insert(0, cls)
+    """Add a kind of source to the registry (a class decorator); `hf_bomerge.sources` registers the built-in
+    kinds, whose `claims` exclude each other (a git repository is not a plain folder)."""
+    SOURCES.append(cls)
     return cls
-
-
-def source_class(kind: str) -> type[Source]:
-    """The registered class of `kind` (what a recipe or a result records as `source_kind`)."""
-    from . import folder, git, hub  # noqa: F401 - the built-in kinds register themselves on import
-
-    return next(cls for cls in SOURCES if cls.kind == kind)
-
-
-def open_source(source: str, token: str | bool | None = None, cache_dir: str | Path | None = None) -> Source:
-    """The source SOURCE names: a path that exists (a git repository, a folder of checkpoints) wins over a Hub
-    repo id.
-
-    >>> open_source("EleutherAI/pythia-160m").kind    # doctest: +SKIP
-    'hub'
-    """
-    from . import folder, git, hub  # noqa: F401 - the built-in kinds register themselves on import
-
-    for cls in SOURCES:
-        if cls.claims(source):
-            return cls.open(source, token=token, cache_dir=cache_dir)
-    if Path(source).expanduser().exists():
-        raise HubError(f"{source} is a file; SOURCE must be a Hub repo id or a folder of checkpoints.")
-    raise HubError(f"{source!r} is neither an existing folder nor a Hub repo id of the form ORG/NAME.")
