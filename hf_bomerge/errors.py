@@ -52,3 +52,8 @@ class WatchError(BOMergeError):
 
 class RecipeError(BOMergeError):
     """A recipe (a bomerge_recipe.yaml, or the one a study records) cannot be read: a field is missing or malformed."""
+
+
+class OptionError(BOMergeError):
+    """A value no run accepts, or options that cannot go together: refused when the specs are built, before
+    anything heavy is imported (`hf_bomerge.options`)."""

@@ -19,14 +19,18 @@ identity (`study_identity`) is derived from them, so resuming with any input cha
 from __future__ import annotations
 
 import math
+import numbers
 import re
 import reprlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from .errors import BOMergeError, RecipeError, StudyError
-from .defaults import VERSION, DEFAULT_CONFIRM_FRACTION, DEFAULT_MAX_EVAL_TOKENS
+from . import weights as W
+from .defaults import DEFAULT_CONFIRM_FRACTION, DEFAULT_MAX_EVAL_TOKENS, VERSION
+from .errors import OptionError, RecipeError, StudyError
+from .fields import DEVICE_MAPS, EVAL_DTYPES, one_of, option, positive
+from .spaces import SEARCHES
 
 if TYPE_CHECKING:  # the evaluator imports torch and transformers: only where a merge is scored
     from .evaluator import Evaluator
@@ -34,6 +38,10 @@ if TYPE_CHECKING:  # the evaluator imports torch and transformers: only where a 
 
 DEFAULT_DATASET = "Salesforce/wikitext"
 DEFAULT_DATASET_CONFIG = "wikitext-2-raw-v1"
+
+
+def _ema_alpha() -> Any:  # one declaration for the two specs that read it
+    return option(0.2, "EMA's α: the search's EMA baseline, and --method ema", type=float)
 
 
 @dataclass(frozen=True)
@@ -44,10 +52,11 @@ class HeldOutSpec:
     'test'
     """
 
-    dataset: str = DEFAULT_DATASET
-    config: str | None = DEFAULT_DATASET_CONFIG
-    split: str = "validation"
-    text_column: str = "text"
+    dataset: str = option(DEFAULT_DATASET, "Hub dataset id or local file/folder", unset=True)
+    config: str | None = option(DEFAULT_DATASET_CONFIG, "dataset config", keyword="dataset_config", unset=True,
+                                shown=f"{DEFAULT_DATASET_CONFIG} for the default dataset")
+    split: str = option("validation", "the split; a local file is its own single split", unset=True)
+    text_column: str = option("text", "the column holding the text")
 
     @classmethod
     def parse(cls, spec: str, text_column: str = "text") -> "HeldOutSpec":
@@ -77,12 +86,22 @@ class SourceSpec:
     """
 
     source: str
-    revisions: str = "last:2"
-    max_checkpoints: int = 8
+    revisions: str = option("last:2", "A..B (training order, ends inclusive), R1,R2,..., or last:N")
+    max_checkpoints: int = option(8, "keep K evenly spaced; 0 = all", type=int)
     shas: tuple[str, ...] | None = None
-    tokenizer: str | None = None
-    dtype: str | None = None
-    trust_remote_code: bool = False
+    tokenizer: str | None = option(None, "tokenizer for the evaluation and the merge, when the checkpoints have "
+                                   "none", metavar="REPO_OR_PATH", shown="the latest revision's, else main's / "
+                                   "the folder root's")
+    dtype: str | None = option(None, "every merged tensor in this dtype", choices=EVAL_DTYPES,
+                               shown="each tensor keeps its checkpoints' dtype")
+    trust_remote_code: bool = option(False, "run the repo's own model code", action="store_true")
+
+    def __post_init__(self):
+        if not isinstance(self.revisions, str) or not self.revisions.strip():
+            raise OptionError(f"--revisions must name revisions (A..B, R1,R2,... or last:N), got "
+                              f"{reprlib.repr(self.revisions)}.")
+        positive("--max-checkpoints", self.max_checkpoints, allow_zero=True)
+        one_of("--dtype", self.dtype, MERGE_DTYPES)
 
 
 @dataclass(frozen=True)
@@ -96,27 +115,45 @@ class EvalSpec:
     """
 
     data: HeldOutSpec = HeldOutSpec()
-    objective: str = "loss"
-    max_eval_tokens: int = DEFAULT_MAX_EVAL_TOKENS
-    block_size: int | None = None
-    batch_size: int = 4
-    eval_dtype: str | None = None
-    device: str | None = None
-    device_map: str | None = None
-    max_memory: str | int | None = None
-    confirm_fraction: float = DEFAULT_CONFIRM_FRACTION
+    objective: str = option("loss", "loss (mean token NLL, minimized), or an `evaluate` metric name or local path "
+                            "(maximized) graded on multiple-choice rows: --dataset with columns question, choices "
+                            "(list) and answer (index or text); each choice scored by its log-likelihood",
+                            metavar="loss|METRIC")
+    max_eval_tokens: int = option(DEFAULT_MAX_EVAL_TOKENS, "cap on the tokens evaluated: the held-out text for "
+                                  "loss; for a metric, the first questions whose question+choice sequences (all "
+                                  "choices) fit in it", type=int)
+    block_size: int | None = option(None, "tokens per block", type=int, shown="min(model context, 2048)")
+    batch_size: int = option(4, "blocks per forward pass (a metric: as many question+choice sequences as fit in "
+                             "batch-size x block-size tokens)", type=int)
+    eval_dtype: str | None = option(None, "the dtype of the forward passes", choices=EVAL_DTYPES,
+                                    shown="float32 on CPU, the checkpoint dtype on CUDA")
+    device: str | None = option(None, "cpu, cuda, cuda:1", shown="cuda if available")
+    device_map: str | None = option(None, "spread the model (and each device's share of the checkpoints) over all "
+                                    "visible GPUs with Accelerate", choices=DEVICE_MAPS,
+                                    shown="the whole model on --device")
+    max_memory: str | int | None = option(None, "memory the run may use per device, e.g. 20GB",
+                                          shown="what is free")
+    confirm_fraction: float = option(DEFAULT_CONFIRM_FRACTION, "held-out blocks kept from the search to confirm "
+                                     "the merge on (every 4th: 0.25; 0 = off)", type=float)
 
     def __post_init__(self):
         if not 0.0 <= self.confirm_fraction < 1.0:
-            raise BOMergeError(f"--confirm-fraction must be in [0, 1), got {self.confirm_fraction}; 0.25 keeps "
+            raise OptionError(f"--confirm-fraction must be in [0, 1), got {self.confirm_fraction}; 0.25 keeps "
                                "every 4th held-out block for the confirm part, 0 turns it off.")
-
+        positive("--max-eval-tokens", self.max_eval_tokens)
+        positive("--block-size", self.block_size, optional=True)
+        positive("--batch-size", self.batch_size)
+        one_of("--eval-dtype", self.eval_dtype, EVAL_DTYPES)
+        one_of("--device-map", self.device_map, DEVICE_MAPS)
+        if not isinstance(self.objective, str) or not self.objective:
+            raise OptionError(f"--objective must be loss or a metric's name or path, got {self.objective!r}.")
     @classmethod
     def from_options(cls, dataset: str | None = None, dataset_config: str | None = None, split: str | None = None,
                      text_column: str = "text", **options) -> "EvalSpec":
         """From the CLI's / keyword API's flat options (`dataset` as `DATASET[:CONFIG][@SPLIT]` or a file)."""
-        if dataset is None:
-            return cls(HeldOutSpec(text_column=text_column), **options)
+        if dataset is None:  # the default dataset, at the config and split asked for
+            return cls(HeldOutSpec(DEFAULT_DATASET, dataset_config or DEFAULT_DATASET_CONFIG, split or "validation",
+                                   text_column), **options)
         data = HeldOutSpec.parse(dataset, text_column)
         if not Path(dataset).expanduser().exists():
             data = HeldOutSpec(data.dataset, dataset_config or data.config, split or data.split, text_column)
@@ -167,20 +204,36 @@ class SearchSpec:
     hf_bomerge.errors.StudyError: --layer-groups G (G ≥ 1) searches a simplex weight vector per depth group; it cannot combine with --search schedule (got G=2). Use --search auto or simplex, or leave out --layer-groups.
     """
 
-    space: str = "auto"
-    trials: int = 20
-    seed: int | None = 0
-    lambda_min: float = 0.0
-    ema_alpha: float = 0.2
-    layer_groups: int = 0
-    fallback: bool = False
-    eval_datasets: tuple[str, ...] = ()
+    space: str = option("auto", "how the weights are searched (auto: pairwise for 2 revisions, simplex up to 8, "
+                        "schedule beyond)", keyword="search", flag="--search", choices=SEARCHES)
+    trials: int = option(20, "total COMPLETE trials of the study, seeds included", type=int)
+    seed: int | None = option(0, "the sampler's seed", type=int)
+    lambda_min: float = option(0.0, "pairwise lower bound of λ", type=float)
+    ema_alpha: float = _ema_alpha()
+    layer_groups: int = option(0, "depth-wise weights: a weight vector each for the embeddings, G groups of "
+                               "transformer blocks and the head, interpolated between a shallow and a deep vector "
+                               "(2·N dimensions; N ≤ 8)", type=int, metavar="G", shown="0 = one global vector")
+    fallback: bool = option(False, "export the best baseline instead when the merge is not better on the confirm "
+                            "part", action="store_true")
+    eval_datasets: tuple[str, ...] = option((), "extra set for the generalization report, repeatable: a Hub "
+                                            "dataset or a local file", flag="--eval-dataset", dest="eval_dataset", action="append",
+                                            metavar="DATASET[:CONFIG][@SPLIT]", shown="none")
 
     def __post_init__(self):
+        one_of("--search", self.space, SEARCHES, optional=False)
+        if isinstance(self.trials, bool) or not isinstance(self.trials, int) or self.trials < 1:
+            raise OptionError(f"--trials must be a whole number of at least 1 (the baselines count), got "
+                              f"{self.trials!r}.")
+        if not isinstance(self.lambda_min, (int, float)) or not 0.0 <= self.lambda_min < 1.0:
+            raise OptionError(f"--lambda-min must be in [0, 1), got {self.lambda_min!r}.")
+        if not isinstance(self.ema_alpha, (int, float)) or not 0.0 < self.ema_alpha <= 1.0:
+            raise OptionError(f"--ema-alpha must be in (0, 1], got {self.ema_alpha!r}.")
         if self.layer_groups < 0 or (self.layer_groups and self.space not in ("auto", "simplex", "layered")):
             raise StudyError(f"--layer-groups G (G ≥ 1) searches a simplex weight vector per depth group; it "
                              f"cannot combine with --search {self.space} (got G={self.layer_groups}). Use --search "
                              "auto or simplex, or leave out --layer-groups.")
+        if isinstance(self.eval_datasets, str):  # one name, not its letters
+            raise OptionError(f"eval_datasets must be a list of datasets, got the string {self.eval_datasets!r}.")
         object.__setattr__(self, "eval_datasets", tuple(self.eval_datasets))
 
     def as_dict(self) -> dict:
@@ -211,16 +264,44 @@ class FixedSpec:
     [0.3333333333333333, 0.6666666666666666]
     """
 
-    weights: tuple[float, ...] | None = None
-    method: str | None = None
-    ema_alpha: float = 0.2
-    window: float | None = None
-    tokens_per_step: float | None = None
-    allow_extrapolation: bool = False
+    weights: tuple[float, ...] | None = option(None, "W1,W2,... one per revision, oldest first")
+    method: str | None = option(None, "a named rule instead of weights", choices=W.METHODS)
+    ema_alpha: float = _ema_alpha()
+    window: float | None = option(None, "wsm-* methods: the decay's window in the revisions' progress unit "
+                                  "(tokens when their names carry them, e.g. OLMo step1000-tokens4B or "
+                                  "train_00220B; else steps, or tokens with --tokens-per-step)", type=float,
+                                  metavar="W", shown="their whole span")
+    tokens_per_step: float | None = option(None, "tokens per optimizer step: step-named revisions are placed (and "
+                                           "--window read) in tokens", type=float, metavar="T",
+                                           shown="none: step-named revisions stay in steps")
+    allow_extrapolation: bool = option(False, "allow negative/unnormalized weights", action="store_true")
+
+    def __post_init__(self):
+        if self.weights is not None and self.method is not None:
+            raise OptionError(f"--weights gives the weights and --method {self.method} names a rule that computes "
+                              "them: pass one of the two.")
+        if self.weights is not None:
+            values = tuple(self.weights)
+            if not values or not all(isinstance(w, numbers.Real) and not isinstance(w, bool) and math.isfinite(w)
+                                     for w in values):
+                raise OptionError(f"--weights must be finite numbers, one per revision (oldest first), got "
+                                  f"{reprlib.repr(self.weights)}.")
+            object.__setattr__(self, "weights", values)
+        one_of("--method", self.method, W.METHODS)
+        if (self.window is not None or self.tokens_per_step is not None) and not (self.method or "").startswith("wsm-"):
+            raise OptionError("--window and --tokens-per-step shape a schedule-shaped fixed merge: use them with "
+                              "--method wsm-linear, wsm-cosine or wsm-sqrt (--search schedule finds the window "
+                              "itself).")
+        positive("--window", self.window, optional=True)
+        positive("--tokens-per-step", self.tokens_per_step, optional=True)
+        if not isinstance(self.ema_alpha, (int, float)) or not 0.0 < self.ema_alpha <= 1.0:
+            raise OptionError(f"--ema-alpha must be in (0, 1], got {self.ema_alpha!r}.")
+        if self.ema_alpha != _EMA_ALPHA and self.method != "ema":
+            raise OptionError(f"--ema-alpha shapes --method ema only; this merge uses "
+                              f"{'--weights' if self.weights is not None else '--method ' + (self.method or 'sma')}. "
+                              "Drop --ema-alpha, or use --method ema.")
 
     def weights_for(self, names: Sequence[str]) -> list[float]:
-        from . import weights as W
-
         n = len(names)
         if self.weights is not None:
             return W.check(self.weights, n, self.allow_extrapolation)
@@ -305,6 +386,7 @@ class Recipe:
         return cls.from_dict(recipe, f"the recipe {path}")
 
 
+_EMA_ALPHA = SearchSpec.ema_alpha
 _MISSING = object()
 _PIN = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # a commit id (or a folder's 40-digit fingerprint)
 MERGE_DTYPES = ("float32", "float16", "bfloat16", "float64", "fp32", "fp16", "bf16", "fp64")  # engine.DTYPES

@@ -1,0 +1,47 @@
+"""How a spec field declares its command-line option (`option`), and the checks its value gets (`positive`,
+`one_of`): one small module that imports nothing heavy, for `hf_bomerge.specs` (`hf_bomerge.options` reads the
+declarations).
+
+>>> positive("--batch-size", 0)
+Traceback (most recent call last):
+...
+hf_bomerge.errors.OptionError: --batch-size must be positive, got 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import field
+from typing import Any, Sequence
+
+from .errors import OptionError
+
+EVAL_DTYPES = ("float32", "float16", "bfloat16", "float64")
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def option(default: Any, help: str, **cli) -> Any:
+    """A spec field that is also a command-line option and a Python keyword (`hf_bomerge.options` builds both):
+    its default and help are written here, once. `cli`: `type`, `choices`, `metavar`, `action`, `flag` (default
+    `--field-name`), `keyword` (default the field's name), `dest`, `shown` (the default as the help words it,
+    where the value alone would not say it), `unset` (the option's own default is None: "not given").
+
+    >>> field_ = option(4, "blocks per forward pass", type=int)
+    >>> field_.default, field_.metadata["help"]
+    (4, 'blocks per forward pass')
+    """
+    return field(default=default, metadata={"help": help, **cli})
+
+
+def positive(flag: str, value, allow_zero: bool = False, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            value >= 0 if allow_zero else value > 0) or not math.isfinite(value):
+        floor = "0 or more" if allow_zero else "positive"
+        raise OptionError(f"{flag} must be {floor}, got {value!r}.")
+
+
+def one_of(flag: str, value, choices: Sequence[str], optional: bool = True) -> None:
+    if not (optional and value is None) and value not in choices:
+        raise OptionError(f"Unknown {flag} {value!r}; choose one of {', '.join(choices)}.")
