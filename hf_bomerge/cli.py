@@ -20,6 +20,7 @@ from dataclasses import dataclass
 # from slowing the merge down ~2x (measured in benchmarks/README.md); no effect on a quiet machine.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from . import options  # noqa: E402
 from .errors import BOMergeError  # noqa: E402
 
 DEFAULT = "search"
@@ -63,6 +64,7 @@ def build_parser(name: str = DEFAULT) -> argparse.ArgumentParser:
                                 description=getattr(module, "DESCRIPTION", command.help),
                                 epilog=_commands_epilog(module) if default else getattr(module, "EPILOG", None),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    options.track(p)  # which flags were written: a conflict is refused even when a flag repeats its default
     module.add_arguments(p)
     p.set_defaults(command=name)
     return p

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from . import offline
+from . import offline, options
 from .errors import HubError
-from .specs import EvalSpec, SourceSpec
+from .options import DEFAULTS
+from .specs import EvalSpec
 
 OFFLINE_ENV = "HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1"
 
@@ -34,7 +35,8 @@ class Downloaded:
     command: str = ""
 
 
-def download(source: str, revisions: str = "last:2", *, max_checkpoints: int = 8, dataset: str | None = None,
+def download(source: str, revisions: str = DEFAULTS["revisions"], *,
+             max_checkpoints: int = DEFAULTS["max_checkpoints"], dataset: str | None = None,
              dataset_config: str | None = None, split: str | None = None, eval_datasets: Sequence[str] = (),
              evaluate: bool = True, tokenizer: str | None = None, token: str | bool | None = None,
              cache_dir: str | Path | None = None, progress: bool = True) -> Downloaded:
@@ -80,23 +82,18 @@ def download(source: str, revisions: str = "last:2", *, max_checkpoints: int = 8
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="Hub repo id ORG/NAME (or a local folder / git repository)")
-    p.add_argument("--revisions", default=SourceSpec.revisions, help="as for a run: A..B, R1,R2,..., last:N")
-    p.add_argument("--max-checkpoints", type=int, default=SourceSpec.max_checkpoints,
-                   help="as for a run (default %(default)s; 0 = all)")
-    p.add_argument("--dataset", help="the held-out dataset (default Salesforce/wikitext)")
-    p.add_argument("--dataset-config")
-    p.add_argument("--split")
-    p.add_argument("--eval-dataset", action="append", default=[], metavar="DATASET[:CONFIG][@SPLIT]")
+    options.add(p, "revisions", "max_checkpoints", "dataset", "dataset_config", "split", "eval_datasets")
     p.add_argument("--no-eval", action="store_true", help="the later run is a fixed merge with --no-eval: no dataset")
-    p.add_argument("--tokenizer", metavar="REPO_OR_PATH", help="a tokenizer from another repo or folder")
+    options.add(p, "tokenizer")
     p.add_argument("--token", help="Hub token (default: HF_TOKEN or the login cache); never printed")
     p.add_argument("--cache-dir", help="the cache the offline run will use (default: the HF cache)")
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("--debug", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="tracebacks for every error")
 
 
 def run(args: argparse.Namespace) -> int:
     """Download, then print the offline command on stdout (what was fetched on stderr)."""
+    options.check_download(args)  # before anything is fetched
     done = download(args.source, args.revisions, max_checkpoints=args.max_checkpoints, dataset=args.dataset,
                     dataset_config=args.dataset_config, split=args.split, eval_datasets=args.eval_dataset,
                     evaluate=not args.no_eval, tokenizer=args.tokenizer, token=args.token,

@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 from .errors import WatchError
 
 LEDGER, PLOT, LOCK = "watch.jsonl", "watch.png", ".watch.lock"
+TRIALS = 12  # per round: a round is one window's study, warm-started (`hf-bomerge watch --trials`)
 WARM_LABEL = "previous round"  # the seed each round gets from the previous round's best weights
 logger = logging.getLogger("hf_bomerge")
 
@@ -123,7 +124,7 @@ def _round(source: str, output: Path, names: list[str], previous: dict | None, *
     return record
 
 
-def watch_once(source: str, output: str | Path, *, latest: str | None = None, window: int = 4, trials: int = 12,
+def watch_once(source: str, output: str | Path, *, latest: str | None = None, window: int = 4, trials: int = TRIALS,
                push_to_hub: str | None = None, private: bool | None = None, token: str | bool | None = None,
                settle: float = 2.0, wait: float = 600.0, poll: float = 2.0, max_shard_size=None,
                quiet: bool = True, **search_kwargs) -> dict:
@@ -137,7 +138,7 @@ def watch_once(source: str, output: str | Path, *, latest: str | None = None, wi
     from .sources import arrivals
 
     output = Path(output).expanduser().resolve()
-    _check_window(window)
+    _check(window, trials, search_kwargs)
     with _claim(output):
         ledger = read_ledger(output)
         done = {r["latest"]: r for r in ledger}
@@ -167,7 +168,7 @@ def watch_once(source: str, output: str | Path, *, latest: str | None = None, wi
                       max_shard_size=max_shard_size, quiet=quiet, search_kwargs=search_kwargs)
 
 
-def watch(source: str, output: str | Path, *, window: int = 4, trials: int = 12, poll: float = 60.0,
+def watch(source: str, output: str | Path, *, window: int = 4, trials: int = TRIALS, poll: float = 60.0,
           stop_after: int | None = None, push_to_hub: str | None = None, private: bool | None = None,
           token: str | bool | None = None, settle: float = 2.0, max_shard_size=None, quiet: bool = False,
           on_round: Callable[[dict], None] | None = None, **search_kwargs) -> list[dict]:
@@ -182,7 +183,7 @@ def watch(source: str, output: str | Path, *, window: int = 4, trials: int = 12,
     from .watchplot import plot_watch
 
     output = Path(output).expanduser().resolve()
-    _check_window(window)
+    _check(window, trials, search_kwargs)
     done: list[dict] = []
     hub_cache: dict = {}
     with _claim(output):
@@ -216,20 +217,25 @@ def watch(source: str, output: str | Path, *, window: int = 4, trials: int = 12,
     return done
 
 
-def _check_window(window: int) -> None:
+def _check(window: int, trials: int, search_kwargs: dict) -> None:
+    """Refuse a window or search option no round can use, before anything is read."""
+    from .options import OPTIONS, search_specs
+
     if window < 2:
         raise WatchError(f"--window must be at least 2 (a merge needs two revisions), got {window}.")
+    search_specs("watch", trials=trials, **{k: v for k, v in search_kwargs.items() if k in OPTIONS})
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The options of `hf-bomerge watch`: the watch's own, then the data and search options of a run."""
-    from .defaults import DEFAULT_MAX_EVAL_TOKENS
-    from .spaces import SEARCHES
+    """The options of `hf-bomerge watch`: the watch's own, then every option of a search that a round takes
+    (`options.WATCH`: all but the revisions, which the watch picks, and the fixed merges')."""
+    from . import options
+    from .commands.search import add_data_options, add_device_options, add_search_options
+    from .defaults import DEFAULT_MAX_SHARD_SIZE
 
     p.add_argument("source", help="Hub repo id ORG/NAME (its branches) or a training output folder (checkpoint-N)")
     p.add_argument("--output", required=True, help="folder of the rounds: <latest>/, watch.jsonl, watch.png")
     p.add_argument("--window", type=int, default=4, help="merge the last K revisions (default 4)")
-    p.add_argument("--trials", type=int, default=12, help="COMPLETE trials per round, seeds included (default 12)")
     p.add_argument("--poll", type=float, default=60.0, help="seconds between looks for new revisions (default 60)")
     p.add_argument("--stop-after", type=int, metavar="M", help="exit after M rounds")
     p.add_argument("--latest", metavar="REV", help="do one round, for the window ending at REV, and exit")
@@ -238,42 +244,31 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--push-to-hub", metavar="REPO_ID", help="push each round to the branch <latest>-bomerge")
     p.add_argument("--private", action="store_true", help="create the Hub repo private")
     p.add_argument("--token", help="Hub token (default: HF_TOKEN or the login cache); never printed")
-    g = p.add_argument_group("held-out data and search (as for a run)")
-    g.add_argument("--dataset")
-    g.add_argument("--dataset-config")
-    g.add_argument("--split")
-    g.add_argument("--text-column", default="text")
-    g.add_argument("--max-eval-tokens", type=int, default=DEFAULT_MAX_EVAL_TOKENS)
-    g.add_argument("--block-size", type=int)
-    g.add_argument("--batch-size", type=int, default=4)
-    g.add_argument("--eval-dtype", choices=["float32", "float16", "bfloat16", "float64"])
-    g.add_argument("--objective", default="loss", metavar="loss|METRIC")
-    g.add_argument("--search", choices=SEARCHES, default="auto")
-    g.add_argument("--lambda-min", type=float, default=0.0)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--ema-alpha", type=float, default=0.2)
-    g.add_argument("--storage", help="Optuna storage URL (default: SQLite under the cache dir)")
+    add_data_options(p.add_argument_group("held-out data (as for a run)"))
+    g = p.add_argument_group("search (as for a run; each round is one study)")
+    add_search_options(g, trials=dict(default=TRIALS, help="COMPLETE trials per round, seeds included"))
+    options.add(g, "ema_alpha", "tokenizer")
     g = p.add_argument_group("other")
-    g.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "float64"],
-                   help="every merged tensor in this dtype (default: each keeps its checkpoints' dtype)")
-    g.add_argument("--max-shard-size")
-    g.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
-    g.add_argument("--cache-dir")
-    g.add_argument("--trust-remote-code", action="store_true")
+    options.add(g, "dtype")
+    g.add_argument("--max-shard-size", help=f"largest weight file written (default: {DEFAULT_MAX_SHARD_SIZE})")
+    add_device_options(g)
+    g.add_argument("--cache-dir", help="downloads, tokenized held-out data and the default study storage")
     g.add_argument("--json", action="store_true", help="print each round's JSON object on its own stdout line")
-    g.add_argument("--quiet", action="store_true")
-    g.add_argument("--debug", action="store_true")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument("--debug", action="store_true", help="tracebacks for every error")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     """`hf-bomerge watch` with parsed `args`; returns the exit status."""
-    keys = ("dataset", "dataset_config", "split", "text_column", "max_eval_tokens", "block_size", "batch_size",
-            "eval_dtype", "objective", "search", "lambda_min", "seed", "ema_alpha", "storage", "dtype", "device",
-            "cache_dir", "trust_remote_code")
+    from . import options
+
+    options.from_args(args)  # every value and combination checked before anything is read or loaded
     common = dict(window=args.window, trials=args.trials, push_to_hub=args.push_to_hub, token=args.token,
                   private=args.private or None, settle=args.settle, max_shard_size=args.max_shard_size,
-                  quiet=args.quiet, **{k: getattr(args, k) for k in keys})
+                  quiet=args.quiet, storage=args.storage, cache_dir=args.cache_dir,
+                  **{options.OPTIONS[k].keyword: getattr(args, options.OPTIONS[k].dest)
+                     for k in options.WATCH if k != "trials"})
 
     def emit(record: dict) -> None:
         if args.json:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from .. import options
 from ..errors import BOMergeError
 from ..objectives import objective_class
 from . import search
@@ -27,6 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    options.from_args(args)  # every value and combination checked before the model is trained
     from .. import api
     from ..demo import build_trajectory
 

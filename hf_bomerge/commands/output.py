@@ -8,6 +8,7 @@ import dataclasses
 import json
 import sys
 
+from .. import options
 from ..defaults import DEFAULT_MAX_SHARD_SIZE
 from ..objectives import objective_class
 
@@ -17,9 +18,9 @@ def add_output_options(p: argparse.ArgumentParser, *, dtype: bool = False) -> No
     g.add_argument("--output", help="default ./<model-name>-bomerge")
     g.add_argument("--overwrite", action="store_true")
     if dtype:
-        g.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "float64"],
-                       help="every merged tensor in this dtype (default: each tensor keeps its checkpoints' dtype)")
-    g.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE)
+        options.add(g, "dtype")
+    g.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="largest weight file written "
+                   "(default: %(default)s)")
     g.add_argument("--push-to-hub", metavar="REPO_ID", help="publish the merged model to this Hub repo")
     g.add_argument("--private", action="store_true", help="create the Hub repo private")
     g.add_argument("--hub-revision", metavar="BRANCH", help="push to this branch (created if missing)")
