@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from . import parallel
 from . import weights as W
 from .confirm import confirm
-from .defaults import DEFAULT_CONFIRM_FRACTION
 from .engine import rule_from_config
 from .evaluator import CONFIRM
-from .heldout import DEFAULT_MAX_EVAL_TOKENS, HeldOutSpec
+from .heldout import HeldOutSpec
 from .layers import LayerGroups
 from .objectives import Objective, objective_class
+from .options import DEFAULTS, OPTIONS, merge_specs, search_specs
 from .plan import Plan
 from .prepare import Prepared, prepare, resolve, run_plan
 from .recorded import from_recipe, from_study, result_of  # noqa: F401  (part of the API)
@@ -50,38 +50,41 @@ def plan(source: str, revisions: str = "last:2", *, max_checkpoints: int = 8, to
     return result
 
 
-def search(source: str, revisions: str = "last:2", *, dataset: str | None = None,
-           dataset_config: str | None = None, split: str | None = None, text_column: str = "text",
-           eval_datasets: Sequence[str] = (), max_eval_tokens: int = DEFAULT_MAX_EVAL_TOKENS,
-           block_size: int | None = None, batch_size: int = 4, eval_dtype: str | None = None,
-           search: str = "auto", trials: int = 20, lambda_min: float = 0.0, seed: int | None = 0,
-           ema_alpha: float = 0.2, max_checkpoints: int = 8, storage: str | None = None,
-           study_name: str | None = None, device: str | None = None, token: str | bool | None = None,
-           cache_dir: str | Path | None = None, trust_remote_code: bool = False, dtype: str | None = None,
-           max_memory: str | int | None = None, device_map: str | None = None, progress: bool = True,
-           objective: str = "loss", on_trial: Callable[[Trial, int, int], None] | None = None,
-           confirm_fraction: float = DEFAULT_CONFIRM_FRACTION, fallback: bool = False,
-           sampler=None, extra_seeds: Sequence[tuple[str, Sequence[float]]] = (),
-           tokenizer: str | None = None, layer_groups: int = 0) -> MergeResult:
+D = DEFAULTS  # every option's default, read from the specs' fields (`hf_bomerge.options`)
+
+
+def search(source: str, revisions: str = D["revisions"], *, dataset: str | None = D["dataset"],
+           dataset_config: str | None = D["dataset_config"], split: str | None = D["split"],
+           text_column: str = D["text_column"], eval_datasets: Sequence[str] = D["eval_datasets"],
+           max_eval_tokens: int = D["max_eval_tokens"], block_size: int | None = D["block_size"],
+           batch_size: int = D["batch_size"], eval_dtype: str | None = D["eval_dtype"], search: str = D["search"],
+           trials: int = D["trials"], lambda_min: float = D["lambda_min"], seed: int | None = D["seed"],
+           ema_alpha: float = D["ema_alpha"], max_checkpoints: int = D["max_checkpoints"],
+           storage: str | None = None, study_name: str | None = None, device: str | None = D["device"],
+           token: str | bool | None = None, cache_dir: str | Path | None = None,
+           trust_remote_code: bool = D["trust_remote_code"], dtype: str | None = D["dtype"],
+           max_memory: str | int | None = D["max_memory"], device_map: str | None = D["device_map"],
+           progress: bool = True, objective: str = D["objective"],
+           on_trial: Callable[[Trial, int, int], None] | None = None,
+           confirm_fraction: float = D["confirm_fraction"], fallback: bool = D["fallback"], sampler=None,
+           extra_seeds: Sequence[tuple[str, Sequence[float]]] = (), tokenizer: str | None = D["tokenizer"],
+           layer_groups: int = D["layer_groups"]) -> MergeResult:
     """Search merge weights for `revisions` of `source` with a GP on held-out loss (minimized), or on an
     `evaluate` metric `objective` (a name or a local path; maximized) of multiple-choice questions.
 
     The keywords are those of `SourceSpec`, `EvalSpec` (`dataset` as `DATASET[:CONFIG][@SPLIT]` or a file) and
-    `SearchSpec` (`search` is its `space`); the rest are as in `search_with`.
+    `SearchSpec` (`search` is its `space`), checked as the command line's are (`options.search_specs`); the rest
+    are as in `search_with`.
 
     >>> result = search("EleutherAI/pythia-160m", revisions="last:4", trials=16)   # doctest: +SKIP
     >>> result.weights, result.loss, result.baselines                               # doctest: +SKIP
     >>> search("EleutherAI/pythia-160m", "last:4", objective="./metrics/accuracy", dataset="mc.jsonl")  # doctest: +SKIP
     """
-    return search_with(
-        SourceSpec(source, revisions, max_checkpoints, None, tokenizer, dtype, trust_remote_code),
-        EvalSpec.from_options(dataset, dataset_config, split, text_column, objective=objective,
-                              max_eval_tokens=max_eval_tokens, block_size=block_size, batch_size=batch_size,
-                              eval_dtype=eval_dtype, device=device, device_map=device_map, max_memory=max_memory,
-                              confirm_fraction=confirm_fraction),
-        SearchSpec(search, trials, seed, lambda_min, ema_alpha, layer_groups, fallback, tuple(eval_datasets)),
-        storage=storage, study_name=study_name, token=token, cache_dir=cache_dir, progress=progress,
-        on_trial=on_trial, sampler=sampler, extra_seeds=extra_seeds)
+    values = {k: v for k, v in locals().items() if k in OPTIONS}  # the spec options among the keywords
+    specs = search_specs(source, **values)
+    return search_with(specs.source, specs.evaluation, specs.search, storage=storage, study_name=study_name,
+                       token=token, cache_dir=cache_dir, progress=progress, on_trial=on_trial, sampler=sampler,
+                       extra_seeds=extra_seeds)
 
 
 def search_with(source: SourceSpec, evaluation: EvalSpec = EvalSpec(),
@@ -209,32 +212,30 @@ def _generalization(evaluate, extra: Sequence[HeldOutSpec], best_weights, outcom
                                        best_single_revision=best_single) for data in extra}
 
 
-def merge(source: str, revisions: str = "last:2", *, weights: Sequence[float] | None = None,
-          method: str | None = None, ema_alpha: float = 0.2, allow_extrapolation: bool = False,
-          max_checkpoints: int = 8, evaluate: bool = True, dataset: str | None = None,
-          dataset_config: str | None = None, split: str | None = None, text_column: str = "text",
-          max_eval_tokens: int = DEFAULT_MAX_EVAL_TOKENS, block_size: int | None = None, batch_size: int = 4,
-          eval_dtype: str | None = None, device: str | None = None, token: str | bool | None = None,
-          cache_dir: str | Path | None = None, trust_remote_code: bool = False, dtype: str | None = None,
-          max_memory: str | int | None = None, device_map: str | None = None, progress: bool = True,
-          objective: str = "loss", shas: Sequence[str] | None = None, tokenizer: str | None = None,
-          window: float | None = None, tokens_per_step: float | None = None) -> MergeResult:
+def merge(source: str, revisions: str = D["revisions"], *, weights: Sequence[float] | None = D["weights"],
+          method: str | None = D["method"], ema_alpha: float = D["ema_alpha"],
+          allow_extrapolation: bool = D["allow_extrapolation"], max_checkpoints: int = D["max_checkpoints"],
+          evaluate: bool = True, dataset: str | None = D["dataset"], dataset_config: str | None = D["dataset_config"],
+          split: str | None = D["split"], text_column: str = D["text_column"],
+          max_eval_tokens: int = D["max_eval_tokens"], block_size: int | None = D["block_size"],
+          batch_size: int = D["batch_size"], eval_dtype: str | None = D["eval_dtype"],
+          device: str | None = D["device"], token: str | bool | None = None, cache_dir: str | Path | None = None,
+          trust_remote_code: bool = D["trust_remote_code"], dtype: str | None = D["dtype"],
+          max_memory: str | int | None = D["max_memory"], device_map: str | None = D["device_map"],
+          progress: bool = True, objective: str = D["objective"], shas: Sequence[str] | None = None,
+          tokenizer: str | None = D["tokenizer"], window: float | None = D["window"],
+          tokens_per_step: float | None = D["tokens_per_step"]) -> MergeResult:
     """A fixed merge (explicit `weights` or `method` sma/ema/wma/wsm-linear/wsm-cosine/wsm-sqrt), no search;
     evaluated on the held-out loss or the metric `objective` (as in `search`) unless `evaluate=False`. The
-    keywords are those of `SourceSpec`, `FixedSpec` and `EvalSpec`; see `merge_with`.
+    keywords are those of `SourceSpec`, `FixedSpec` and `EvalSpec`, checked as the command line's are
+    (`options.merge_specs`); see `merge_with`.
 
     >>> merge("EleutherAI/pythia-160m", "last:4", method="ema").save_pretrained("ema")   # doctest: +SKIP
     """
-    evaluation = EvalSpec.from_options(dataset, dataset_config, split, text_column, objective=objective,
-                                       max_eval_tokens=max_eval_tokens, block_size=block_size,
-                                       batch_size=batch_size, eval_dtype=eval_dtype, device=device,
-                                       device_map=device_map, max_memory=max_memory)
-    return merge_with(
-        SourceSpec(source, revisions, max_checkpoints, tuple(shas) if shas else None, tokenizer, dtype,
-                   trust_remote_code),
-        FixedSpec(tuple(weights) if weights is not None else None, method, ema_alpha, window, tokens_per_step,
-                  allow_extrapolation),
-        evaluation if evaluate else None, token=token, cache_dir=cache_dir, progress=progress)
+    values = {k: v for k, v in locals().items() if k in OPTIONS}  # the spec options among the keywords
+    specs = merge_specs(source, evaluate=evaluate, shas=shas, **values)
+    return merge_with(specs.source, specs.fixed, specs.evaluation, token=token, cache_dir=cache_dir,
+                      progress=progress)
 
 
 def merge_with(source: SourceSpec, fixed: FixedSpec = FixedSpec(), evaluation: EvalSpec | None = EvalSpec(), *,
