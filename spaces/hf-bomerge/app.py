@@ -73,22 +73,22 @@ def build_app(limits: Limits | None = None, cache_dir: str | Path | None = None,
         refs_table = gr.Dataframe(label="Checkpoint branches (training order)", interactive=False, max_height=260)
         gr.Markdown("## 2. Revisions, held-out data, search")
         with gr.Row():
-            spec = gr.Textbox(label="Revisions", value="last:2", scale=2, elem_id="spec",
+            spec = gr.Textbox(label="Revisions", value=H.DEFAULTS["revisions"], scale=2, elem_id="spec",
                               info="A..B (training order, ends inclusive) · R1,R2,… · last:N")
             picked = gr.Dropdown(label="…or pick revisions", multiselect=True, choices=[], scale=3,
                                  info="Fills the Revisions box.")
         with gr.Row():
-            dataset = gr.Textbox(label="Held-out dataset", value="Salesforce/wikitext", elem_id="dataset")
-            dataset_config = gr.Textbox(label="Config", value="wikitext-2-raw-v1", elem_id="dataset-config")
-            split = gr.Textbox(label="Split", value="validation", elem_id="split")
-            text_column = gr.Textbox(label="Text column", value="text")
+            dataset = gr.Textbox(label="Held-out dataset", value=H.SPEC_DEFAULTS["dataset"], elem_id="dataset")
+            dataset_config = gr.Textbox(label="Config", value=H.SPEC_DEFAULTS["dataset_config"], elem_id="dataset-config")
+            split = gr.Textbox(label="Split", value=H.SPEC_DEFAULTS["split"], elem_id="split")
+            text_column = gr.Textbox(label="Text column", value=H.DEFAULTS["text_column"])
         eval_sets = gr.Textbox(label="Generalization sets (optional, not used by the search)", lines=2,
                                elem_id="eval-sets",
                                placeholder="ORG/NAME[:CONFIG][@SPLIT], one per line")
         with gr.Row():
-            search_mode = gr.Radio(H.SEARCH_MODES, value="auto", label="Search",
+            search_mode = gr.Radio(H.SEARCH_MODES, value=H.DEFAULTS["search"], label="Search",
                                    info="auto: pairwise for 2 revisions, simplex up to 8, schedule beyond")
-            trials = gr.Slider(1, limits.max_trials, value=min(20, limits.max_trials), step=1,
+            trials = gr.Slider(1, limits.max_trials, value=min(H.DEFAULTS["trials"], limits.max_trials), step=1,
                                label="Trials (baselines included)", elem_id="trials")
         with gr.Row():
             run_btn = gr.Button("Run", variant="primary")

@@ -27,10 +27,13 @@ import pandas as pd
 from hf_bomerge.errors import BOMergeError
 from hf_bomerge.sources import open_source
 from hf_bomerge.revisions import progress_key, sort_revisions
+from hf_bomerge.options import DEFAULTS, SPEC_DEFAULTS  # noqa: F401 - the app's defaults, as the CLI's
+from hf_bomerge.spaces import SEARCHES
 from hf_bomerge.specs import HeldOutSpec
 from space_limits import REPO_ID, Limits, PlanError, PlanRefused, hub_id, plan_markdown, plan_run  # noqa: F401 - re-exported
 
-SEARCH_MODES = ["auto", "pairwise", "simplex", "schedule", "family"]
+# The search modes of the command line but `layered` (it needs --layer-groups, which this Space does not offer).
+SEARCH_MODES = [mode for mode in SEARCHES if mode != "layered"]
 POLL_S = 0.5  # how often the search process is listened to (and how soon Stop takes effect)
 WORKERS: dict[str, multiprocessing.Process] = {}  # live search processes by run id (see `stop`)
 TRIAL_COLUMNS = ["trial", "kind", "state", "loss", "weights"]
@@ -104,7 +107,7 @@ def run(ctx: Context, model_id, spec, dataset, dataset_config, split, text_colum
         output = ctx.cache / "outputs" / run_id / f"{plan.source.split('/')[-1]}-bomerge"
         kwargs = dict(source=plan.source, revisions=",".join(plan.revisions), max_checkpoints=0, dataset=dataset,
                       dataset_config=(dataset_config or "").strip() or None, split=(split or "").strip() or None,
-                      text_column=(text_column or "").strip() or "text", eval_datasets=evals, search=search_mode,
+                      text_column=(text_column or "").strip() or DEFAULTS["text_column"], eval_datasets=evals, search=search_mode,
                       trials=trials, storage=f"sqlite:///{run_dir / 'study.db'}", token=token or False,
                       cache_dir=str(run_dir), max_eval_tokens=ctx.limits.max_eval_tokens,
                       max_memory=int(ctx.limits.max_memory_gb * 1e9), progress=False)
