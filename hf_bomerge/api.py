@@ -38,8 +38,8 @@ if TYPE_CHECKING:  # the study (Optuna, SQLAlchemy) is imported where used: a fi
 logger = logging.getLogger("hf_bomerge")
 
 
-def plan(source: str, revisions: str = "last:2", *, max_checkpoints: int = 8, token: str | bool | None = None,
-         cache_dir: str | Path | None = None, **kwargs) -> Plan:
+def plan(source: str, revisions: str = DEFAULTS["revisions"], *, max_checkpoints: int = DEFAULTS["max_checkpoints"],
+         token: str | bool | None = None, cache_dir: str | Path | None = None, **kwargs) -> Plan:
     """What a run would download, hold in memory and write, from listings and config.json alone.
 
     >>> print(plan("EleutherAI/pythia-1b", "step100000..step143000").describe())   # doctest: +SKIP
