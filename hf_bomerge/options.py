@@ -154,10 +154,11 @@ def merge_specs(source: str, revisions: str = DEFAULTS["revisions"], *, evaluate
     return build(source, revisions, values, fixed=True, evaluate=evaluate, shas=shas)
 
 
-def from_args(args: argparse.Namespace) -> Run:
-    """The specs of a parsed `search`, `demo` or `watch` command line (a fixed merge with --weights/--method)."""
-    values = {o.keyword: getattr(args, o.dest) for o in OPTIONS.values() if hasattr(args, o.dest)}
-    flags = given(args)
+def from_args(args: argparse.Namespace, keywords=tuple(OPTIONS)) -> Run:
+    """The specs of a parsed `search`, `demo` or `watch` command line (a fixed merge with --weights/--method);
+    `keywords`: the options the command takes (watch's own --window is not a fixed merge's)."""
+    values = {k: getattr(args, OPTIONS[k].dest) for k in keywords if hasattr(args, OPTIONS[k].dest)}
+    flags = {k: f for k, f in given(args).items() if k in keywords or k not in OPTIONS}
     fixed = values.get("weights") is not None or values.get("method") is not None
     return build(args.source, values.pop("revisions", DEFAULTS["revisions"]), values, flags, fixed=fixed,
                  evaluate=not getattr(args, "no_eval", False))

@@ -263,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
     """`hf-bomerge watch` with parsed `args`; returns the exit status."""
     from . import options
 
-    options.from_args(args)  # every value and combination checked before anything is read or loaded
+    options.from_args(args, options.WATCH)  # every value and combination checked before anything is read or loaded
     common = dict(window=args.window, trials=args.trials, push_to_hub=args.push_to_hub, token=args.token,
                   private=args.private or None, settle=args.settle, max_shard_size=args.max_shard_size,
                   quiet=args.quiet, storage=args.storage, cache_dir=args.cache_dir,

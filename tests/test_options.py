@@ -49,6 +49,7 @@ REFUSED = [  # (arguments, what the message says); SRC is an existing (empty) fo
     ([S, "--recipe", "r.yaml", "--trials", "3"], "--recipe FILE rebuilds the merge its recipe pins (the same "
                                                  "revisions and weights, no search): SOURCE, --trials"),
     ([*W, "--trials", "0"], "--trials must be a whole number of at least 1"),
+    ([*W, "--window", "3", "--trials", "0"], "--trials must be"),  # watch's own --window is not a fixed merge's
     ([*W, "--fallback", "--confirm-fraction", "0"], "--fallback compares"),
     ([*W, "--layer-groups", "2", "--search", "family"], "cannot combine with --search family"),
     ([*D, "--no-eval", "--dataset", "x"], "--no-eval fetches no held-out data: --dataset would not be fetched"),
