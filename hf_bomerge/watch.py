@@ -14,6 +14,7 @@ fields plus `"latest"`; the ledger: a re-run resumes after its last line) and re
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -108,8 +109,9 @@ def _round(source: str, output: Path, names: list[str], previous: dict | None, *
                                                             if previous else ""), quiet)
     result = api.search(source, ",".join(chosen), max_checkpoints=0, trials=trials, extra_seeds=seeds,
                         token=token, progress=not quiet, **search_kwargs)
-    result.save_pretrained(output / latest, max_shard_size=max_shard_size or DEFAULT_MAX_SHARD_SIZE,
-                           progress=not quiet)
+    folder = result.save_pretrained(output / latest, max_shard_size=max_shard_size or DEFAULT_MAX_SHARD_SIZE,
+                                    progress=not quiet)
+    result = dataclasses.replace(result, output=str(folder))
     if push_to_hub:
         url = result.push_to_hub(push_to_hub, token=token, private=private, revision=f"{latest}-bomerge",
                                  commit_message=f"Merge of the last {len(chosen)} checkpoints at {latest} (hf-bomerge watch)")

@@ -122,7 +122,8 @@ def test_watch_folder_waits_for_partial_revision_survives_kill_and_resumes(traje
     run, out, cache = tmp_path / "run", tmp_path / "out", tmp_path / "cache"
     for step in ("step400", "step450"):
         copy_revision(trajectory / step, run / step)
-    args = ["--output", str(out), "--window", "3", "--trials", "10", "--poll", "0.3", "--settle", "0.5",
+    # 40 trials: a round lasts seconds even on a quiet machine (10 took under one), so the kill below lands in it
+    args = ["--output", str(out), "--window", "3", "--trials", "40", "--poll", "0.3", "--settle", "0.5",
             *data_args(trajectory, cache)]
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(cli(str(run), *args), stdout=subprocess.DEVNULL, stderr=log)
@@ -142,8 +143,8 @@ def test_watch_folder_waits_for_partial_revision_survives_kill_and_resumes(traje
         assert len(read_ledger(out)) == 1 and not (out / "step500").exists()
         (part / "pytorch_model.bin").write_bytes(data)
         # Killed (SIGKILL: no cleanup at all) in the middle of step500's round.
-        wait_for(lambda: "round step500:" in stderr(), 120, proc, "the second round to start")
-        time.sleep(1.0)
+        wait_for(lambda: "trials:" in stderr().partition("round step500:")[2], 120, proc,
+                 "the second round's trials to start")
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     finally:
@@ -167,7 +168,7 @@ def test_watch_folder_waits_for_partial_revision_survives_kill_and_resumes(traje
         assert record["output"] == str(folder)
         assert (folder / "model.safetensors").is_file() and (folder / "README.md").is_file()
         assert json.loads((folder / "bomerge_result.json").read_text())["weights"] == record["weights"]
-        assert record["trials"] == 10
+        assert record["trials"] == 40
     assert (out / "watch.png").stat().st_size > 0
     assert not list(out.glob(".*.partial"))
 
