@@ -19,7 +19,7 @@ from . import parallel
 from . import weights as W
 from .confirm import confirm
 from .engine import rule_from_config
-from .evaluator import CONFIRM
+from .evaluator import CONFIRM, Evaluator
 from .heldout import HeldOutSpec
 from .layers import LayerGroups
 from .objectives import Objective, objective_class
@@ -123,15 +123,15 @@ def search_with(source: SourceSpec, evaluation: EvalSpec = EvalSpec(),
         extra = [HeldOutSpec.parse(e, evaluation.data.text_column) for e in search.eval_datasets]
         prep = _prepare(source, token, cache_dir, progress, evaluation.planning(), [evaluation.data, *extra])
         space = space_for("simplex" if search.layer_groups else search.space, prep.names, search.lambda_min)
-        evaluator = evaluation.evaluator(prep, cache, source)
+        evaluator = Evaluator.from_spec(evaluation, prep, cache, source)
     rule = None
     if search.layer_groups:  # after the evaluator: the loaded model's parameters decide what is merged
         rule = LayerGroups.from_names(search.layer_groups, prep.ckpts.merged_names)
         space = Layered(len(prep.ckpts), search.lambda_min, groups=rule,
                         sizes=rule.sizes({n: prep.ckpts.infos[n].numel for n in prep.ckpts.merged_names}))
     pins = _pins(prep, source, layer_groups=rule.as_dict() if rule else None)
-    described, record = evaluation.described(evaluator), dataclasses.replace(search, space=space.kind)
-    inputs = study_identity(pins, search, space.kind, evaluation.identity(evaluator))
+    described, record = evaluator.described(), dataclasses.replace(search, space=space.kind)
+    inputs = study_identity(pins, search, space.kind, evaluator.inputs())
     name = study_name or default_study_name(inputs)
     url = storage or default_storage(cache)
     attrs = {"recipe": pins.as_dict(), "search": record.as_dict(), "evaluation": described}
@@ -260,9 +260,9 @@ def merge_with(source: SourceSpec, fixed: FixedSpec = FixedSpec(), evaluation: E
         return result_of(prep, dataclasses.replace(_pins(prep, source), weights=weights))
     evaluation = dataclasses.replace(evaluation, confirm_fraction=0.0)  # no search: every block is scored
     with parallel.main_process_first():
-        evaluator = evaluation.evaluator(prep, Path(cache_dir or default_cache_dir()), source)
+        evaluator = Evaluator.from_spec(evaluation, prep, Path(cache_dir or default_cache_dir()), source)
     # after the evaluator: the loaded model's parameters decide what is merged
     loss = evaluator(weights, None, True)  # every process scores its share; the sums are reduced
     prep.ckpts.check_unchanged()
     return result_of(prep, dataclasses.replace(_pins(prep, source), weights=weights), loss=loss,
-                     **evaluation.described(evaluator))
+                     **evaluator.described())

@@ -22,6 +22,7 @@ from .mergers import ResidentMerger, StreamedMerger
 from .objectives import Objective, objective_class
 from .objectives.loss import HeldOutLoss
 from .prepare import Prepared, has_bf16
+from .specs import EvalSpec, SourceSpec
 
 logger = logging.getLogger("hf_bomerge")
 
@@ -90,6 +91,31 @@ class Evaluator:
                          "max_eval_tokens": max_eval_tokens, "tokenizer": tokenizer_fingerprint(prep.tokenizer_folder),
                          "data": self.objective.identity}
         self._texts: dict[HeldOutSpec, HeldOutLoss] = {}
+
+    @classmethod
+    def from_spec(cls, spec: EvalSpec, prep: Prepared, cache_dir: Path, source: SourceSpec) -> Evaluator:
+        """The evaluator an `EvalSpec` describes, on the downloaded checkpoints `prep` of `source`."""
+        evaluator = cls(prep, dataset=spec.data, max_eval_tokens=spec.max_eval_tokens, block_size=spec.block_size,
+                        batch_size=spec.batch_size, eval_dtype=spec.eval_dtype, device=spec.device,
+                        trust_remote_code=source.trust_remote_code, cache_dir=cache_dir, store_dtype=source.dtype,
+                        device_map=spec.device_map, objective=spec.objective, confirm_fraction=spec.confirm_fraction)
+        evaluator.spec = spec
+        return evaluator
+
+    def inputs(self) -> dict:
+        """Everything about the evaluation that changes the objective's value (the exact tokens read included)."""
+        spec = self.spec
+        return {"dataset": spec.data.label, "objective": objective_class(spec.objective).key(spec.objective),
+                **self.identity}
+
+    def described(self) -> dict:
+        """What the result, its card and `--json` say about the data and numerics (`MergeResult` fields)."""
+        data = self.spec.data
+        is_hub = not Path(data.dataset).expanduser().exists()
+        return {"dataset": data.label, "dataset_id": data.dataset if is_hub else None,
+                "dataset_config": data.config if is_hub else None, "dataset_split": data.split if is_hub else None,
+                "eval_tokens": self.eval_tokens, "eval_questions": self.eval_questions,
+                "eval_dtype": str(self.eval_dtype).removeprefix("torch."), "objective": self.objective.name}
 
     def _load(self, dtype: torch.dtype, mode: str) -> None:
         """The latest revision's model in `dtype`, and the merger (of the plan's `mode`) that writes each trial

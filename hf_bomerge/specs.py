@@ -24,7 +24,7 @@ import re
 import reprlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from . import weights as W
 from .defaults import DEFAULT_CONFIRM_FRACTION, DEFAULT_MAX_EVAL_TOKENS, VERSION
@@ -32,9 +32,6 @@ from .errors import OptionError, RecipeError, StudyError
 from .fields import DEVICE_MAPS, EVAL_DTYPES, one_of, option, positive
 from .spaces import SEARCHES
 
-if TYPE_CHECKING:  # the evaluator imports torch and transformers: only where a merge is scored
-    from .evaluator import Evaluator
-    from .prepare import Prepared
 
 DEFAULT_DATASET = "Salesforce/wikitext"
 DEFAULT_DATASET_CONFIG = "wikitext-2-raw-v1"
@@ -159,35 +156,10 @@ class EvalSpec:
             data = HeldOutSpec(data.dataset, dataset_config or data.config, split or data.split, text_column)
         return cls(data, **options)
 
-    def evaluator(self, prep: Prepared, cache_dir: Path, source: SourceSpec) -> Evaluator:
-        from .evaluator import Evaluator
-
-        return Evaluator(prep, dataset=self.data, max_eval_tokens=self.max_eval_tokens, block_size=self.block_size,
-                         batch_size=self.batch_size, eval_dtype=self.eval_dtype, device=self.device,
-                         trust_remote_code=source.trust_remote_code, cache_dir=cache_dir, store_dtype=source.dtype,
-                         device_map=self.device_map, objective=self.objective,
-                         confirm_fraction=self.confirm_fraction)
-
     def planning(self, evaluate: bool = True) -> dict:
         return dict(device=self.device, eval_dtype=self.eval_dtype, batch_size=self.batch_size,
                     block_size=self.block_size, max_memory=self.max_memory, device_map=self.device_map,
                     evaluate=evaluate)
-
-    def identity(self, evaluator: Evaluator) -> dict:
-        """Everything about the evaluation that changes the objective's value (the exact tokens read included)."""
-        from .objectives import objective_class
-
-        return {"dataset": self.data.label, "objective": objective_class(self.objective).key(self.objective),
-                **evaluator.identity}
-
-    def described(self, evaluator: Evaluator) -> dict:
-        """What the result, its card and `--json` say about the data and numerics (`MergeResult` fields)."""
-        data, is_hub = self.data, not Path(self.data.dataset).expanduser().exists()
-        return {"dataset": data.label, "dataset_id": data.dataset if is_hub else None,
-                "dataset_config": data.config if is_hub else None, "dataset_split": data.split if is_hub else None,
-                "eval_tokens": evaluator.eval_tokens, "eval_questions": evaluator.eval_questions,
-                "eval_dtype": str(evaluator.eval_dtype).removeprefix("torch."),
-                "objective": evaluator.objective.name}
 
 
 @dataclass(frozen=True)
