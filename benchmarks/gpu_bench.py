@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from hf_bomerge.engine import as_sources, select, weighted_sum_
+from hf_bomerge.merging.engine import as_sources, select, weighted_sum_
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, SXM
 

@@ -34,13 +34,13 @@ import torch  # noqa: E402
 
 from hf_bomerge import demo  # noqa: E402
 from hf_bomerge.specs import EvalSpec, SourceSpec  # noqa: E402
-from hf_bomerge.confirm import confirm  # noqa: E402
-from hf_bomerge.evaluator import CONFIRM  # noqa: E402
-from hf_bomerge.heldout import HeldOutSpec  # noqa: E402
-from hf_bomerge.layers import LayerGroups, LayerWeights  # noqa: E402
+from hf_bomerge.objectives.confirm import confirm  # noqa: E402
+from hf_bomerge.objectives.evaluator import CONFIRM  # noqa: E402
+from hf_bomerge.objectives.heldout import HeldOutSpec  # noqa: E402
+from hf_bomerge.merging.layers import LayerGroups, LayerWeights  # noqa: E402
 from hf_bomerge.prepare import prepare  # noqa: E402
-from hf_bomerge.spaces import Layered, make_space  # noqa: E402
-from hf_bomerge.study import run_search  # noqa: E402
+from hf_bomerge.searching.weight_spaces import Layered, make_space  # noqa: E402
+from hf_bomerge.searching.study import run_search  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 

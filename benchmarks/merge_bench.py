@@ -227,7 +227,9 @@ VARIANTS = {
 
 def worker_variant(variant: str, args: list[str]) -> int:
     """The CLI with one lever turned back, to measure what it is worth."""
-    from hf_bomerge import checkpoints, cli, durable, engine, writer
+    from hf_bomerge.reading import checkpoints
+    from hf_bomerge import cli
+    from hf_bomerge.merging import durable, engine, writer
 
     if variant == "write-in-line":
         def hand_over(self, last=False, _threaded=durable.DurableFile._hand_over):
@@ -261,8 +263,8 @@ def worker_variant(variant: str, args: list[str]) -> int:
 
 def worker_resident(applies: int, device: str, folders: list[str]) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
-    from hf_bomerge.checkpoints import CheckpointSet
-    from hf_bomerge.mergers import ResidentMerger
+    from hf_bomerge.reading.checkpoints import CheckpointSet
+    from hf_bomerge.merging.mergers import ResidentMerger
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folders[-1]), dtype=torch.float32).to(device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     t0 = time.perf_counter()
@@ -289,8 +291,8 @@ def machine() -> str:
 
 def write_bandwidth(nbytes: int) -> tuple[float, str]:
     """Best of 3 each way: GB/s of writing `nbytes` to a new file in 64 MiB writes, fsync included (as the
-    export), buffered and with O_DIRECT (hf_bomerge.durable); the faster way and its name."""
-    from hf_bomerge.durable import DurableFile
+    export), buffered and with O_DIRECT (hf_bomerge.merging.durable); the faster way and its name."""
+    from hf_bomerge.merging.durable import DurableFile
 
     block = os.urandom(64 << 20)
     count = max(1, nbytes // len(block))

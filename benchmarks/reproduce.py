@@ -13,7 +13,7 @@
    (tests/measure.py's `document_blocks`), on the in-domain held-out code (all blocks, and the confirm part the
    GP never saw: every 4th block) and on out-of-domain English prose.
 4. PMA's early-training effect: SMA of a window ending early (weights still moving fast) vs late, against the
-   window's latest checkpoint, with hf_bomerge.phase's statistic for each window (the warning's calibration).
+   window's latest checkpoint, with hf_bomerge.reading.phase's statistic for each window (the warning's calibration).
 Writes the markdown to stdout and benchmarks/out/reproduce.md, the numbers to benchmarks/out/reproduce.json.
 """
 
@@ -43,8 +43,8 @@ import reproduce_train  # noqa: E402
 from cpu import cpu_model  # noqa: E402
 
 import hf_bomerge  # noqa: E402
-from hf_bomerge import phase  # noqa: E402
-from hf_bomerge.checkpoints import CheckpointSet  # noqa: E402
+from hf_bomerge.reading import phase  # noqa: E402
+from hf_bomerge.reading.checkpoints import CheckpointSet  # noqa: E402
 
 MAX_TOKENS = 32768  # 256 blocks of 128 tokens per set; the confirm part is 64 of them
 
@@ -56,7 +56,7 @@ def log(msg: str) -> None:
 def trapezoid(n: int) -> list[float]:
     """WSM-linear's weights for n evenly spaced checkpoints over a window spanning them: (½, 1, …, 1, ½)/(n − 1).
     Σ cᵢθᵢ = θ₁ + Σₖ Mₖ Δₖ with Mₖ = Σ_{i>k} cᵢ the learning-rate multiplier of the update Δₖ = θₖ₊₁ − θₖ; a linear
-    decay of M over the window gives these (hf_bomerge.schedules derives the general case)."""
+    decay of M over the window gives these (hf_bomerge.merging.schedules derives the general case)."""
     return [0.5 / (n - 1)] + [1 / (n - 1)] * (n - 2) + [0.5 / (n - 1)]
 
 
@@ -213,7 +213,7 @@ def report(runs: list[dict], args, seconds: float) -> str:
                   f"Weights: GP {run['rows'][next(k for k in run['rows'] if k.startswith('GP'))]['weights']}.", "",
                   "PMA's early-training effect: SMA of the window vs the window's latest checkpoint (held-out, all "
                   "blocks); gain = latest − SMA (positive: the merge helps); max cos = the largest cosine between "
-                  "consecutive updates in the window, hf_bomerge.phase's statistic (it warns above "
+                  "consecutive updates in the window, hf_bomerge.reading.phase's statistic (it warns above "
                   f"{phase.ALIGNED}); relative change = ‖θᵢ₊₁ − θᵢ‖/‖θᵢ₊₁‖ of the window's first and last pair.", "",
                   "| N | window | latest | SMA | gain | gain ood | max cos | relative change first → last | warns |",
                   "| ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]

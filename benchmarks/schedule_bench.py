@@ -34,13 +34,13 @@ from pathlib import Path
 
 import optuna
 
-from hf_bomerge import weights as W
-from hf_bomerge.checkpoints import CheckpointSet
-from hf_bomerge.evaluator import CONFIRM, Evaluator
-from hf_bomerge.heldout import HeldOutSpec
+from hf_bomerge.merging import weights as W
+from hf_bomerge.reading.checkpoints import CheckpointSet
+from hf_bomerge.objectives.evaluator import CONFIRM, Evaluator
+from hf_bomerge.objectives.heldout import HeldOutSpec
 from hf_bomerge.prepare import Prepared
-from hf_bomerge.spaces import Schedule, register, space_for
-from hf_bomerge.study import run_search
+from hf_bomerge.searching.weight_spaces import Schedule, register, space_for
+from hf_bomerge.searching.study import run_search
 
 K = 16
 BUDGETS = (12, 20, 40)

@@ -57,12 +57,12 @@ import torch  # noqa: E402
 
 from cpu import cpu_model  # noqa: E402  (benchmarks/cpu.py, beside this script)
 from hf_bomerge import demo  # noqa: E402
-from hf_bomerge import weights as W  # noqa: E402
-from hf_bomerge.evaluator import Evaluator as _Evaluator  # noqa: E402
+from hf_bomerge.merging import weights as W  # noqa: E402
+from hf_bomerge.objectives.evaluator import Evaluator as _Evaluator  # noqa: E402
 from hf_bomerge.prepare import Prepared as _Prepared, quiet_libraries as _quiet_libraries  # noqa: E402
-from hf_bomerge.checkpoints import CheckpointSet  # noqa: E402
-from hf_bomerge.heldout import HeldOutSpec  # noqa: E402
-from hf_bomerge.study import make_space, run_search  # noqa: E402
+from hf_bomerge.reading.checkpoints import CheckpointSet  # noqa: E402
+from hf_bomerge.objectives.heldout import HeldOutSpec  # noqa: E402
+from hf_bomerge.searching.study import make_space, run_search  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"

@@ -12,10 +12,10 @@ def __getattr__(name: str):
         from . import api
 
         return getattr(api, name)
-    if name == "watch_once":  # `hf_bomerge.watch` is the module (its `watch` function: hf_bomerge.watch.watch)
+    if name == "watch_once":  # `hf_bomerge.searching.watch` is the module (its `watch` function: hf_bomerge.searching.watch.watch)
         from importlib import import_module
 
-        return import_module(".watch", __name__).watch_once
+        return import_module(".searching.watch", __name__).watch_once
     if name == "BOMergeError":
         from .errors import BOMergeError
 

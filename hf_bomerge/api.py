@@ -15,25 +15,25 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from . import parallel
-from . import weights as W
-from .confirm import confirm
-from .engine import rule_from_config
-from .evaluator import CONFIRM, Evaluator
-from .heldout import HeldOutSpec
-from .layers import LayerGroups
+from .objectives import parallel
+from .merging import weights as W
+from .objectives.confirm import confirm
+from .merging.engine import rule_from_config
+from .objectives.evaluator import CONFIRM, Evaluator
+from .objectives.heldout import HeldOutSpec
+from .merging.layers import LayerGroups
 from .objectives import Objective, objective_class
-from .options import DEFAULTS, OPTIONS, merge_specs, search_specs
+from .cli.options import DEFAULTS, OPTIONS, merge_specs, search_specs
 from .plan import Plan
 from .prepare import Prepared, prepare, resolve, run_plan
 from .recorded import from_recipe, from_study, result_of  # noqa: F401  (part of the API)
 from .result import Generalization, MergeResult
 from .sources import default_cache_dir
-from .spaces import Layered, space_for
+from .searching.weight_spaces import Layered, space_for
 from .specs import EvalSpec, FixedSpec, Recipe, SearchSpec, SourceSpec, study_identity
 
 if TYPE_CHECKING:  # the study (Optuna, SQLAlchemy) is imported where used: a fixed merge never needs it
-    from .study import Trial
+    from .searching.study import Trial
 
 logger = logging.getLogger("hf_bomerge")
 
@@ -50,7 +50,7 @@ def plan(source: str, revisions: str = DEFAULTS["revisions"], *, max_checkpoints
     return result
 
 
-D = DEFAULTS  # every option's default, read from the specs' fields (`hf_bomerge.options`)
+D = DEFAULTS  # every option's default, read from the specs' fields (`hf_bomerge.cli.options`)
 
 
 def search(source: str, revisions: str = D["revisions"], *, dataset: str | None = D["dataset"],
@@ -105,7 +105,7 @@ def search_with(source: SourceSpec, evaluation: EvalSpec = EvalSpec(),
     (merge − best baseline). With `search.fallback`, a merge that is not better there than the best baseline is
     replaced by that baseline (`result.confirm["exported"]` names what was kept). For a metric objective,
     `evaluation.data` holds the columns question, choices and answer (see `tasks`), and `loss`/`baselines` hold
-    the metric. `search.layer_groups=G` searches depth-wise weights (`hf_bomerge.layers`): one vector per group
+    the metric. `search.layer_groups=G` searches depth-wise weights (`hf_bomerge.merging.layers`): one vector per group
     in `result.layer_weights`; `result.weights` is then their mean weighted by each group's parameter count.
 
     `sampler`: an Optuna sampler or a factory `(seed, n_seeds) -> sampler` instead of the GP (see
@@ -114,7 +114,7 @@ def search_with(source: SourceSpec, evaluation: EvalSpec = EvalSpec(),
 
     >>> search_with(SourceSpec("EleutherAI/pythia-160m", "last:4"), search=SearchSpec(trials=16))  # doctest: +SKIP
     """
-    from .study import default_storage, default_study_name, run_search, set_study_attr
+    from .searching.study import default_storage, default_study_name, run_search, set_study_attr
 
     objective_class(evaluation.objective).check(evaluation.objective)  # before any download: fail fast
     cache = Path(cache_dir or default_cache_dir())
@@ -200,7 +200,7 @@ def _confirm(result: MergeResult, evaluate, baselines: dict[str, list[float]], f
 def _generalization(evaluate, extra: Sequence[HeldOutSpec], best_weights, outcome, names, objective: str) -> dict:
     """Loss (mean NLL, whatever the objective) of the merge, the best single checkpoint (best on the
     objective) and the uniform average on each extra eval set."""
-    from .study import best_of
+    from .searching.study import best_of
 
     if not extra:
         return {}

@@ -56,4 +56,4 @@ class RecipeError(BOMergeError):
 
 class OptionError(BOMergeError):
     """A value no run accepts, or options that cannot go together: refused when the specs are built, before
-    anything heavy is imported (`hf_bomerge.options`)."""
+    anything heavy is imported (`hf_bomerge.cli.options`)."""

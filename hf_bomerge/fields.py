@@ -1,5 +1,5 @@
 """How a spec field declares its command-line option (`option`), and the checks its value gets (`positive`,
-`one_of`): one small module that imports nothing heavy, for `hf_bomerge.specs` (`hf_bomerge.options` reads the
+`one_of`): one small module that imports nothing heavy, for `hf_bomerge.specs` (`hf_bomerge.cli.options` reads the
 declarations).
 
 >>> positive("--batch-size", 0)
@@ -21,7 +21,7 @@ DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 def option(default: Any, help: str, **cli) -> Any:
-    """A spec field that is also a command-line option and a Python keyword (`hf_bomerge.options` builds both):
+    """A spec field that is also a command-line option and a Python keyword (`hf_bomerge.cli.options` builds both):
     its default and help are written here, once. `cli`: `type`, `choices`, `metavar`, `action`, `flag` (default
     `--field-name`), `keyword` (default the field's name), `dest`, `shown` (the default as the help words it,
     where the value alone would not say it), `unset` (the option's own default is None: "not given").

@@ -9,14 +9,15 @@ from typing import Sequence
 
 import torch
 
-from . import offline, phase
-from .checkpoints import CheckpointSet, check_same_tokenizer
-from .engine import DTYPES
+from .sources import offline
+from .reading import phase
+from .reading.checkpoints import CheckpointSet, check_same_tokenizer
+from .merging.engine import DTYPES
 from .errors import BOMergeError, CorruptFileError, HubError
 from .sources import Source, default_cache_dir, open_source, tokenizer_files
-from .writer import parse_size
+from .merging.writer import parse_size
 from .plan import Plan, make_plan
-from .revisions import resolve_revisions
+from .sources.revisions import resolve_revisions
 
 logger = logging.getLogger("hf_bomerge")
 
@@ -155,7 +156,7 @@ def check_offline(source: str, revisions: str, max_checkpoints: int, token, cach
                   tokenizer: str | None, evaluate: bool) -> None:
     """Offline: raise ONE `OfflineError` naming everything the run needs that the cache lacks (revisions,
     their files, the tokenizer, the held-out datasets) with the command that fetches it all."""
-    from .heldout import load_split
+    from .objectives.heldout import load_split
 
     if Path(source).expanduser().exists() and not heldout:
         return

@@ -9,13 +9,13 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from . import parallel
-from . import weights as W
-from .engine import rule_from_config
+from .objectives import parallel
+from .merging import weights as W
+from .merging.engine import rule_from_config
 from .errors import BOMergeError, StudyError
-from .layers import LayerGroups, LayerWeights
+from .merging.layers import LayerGroups, LayerWeights
 from .prepare import Prepared, prepare
-from .confirm import Confirmation
+from .objectives.confirm import Confirmation
 from .objectives import objective_class
 from .result import Generalization, MergeResult, Workspace
 from .specs import EvalSpec, Recipe, SearchSpec
@@ -38,7 +38,7 @@ def from_study(study_name: str | None = None, storage: str | None = None, *, tok
 
     >>> from_study("bomerge-pythia-1b-0123abcd", "postgresql+psycopg://db/bomerge").save_pretrained("out")  # doctest: +SKIP
     """
-    from .study import default_storage, load_study, study_outcome
+    from .searching.study import default_storage, load_study, study_outcome
 
     url = storage or default_storage(cache_dir)
     study = load_study(url, study_name)

@@ -1,6 +1,6 @@
 """`MergeResult`: what a merge is (revisions pinned to shas, their weights, how it scored), and nothing else.
 
-Writing and publishing it live in `hf_bomerge.export`; the methods below are conveniences that call it.
+Writing and publishing it live in `hf_bomerge.publish.export`; the methods below are conveniences that call it.
 """
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .confirm import Confirmation
-from .layers import LayerGroups, LayerWeights
+from .objectives.confirm import Confirmation
+from .merging.layers import LayerGroups, LayerWeights
 from .specs import Recipe
 
 # 2: schema 1 + `eval_dtype`, `confirm` and `layer_weights` (README, the --json row).
@@ -134,13 +134,13 @@ class MergeResult:
                       self.dtype, sorted(self.copied), self.layer_weights, self.layer_groups if layered else None)
 
     def save_pretrained(self, output: str | Path, **kwargs) -> Path:
-        """Write the merged model to `output` and return the folder (see `hf_bomerge.export.save_pretrained`)."""
-        from .export import save_pretrained
+        """Write the merged model to `output` and return the folder (see `hf_bomerge.publish.export.save_pretrained`)."""
+        from .publish.export import save_pretrained
 
         return save_pretrained(self, output, **kwargs)
 
     def push_to_hub(self, repo_id: str, **kwargs) -> str:
-        """Publish the merged model (see `hf_bomerge.export.push_to_hub`)."""
-        from .export import push_to_hub
+        """Publish the merged model (see `hf_bomerge.publish.export.push_to_hub`)."""
+        from .publish.export import push_to_hub
 
         return push_to_hub(self, repo_id, **kwargs)

@@ -26,11 +26,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from . import weights as W
+from .merging import weights as W
 from .defaults import DEFAULT_CONFIRM_FRACTION, DEFAULT_MAX_EVAL_TOKENS, VERSION
 from .errors import OptionError, RecipeError, StudyError
 from .fields import DEVICE_MAPS, EVAL_DTYPES, one_of, option, positive
-from .spaces import SEARCHES
+from .searching.weight_spaces import SEARCHES
 
 
 DEFAULT_DATASET = "Salesforce/wikitext"

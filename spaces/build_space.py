@@ -8,9 +8,9 @@ hf-bomerge is not on PyPI, so the Space carries the package itself:
 
 The folder holds app.py, handlers.py, space_limits.py, space_worker.py, README.md (the Space's front matter),
 requirements.txt, screenshot.png and hf_bomerge/ with the card templates in hf_bomerge/model_cards/ (a package with an __init__.py, since
-`hf_bomerge.card` loads its template through `importlib.resources.files("hf_bomerge.model_cards")`).
+`hf_bomerge.publish.card` loads its template through `importlib.resources.files("hf_bomerge.model_cards")`).
 The build checks that requirements.txt names every dependency of pyproject.toml, then imports
-`hf_bomerge.card` and reads the template from the assembled folder, in a fresh interpreter, and fails
+`hf_bomerge.publish.card` and reads the template from the assembled folder, in a fresh interpreter, and fails
 if anything resolves outside it.
 """
 
@@ -38,9 +38,9 @@ CHECK = """
 import sys
 from importlib import resources
 from pathlib import Path
-import hf_bomerge, hf_bomerge.card, space_worker, handlers, space_limits
+import hf_bomerge, hf_bomerge.publish.card, space_worker, handlers, space_limits
 root = Path(sys.argv[1]).resolve()
-for module in (hf_bomerge, hf_bomerge.card, space_worker, handlers, space_limits):
+for module in (hf_bomerge, hf_bomerge.publish.card, space_worker, handlers, space_limits):
     assert Path(module.__file__).resolve().is_relative_to(root), f"{module.__name__} from {module.__file__}"
 template = resources.files("hf_bomerge.model_cards").joinpath("bomerge.md")
 assert Path(str(template)).resolve().is_relative_to(root), f"template from {template}"
@@ -103,7 +103,7 @@ def build(out: str | Path, *, overwrite: bool = False, verify: bool = True) -> P
 
 
 def _verify(folder: Path) -> None:
-    """Import hf_bomerge.card and load the card template from `folder`, in a fresh interpreter."""
+    """Import hf_bomerge.publish.card and load the card template from `folder`, in a fresh interpreter."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run([sys.executable, "-c", CHECK, str(folder)], cwd=folder, env=env, capture_output=True,
                           text=True)

@@ -12,9 +12,9 @@ import torch
 from huggingface_hub import HfApi, ModelCard, snapshot_download
 
 from hf_bomerge.result import MergeResult
-from hf_bomerge.card import render_card
+from hf_bomerge.publish.card import render_card
 from hf_bomerge.cli import main
-from hf_bomerge.study import Trial
+from hf_bomerge.searching.study import Trial
 
 TOKEN = "hf_test_card_token_456"
 

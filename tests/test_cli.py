@@ -64,7 +64,7 @@ def test_every_reported_number_is_an_independently_measured_loss(hub_run, test_h
     weights on blocks built without hf-bomerge (not a comparison of the study's trials with each other)."""
     from huggingface_hub import snapshot_download
 
-    from hf_bomerge import weights as W
+    from hf_bomerge.merging import weights as W
 
     _, _, summary = hub_run
     names, n = summary["revisions"], len(summary["revisions"])

@@ -12,7 +12,7 @@ import types
 import pytest
 
 from hf_bomerge import cli
-from hf_bomerge.commands.show import format_study
+from hf_bomerge.cli.show import format_study
 
 HEAVY = ("torch", "optuna", "sqlalchemy", "transformers", "datasets", "numpy")
 

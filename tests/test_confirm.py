@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from hf_bomerge.api import _confirm
-from hf_bomerge.confirm import confirm, split_blocks
-from hf_bomerge.evaluator import CONFIRM
+from hf_bomerge.objectives.confirm import confirm, split_blocks
+from hf_bomerge.objectives.evaluator import CONFIRM
 from hf_bomerge.objectives.loss import HeldOutLoss
 from hf_bomerge.result import MergeResult
 
@@ -71,7 +71,7 @@ def test_fallback_keeps_the_best_baseline_when_the_merge_is_not_better_on_confir
 
 def test_a_metric_confirm_part_is_split_by_question_and_higher_is_better():
     """A metric's bootstrap resamples questions and recomputes the metric (not a mean of per-unit values)."""
-    from hf_bomerge.tasks import split_questions
+    from hf_bomerge.objectives.tasks import split_questions
 
     n = 40
     pairs = {"ids": torch.arange(2 * n)[:, None], "lengths": torch.ones(2 * n), "choice_lengths": torch.ones(2 * n),

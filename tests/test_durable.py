@@ -8,8 +8,8 @@ import random
 
 import pytest
 
-from hf_bomerge import durable
-from hf_bomerge.durable import BLOCK, DurableFile
+from hf_bomerge.merging import durable
+from hf_bomerge.merging.durable import BLOCK, DurableFile
 
 
 def pieces(seed: int, total: int) -> list[bytes]:

@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
 
-from hf_bomerge import durable, engine
-from hf_bomerge.checkpoints import CheckpointSet, is_merged
-from hf_bomerge.mergers import ResidentMerger
-from hf_bomerge.writer import export_merge
+from hf_bomerge.merging import durable, engine
+from hf_bomerge.reading.checkpoints import CheckpointSet, is_merged
+from hf_bomerge.merging.mergers import ResidentMerger
+from hf_bomerge.merging.writer import export_merge
 from hf_bomerge.errors import CheckpointError
 
 WEIGHTS = [0.2, 0.3, 0.5]
@@ -213,7 +213,7 @@ def test_legacy_non_zip_bin_falls_back_to_weights_only_load(tmp_path):
 
 
 def test_the_finiteness_check_is_exact_even_when_the_fast_sum_overflows():
-    from hf_bomerge.engine import _all_finite
+    from hf_bomerge.merging.engine import _all_finite
 
     big = torch.full((1000,), 3e38)  # every element finite, their sum overflows float32
     assert _all_finite(big)

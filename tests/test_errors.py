@@ -383,8 +383,8 @@ def test_a_source_without_a_tokenizer(run, capsys, caplog, trajectory):
 @pytest.mark.e2e  # five subprocess CLI runs with real searches and exports
 def test_a_finished_search_rerun_writes_its_missing_output_and_a_dead_exporters_claim_expires(run, tmp_path):
     """Real processes: a lone re-run is not a concurrent worker, and a killed exporter's claim is not forever."""
-    from hf_bomerge import workers
-    from hf_bomerge.study import open_storage
+    from hf_bomerge.searching import workers
+    from hf_bomerge.searching.study import open_storage
 
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     out = tmp_path / "out"
@@ -420,7 +420,7 @@ def test_a_finished_search_rerun_writes_its_missing_output_and_a_dead_exporters_
 def test_an_export_claim_without_a_heartbeat_expires(tmp_path):
     import datetime
 
-    from hf_bomerge import workers
+    from hf_bomerge.searching import workers
 
     old = (datetime.datetime.now(datetime.timezone.utc)
            - datetime.timedelta(seconds=workers.CLAIM_STALE_S + 5)).isoformat(timespec="seconds")

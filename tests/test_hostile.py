@@ -19,11 +19,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from hf_bomerge.checkpoints import Checkpoint, CheckpointSet
+from hf_bomerge.reading.checkpoints import Checkpoint, CheckpointSet
 from hf_bomerge.cli import main
 from hf_bomerge.errors import ChangedFileError, CheckpointError, CorruptFileError, OutputError, UnsafeFileError
-from hf_bomerge.formats import read_safetensors_header
-from hf_bomerge.layout import shard_names
+from hf_bomerge.reading.formats import read_safetensors_header
+from hf_bomerge.reading.layout import shard_names
 from hf_bomerge.sources import FolderSource
 
 INDEX = "model.safetensors.index.json"
@@ -420,7 +420,7 @@ def test_a_full_disk_mid_export_is_one_message_and_leaves_nothing(trajectory, tm
     import errno
 
     import hf_bomerge
-    from hf_bomerge import durable
+    from hf_bomerge.merging import durable
 
     run = tmp_path / "run"
     _two_revisions(trajectory, run)

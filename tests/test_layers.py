@@ -13,15 +13,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from hf_bomerge import engine
+from hf_bomerge.merging import engine
 from hf_bomerge.specs import SearchSpec
-from hf_bomerge.checkpoints import CheckpointSet
+from hf_bomerge.reading.checkpoints import CheckpointSet
 from hf_bomerge.errors import BOMergeError, StudyError, WeightsError
-from hf_bomerge.layers import LayerGroups, LayerWeights
-from hf_bomerge.mergers import ResidentMerger, StreamedMerger
-from hf_bomerge.spaces import SIMPLEX_FLOOR, Layered, make_space
-from hf_bomerge.study import run_search
-from hf_bomerge.writer import export_merge
+from hf_bomerge.merging.layers import LayerGroups, LayerWeights
+from hf_bomerge.merging.mergers import ResidentMerger, StreamedMerger
+from hf_bomerge.searching.weight_spaces import SIMPLEX_FLOOR, Layered, make_space
+from hf_bomerge.searching.study import run_search
+from hf_bomerge.merging.writer import export_merge
 from test_engine import _read_output, _trajectory
 
 LLAMA = ["model.embed_tokens.weight", *(f"model.layers.{i}.self_attn.q_proj.weight" for i in range(6)),

@@ -15,10 +15,10 @@ SCRIPT = """
 import logging, sys
 from huggingface_hub.utils import logging as hub_logging
 from hf_bomerge import cli
-from hf_bomerge.commands import show
+from hf_bomerge.cli import show
 
 def run(args):
-    logging.getLogger("hf_bomerge.publish").warning("bomerge-warning-marker")
+    logging.getLogger("hf_bomerge.publish.push").warning("bomerge-warning-marker")
     hub_logging.get_logger("huggingface_hub.utils._http").warning("hub-retry-marker")
     return 0
 

@@ -69,7 +69,7 @@ def test_the_registry_finds_each_objective_by_name(registered):
 
 
 def test_direction_follows_the_class_not_the_name(registered):
-    from hf_bomerge.study import best_of, direction
+    from hf_bomerge.searching.study import best_of, direction
 
     assert direction("bits") == "minimize" and direction("neg-loss") == "maximize"
     assert best_of([3.0, 1.0, 2.0], objective="bits") == 1.0
@@ -81,7 +81,7 @@ def test_a_new_objective_is_one_class_and_a_search_minimizes_it(registered, traj
     """A real search on the demo run with the minimized "bits" objective: the best trial is the lowest value, the
     numbers are the loss in bits (checked against a fixed merge scored on the loss), and the card says bits."""
     import hf_bomerge
-    from hf_bomerge.commands.output import format_summary
+    from hf_bomerge.cli.output import format_summary
 
     steps = json.loads((trajectory / "trajectory.json").read_text())["revisions"][-3:]
     data = str(trajectory / "heldout" / "validation.jsonl")

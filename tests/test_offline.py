@@ -159,7 +159,7 @@ def test_a_card_without_metadata_prints_no_library_warning(test_hub, tmp_path):
 PROBE = """
 import sys
 from hf_bomerge.errors import DataError
-from hf_bomerge.heldout import HeldOutSpec, load_split
+from hf_bomerge.objectives.heldout import HeldOutSpec, load_split
 token = {"none": False, "user": "hf_test_user", "implicit": None}[sys.argv[1]]
 try:
     if len(sys.argv) > 3:  # the API call the Space makes for a user without a token

@@ -1,4 +1,4 @@
-"""The options, declared once on the specs (`hf_bomerge.options`): bad values and options that cannot go together are
+"""The options, declared once on the specs (`hf_bomerge.cli.options`): bad values and options that cannot go together are
 refused with exit 2 and one paragraph naming the flags, before torch is imported; `watch` takes every search
 option a round uses; the commands, the keyword API and the Space's defaults are the specs' defaults."""
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 # torchrun's launcher: `accelerate launch --cpu --num_processes 2` starts ONE process unless mpirun is set up, so
-# two real processes on a machine without GPUs come from --multi_gpu (hf_bomerge.parallel then picks gloo)
+# two real processes on a machine without GPUs come from --multi_gpu (hf_bomerge.objectives.parallel then picks gloo)
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 
@@ -65,13 +65,13 @@ def test_an_objective_that_raises_on_one_process_stops_every_process_with_its_er
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert f"[rank{fail_rank}]: RuntimeError: objective failed on rank {fail_rank}" in out
-    assert f"[rank{1 - fail_rank}]: hf_bomerge.parallel.PeerError" in out
+    assert f"[rank{1 - fail_rank}]: hf_bomerge.objectives.parallel.PeerError" in out
 
 
 def test_shards_of_the_batches_sum_to_the_whole(trajectory):
     from transformers import AutoModelForCausalLM
 
-    from hf_bomerge.heldout import nll_sums
+    from hf_bomerge.objectives.heldout import nll_sums
 
     model = AutoModelForCausalLM.from_pretrained(trajectory / "main", dtype=torch.float32)
     blocks = torch.randint(0, model.config.vocab_size, (7, 64), generator=torch.Generator().manual_seed(0))

@@ -1,4 +1,4 @@
-"""The early-training warning (hf_bomerge.phase) through the product path, on the demo trajectory.
+"""The early-training warning (hf_bomerge.reading.phase) through the product path, on the demo trajectory.
 
 The demo's checkpoints start at step 250, already past the phase where merging hurts (the uniform average of
 step250..step400 beats step400 by about 0.1 nats there), so the early window reaches back to an
@@ -15,8 +15,9 @@ import pytest
 import torch
 
 import hf_bomerge
-from hf_bomerge import demo, phase
-from hf_bomerge.checkpoints import CheckpointSet
+from hf_bomerge import demo
+from hf_bomerge.reading import phase
+from hf_bomerge.reading.checkpoints import CheckpointSet
 
 WARNING = "reaches into early training"
 

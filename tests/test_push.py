@@ -1,4 +1,4 @@
-"""Publishing: `hf_bomerge.publish.push_folder` against the test Hub (write proxy in front of olah, see
+"""Publishing: `hf_bomerge.publish.push.push_folder` against the test Hub (write proxy in front of olah, see
 tests/hubwrite.py), read back through olah with snapshot_download + from_pretrained."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from hf_bomerge.cli import main
 from hf_bomerge.errors import HubError
-from hf_bomerge.publish import push_folder
+from hf_bomerge.publish.push import push_folder
 
 
 pytestmark = pytest.mark.e2e  # every test here pushes to the test Hub
@@ -95,7 +95,7 @@ def test_push_retries_reads_back_and_is_idempotent(test_hub, merged, tmp_path, c
     assert_no_token(*pushed.values(), *(p.read_bytes() for p in git_dir.rglob("*") if p.is_file()))
     out, err = capfd.readouterr()
     assert_no_token(out, err, caplog.text)
-    assert any("retrying" in r.getMessage() for r in caplog.records if r.name == "hf_bomerge.publish")
+    assert any("retrying" in r.getMessage() for r in caplog.records if r.name == "hf_bomerge.publish.push")
 
 
 def test_push_to_a_branch_with_the_env_token(test_hub, merged, monkeypatch, tmp_path):
@@ -126,7 +126,7 @@ def test_client_errors_are_not_retried_and_never_show_the_token(test_hub, merged
 
 
 def test_server_errors_give_up_after_max_retries(test_hub, merged, monkeypatch):
-    import hf_bomerge.publish as publish
+    import hf_bomerge.publish.push as publish
 
     monkeypatch.setattr(publish, "PUSH_RETRY_WAIT", 0.01)
     repo = "bomerge-user/merged-down"

@@ -14,7 +14,7 @@ from huggingface_hub import snapshot_download
 from safetensors.torch import load_file, save_file
 
 from hf_bomerge import api
-from hf_bomerge import weights as W
+from hf_bomerge.merging import weights as W
 from hf_bomerge.cli import main
 from hf_bomerge.errors import StudyError
 from measure import heldout_loss, load_state, reference_merge
@@ -65,10 +65,10 @@ def test_a_head_that_rewrites_its_weight_gets_fresh_process_losses(normhead_repo
 
 
 def test_an_unknown_module_that_rewrites_its_weight_stops_the_search(normhead_repo, test_hub, tmp_path, monkeypatch):
-    import hf_bomerge.mergers
+    import hf_bomerge.merging.mergers
 
-    monkeypatch.setattr(hf_bomerge.mergers, "CACHED_TRANSFORMS", {})  # as if NormHead were not in the table
-    with pytest.raises(hf_bomerge.mergers.RewrittenParameterError, match=r"NormHead \(lm_head\).*lm_head\.weight"):
+    monkeypatch.setattr(hf_bomerge.merging.mergers, "CACHED_TRANSFORMS", {})  # as if NormHead were not in the table
+    with pytest.raises(hf_bomerge.merging.mergers.RewrittenParameterError, match=r"NormHead \(lm_head\).*lm_head\.weight"):
         api.search(normhead_repo, "last:2", trust_remote_code=True, dataset=test_hub.dataset_id, split="validation",
                    trials=3, cache_dir=tmp_path / "cache", progress=False, max_eval_tokens=2048)
 

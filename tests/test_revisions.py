@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hf_bomerge.errors import RevisionError
-from hf_bomerge.revisions import (
+from hf_bomerge.sources.revisions import (
     Revision, nearest, naming_style, progress_key, resolve_revisions, select_revisions, sort_revisions,
 )
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from hf_bomerge import engine
-from hf_bomerge.checkpoints import SUFFIX_RULE_ARCHITECTURES, CheckpointSet, suffix_rule_suffices
+from hf_bomerge.merging import engine
+from hf_bomerge.reading.checkpoints import SUFFIX_RULE_ARCHITECTURES, CheckpointSet, suffix_rule_suffices
 
 TYPES = {"GPTNeoXForCausalLM": "gpt_neox", "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
          "Qwen2ForCausalLM": "qwen2", "OlmoForCausalLM": "olmo", "Olmo2ForCausalLM": "olmo2"}

@@ -22,10 +22,10 @@ gr = pytest.importorskip("gradio", reason='the Space needs gradio: pip install -
 import handlers as H  # noqa: E402
 import space_worker  # noqa: E402
 
-from hf_bomerge.confirm import Confirmation
+from hf_bomerge.objectives.confirm import Confirmation
 from hf_bomerge.errors import BOMergeError  # noqa: E402
 from hf_bomerge.plan import Plan  # noqa: E402
-from hf_bomerge.study import Trial  # noqa: E402
+from hf_bomerge.searching.study import Trial  # noqa: E402
 
 REVS = ["step3000", "step4000"]
 

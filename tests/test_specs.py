@@ -130,7 +130,7 @@ def test_a_recipe_that_is_not_yaml_text_is_one_paragraph(tmp_path):
 
 
 def test_a_recipes_dtype_is_one_the_merge_accepts():
-    from hf_bomerge.engine import DTYPES
+    from hf_bomerge.merging.engine import DTYPES
 
     for dtype in DTYPES:
         assert Recipe.from_dict({**GOOD, "dtype": dtype}).dtype == dtype

@@ -13,15 +13,15 @@ import optuna
 import pytest
 
 from hf_bomerge.errors import StudyError
-from hf_bomerge.study import make_space, run_search
+from hf_bomerge.searching.study import make_space, run_search
 
 
 @pytest.fixture(scope="module")
 def evaluator(trajectory, tmp_path_factory):
     """weights -> held-out loss over the last 4 checkpoints of the trajectory (resident, in memory)."""
-    from hf_bomerge.evaluator import Evaluator as _Evaluator
+    from hf_bomerge.objectives.evaluator import Evaluator as _Evaluator
     from hf_bomerge.prepare import prepare as _prepare
-    from hf_bomerge.heldout import HeldOutSpec
+    from hf_bomerge.objectives.heldout import HeldOutSpec
 
     cache = tmp_path_factory.mktemp("cache")
     prep = _prepare(str(trajectory), "last:4", 8, None, cache, progress=False)

@@ -16,7 +16,7 @@ import pytest
 
 from hf_bomerge.sources import arrivals, folder_incomplete
 from hf_bomerge.errors import WatchError
-from hf_bomerge.watch import _claim, read_ledger, shifted, watch_once
+from hf_bomerge.searching.watch import _claim, read_ledger, shifted, watch_once
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from testhub import pythia_branches  # noqa: E402

@@ -5,9 +5,9 @@ import math
 import pytest
 from hypothesis import example, given, strategies as st
 
-from hf_bomerge import weights as W
+from hf_bomerge.merging import weights as W
 from hf_bomerge.errors import WeightsError
-from hf_bomerge.spaces import SPACES, SearchSpace, make_space, register
+from hf_bomerge.searching.weight_spaces import SPACES, SearchSpace, make_space, register
 
 
 @given(st.integers(1, 64), st.floats(0.01, 1.0))

@@ -16,8 +16,8 @@ import pytest
 import sqlalchemy
 from optuna.trial import TrialState
 
-from hf_bomerge import workers
-from hf_bomerge.study import open_storage
+from hf_bomerge.searching import workers
+from hf_bomerge.searching.study import open_storage
 
 BUDGET = 10
 # The unit tests below ask for trials outside Study.optimize, which Optuna warns about with heartbeats on.
@@ -185,7 +185,7 @@ def test_the_export_is_claimed_once(tmp_path):
 
 
 def test_a_re_proposed_finished_point_reuses_its_value_without_evaluating(tmp_path):
-    from hf_bomerge.study import make_space, run_search
+    from hf_bomerge.searching.study import make_space, run_search
 
     calls = []
 

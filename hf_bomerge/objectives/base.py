@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, ClassVar
 if TYPE_CHECKING:
     import torch
 
-    from ..evaluator import Evaluator
+    from .evaluator import Evaluator
     from ..specs import HeldOutSpec
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import ClassVar
 
 from ..errors import CorruptFileError, HubError
-from ..formats import TensorInfo, read_safetensors_header
-from ..layout import WEIGHT_LAYOUTS, shard_names, weight_layout
-from ..revisions import progress_key, sort_revisions
+from ..reading.formats import TensorInfo, read_safetensors_header
+from ..reading.layout import WEIGHT_LAYOUTS, shard_names, weight_layout
+from .revisions import progress_key, sort_revisions
 
 # What a merge reads besides weights. Never optimizer states or training_args pickles.
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",

@@ -9,9 +9,9 @@ import zipfile
 from pathlib import Path
 
 from ..errors import CheckpointError, CorruptFileError, HubError, UnsafeFileError
-from ..formats import is_complete_safetensors
-from ..layout import WEIGHT_LAYOUTS, find_weight_files, shard_names, weight_layout
-from ..revisions import progress_key
+from ..reading.formats import is_complete_safetensors
+from ..reading.layout import WEIGHT_LAYOUTS, find_weight_files, shard_names, weight_layout
+from .revisions import progress_key
 from .base import Arrival, Source, candidates, register
 
 

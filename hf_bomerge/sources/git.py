@@ -11,8 +11,8 @@ import tempfile
 from pathlib import Path
 
 from ..errors import CorruptFileError, HubError
-from ..formats import ST_DTYPES, TensorInfo
-from ..layout import find_weight_files
+from ..reading.formats import ST_DTYPES, TensorInfo
+from ..reading.layout import find_weight_files
 from .base import MAX_HEADER_BYTES, SIDE_FILES, Source, default_cache_dir, register
 from .folder import is_git_repository
 

@@ -12,10 +12,10 @@ from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                     RepositoryNotFoundError, RevisionNotFoundError)
 
-from .. import offline
+from . import offline
 from ..errors import CorruptFileError, HubError
-from ..formats import ST_DTYPES, TensorInfo
-from ..layout import unsafe_reason, weight_layout
+from ..reading.formats import ST_DTYPES, TensorInfo
+from ..reading.layout import unsafe_reason, weight_layout
 from .base import SIDE_FILES, TOKENIZER_FILES, Source, register
 
 

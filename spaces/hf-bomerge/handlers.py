@@ -26,9 +26,9 @@ import pandas as pd
 
 from hf_bomerge.errors import BOMergeError
 from hf_bomerge.sources import open_source
-from hf_bomerge.revisions import progress_key, sort_revisions
-from hf_bomerge.options import DEFAULTS, SPEC_DEFAULTS  # noqa: F401 - the app's defaults, as the CLI's
-from hf_bomerge.spaces import SEARCHES
+from hf_bomerge.sources.revisions import progress_key, sort_revisions
+from hf_bomerge.cli.options import DEFAULTS, SPEC_DEFAULTS  # noqa: F401 - the app's defaults, as the CLI's
+from hf_bomerge.searching.weight_spaces import SEARCHES
 from hf_bomerge.specs import HeldOutSpec
 from space_limits import REPO_ID, Limits, PlanError, PlanRefused, hub_id, plan_markdown, plan_run  # noqa: F401 - re-exported
 
@@ -194,7 +194,7 @@ def _hub_dataset(name: str | None, what: str) -> str | None:
 # What the fork server imports once, so that a search does not spend its first seconds importing: the
 # pipeline and what it imports lazily (model classes, datasets, the GP's scipy, the study's SQL storage).
 # A name that does not import is skipped by multiprocessing.
-PRELOAD = ["space_worker", "hf_bomerge.api", "hf_bomerge.study", "hf_bomerge.card", "hf_bomerge.plot", "transformers.modeling_utils",
+PRELOAD = ["space_worker", "hf_bomerge.api", "hf_bomerge.searching.study", "hf_bomerge.publish.card", "hf_bomerge.publish.plot", "transformers.modeling_utils",
            "transformers.models.auto.modeling_auto", "transformers.models.gpt_neox.modeling_gpt_neox",
            "transformers.models.olmo.modeling_olmo", "transformers.models.llama.modeling_llama", "datasets",
            "scipy.optimize", "optuna.storages", "sqlalchemy.dialects.sqlite", "alembic", "matplotlib.pyplot"]

@@ -11,7 +11,7 @@ from pathlib import Path
 from hf_bomerge.api import plan as plan_merge
 from hf_bomerge.errors import BOMergeError
 from hf_bomerge.plan import Plan, PlanError, human, memory_available
-from hf_bomerge.revisions import listed
+from hf_bomerge.sources.revisions import listed
 
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 

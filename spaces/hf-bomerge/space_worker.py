@@ -30,9 +30,9 @@ def run(kwargs: dict[str, Any], output: str, conn) -> None:
 
 
 def trial_row(trial, complete: int, budget: int) -> dict[str, Any]:
-    """A finished `hf_bomerge.study.Trial` as plain data (`loss` is NaN for a failed trial).
+    """A finished `hf_bomerge.searching.study.Trial` as plain data (`loss` is NaN for a failed trial).
 
-    >>> from hf_bomerge.study import Trial
+    >>> from hf_bomerge.searching.study import Trial
     >>> trial_row(Trial(3, [0.25, 0.75], 2.5, None), 4, 10)
     {'number': 3, 'weights': [0.25, 0.75], 'loss': 2.5, 'seed': None, 'complete': 4, 'budget': 10}
     """

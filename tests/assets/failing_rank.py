@@ -3,7 +3,7 @@ raises on the rank FAIL_RANK, either before the reduction (REDUCE=1) or in an ob
 import os
 import sys
 
-from hf_bomerge import parallel
+from hf_bomerge.objectives import parallel
 
 
 

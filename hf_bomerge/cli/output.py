@@ -1,0 +1,140 @@
+"""What every command that produces a merge shares: the output options, writing (and pushing) the merge once,
+and the report (a human summary; under --json one object on stdout's last line)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from . import options
+from ..defaults import DEFAULT_MAX_SHARD_SIZE
+from ..objectives import objective_class
+
+
+def add_output_options(p: argparse.ArgumentParser, *, dtype: bool = False) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument("--output", help="default ./<model-name>-bomerge")
+    g.add_argument("--overwrite", action="store_true")
+    if dtype:
+        options.add(g, "dtype")
+    g.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="largest weight file written "
+                   "(default: %(default)s)")
+    g.add_argument("--push-to-hub", metavar="REPO_ID", help="publish the merged model to this Hub repo")
+    g.add_argument("--private", action="store_true", help="create the Hub repo private")
+    g.add_argument("--hub-revision", metavar="BRANCH", help="push to this branch (created if missing)")
+    g.add_argument("--commit-message")
+    g.add_argument("--token", help="Hub token (default: HF_TOKEN or the login cache); never printed")
+
+
+def add_common_options(g) -> None:
+    """--cache-dir, --json, --quiet, --debug (every command has them)."""
+    g.add_argument("--cache-dir", help="downloads, tokenized held-out data and the default study storage")
+    g.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument("--debug", action="store_true", help="tracebacks for every error")
+
+
+def finish(result, args: argparse.Namespace, default_name: str, claim: bool = True) -> int:
+    """Write (and push) `result`, then report it."""
+    written = save(result, args, default_name, claim)
+    if written is not None:
+        report(written, args)
+    return 0
+
+
+def save(result, args, default_name: str, claim: bool = True):
+    """Write (and push) the merge through `export.export_once`: for a search, exactly one worker writes once
+    the budget is spent; the others say where it went. None on a process that does not write (not the main
+    one under `accelerate launch`)."""
+    from ..objectives import parallel
+    from ..publish.export import export_once
+
+    if not parallel.is_main():  # under `accelerate launch`, only the main process writes
+        return None
+    done = export_once(result, args.output or default_name, repo_id=args.push_to_hub, token=args.token,
+                       private=args.private or None, revision=args.hub_revision, commit_message=args.commit_message,
+                       claim=claim, overwrite=args.overwrite, max_shard_size=args.max_shard_size, progress=not args.quiet)
+    if done.writer is not None:
+        from ..searching.study import safe_url
+
+        w = done.writer
+        print(f"hf-bomerge: the budget of {result.workspace.budget} trials of study {result.study} is spent and its merge "
+              f"is exported by {w.get('worker')} (to {w.get('output')}, since {w.get('at')}"
+              f"{'' if w.get('done') else ', maybe still running'}); this run writes nothing. To write it "
+              f"again: hf-bomerge export --storage {safe_url(result.workspace.storage)} --study-name {result.study} --output DIR",
+              file=sys.stderr)
+    if done.url:
+        print(f"pushed to {done.url}", file=sys.stderr)
+    return dataclasses.replace(result, output=done.output)
+
+
+def report(result, args) -> None:
+    """The human summary (stderr under --json) and the JSON object on stdout's last line."""
+    out = sys.stderr if args.json else sys.stdout
+    print(format_summary(result), file=out)
+    if args.json:
+        print(json.dumps(result.summary()), flush=True)
+
+
+def format_summary(result) -> str:
+    lines = [f"merged {len(result.revisions)} revisions of {result.source} -> {result.output}", "", "weights:"]
+    lines += [f"  {name:<24} {w:9.5f}" for name, w in zip(result.revisions, result.weights)]
+    if result.layer_weights:
+        lines[-len(result.weights) - 1] = "weights (the mean over depth groups, weighted by their parameter counts):"
+        lines += ["", "weights per depth group (oldest revision first):"]
+        lines += [f"  {group:<24} " + " ".join(f"{w:7.4f}" for w in vector)
+                  for group, vector in result.layer_weights.items()]
+    if result.loss is not None:
+        lines += ["", *_scores(result)]
+        kind = objective_class(result.objective)
+        sign, unit = -1 if kind.higher_is_better else 1, kind.unit
+        singles = {k: v for k, v in result.baselines.items() if k in result.revisions}
+        if singles:
+            best = (max if kind.higher_is_better else min)(singles, key=singles.get)
+            delta = sign * (result.loss - singles[best])
+            verdict = "better than" if delta < 0 else "NOT better than"
+            lines += ["", f"the merge is {verdict} the best single checkpoint ({best}) by {abs(delta):.5f}{unit}"]
+            if "uniform" in result.baselines:
+                du = sign * (result.loss - result.baselines["uniform"])
+                lines += [f"and {'better' if du < 0 else 'not better'} than the uniform average by {abs(du):.5f}"]
+    lines += _confirmation(result)
+    for name, row in result.generalization.items():
+        lines += ["", f"generalization (loss) on {name}: merged {row['merged']:.5f}, best single "
+                  f"({row['best_single_revision']}) {row['best_single']:.5f}, uniform {row['uniform']:.5f}"]
+    return "\n".join(lines)
+
+
+def _confirmation(result) -> list[str]:
+    """The confirm part, never seen by the search: the plain verdict and the interval."""
+    c = result.confirm
+    if not c:
+        return []
+    kind = objective_class(result.objective)
+    best, delta, said = c.best_baseline, c.delta, c.verdict
+    phrase = {"better": "better than", "better, interval includes 0": "better than (but the interval includes 0)",
+              "not better": "NOT better than"}[said]
+    per = kind.unit or f" {result.objective}"
+    lines = ["", f"on the confirm part ({c.blocks} {kind.confirm_units} the search never saw):",
+             *(f"  {k:<24} {v:9.5f}" for k, v in {"merged": c.loss, **c.baselines}.items()),
+             f"the merge is {phrase} the best baseline ({best}): {delta:+.5f}{per}, "
+             f"95% interval [{c.interval[0]:+.5f}, {c.interval[1]:+.5f}]"]
+    if c.exported != "merge":
+        lines.append(f"--fallback: the output holds {c.exported}, not the searched merge")
+    elif said == "not better":
+        lines.append("pass --fallback to export that baseline instead")
+    return lines
+
+
+def _scores(result) -> list[str]:
+    """The merge and the baselines on the objective: loss with perplexity, or the metric."""
+    kind = objective_class(result.objective)
+    where = f"{result.dataset}, search part" if result.confirm else result.dataset
+    read = f"{result.eval_questions} questions" if result.eval_questions else f"{result.eval_tokens} tokens"
+    dtype = f", computed in {result.eval_dtype}" if result.eval_dtype else ""
+    title = result.objective if kind.layout == "loss" else kind.header(result.objective)
+    ppl = {k: kind.perplexity(v) for k, v in {"merged": result.loss, **result.baselines}.items()}
+    return [f"held-out {title} on {where} ({read}{dtype}):",
+            *(f"  {k:<24} {v:9.5f}" + (f"  (ppl {ppl[k]:.3f})" if ppl[k] is not None else "")
+              for k, v in {"merged": result.loss, **result.baselines}.items())]
