@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from functools import partial
 
 import torch
 
@@ -55,28 +56,31 @@ def main() -> None:
     weights = [1.0 / args.n] * args.n
 
     big = torch.empty(2 * 1024**3 // 4, device=dev)
-    copy_s = timed(lambda: big.clone(), args.repeat)
+    copy_s = timed(big.clone, args.repeat)
     bandwidth = 2 * big.numel() * 4 / copy_s  # read + write
     del big
 
     rows = []
     general = as_sources(sources)
     moved = n_params * (2 * args.n + 4)
-    rows.append((f"N={args.n} → float32 model", timed(lambda: weighted_sum_(params, general, weights), args.repeat), moved))
+    rows.append((f"N={args.n} → float32 model", timed(partial(weighted_sum_, params, general, weights), args.repeat),
+                 moved))
     pair = as_sources(sources[:2])
     moved = n_params * (2 + 4 + 4)
-    rows.append(("pair θ₀+λΔ → float32 model", timed(lambda: weighted_sum_(params, pair, [0.3, 0.7]), args.repeat), moved))
+    rows.append(("pair θ₀+λΔ → float32 model", timed(partial(weighted_sum_, params, pair, [0.3, 0.7]), args.repeat),
+                 moved))
     del pair
     model = model.to(torch.bfloat16)
     params = [p.data for p in model.parameters()]
 
-    def half_model():
+    def half_model(general=general):
         for k, target in enumerate(params):
             acc = torch.empty(target.shape, dtype=torch.float32, device=dev)
             weighted_sum_([acc], select(general, k), weights)
             target.copy_(acc.to(torch.float16))
 
-    rows.append((f"N={args.n} → bf16 model (per-tensor float32)", timed(half_model, args.repeat), n_params * (2 * args.n + 2)))
+    rows.append((f"N={args.n} → bf16 model (per-tensor float32)", timed(half_model, args.repeat),
+                 n_params * (2 * args.n + 2)))
 
     name = torch.cuda.get_device_name()
     print(f"device: {name}; torch {torch.__version__}; params {n_params / 1e9:.3f} B; "

@@ -29,18 +29,18 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-import optuna  # noqa: E402
-import torch  # noqa: E402
+import optuna
+import torch
 
-from hf_bomerge import demo  # noqa: E402
-from hf_bomerge.specs import EvalSpec, SourceSpec  # noqa: E402
-from hf_bomerge.objectives.confirm import confirm  # noqa: E402
-from hf_bomerge.objectives.evaluator import CONFIRM  # noqa: E402
-from hf_bomerge.objectives.heldout import HeldOutSpec  # noqa: E402
-from hf_bomerge.merging.layers import LayerGroups, LayerWeights  # noqa: E402
-from hf_bomerge.prepare import prepare  # noqa: E402
-from hf_bomerge.searching.weight_spaces import Layered, make_space  # noqa: E402
-from hf_bomerge.searching.study import run_search  # noqa: E402
+from hf_bomerge import demo
+from hf_bomerge.merging.layers import LayerGroups, LayerWeights
+from hf_bomerge.objectives.confirm import confirm
+from hf_bomerge.objectives.evaluator import CONFIRM
+from hf_bomerge.objectives.heldout import HeldOutSpec
+from hf_bomerge.prepare import prepare
+from hf_bomerge.searching.study import run_search
+from hf_bomerge.searching.weight_spaces import Layered, make_space
+from hf_bomerge.specs import EvalSpec, SourceSpec
 
 OUT = Path(__file__).resolve().parent / "out"
 

@@ -24,9 +24,8 @@ from pathlib import Path
 
 if "--worker" in sys.argv:  # a lever variant runs the command: the same OpenMP policy as `hf-bomerge` sets
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-import torch  # noqa: E402
-
-from cpu import cpu_model  # noqa: E402  (benchmarks/cpu.py, beside this script)
+import torch
+from cpu import cpu_model
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
@@ -56,7 +55,7 @@ def log(msg: str) -> None:
 def pythia_state(seed: int) -> dict[str, torch.Tensor]:
     """Random fp16 weights under real Pythia key names, in the stored order, legacy buffers included."""
     g = torch.Generator().manual_seed(seed)
-    rnd = lambda *shape, mean=0.0: (torch.randn(shape, generator=g) * 0.02 + mean).half()  # noqa: E731
+    rnd = lambda *shape, mean=0.0: (torch.randn(shape, generator=g) * 0.02 + mean).half()
     rot = int(HIDDEN // HEADS * 0.25)
     sd = {"gpt_neox.embed_in.weight": rnd(VOCAB, HIDDEN)}
     for i in range(LAYERS):
@@ -227,9 +226,9 @@ VARIANTS = {
 
 def worker_variant(variant: str, args: list[str]) -> int:
     """The CLI with one lever turned back, to measure what it is worth."""
-    from hf_bomerge.reading import checkpoints
     from hf_bomerge import cli
     from hf_bomerge.merging import durable, engine, writer
+    from hf_bomerge.reading import checkpoints
 
     if variant == "write-in-line":
         def hand_over(self, last=False, _threaded=durable.DurableFile._hand_over):
@@ -263,8 +262,9 @@ def worker_variant(variant: str, args: list[str]) -> int:
 
 def worker_resident(applies: int, device: str, folders: list[str]) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
-    from hf_bomerge.reading.checkpoints import CheckpointSet
+
     from hf_bomerge.merging.mergers import ResidentMerger
+    from hf_bomerge.reading.checkpoints import CheckpointSet
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folders[-1]), dtype=torch.float32).to(device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     t0 = time.perf_counter()
@@ -368,7 +368,8 @@ def main() -> None:
 
     runs = {("hf-bomerge", fmt): (lambda fmt=fmt: timed(hf_cli(folders[fmt][0].parent, out_dir("hf-bomerge", fmt)), "hf"))
             for fmt in formats}
-    runs.update({("mergekit", fmt): (lambda fmt=fmt: timed(mk_cmd + [str(mk_config(fmt)), str(out_dir("mergekit", fmt))], "mk"))
+    runs.update({("mergekit", fmt): (lambda fmt=fmt: timed([*mk_cmd, str(mk_config(fmt)), str(out_dir("mergekit", fmt))],
+                                                           "mk"))
                  for fmt in formats})
     if a.levers:
         runs.update({(v, "safetensors"): (lambda v=v: timed(hf_cli(folders["safetensors"][0].parent,

@@ -11,9 +11,9 @@ import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `hf-bomerge` sets it
 
-import torch  # noqa: E402
+import torch
 
-from hf_bomerge.merging.engine import CHUNK, as_sources, merge_into, weighted_sum_  # noqa: E402
+from hf_bomerge.merging.engine import CHUNK, as_sources, merge_into, weighted_sum_
 
 N = 50_000_000
 WEIGHTS = [0.1, 0.2, 0.3, 0.4]

@@ -35,12 +35,12 @@ from pathlib import Path
 import optuna
 
 from hf_bomerge.merging import weights as W
-from hf_bomerge.reading.checkpoints import CheckpointSet
 from hf_bomerge.objectives.evaluator import CONFIRM, Evaluator
 from hf_bomerge.objectives.heldout import HeldOutSpec
 from hf_bomerge.prepare import Prepared
-from hf_bomerge.searching.weight_spaces import Schedule, register, space_for
+from hf_bomerge.reading.checkpoints import CheckpointSet
 from hf_bomerge.searching.study import run_search
+from hf_bomerge.searching.weight_spaces import Schedule, register, space_for
 
 K = 16
 BUDGETS = (12, 20, 40)

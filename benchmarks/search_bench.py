@@ -52,17 +52,18 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-import optuna  # noqa: E402
-import torch  # noqa: E402
+import optuna
+import torch
+from cpu import cpu_model
 
-from cpu import cpu_model  # noqa: E402  (benchmarks/cpu.py, beside this script)
-from hf_bomerge import demo  # noqa: E402
-from hf_bomerge.merging import weights as W  # noqa: E402
-from hf_bomerge.objectives.evaluator import Evaluator as _Evaluator  # noqa: E402
-from hf_bomerge.prepare import Prepared as _Prepared, quiet_libraries as _quiet_libraries  # noqa: E402
-from hf_bomerge.reading.checkpoints import CheckpointSet  # noqa: E402
-from hf_bomerge.objectives.heldout import HeldOutSpec  # noqa: E402
-from hf_bomerge.searching.study import make_space, run_search  # noqa: E402
+from hf_bomerge import demo
+from hf_bomerge.merging import weights as W
+from hf_bomerge.objectives.evaluator import Evaluator as _Evaluator
+from hf_bomerge.objectives.heldout import HeldOutSpec
+from hf_bomerge.prepare import Prepared as _Prepared
+from hf_bomerge.prepare import quiet_libraries as _quiet_libraries
+from hf_bomerge.reading.checkpoints import CheckpointSet
+from hf_bomerge.searching.study import make_space, run_search
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
@@ -201,7 +202,7 @@ def reference(obj: Objective, kind: str, k: int, quick: bool) -> dict:
             lam = i / (n - 1)
             pts.append((obj.heldout(W.pairwise(lam)), [lam]))
         how = f"grid of {n} λ"
-        to_w = lambda x: W.pairwise(min(1.0, max(0.0, x[0])))  # noqa: E731
+        to_w = lambda x: W.pairwise(min(1.0, max(0.0, x[0])))
         bounds = [(0.0, 1.0)]
     elif kind == "simplex" and k == 4:
         n = 5 if quick else 9
@@ -211,7 +212,7 @@ def reference(obj: Objective, kind: str, k: int, quick: bool) -> dict:
                     z = [a / (n - 1), b / (n - 1), c / (n - 1)]
                     pts.append((obj.heldout(W.from_simplex_coords(z)), z))
         how = f"grid of {n}³ stick-breaking coordinates"
-        to_w = lambda x: W.from_simplex_coords([min(1.0, max(0.0, v)) for v in x])  # noqa: E731
+        to_w = lambda x: W.from_simplex_coords([min(1.0, max(0.0, v)) for v in x])
         bounds = [(0.0, 1.0)] * 3
     elif kind == "simplex":
         n = 30 if quick else 200
@@ -220,7 +221,7 @@ def reference(obj: Objective, kind: str, k: int, quick: bool) -> dict:
             z = [rng.random() for _ in range(k - 1)]
             pts.append((obj.heldout(W.from_simplex_coords(z)), z))
         how = f"{n} random (Dirichlet(1)) weight vectors"
-        to_w = lambda x: W.from_simplex_coords([min(1.0, max(0.0, v)) for v in x])  # noqa: E731
+        to_w = lambda x: W.from_simplex_coords([min(1.0, max(0.0, v)) for v in x])
         bounds = [(0.0, 1.0)] * (k - 1)
     else:  # family: window × decay
         decays = [i / 10 for i in range(11)] if quick else [i / 20 for i in range(21)]
@@ -230,7 +231,7 @@ def reference(obj: Objective, kind: str, k: int, quick: bool) -> dict:
                 pts.append((obj.heldout(W.window_decay(k, window, decay)), [window, decay]))
         how = f"grid of windows {'1..' + str(k)} × {len(decays)} decays"
         best_window = int(min(pts)[1][0])
-        to_w = lambda x: W.window_decay(k, best_window, min(1.0, max(0.0, x[0])))  # noqa: E731
+        to_w = lambda x: W.window_decay(k, best_window, min(1.0, max(0.0, x[0])))
         bounds = [(0.0, 1.0)]
     loss, x = min(pts, key=lambda p: p[0])
     if kind == "family":
@@ -271,7 +272,7 @@ def report(runs: list[Run], refs: dict, bases: dict, args, seconds: float, obj: 
              f"each. {args.seeds} seeds per (setting, sampler); loss = mean token NLL (nats).", "",
              "| setting | sampler | budget | final best loss: median (min–max) | trials to ≤ ref+0.2%: "
              "median (reached) | s/run |", "| --- | --- | --- | --- | --- | --- |"]
-    for name, kind, k, budget in SETTINGS:
+    for name, _kind, _k, budget in SETTINGS:
         ref = refs[name]["loss"]
         for sampler in SAMPLERS:
             rs = [r for r in runs if r.setting == name and r.sampler == sampler]
@@ -293,7 +294,7 @@ def report(runs: list[Run], refs: dict, bases: dict, args, seconds: float, obj: 
               "(min–max); best single = the single checkpoint of the setting with the lowest held-out loss:", "",
               "| setting | merged held-out | best single held-out | uniform | EMA | merged ood | best single ood "
               "| lowest single ood | uniform ood | EMA ood |", "|" + " --- |" * 10]
-    for name, kind, k, budget in SETTINGS:
+    for name, _kind, _k, _budget in SETTINGS:
         b = bases[name]
         gp = [r for r in runs if r.setting == name and r.sampler == "gp"]
         h, o = [r.best for r in gp], [r.ood for r in gp]

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the hf-bomerge command sets it, before torch loads
-import torch  # noqa: E402
+import torch
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
@@ -99,9 +99,9 @@ def main() -> None:
     root = build(a.shape)
     os.environ.setdefault("HF_BOMERGE_CACHE", str(OUT / "cache"))
 
-    from hf_bomerge.specs import EvalSpec, SourceSpec
     from hf_bomerge.estimate import estimate
     from hf_bomerge.prepare import prepare
+    from hf_bomerge.specs import EvalSpec, SourceSpec
 
     load0 = os.getloadavg()
     spec = EvalSpec.from_options(str(OUT / "trial-heldout.txt"), max_eval_tokens=a.max_eval_tokens,

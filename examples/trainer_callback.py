@@ -1,16 +1,15 @@
 """Merge while training: a `transformers.Trainer` run with `BOMergeCallback`, offline.
 
-The demo's tiny GPT-NeoX (its step400 checkpoint) goes on training, at a constant learning rate, on Python
-code it has never seen; every second save starts, in a child process on CPU, the GP-searched merge of the
-last 3 checkpoints, scored on a held-out slice of that code. Training does not wait for it; the finished rounds show in the Trainer's logs as
-`bomerge/loss` and `bomerge/gain_vs_latest` (and in TensorBoard/W&B with `report_to`).
+The demo's tiny GPT-NeoX (its step400 checkpoint) goes on training, at a constant learning rate, on Python code it has
+never seen; every second save starts, in a child process on CPU, the GP-searched merge of the last 3 checkpoints,
+scored on a held-out slice of that code. Training does not wait for it; the finished rounds show in the Trainer's logs
+as `bomerge/loss` and `bomerge/gain_vs_latest` (and in TensorBoard/W&B with `report_to`).
 
-Needs: ~2 GB RAM, about 3 minutes on 2 CPU cores: 1 of training, then the queued merges (the demo
-trajectory is built on first use, then cached). Measured: each merge beat the latest checkpoint, by 0.02-0.10 nats.
-Run: python examples/trainer_callback.py [OUTPUT_DIR]     (default ./trainer-callback-run)
-Then: trainer-callback-run/bomerge/watch.png (the curves), watch.jsonl (one line per round), checkpoint-N/
-(the merged models, with their cards).
-"""
+Needs: ~2 GB RAM, about 3 minutes on 2 CPU cores: 1 of training, then the queued merges (the demo trajectory is built
+on first use, then cached). Measured: each merge beat the latest checkpoint, by 0.02-0.10 nats. Run: python
+examples/trainer_callback.py [OUTPUT_DIR] (default ./trainer-callback-run) Then: trainer-callback-
+run/bomerge/watch.png (the curves), watch.jsonl (one line per round), checkpoint-N/ (the merged models, with their
+cards)."""
 
 import json
 import sys
@@ -18,8 +17,7 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from transformers import (AutoTokenizer, GPTNeoXForCausalLM, Trainer, TrainingArguments,
-                          default_data_collator)
+from transformers import AutoTokenizer, GPTNeoXForCausalLM, Trainer, TrainingArguments, default_data_collator
 
 from hf_bomerge.demo import build_trajectory
 from hf_bomerge.integrations import BOMergeCallback

@@ -12,7 +12,7 @@ def __getattr__(name: str):
         from . import api
 
         return getattr(api, name)
-    if name == "watch_once":  # `hf_bomerge.searching.watch` is the module (its `watch` function: hf_bomerge.searching.watch.watch)
+    if name == "watch_once":  # the module is `hf_bomerge.searching.watch` (its `watch` function too)
         from importlib import import_module
 
         return import_module(".searching.watch", __name__).watch_once

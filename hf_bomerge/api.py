@@ -12,24 +12,24 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING
 
-from .objectives import parallel
+from .cli.options import DEFAULTS, OPTIONS, merge_specs, search_specs
 from .merging import weights as W
-from .objectives.confirm import confirm
 from .merging.engine import rule_from_config
+from .merging.layers import LayerGroups
+from .objectives import Objective, objective_class, parallel
+from .objectives.confirm import confirm
 from .objectives.evaluator import CONFIRM, Evaluator
 from .objectives.heldout import HeldOutSpec
-from .merging.layers import LayerGroups
-from .objectives import Objective, objective_class
-from .cli.options import DEFAULTS, OPTIONS, merge_specs, search_specs
 from .plan import Plan
 from .prepare import Prepared, prepare, resolve, run_plan
 from .recorded import from_recipe, from_study, result_of  # noqa: F401  (part of the API)
 from .result import Generalization, MergeResult
-from .sources import default_cache_dir
 from .searching.weight_spaces import Layered, space_for
+from .sources import default_cache_dir
 from .specs import EvalSpec, FixedSpec, Recipe, SearchSpec, SourceSpec, study_identity
 
 if TYPE_CHECKING:  # the study (Optuna, SQLAlchemy) is imported where used: a fixed merge never needs it

@@ -100,9 +100,9 @@ def merge_seconds_per_param(device: str, n: int, stored, target) -> float:
     out = torch.empty(PROBE_ELEMENTS, dtype=target, device=device)
     weights = [1.0 / n] * n
     if device == "cpu":
-        run = lambda: merge_into(out, sources, weights, stored, check=False)  # noqa: E731
+        run = lambda: merge_into(out, sources, weights, stored, check=False)
     else:
-        run = lambda: weighted_sum_([out], sources, weights)  # noqa: E731
+        run = lambda: weighted_sum_([out], sources, weights)
     return _best_of(run, device, repeat=3) / PROBE_ELEMENTS
 
 
@@ -192,7 +192,8 @@ def estimate(config: dict, params: int, *, n_checkpoints: int, device: str, eval
         how = "a one-layer model of this config" if rate else how
     rate = rate or matmul_rate(device, dtype, hidden, probe_tokens * probe_batch)
     fpt = flops_per_token(config, params, block)
-    merge_s = merge_seconds_per_param(device, n_checkpoints, stored, dtype if dtype.itemsize >= 4 else torch.float32) * params
+    accumulate = dtype if dtype.itemsize >= 4 else torch.float32
+    merge_s = merge_seconds_per_param(device, n_checkpoints, stored, accumulate) * params
     forward_s = fpt * search_tokens / rate
     confirm_s = (n_checkpoints + 3) * (merge_s + fpt * confirm_tokens / rate) if confirm_tokens else 0.0
     trial_s = merge_s + forward_s

@@ -11,8 +11,9 @@ hf_bomerge.errors.OptionError: --batch-size must be positive, got 0.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import field
-from typing import Any, Sequence
+from typing import Any
 
 from .errors import OptionError
 

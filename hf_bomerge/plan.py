@@ -4,12 +4,11 @@ run downloads, holds in memory and writes, and refuse a plan that cannot fit, sa
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from .errors import BOMergeError
-
 
 
 def human(n: float) -> str:

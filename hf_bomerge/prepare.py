@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
-from .sources import offline
-from .reading import phase
-from .reading.checkpoints import CheckpointSet, check_same_tokenizer
-from .merging.engine import DTYPES
 from .errors import BOMergeError, CorruptFileError, HubError
-from .sources import Source, default_cache_dir, open_source, tokenizer_files
+from .merging.engine import DTYPES
 from .merging.writer import parse_size
 from .plan import Plan, make_plan
+from .reading import phase
+from .reading.checkpoints import CheckpointSet, check_same_tokenizer
+from .sources import Source, default_cache_dir, offline, open_source, tokenizer_files
 from .sources.revisions import resolve_revisions
 
 logger = logging.getLogger("hf_bomerge")
@@ -64,7 +63,8 @@ def run_plan(src: Source, names: Sequence[str], pins: Sequence[str], *, device: 
     local = [src.is_local(n, p) for n, p in zip(names, pins)]
     params, stored = src.parameter_count(names[-1], pins[-1])  # from the headers, never from the config's dtype
     return make_plan(sizes, local, src.config(names[-1], pins[-1]), names, device=device, eval_itemsize=itemsize,
-                     batch_size=batch_size, block_size=block_size, evaluate=evaluate, paths=[Path(cache_dir or default_cache_dir())],
+                     batch_size=batch_size, block_size=block_size, evaluate=evaluate,
+                     paths=[Path(cache_dir or default_cache_dir())],
                      max_memory=parse_size(max_memory) if max_memory else None, params=params, stored_bytes=stored,
                      saved_itemsize=DTYPES[store_dtype].itemsize if store_dtype else None, devices=devices)
 

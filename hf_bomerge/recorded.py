@@ -9,14 +9,13 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from .objectives import parallel
+from .errors import BOMergeError, StudyError
 from .merging import weights as W
 from .merging.engine import rule_from_config
-from .errors import BOMergeError, StudyError
 from .merging.layers import LayerGroups, LayerWeights
-from .prepare import Prepared, prepare
+from .objectives import objective_class, parallel
 from .objectives.confirm import Confirmation
-from .objectives import objective_class
+from .prepare import Prepared, prepare
 from .result import Generalization, MergeResult, Workspace
 from .specs import EvalSpec, Recipe, SearchSpec
 

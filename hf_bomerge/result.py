@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .objectives.confirm import Confirmation
 from .merging.layers import LayerGroups, LayerWeights
+from .objectives.confirm import Confirmation
 from .specs import Recipe
 
 # 2: schema 1 + `eval_dtype`, `confirm` and `layer_weights` (README, the --json row).

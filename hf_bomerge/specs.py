@@ -22,16 +22,16 @@ import math
 import numbers
 import re
 import reprlib
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
-from .merging import weights as W
 from .defaults import DEFAULT_CONFIRM_FRACTION, DEFAULT_MAX_EVAL_TOKENS, VERSION
 from .errors import OptionError, RecipeError, StudyError
 from .fields import DEVICE_MAPS, EVAL_DTYPES, one_of, option, positive
+from .merging import weights as W
 from .searching.weight_spaces import SEARCHES
-
 
 DEFAULT_DATASET = "Salesforce/wikitext"
 DEFAULT_DATASET_CONFIG = "wikitext-2-raw-v1"
@@ -56,7 +56,7 @@ class HeldOutSpec:
     text_column: str = option("text", "the column holding the text")
 
     @classmethod
-    def parse(cls, spec: str, text_column: str = "text") -> "HeldOutSpec":
+    def parse(cls, spec: str, text_column: str = "text") -> HeldOutSpec:
         """`DATASET[:CONFIG][@SPLIT]`, or a path to a local file/folder (used as is)."""
         if Path(spec).expanduser().exists():
             return cls(spec, None, "train", text_column)
@@ -146,7 +146,7 @@ class EvalSpec:
             raise OptionError(f"--objective must be loss or a metric's name or path, got {self.objective!r}.")
     @classmethod
     def from_options(cls, dataset: str | None = None, dataset_config: str | None = None, split: str | None = None,
-                     text_column: str = "text", **options) -> "EvalSpec":
+                     text_column: str = "text", **options) -> EvalSpec:
         """From the CLI's / keyword API's flat options (`dataset` as `DATASET[:CONFIG][@SPLIT]` or a file)."""
         if dataset is None:  # the default dataset, at the config and split asked for
             return cls(HeldOutSpec(DEFAULT_DATASET, dataset_config or DEFAULT_DATASET_CONFIG, split or "validation",
@@ -174,7 +174,7 @@ class SearchSpec:
     Traceback (most recent call last):
     ...
     hf_bomerge.errors.StudyError: --layer-groups G (G ≥ 1) searches a simplex weight vector per depth group; it cannot combine with --search schedule (got G=2). Use --search auto or simplex, or leave out --layer-groups.
-    """
+    """  # noqa: E501 - a doctest shows the whole message
 
     space: str = option("auto", "how the weights are searched (auto: pairwise for 2 revisions, simplex up to 8, "
                         "schedule beyond)", keyword="search", flag="--search", choices=SEARCHES)
@@ -188,7 +188,8 @@ class SearchSpec:
     fallback: bool = option(False, "export the best baseline instead when the merge is not better on the confirm "
                             "part", action="store_true")
     eval_datasets: tuple[str, ...] = option((), "extra set for the generalization report, repeatable: a Hub "
-                                            "dataset or a local file", flag="--eval-dataset", dest="eval_dataset", action="append",
+                                            "dataset or a local file", flag="--eval-dataset", dest="eval_dataset",
+                                            action="append",
                                             metavar="DATASET[:CONFIG][@SPLIT]", shown="none")
 
     def __post_init__(self):
@@ -212,7 +213,7 @@ class SearchSpec:
         return {**asdict(self), "eval_datasets": list(self.eval_datasets)}
 
     @classmethod
-    def from_dict(cls, data: Mapping) -> "SearchSpec":
+    def from_dict(cls, data: Mapping) -> SearchSpec:
         """A study's recorded search (keys of a newer version ignored; a value of the wrong type refused)."""
         spec = {k: v for k, v in data.items() if k in _SEARCH_TYPES}
         for key, value in spec.items():
@@ -312,7 +313,7 @@ class Recipe:
         return recipe
 
     @classmethod
-    def from_dict(cls, recipe: Mapping, where: str = "the recipe", weighted: bool = True) -> "Recipe":
+    def from_dict(cls, recipe: Mapping, where: str = "the recipe", weighted: bool = True) -> Recipe:
         """Every field checked by type and value; `weighted=False` for a study's recipe (its weights are its trials)."""
         if not isinstance(recipe, Mapping):
             raise RecipeError(f"Cannot read {where}: it is not a YAML mapping of fields (it is a "
@@ -348,7 +349,7 @@ class Recipe:
                        "a map with whole numbers `groups` and `layers` (at least 1)", None))
 
     @classmethod
-    def load(cls, path: str | Path) -> "Recipe":
+    def load(cls, path: str | Path) -> Recipe:
         import yaml
 
         try:

@@ -2,17 +2,15 @@
 
 hf-bomerge is not on PyPI, so the Space carries the package itself:
 
-    python spaces/build_space.py build/hf-bomerge-space
-    hf repos create ME/hf-bomerge --repo-type space --space-sdk gradio --exist-ok
-    hf upload ME/hf-bomerge build/hf-bomerge-space . --repo-type space
+python spaces/build_space.py build/hf-bomerge-space hf repos create ME/hf-bomerge --repo-type space --space-sdk gradio
+--exist-ok hf upload ME/hf-bomerge build/hf-bomerge-space . --repo-type space
 
 The folder holds app.py, handlers.py, space_limits.py, space_worker.py, README.md (the Space's front matter),
-requirements.txt, screenshot.png and hf_bomerge/ with the card templates in hf_bomerge/model_cards/ (a package with an __init__.py, since
-`hf_bomerge.publish.card` loads its template through `importlib.resources.files("hf_bomerge.model_cards")`).
-The build checks that requirements.txt names every dependency of pyproject.toml, then imports
-`hf_bomerge.publish.card` and reads the template from the assembled folder, in a fresh interpreter, and fails
-if anything resolves outside it.
-"""
+requirements.txt, screenshot.png and hf_bomerge/ with the card templates in hf_bomerge/model_cards/ (a package with an
+__init__.py, since `hf_bomerge.publish.card` loads its template through
+`importlib.resources.files("hf_bomerge.model_cards")`). The build checks that requirements.txt names every dependency
+of pyproject.toml, then imports `hf_bomerge.publish.card` and reads the template from the assembled folder, in a fresh
+interpreter, and fails if anything resolves outside it."""
 
 from __future__ import annotations
 

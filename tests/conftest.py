@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from testhub import TestHub, free_port  # noqa: E402
+from testhub import TestHub, free_port
 
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="hf-bomerge-tests-"))
 atexit.register(shutil.rmtree, _SESSION_DIR, ignore_errors=True)

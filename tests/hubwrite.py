@@ -43,10 +43,10 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import httpx
 import uvicorn
@@ -54,7 +54,6 @@ import yaml
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
-
 from testhub import _GIT_ENV, is_lfs_file, lfs_object_path, lfs_pointer, make_git_repo
 
 USER = "bomerge-tester"

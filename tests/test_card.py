@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-
 import json
 from pathlib import Path
 
@@ -11,9 +10,9 @@ import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard, snapshot_download
 
-from hf_bomerge.result import MergeResult
-from hf_bomerge.publish.card import render_card
 from hf_bomerge.cli import main
+from hf_bomerge.publish.card import render_card
+from hf_bomerge.result import MergeResult
 from hf_bomerge.searching.study import Trial
 
 TOKEN = "hf_test_card_token_456"

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from measure import heldout_loss, reference_merge
 from safetensors.torch import load_file
 
 from hf_bomerge.cli import main
-from measure import heldout_loss, reference_merge
 
 JSON_KEYS = {"schema", "source", "revisions", "shas", "weights", "objective", "loss", "baselines",
              "generalization", "trials", "study", "output", "eval_dtype", "confirm", "layer_weights"}
@@ -204,7 +204,6 @@ def test_local_git_repository_branches_are_revisions(trajectory, tmp_path, capsy
 def test_a_malformed_recipe_is_one_message_naming_the_field_exit_2_nothing_written(trajectory, tmp_path, field):
     """`weights: abc` was a ValueError traceback; a sha `--output=FILE` reached git (the old `git archive` made FILE)."""
     import yaml
-
     from testhub import make_git_repo
 
     steps = json.loads((trajectory / "trajectory.json").read_text())["revisions"][-2:]

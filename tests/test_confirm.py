@@ -82,7 +82,7 @@ def test_a_metric_confirm_part_is_split_by_question_and_higher_is_better():
     assert not set(search["ids"].flatten().tolist()) & set(held["ids"].flatten().tolist())
 
     answers = held["answers"].tolist()
-    accuracy = lambda preds, idx: sum(preds[i] == answers[i] for i in idx) / len(idx)  # noqa: E731
+    accuracy = lambda preds, idx: sum(preds[i] == answers[i] for i in idx) / len(idx)
     right = list(answers)
     wrong_half = [a if i % 2 else 1 - a for i, a in enumerate(answers)]
     good = confirm(right, {"latest": wrong_half, "uniform": [1 - a for a in answers]}, accuracy, True)

@@ -85,8 +85,8 @@ def float32_source(trajectory: Path, tmp_path: Path) -> Path:
 
 def test_a_gpu_without_bfloat16_evaluates_in_float32_and_says_so(float32_source, monkeypatch, caplog):
     """`torch.cuda.is_available` and `is_bf16_supported` are mocked (a GPU before Ampere); nothing runs on it."""
-    from hf_bomerge.reading.checkpoints import CheckpointSet
     from hf_bomerge.objectives.evaluator import choose_eval_dtype
+    from hf_bomerge.reading.checkpoints import CheckpointSet
 
     folders = sorted(float32_source.iterdir())
     ckpts = CheckpointSet(folders, [f.name for f in folders])

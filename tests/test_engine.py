@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
 
+from hf_bomerge.errors import CheckpointError
 from hf_bomerge.merging import durable, engine
-from hf_bomerge.reading.checkpoints import CheckpointSet, is_merged
 from hf_bomerge.merging.mergers import ResidentMerger
 from hf_bomerge.merging.writer import export_merge
-from hf_bomerge.errors import CheckpointError
+from hf_bomerge.reading.checkpoints import CheckpointSet, is_merged
 
 WEIGHTS = [0.2, 0.3, 0.5]
 CONFIG = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,

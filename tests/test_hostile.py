@@ -19,9 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from hf_bomerge.reading.checkpoints import Checkpoint, CheckpointSet
 from hf_bomerge.cli import main
 from hf_bomerge.errors import ChangedFileError, CheckpointError, CorruptFileError, OutputError, UnsafeFileError
+from hf_bomerge.reading.checkpoints import Checkpoint, CheckpointSet
 from hf_bomerge.reading.formats import read_safetensors_header
 from hf_bomerge.reading.layout import shard_names
 from hf_bomerge.sources import FolderSource
@@ -375,7 +375,8 @@ def on_trial(*args, **kwargs):
         data = bytearray(open({str(target)!r}, "rb").read()); data[-4:] = b"\\x00\\x3c\\x00\\x3c"
         with open({str(target)!r}, "r+b") as f: f.write(data)
 try:
-    hf_bomerge.search({str(run)!r}, "step550,step600", trials=6, dataset={str(test_hub.trajectory / 'heldout' / 'validation.jsonl')!r},
+    hf_bomerge.search({str(run)!r}, "step550,step600", trials=6,
+                      dataset={str(test_hub.trajectory / 'heldout' / 'validation.jsonl')!r},
                       cache_dir={str(tmp_path / 'cache')!r}, progress=False, on_trial=on_trial, device="cpu")
 except ChangedFileError as err:
     print("CHANGED", err); sys.exit(3)

@@ -11,18 +11,18 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+from test_engine import _read_output, _trajectory
 from transformers import AutoModelForCausalLM
 
-from hf_bomerge.merging import engine
-from hf_bomerge.specs import SearchSpec
-from hf_bomerge.reading.checkpoints import CheckpointSet
 from hf_bomerge.errors import BOMergeError, StudyError, WeightsError
+from hf_bomerge.merging import engine
 from hf_bomerge.merging.layers import LayerGroups, LayerWeights
 from hf_bomerge.merging.mergers import ResidentMerger, StreamedMerger
-from hf_bomerge.searching.weight_spaces import SIMPLEX_FLOOR, Layered, make_space
-from hf_bomerge.searching.study import run_search
 from hf_bomerge.merging.writer import export_merge
-from test_engine import _read_output, _trajectory
+from hf_bomerge.reading.checkpoints import CheckpointSet
+from hf_bomerge.searching.study import run_search
+from hf_bomerge.searching.weight_spaces import SIMPLEX_FLOOR, Layered, make_space
+from hf_bomerge.specs import SearchSpec
 
 LLAMA = ["model.embed_tokens.weight", *(f"model.layers.{i}.self_attn.q_proj.weight" for i in range(6)),
          "model.norm.weight", "lm_head.weight"]

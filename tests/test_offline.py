@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from testhub import DATASET_CARD, free_port, pythia_branches
 
 pytestmark = pytest.mark.e2e  # the test Hub, subprocess CLIs, real searches or training

@@ -57,7 +57,7 @@ REFUSED = [  # (arguments, what the message says); SRC is an existing (empty) fo
     (["demo", "--trials", "0"], "--trials must be a whole number of at least 1"),
 ]
 # Each case in-process, one after the other, in one interpreter that never imports torch (no GPU, no network).
-_RUNNER = """
+_RUNNER = f"""
 import contextlib, io, json, sys, time
 from hf_bomerge.cli import main
 cases, out = json.loads(sys.argv[1]), []
@@ -69,9 +69,9 @@ for argv in cases:
         except SystemExit as exit_:
             code = exit_.code
     out.append([code, err.getvalue(), time.perf_counter() - t])
-heavy = sorted(m for m in %r if m in sys.modules)
-print(json.dumps({"cases": out, "heavy": heavy}))
-""" % (HEAVY,)
+heavy = sorted(m for m in {HEAVY!r} if m in sys.modules)
+print(json.dumps({{"cases": out, "heavy": heavy}}))
+"""
 
 
 def test_bad_values_and_conflicts_are_refused_before_anything_heavy_is_imported(tmp_path):

@@ -18,7 +18,6 @@ from hf_bomerge.cli import main
 from hf_bomerge.errors import HubError
 from hf_bomerge.publish.push import push_folder
 
-
 pytestmark = pytest.mark.e2e  # every test here pushes to the test Hub
 
 TOKEN = "hf_test_secret_token_123"

@@ -8,8 +8,8 @@ import struct
 import torch
 from safetensors.torch import load_file, save_file
 
-from hf_bomerge.reading.checkpoints import Checkpoint, CheckpointSet
 from hf_bomerge.merging.writer import export_merge
+from hf_bomerge.reading.checkpoints import Checkpoint, CheckpointSet
 
 
 def _tensors() -> dict[str, torch.Tensor]:

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import snapshot_download
+from measure import heldout_loss, load_state, reference_merge
 from safetensors.torch import load_file, save_file
 
 from hf_bomerge import api
-from hf_bomerge.merging import weights as W
 from hf_bomerge.cli import main
 from hf_bomerge.errors import StudyError
-from measure import heldout_loss, load_state, reference_merge
+from hf_bomerge.merging import weights as W
 
 pytestmark = pytest.mark.e2e  # the test Hub, subprocess CLIs, real searches or training
 

@@ -7,7 +7,13 @@ from hypothesis import strategies as st
 
 from hf_bomerge.errors import RevisionError
 from hf_bomerge.sources.revisions import (
-    Revision, nearest, naming_style, progress_key, resolve_revisions, select_revisions, sort_revisions,
+    Revision,
+    naming_style,
+    nearest,
+    progress_key,
+    resolve_revisions,
+    select_revisions,
+    sort_revisions,
 )
 
 PYTHIA = ["step0"] + [f"step{2**i}" for i in range(10)] + [f"step{n}" for n in range(1000, 143001, 1000)]

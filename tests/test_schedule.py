@@ -8,14 +8,15 @@ import math
 import random
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from hf_bomerge.merging import schedules as S
-from hf_bomerge.merging import weights as W
 from hf_bomerge.cli import main
 from hf_bomerge.errors import RevisionError, StudyError, WeightsError
-from hf_bomerge.sources.revisions import progress_values
+from hf_bomerge.merging import schedules as S
+from hf_bomerge.merging import weights as W
 from hf_bomerge.searching.weight_spaces import make_space, space_for
+from hf_bomerge.sources.revisions import progress_values
 
 MIX = 1.0 / math.pi
 

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import HfApi, snapshot_download
-
 from testhub import free_port
 
 ROOT = Path(__file__).resolve().parents[1]

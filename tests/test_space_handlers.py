@@ -5,7 +5,6 @@ The full path (a real search against the test Hub, in a browser) is tests/test_s
 from __future__ import annotations
 
 import dataclasses
-
 import math
 import sys
 import time
@@ -22,8 +21,8 @@ gr = pytest.importorskip("gradio", reason='the Space needs gradio: pip install -
 import handlers as H  # noqa: E402
 import space_worker  # noqa: E402
 
-from hf_bomerge.objectives.confirm import Confirmation
 from hf_bomerge.errors import BOMergeError  # noqa: E402
+from hf_bomerge.objectives.confirm import Confirmation  # noqa: E402
 from hf_bomerge.plan import Plan  # noqa: E402
 from hf_bomerge.searching.study import Trial  # noqa: E402
 

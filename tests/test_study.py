@@ -20,8 +20,8 @@ from hf_bomerge.searching.study import make_space, run_search
 def evaluator(trajectory, tmp_path_factory):
     """weights -> held-out loss over the last 4 checkpoints of the trajectory (resident, in memory)."""
     from hf_bomerge.objectives.evaluator import Evaluator as _Evaluator
-    from hf_bomerge.prepare import prepare as _prepare
     from hf_bomerge.objectives.heldout import HeldOutSpec
+    from hf_bomerge.prepare import prepare as _prepare
 
     cache = tmp_path_factory.mktemp("cache")
     prep = _prepare(str(trajectory), "last:4", 8, None, cache, progress=False)
@@ -48,7 +48,7 @@ def _run(evaluate, tmp_path: Path, kind: str, n: int, trials: int, name="s", see
 
 @pytest.mark.e2e
 def test_pairwise_evaluates_both_bounds_first(evaluator, tmp_path):
-    pair = lambda w: evaluator([0.0, 0.0, *w])  # the last two checkpoints  # noqa: E731
+    pair = lambda w: evaluator([0.0, 0.0, *w])  # the last two checkpoints
     start = len(evaluator.calls)
     out = _run(pair, tmp_path, "pairwise", 2, trials=8, labels=evaluator.labels[-2:], lambda_min=0.3)
     first = evaluator.calls[start:start + 2]

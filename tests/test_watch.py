@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from hf_bomerge.sources import arrivals, folder_incomplete
 from hf_bomerge.errors import WatchError
 from hf_bomerge.searching.watch import _claim, read_ledger, shifted, watch_once
+from hf_bomerge.sources import arrivals, folder_incomplete
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from testhub import pythia_branches  # noqa: E402
+from testhub import pythia_branches
 
 pytestmark = pytest.mark.e2e  # the test Hub, subprocess CLIs, real searches or training
 
@@ -127,7 +127,7 @@ def test_watch_folder_waits_for_partial_revision_survives_kill_and_resumes(traje
             *data_args(trajectory, cache)]
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(cli(str(run), *args), stdout=subprocess.DEVNULL, stderr=log)
-    stderr = lambda: (tmp_path / "first.log").read_text()  # noqa: E731
+    stderr = lambda: (tmp_path / "first.log").read_text()
     try:
         wait_for(lambda: len(read_ledger(out)) == 1, 300, proc, "the first round")
         # step500 appears half-written: the watcher waits for it and reads nothing of it.
@@ -217,11 +217,17 @@ def test_watch_hub_branches_pushes_each_round(test_hub, trajectory, tmp_path):
 def test_trainer_callback_merges_beside_training_and_logs_fresh_losses(trajectory, tmp_path):
     import torch
     from datasets import Dataset
-    from transformers import (AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM, Trainer,
-                              TrainingArguments, default_data_collator)
+    from measure import heldout_loss
+    from transformers import (
+        AutoTokenizer,
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+        Trainer,
+        TrainingArguments,
+        default_data_collator,
+    )
 
     from hf_bomerge.integrations import BOMergeCallback
-    from measure import heldout_loss
 
     tokenizer = AutoTokenizer.from_pretrained(trajectory / "step250")
     config = GPTNeoXConfig.from_pretrained(trajectory / "step250")

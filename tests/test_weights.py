@@ -3,10 +3,11 @@
 import math
 
 import pytest
-from hypothesis import example, given, strategies as st
+from hypothesis import example, given
+from hypothesis import strategies as st
 
-from hf_bomerge.merging import weights as W
 from hf_bomerge.errors import WeightsError
+from hf_bomerge.merging import weights as W
 from hf_bomerge.searching.weight_spaces import SPACES, SearchSpace, make_space, register
 
 

@@ -25,11 +25,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Union
 
-Source = Union[Path, str, bytes]  # a file to copy (Path), or the content itself (str/bytes)
+Source = Path | str | bytes  # a file to copy (Path), or the content itself (str/bytes)
 
 # Suffixes the Hub's default .gitattributes sends to LFS; files above 10 MB go there too.
 LFS_SUFFIXES = (".bin", ".safetensors", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf",

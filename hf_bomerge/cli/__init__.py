@@ -20,8 +20,8 @@ from dataclasses import dataclass
 # from slowing the merge down ~2x (measured in benchmarks/README.md); no effect on a quiet machine.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from . import options  # noqa: E402
-from ..errors import BOMergeError  # noqa: E402
+from ..errors import BOMergeError
+from . import options
 
 DEFAULT = "search"
 

@@ -6,10 +6,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from . import options
 from ..errors import BOMergeError
 from ..objectives import objective_class
-from . import search
+from . import options, search
 from .output import finish
 
 DEMO_REVISIONS = "last:4"

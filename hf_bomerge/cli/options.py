@@ -20,11 +20,12 @@ hf_bomerge.errors.OptionError: --trials must be a whole number of at least 1 (th
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
-from ..merging import weights as W
 from ..errors import OptionError
+from ..merging import weights as W
 from ..specs import EvalSpec, FixedSpec, HeldOutSpec, SearchSpec, SourceSpec
 
 SPECS = (SourceSpec, HeldOutSpec, EvalSpec, SearchSpec, FixedSpec)

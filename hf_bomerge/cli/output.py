@@ -8,9 +8,9 @@ import dataclasses
 import json
 import sys
 
-from . import options
 from ..defaults import DEFAULT_MAX_SHARD_SIZE
 from ..objectives import objective_class
+from . import options
 
 
 def add_output_options(p: argparse.ArgumentParser, *, dtype: bool = False) -> None:
@@ -63,7 +63,8 @@ def save(result, args, default_name: str, claim: bool = True):
         print(f"hf-bomerge: the budget of {result.workspace.budget} trials of study {result.study} is spent and its merge "
               f"is exported by {w.get('worker')} (to {w.get('output')}, since {w.get('at')}"
               f"{'' if w.get('done') else ', maybe still running'}); this run writes nothing. To write it "
-              f"again: hf-bomerge export --storage {safe_url(result.workspace.storage)} --study-name {result.study} --output DIR",
+              f"again: hf-bomerge export --storage {safe_url(result.workspace.storage)} --study-name {result.study} "
+              "--output DIR",
               file=sys.stderr)
     if done.url:
         print(f"pushed to {done.url}", file=sys.stderr)

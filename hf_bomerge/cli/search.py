@@ -6,8 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from . import options
 from ..errors import BOMergeError, OptionError
+from . import options
 from .output import add_common_options, add_output_options, finish
 
 DESCRIPTION = ("Merge intermediate checkpoints of one pretraining run with weights found by Bayesian "

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from ..defaults import DEFAULT_MAX_SHARD_SIZE
-from . import options
 from ..searching.watch import TRIALS  # a light module: the pipeline is imported when a round runs
+from . import options
 from .search import add_data_options, add_device_options, add_search_options
 
 

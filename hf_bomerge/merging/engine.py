@@ -8,12 +8,13 @@ weighted is decided once, by `CheckpointSet.copied`, from the loaded model's par
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 
-from ..reading.checkpoints import CheckpointSet, suffix_rule_suffices
 from ..errors import CheckpointError
+from ..reading.checkpoints import CheckpointSet, suffix_rule_suffices
 from .layers import Weights, tensor_weights
 
 CHUNK = 1 << 20  # elements of the float32 accumulator: 4 MB, cache-resident (a multiple of any SIMD width)

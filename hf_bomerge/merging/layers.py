@@ -19,8 +19,8 @@ Pure Python (no torch): the search spaces and the CLI import it.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence, Union
 
 from ..errors import WeightsError
 
@@ -50,7 +50,7 @@ class LayerGroups:
     layers: int
 
     @classmethod
-    def from_names(cls, groups: int, names: Sequence[str]) -> "LayerGroups":
+    def from_names(cls, groups: int, names: Sequence[str]) -> LayerGroups:
         """The rule for a model whose tensors are `names` (the number of blocks is read from them).
 
         >>> LayerGroups.from_names(1, ["wte.weight", "h.0.attn.weight", "h.1.attn.weight", "ln_f.weight"])
@@ -68,7 +68,7 @@ class LayerGroups:
         return cls(groups, layers)
 
     @classmethod
-    def from_dict(cls, data: Mapping) -> "LayerGroups":
+    def from_dict(cls, data: Mapping) -> LayerGroups:
         return cls(int(data["groups"]), int(data["layers"]))
 
     def as_dict(self) -> dict:
@@ -117,7 +117,7 @@ class LayerWeights:
     vectors: tuple[tuple[float, ...], ...]
 
     @classmethod
-    def interpolate(cls, rule: LayerGroups, shallow: Sequence[float], deep: Sequence[float]) -> "LayerWeights":
+    def interpolate(cls, rule: LayerGroups, shallow: Sequence[float], deep: Sequence[float]) -> LayerWeights:
         """wᵍ = (1−t)·shallow + t·deep at each group's depth t (`LayerGroups.depths`); both sum to 1, so does wᵍ.
 
         Where shallow and deep agree, every group gets exactly that weight (a global seed stays bit-exact)."""
@@ -125,7 +125,7 @@ class LayerWeights:
                                for t in rule.depths()))
 
     @classmethod
-    def from_dict(cls, rule: LayerGroups, data: Mapping[str, Sequence[float]]) -> "LayerWeights":
+    def from_dict(cls, rule: LayerGroups, data: Mapping[str, Sequence[float]]) -> LayerWeights:
         """From the recipe's / `--json`'s `layer_weights` map (its groups must be the rule's)."""
         if list(data) != rule.names():
             raise WeightsError(f"layer_weights names the groups {list(data)}, but this model's rule with "
@@ -149,7 +149,7 @@ class LayerWeights:
         return all(v == self.vectors[0] for v in self.vectors)
 
 
-Weights = Union[Sequence[float], LayerWeights]
+Weights = Sequence[float] | LayerWeights
 
 
 def tensor_weights(weights: Weights, name: str) -> list[float]:

@@ -10,13 +10,13 @@ never reported.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
+from ..errors import BOMergeError
 from ..reading.checkpoints import CheckpointSet
 from .engine import as_sources, check_finite, merge_into, merged_tensor, model_rule, select, subset, weighted_sum_
-from ..errors import BOMergeError
 from .layers import LayerWeights, Weights, tensor_weights
 
 # Module class name -> attributes to set after every merge, so that the next forward recomputes the cached

@@ -34,7 +34,7 @@ linear 1−u, cosine (1+cos πu)/2, sqrt 1−√u (Megatron's minus-sqrt), exp (
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from ..errors import WeightsError
 

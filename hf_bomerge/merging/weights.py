@@ -7,10 +7,10 @@ Fixed rules (SMA, EMA, WMA, pairwise λ, explicit) and the parameterizations the
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
-from . import schedules
 from ..errors import WeightsError
+from . import schedules
 
 TOLERANCE = 1e-6
 

@@ -5,19 +5,18 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
+from ..defaults import DEFAULT_MAX_SHARD_SIZE
+from ..errors import OutputError
 from ..reading.checkpoints import CheckpointSet, TensorInfo
 from ..reading.formats import ST_NAMES as _ST_NAMES
 from .durable import DurableFile
 from .engine import merge_chunks, merged_tensor
-from ..errors import OutputError
 from .layers import Weights
-
-from ..defaults import DEFAULT_MAX_SHARD_SIZE  # noqa: F401  (re-exported)
 
 
 def parse_size(size: str | int) -> int:

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, ClassVar
 if TYPE_CHECKING:
     import torch
 
-    from .evaluator import Evaluator
     from ..specs import HeldOutSpec
+    from .evaluator import Evaluator
 
 
 class Objective(abc.ABC):

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING
 
-from ..defaults import DEFAULT_CONFIRM_FRACTION  # noqa: E402,F401  (re-exported)
+from ..defaults import DEFAULT_CONFIRM_FRACTION  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:  # the interval's arithmetic needs no torch: a result (and --help) imports this module
     import torch
@@ -89,7 +90,7 @@ class Confirmation:
                 "interval": list(self.interval), "blocks": self.blocks, "exported": self.exported}
 
     @classmethod
-    def from_dict(cls, data: dict, higher_is_better: bool = False) -> "Confirmation":
+    def from_dict(cls, data: dict, higher_is_better: bool = False) -> Confirmation:
         return cls(data["loss"], dict(data["baselines"]), data["best_baseline"], tuple(data["interval"]),
                    data["blocks"], higher_is_better, data.get("exported", "merge"))
 

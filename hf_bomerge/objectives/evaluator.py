@@ -8,21 +8,20 @@ from __future__ import annotations
 
 import gc
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
-from . import parallel
-from ..reading.checkpoints import CheckpointSet, check_remote_code
-from ..merging.engine import DTYPES, dtype_name
 from ..errors import BOMergeError
-from .heldout import HeldOutSpec, heldout_blocks, tokenizer_fingerprint
+from ..merging.engine import DTYPES, dtype_name
 from ..merging.mergers import ResidentMerger, StreamedMerger
-from . import Objective, objective_class
-from .loss import HeldOutLoss
 from ..prepare import Prepared, has_bf16
+from ..reading.checkpoints import CheckpointSet, check_remote_code
 from ..specs import EvalSpec, SourceSpec
+from . import Objective, objective_class, parallel
+from .heldout import HeldOutSpec, heldout_blocks, tokenizer_fingerprint
+from .loss import HeldOutLoss
 
 logger = logging.getLogger("hf_bomerge")
 

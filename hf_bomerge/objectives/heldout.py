@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from ..defaults import DEFAULT_MAX_EVAL_TOKENS  # noqa: F401  (re-exported)
 from ..errors import DataError
-
-from ..defaults import DEFAULT_MAX_EVAL_TOKENS  # noqa: E402,F401  (re-exported)
 from ..specs import DEFAULT_DATASET, DEFAULT_DATASET_CONFIG, HeldOutSpec  # noqa: F401  (re-exported)
+
 _LOCAL_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -64,7 +64,8 @@ def load_split(spec: HeldOutSpec, token: str | bool | None = None, streaming: bo
 
         if local_cause(err):
             raise DataError(f"Could not load the held-out dataset {spec.label}: {local_cause(err)}") from err
-        raise DataError(f"Could not load the held-out dataset {spec.label}: {str(err) or type(err).__name__}. Check --dataset, "
+        raise DataError(f"Could not load the held-out dataset {spec.label}: {str(err) or type(err).__name__}. "
+                        "Check --dataset, "
                         "--dataset-config and --split (a local file is its own single split).") from err
 
 
@@ -178,7 +179,7 @@ def heldout_blocks(spec: HeldOutSpec, tokenizer, tokenizer_folder: Path, block_s
         return tokenize_blocks(hub_texts(spec, token), tokenizer, block_size, max_tokens)
     key = [content_fingerprint(spec), spec.text_column, tokenizer_fingerprint(tokenizer_folder),
            block_size, max_tokens, PROTOCOL]
-    build = lambda: {"blocks": tokenize_blocks(load_texts(spec), tokenizer, block_size, max_tokens)}  # noqa: E731
+    build = lambda: {"blocks": tokenize_blocks(load_texts(spec), tokenizer, block_size, max_tokens)}
     return cached_tensors(Path(cache_dir) / "heldout", key, build)["blocks"]
 
 

@@ -12,7 +12,8 @@ every process the same mean. Without `accelerate launch` (WORLD_SIZE unset) all 
 from __future__ import annotations
 
 import os
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
@@ -63,7 +64,6 @@ def reduce_sums(total: float, count: int, failed: bool = False) -> tuple[float, 
     if world()[1] == 1:
         return total, count
     import torch.distributed as dist
-
     from accelerate import PartialState
 
     sums = torch.tensor([total, float(count), float(failed)], dtype=torch.float64, device=PartialState().device)

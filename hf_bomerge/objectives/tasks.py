@@ -30,7 +30,7 @@ class Metric:
     module: object
 
     @classmethod
-    def load(cls, name_or_path: str) -> "Metric":
+    def load(cls, name_or_path: str) -> Metric:
         import evaluate
 
         try:
@@ -122,7 +122,7 @@ def choice_set(spec: HeldOutSpec, tokenizer, tokenizer_folder: Path, context: in
     split = None if Path(spec.dataset).expanduser().exists() else load_split(spec, token)
     key = ["choices", content_fingerprint(spec, split, token), spec.text_column,
            tokenizer_fingerprint(tokenizer_folder), context, max_tokens]
-    build = lambda: tokenize_choices(load_items(spec, token, split), tokenizer, context, max_tokens)  # noqa: E731
+    build = lambda: tokenize_choices(load_items(spec, token, split), tokenizer, context, max_tokens)
     return cached_tensors(Path(cache_dir) / "heldout", key, build)
 
 

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from ..result import MergeResult
 
 
-def render_card(result: "MergeResult", repo_id: str | None = None, license: str | None = None,
+def render_card(result: MergeResult, repo_id: str | None = None, license: str | None = None,
                 plot: str | None = None, layer_plot: str | None = None) -> ModelCard:
     """The README.md of a merged model (`layer_plot`: the heatmap of a layered merge's weights).
 
@@ -83,7 +83,7 @@ def render_card(result: "MergeResult", repo_id: str | None = None, license: str 
     )
 
 
-def _confirm_terms(result: "MergeResult") -> dict:
+def _confirm_terms(result: MergeResult) -> dict:
     """How the confirm section speaks: blocks and nats for the loss, questions and the metric otherwise."""
     c = result.confirm
     if not c:

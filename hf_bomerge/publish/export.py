@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..reading.checkpoints import CheckpointSet
-from ..merging.engine import DTYPES, dtype_name
 from ..errors import OutputError
-from ..sources import SIDE_FILES
+from ..merging.engine import DTYPES, dtype_name
 from ..merging.writer import DEFAULT_MAX_SHARD_SIZE, export_merge, replace_dir
+from ..reading.checkpoints import CheckpointSet
+from ..sources import SIDE_FILES
 
 if TYPE_CHECKING:  # a result writes itself through this module (`MergeResult.save_pretrained`)
     from ..result import MergeResult
@@ -176,8 +176,8 @@ def _alive(pid: int) -> bool:
 
 def _check_free_space(target: Path, ckpts: CheckpointSet, dtype: str | None) -> None:
     """Refuse before writing when the output's own file system has no room for the merged weights."""
-    from ..plan import free_space, human
     from ..merging.writer import output_infos
+    from ..plan import free_space, human
 
     needed = sum(i.nbytes for i in output_infos(ckpts, DTYPES[dtype] if dtype else None))
     free = free_space(target.parent)

@@ -13,11 +13,12 @@ if TYPE_CHECKING:
 PLOT_FILE = "bomerge_search.png"
 
 
-def plot_search(trials: list["Trial"], revisions: list[str], weights: list[float], path: str | Path,
+def plot_search(trials: list[Trial], revisions: list[str], weights: list[float], path: str | Path,
                 objective: str = "loss") -> Path:
     """Write a PNG (byte-stable: no timestamp, no version metadata) and return its path."""
-    from ..searching.study import best_of  # here: exporting a fixed merge (no plot) never imports Optuna
     import matplotlib
+
+    from ..searching.study import best_of  # here: exporting a fixed merge (no plot) never imports Optuna
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

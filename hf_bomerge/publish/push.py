@@ -56,7 +56,7 @@ def push_folder(folder: str | Path, repo_id: str, *, token: str | None = None, p
     for tries in range(max_retries + 1):
         try:
             return attempt()
-        except Exception as err:  # noqa: BLE001 - classified below; anything else is re-raised as is
+        except Exception as err:
             status = status_of(err)
             transient = status is not None and (status >= 500 or status == 429) or (
                 status is None and is_connection_error(err))
@@ -97,7 +97,7 @@ def _server_message(err: BaseException) -> str:
     response = getattr(err, "response", None)
     try:
         text = response.json().get("error") if response is not None else None
-    except Exception:  # noqa: BLE001 - not JSON
+    except Exception:
         text = None
     return str(text or getattr(response, "reason_phrase", "") or "no details").strip()
 

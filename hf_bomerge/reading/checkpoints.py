@@ -16,8 +16,8 @@ import logging
 import mmap
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 

@@ -14,13 +14,13 @@ never where they resolve: HF cache snapshots are symlinks into `blobs/`, which i
 Traceback (most recent call last):
 ...
 hf_bomerge.errors.UnsafeFileError: step1: model.safetensors.index.json names the weight file '/etc/passwd', which is not a file beside the index (an absolute path). hf-bomerge reads only files inside a revision; this index is malformed or hostile: do not merge this revision.
-"""
+"""  # noqa: E501 - a doctest shows the whole message
 
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from pathlib import Path
-from typing import Collection
 
 from ..errors import CheckpointError, CorruptFileError, UnsafeFileError
 

@@ -11,20 +11,20 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Optional, Sequence, Union
 
 import optuna
 
-from . import workers
 from ..errors import StudyError
-from .storage import GRACE_S, default_storage, open_storage, safe_url  # noqa: F401 - re-exported
 from ..merging.layers import LayerWeights
+from . import workers
+from .storage import GRACE_S, default_storage, open_storage, safe_url
 from .weight_spaces import MAX_SIMPLEX, SEARCHES, SIMPLEX_FLOOR, SearchSpace, make_space, same_weights  # noqa: F401 - re-exported
 
 logger = logging.getLogger("hf_bomerge")
 # A sampler, or a factory (seed, n_seeds) -> sampler (see `run_search`).
-Sampler = Union[optuna.samplers.BaseSampler, Callable[[Optional[int], int], optuna.samplers.BaseSampler]]
+Sampler = optuna.samplers.BaseSampler | Callable[[int | None, int], optuna.samplers.BaseSampler]
 
 POLL_S = 1.0  # how often a worker with nothing to run looks at the study again
 

@@ -20,9 +20,9 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Sequence
 
 from ..errors import WatchError
 
@@ -113,7 +113,8 @@ def _round(source: str, output: Path, names: list[str], previous: dict | None, *
     result = dataclasses.replace(result, output=str(folder))
     if push_to_hub:
         url = result.push_to_hub(push_to_hub, token=token, private=private, revision=f"{latest}-bomerge",
-                                 commit_message=f"Merge of the last {len(chosen)} checkpoints at {latest} (hf-bomerge watch)")
+                                 commit_message=f"Merge of the last {len(chosen)} checkpoints at {latest} "
+                                                "(hf-bomerge watch)")
         _say(f"pushed {latest} to {url}", quiet)
     record = {**result.summary(), "latest": latest}
     _append_ledger(output, record)  # after the folder (and push): a line means the round is complete
@@ -179,9 +180,9 @@ def watch(source: str, output: str | Path, *, window: int = 4, trials: int = TRI
 
     >>> watch("EleutherAI/pythia-160m", "pythia-watch", window=4, poll=600)         # doctest: +SKIP
     """
+    from ..publish.watchplot import plot_watch
     from ..sources import arrivals
     from ..sources.revisions import progress_key
-    from ..publish.watchplot import plot_watch
 
     output = Path(output).expanduser().resolve()
     _check(window, trials, search_kwargs)

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, ClassVar
 
+from ..errors import StudyError
 from ..merging import schedules as S
 from ..merging import weights as W
-from ..errors import StudyError
 from ..merging.layers import LayerGroups, LayerWeights
 
 logger = logging.getLogger("hf_bomerge")

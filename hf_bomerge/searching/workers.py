@@ -178,7 +178,7 @@ def claim_heartbeat(storage: optuna.storages.BaseStorage, study_name: str, budge
             try:
                 optuna.load_study(study_name=export_lock(study_name, budget), storage=storage).set_user_attr(
                     "beat", _now())
-            except Exception:  # noqa: BLE001 - a missed beat only risks a takeover after CLAIM_STALE_S
+            except Exception:
                 pass
 
     thread = threading.Thread(target=beat, name="bomerge-claim-heartbeat", daemon=True)

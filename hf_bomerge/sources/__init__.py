@@ -14,7 +14,15 @@ from ..errors import HubError
 from .base import MERGE_SUFFIX, SIDE_FILES, SOURCES, TOKENIZER_FILES, Arrival, Source, default_cache_dir, register
 from .folder import FolderSource, folder_incomplete
 from .git import GitSource
-from .hub import (HubSource, check_dataset_access, hub_errors, is_connection_error, local_cause, status_of, tokenizer_files)
+from .hub import (
+    HubSource,
+    check_dataset_access,
+    hub_errors,
+    is_connection_error,
+    local_cause,
+    status_of,
+    tokenizer_files,
+)
 
 __all__ = ["MERGE_SUFFIX", "SIDE_FILES", "SOURCES", "TOKENIZER_FILES", "Arrival", "FolderSource", "GitSource",
            "HubSource", "Source", "arrivals", "check_dataset_access", "default_cache_dir", "folder_incomplete",

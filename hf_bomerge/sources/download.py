@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import shlex
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
-from . import offline
-from ..errors import HubError
 from ..cli.options import DEFAULTS
+from ..errors import HubError
 from ..specs import EvalSpec
+from . import offline
 
 OFFLINE_ENV = "HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1"
 

@@ -11,8 +11,8 @@ from pathlib import Path
 from ..errors import CheckpointError, CorruptFileError, HubError, UnsafeFileError
 from ..reading.formats import is_complete_safetensors
 from ..reading.layout import WEIGHT_LAYOUTS, find_weight_files, shard_names, weight_layout
-from .revisions import progress_key
 from .base import Arrival, Source, candidates, register
+from .revisions import progress_key
 
 
 def is_git_repository(path: Path) -> bool:

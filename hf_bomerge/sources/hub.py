@@ -9,13 +9,18 @@ import os
 from pathlib import Path
 
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
-from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                    RepositoryNotFoundError, RevisionNotFoundError)
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 
-from . import offline
 from ..errors import CorruptFileError, HubError
 from ..reading.formats import ST_DTYPES, TensorInfo
 from ..reading.layout import unsafe_reason, weight_layout
+from . import offline
 from .base import SIDE_FILES, TOKENIZER_FILES, Source, register
 
 
@@ -229,7 +234,7 @@ def check_dataset_access(dataset: str, token: str | bool | None) -> None:
             raise DataError(f"The held-out dataset {dataset} was not found, or it is private or gated and the token "
                             "given cannot read it: check --dataset, or pass --token / set HF_TOKEN with access to "
                             "it.") from err
-    except Exception:  # noqa: BLE001 - a network problem: loading the dataset reports it
+    except Exception:
         return
 
 

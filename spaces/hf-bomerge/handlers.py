@@ -23,14 +23,14 @@ from pathlib import Path
 
 import gradio as gr
 import pandas as pd
+from space_limits import REPO_ID, Limits, PlanError, PlanRefused, hub_id, plan_markdown, plan_run  # noqa: F401 - re-exported
 
+from hf_bomerge.cli.options import DEFAULTS, SPEC_DEFAULTS  # noqa: F401 - the app's defaults, as the CLI's
 from hf_bomerge.errors import BOMergeError
+from hf_bomerge.searching.weight_spaces import SEARCHES
 from hf_bomerge.sources import open_source
 from hf_bomerge.sources.revisions import progress_key, sort_revisions
-from hf_bomerge.cli.options import DEFAULTS, SPEC_DEFAULTS  # noqa: F401 - the app's defaults, as the CLI's
-from hf_bomerge.searching.weight_spaces import SEARCHES
 from hf_bomerge.specs import HeldOutSpec
-from space_limits import REPO_ID, Limits, PlanError, PlanRefused, hub_id, plan_markdown, plan_run  # noqa: F401 - re-exported
 
 # The search modes of the command line but `layered` (it needs --layer-groups, which this Space does not offer).
 SEARCH_MODES = [mode for mode in SEARCHES if mode != "layered"]
@@ -107,7 +107,8 @@ def run(ctx: Context, model_id, spec, dataset, dataset_config, split, text_colum
         output = ctx.cache / "outputs" / run_id / f"{plan.source.split('/')[-1]}-bomerge"
         kwargs = dict(source=plan.source, revisions=",".join(plan.revisions), max_checkpoints=0, dataset=dataset,
                       dataset_config=(dataset_config or "").strip() or None, split=(split or "").strip() or None,
-                      text_column=(text_column or "").strip() or DEFAULTS["text_column"], eval_datasets=evals, search=search_mode,
+                      text_column=(text_column or "").strip() or DEFAULTS["text_column"], eval_datasets=evals,
+                      search=search_mode,
                       trials=trials, storage=f"sqlite:///{run_dir / 'study.db'}", token=token or False,
                       cache_dir=str(run_dir), max_eval_tokens=ctx.limits.max_eval_tokens,
                       max_memory=int(ctx.limits.max_memory_gb * 1e9), progress=False)
@@ -157,7 +158,7 @@ def publish(ctx: Context, result, repo_id, private, token_text, oauth_token: gr.
 
         try:
             repo_id = f"{whoami(token=token)['name']}/{repo_id}"
-        except Exception:  # noqa: BLE001 - the message may name the token's owner at most
+        except Exception:
             raise gr.Error("Could not tell your user name from the token; write the repo as ORG/NAME.") from None
     if not REPO_ID.fullmatch(repo_id):
         raise gr.Error(f"{repo_id!r} is not a repo id; write NAME or ORG/NAME.")
@@ -194,7 +195,8 @@ def _hub_dataset(name: str | None, what: str) -> str | None:
 # What the fork server imports once, so that a search does not spend its first seconds importing: the
 # pipeline and what it imports lazily (model classes, datasets, the GP's scipy, the study's SQL storage).
 # A name that does not import is skipped by multiprocessing.
-PRELOAD = ["space_worker", "hf_bomerge.api", "hf_bomerge.searching.study", "hf_bomerge.publish.card", "hf_bomerge.publish.plot", "transformers.modeling_utils",
+PRELOAD = ["space_worker", "hf_bomerge.api", "hf_bomerge.searching.study", "hf_bomerge.publish.card",
+           "hf_bomerge.publish.plot", "transformers.modeling_utils",
            "transformers.models.auto.modeling_auto", "transformers.models.gpt_neox.modeling_gpt_neox",
            "transformers.models.olmo.modeling_olmo", "transformers.models.llama.modeling_llama", "datasets",
            "scipy.optimize", "optuna.storages", "sqlalchemy.dialects.sqlite", "alembic", "matplotlib.pyplot"]

@@ -32,7 +32,7 @@ class Limits:
     keep_hours: float = 6.0  # a session's merged model is deleted after this long (or when it ends)
 
     @classmethod
-    def from_env(cls) -> "Limits":
+    def from_env(cls) -> Limits:
         def get(name: str, kind, default):
             text = os.environ.get(f"BOMERGE_SPACE_{name}")
             return kind(float(text)) if text else default
@@ -52,8 +52,8 @@ class Limits:
                 f"{self.max_disk_gb:g} GB of disk per run · {self.max_minutes:g} minutes per run · held-out "
                 f"loss on {self.max_eval_tokens} tokens · at most {self.max_eval_sets} generalization sets · "
                 "Hub models and datasets only; a run's downloads are deleted when it ends. One search runs at a "
-                "time; the others wait in the queue (your position is shown). A plan that does not fit is refused before anything is "
-                "downloaded. For more, run `hf-bomerge` on your own machine.")
+                "time; the others wait in the queue (your position is shown). A plan that does not fit is refused "
+                "before anything is downloaded. For more, run `hf-bomerge` on your own machine.")
 
 
 class PlanRefused(BOMergeError):

@@ -51,7 +51,7 @@ def _search(kwargs: dict[str, Any], output: str, on_trial) -> tuple[str, Any]:
             return "ok", dataclasses.replace(result, output=str(folder))
         except BOMergeError as err:  # a user's mistake: its message says what to do
             message = str(err)
-    except BaseException as err:  # noqa: BLE001 - internal: reported to the app, the traceback to stderr
+    except BaseException as err:
         traceback.print_exc()
         message = f"{type(err).__name__}: {err}"
     token = kwargs.get("token")

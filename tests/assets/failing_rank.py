@@ -1,10 +1,10 @@
-"""Run under `accelerate launch --multi_gpu --num_processes 2` (two gloo processes on a CPU): hf_bomerge's parallel driver with an objective that
-raises on the rank FAIL_RANK, either before the reduction (REDUCE=1) or in an objective without one."""
+"""Run under `accelerate launch --multi_gpu --num_processes 2` (two gloo processes on a CPU): hf_bomerge's parallel
+driver with an objective that raises on the rank FAIL_RANK, either before the reduction (REDUCE=1) or in an objective
+without one."""
 import os
 import sys
 
 from hf_bomerge.objectives import parallel
-
 
 
 def main() -> None:
