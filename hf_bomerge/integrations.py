@@ -1,6 +1,6 @@
 """`BOMergeCallback`: rolling merges of a `transformers.Trainer` run, computed beside it, reported in its logs.
 
-Every `every`-th save starts, in a child process (`python -m hf_bomerge.searching.watch ... --latest checkpoint-N`),
+Every `every`-th save starts, in a child process (`python -m hf_bomerge.cli.watch ... --latest checkpoint-N`),
 the merge of the last `window` checkpoints: training never waits for it (one merge runs at a time; the
 saves that come meanwhile queue). The child runs on CPU unless `device` names another one. Finished rounds
 (the child's `watch.jsonl`) are logged, on the confirm part of the held-out set that the search never saw, as
@@ -92,7 +92,7 @@ class BOMergeCallback(TrainerCallback):
     # -- children and reports ---------------------------------------------------------------------------
     def command(self, latest: str) -> list[str]:
         """The child's command line: one `hf-bomerge watch` round for the window ending at `latest`."""
-        cmd = [sys.executable, "-m", "hf_bomerge.searching.watch", str(self.source), "--output", str(self.output_dir),
+        cmd = [sys.executable, "-m", "hf_bomerge.cli.watch", str(self.source), "--output", str(self.output_dir),
                "--latest", latest, "--window", str(self.window), "--trials", str(self.trials),
                "--device", self.device, "--quiet"]
         for key, value in self.options.items():

@@ -43,7 +43,8 @@ def test_dry_run_json_has_the_trial_and_search_estimate(run_folder, tmp_path, ca
     assert main(args) == 0
     assert "per trial on this device" in capsys.readouterr().out
     # a fixed merge without evaluation has no trial to time
-    assert main([*args, "--json", "--weights", "0.2,0.3,0.5", "--no-eval"]) == 0
+    fixed = args[:-2]  # --max-eval-tokens with --no-eval is refused as a conflict (it would not be used)
+    assert main([*fixed, "--json", "--weights", "0.2,0.3,0.5", "--no-eval"]) == 0
     assert _plan(capsys)["estimate"] is None
 
 
