@@ -114,7 +114,7 @@ def search_with(source: SourceSpec, evaluation: EvalSpec = EvalSpec(),
 
     >>> search_with(SourceSpec("EleutherAI/pythia-160m", "last:4"), search=SearchSpec(trials=16))  # doctest: +SKIP
     """
-    from .searching.study import default_storage, default_study_name, run_search, set_study_attr
+    from .searching.study import default_storage, default_study_name, run_search, set_study_attr  # optuna: only for a search
 
     objective_class(evaluation.objective).check(evaluation.objective)  # before any download: fail fast
     cache = Path(cache_dir or default_cache_dir())
@@ -200,7 +200,7 @@ def _confirm(result: MergeResult, evaluate, baselines: dict[str, list[float]], f
 def _generalization(evaluate, extra: Sequence[HeldOutSpec], best_weights, outcome, names, objective: str) -> dict:
     """Loss (mean NLL, whatever the objective) of the merge, the best single checkpoint (best on the
     objective) and the uniform average on each extra eval set."""
-    from .searching.study import best_of
+    from .searching.study import best_of  # optuna: a fixed merge never imports it
 
     if not extra:
         return {}

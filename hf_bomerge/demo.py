@@ -46,7 +46,7 @@ def default_root() -> Path:
     import torch
     import transformers
 
-    from .sources import default_cache_dir
+    from .sources import default_cache_dir  # the sources package (torch, the Hub client): only when the demo runs
 
     return default_cache_dir() / "demo" / _build_id(torch.__version__, transformers.__version__)
 

@@ -94,7 +94,7 @@ def merge_seconds_per_param(device: str, n: int, stored, target) -> float:
     """Seconds per parameter of `ResidentMerger.apply`'s arithmetic, measured on `device`."""
     import torch
 
-    from .merging.engine import as_sources, merge_into, weighted_sum_
+    from .merging.engine import as_sources, merge_into, weighted_sum_  # heavy (torch): only when a trial is timed
 
     sources = as_sources([[torch.rand(PROBE_ELEMENTS, device=device).to(stored)] for _ in range(n)])
     out = torch.empty(PROBE_ELEMENTS, dtype=target, device=device)
@@ -171,7 +171,7 @@ def estimate(config: dict, params: int, *, n_checkpoints: int, device: str, eval
     """
     import torch
 
-    from .merging.engine import DTYPES
+    from .merging.engine import DTYPES  # heavy (torch): only when a trial is timed
 
     dtype = DTYPES[eval_dtype] if eval_dtype else (torch.float32 if device == "cpu" else torch.bfloat16)
     stored = {2: torch.float16, 4: torch.float32, 8: torch.float64}.get(stored_itemsize, torch.float16)

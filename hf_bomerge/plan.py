@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import BOMergeError
+from .estimate import estimate
 
 
 def human(n: float) -> str:
@@ -190,8 +191,6 @@ class Plan:
                       eval_dtype: str | None, confirm_fraction: float = 0.25) -> None:
         """Calibrate the time of a trial on this plan's device (`estimate.estimate`, a few seconds; nothing is
         downloaded) and keep it in `self.estimate` (shown by `describe`, in `as_dict` under "estimate")."""
-        from .estimate import estimate
-
         if not self.evaluate or not self.config or self.device == "cuda:*":
             return
         stored = max(1, round(self.stored_bytes / max(self.params, 1)))

@@ -12,6 +12,7 @@ import torch
 from .errors import BOMergeError, CorruptFileError, HubError
 from .merging.engine import DTYPES
 from .merging.writer import parse_size
+from .objectives.heldout import load_split
 from .plan import Plan, make_plan
 from .reading import phase
 from .reading.checkpoints import CheckpointSet, check_same_tokenizer
@@ -156,8 +157,6 @@ def check_offline(source: str, revisions: str, max_checkpoints: int, token, cach
                   tokenizer: str | None, evaluate: bool) -> None:
     """Offline: raise ONE `OfflineError` naming everything the run needs that the cache lacks (revisions,
     their files, the tokenizer, the held-out datasets) with the command that fetches it all."""
-    from .objectives.heldout import load_split
-
     if Path(source).expanduser().exists() and not heldout:
         return
     problems: list[str] = []

@@ -37,7 +37,7 @@ def from_study(study_name: str | None = None, storage: str | None = None, *, tok
 
     >>> from_study("bomerge-pythia-1b-0123abcd", "postgresql+psycopg://db/bomerge").save_pretrained("out")  # doctest: +SKIP
     """
-    from .searching.study import default_storage, load_study, study_outcome
+    from .searching.study import default_storage, load_study, study_outcome  # optuna: from_recipe never imports it
 
     url = storage or default_storage(cache_dir)
     study = load_study(url, study_name)

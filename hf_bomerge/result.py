@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .merging.layers import LayerGroups, LayerWeights
+from .objectives import objective_class
 from .objectives.confirm import Confirmation
 from .specs import Recipe
 
@@ -102,8 +103,6 @@ class MergeResult:
 
     def __post_init__(self):  # the typed parts also accept the plain dicts `--json` and a study record hold
         if isinstance(self.confirm, dict):
-            from .objectives import objective_class
-
             higher = objective_class(self.objective).higher_is_better
             object.__setattr__(self, "confirm", Confirmation.from_dict(self.confirm, higher))
         object.__setattr__(self, "generalization", {k: g if isinstance(g, Generalization) else Generalization(**g)
@@ -135,12 +134,12 @@ class MergeResult:
 
     def save_pretrained(self, output: str | Path, **kwargs) -> Path:
         """Write the merged model to `output` and return the folder (see `hf_bomerge.publish.export.save_pretrained`)."""
-        from .publish.export import save_pretrained
+        from .publish.export import save_pretrained  # heavy (torch): MergeResult stays light
 
         return save_pretrained(self, output, **kwargs)
 
     def push_to_hub(self, repo_id: str, **kwargs) -> str:
         """Publish the merged model (see `hf_bomerge.publish.export.push_to_hub`)."""
-        from .publish.export import push_to_hub
+        from .publish.export import push_to_hub  # heavy (torch): MergeResult stays light
 
         return push_to_hub(self, repo_id, **kwargs)

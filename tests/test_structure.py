@@ -81,3 +81,25 @@ def test_only_the_objectives_know_the_objectives_names_and_only_the_sources_thei
         if not rel.startswith("sources/") and kind_checks.search(text):
             offenders.append(f"{rel}: asks which kind of source")
     assert not offenders, offenders
+
+
+def test_every_function_level_import_of_the_package_says_why():
+    """An hf_bomerge import inside a function (not under TYPE_CHECKING) is there only to keep something light
+    (--help, a fixed merge without Optuna, a light module without torch); its line says which."""
+    bare = []
+    for path in modules().values():
+        text = path.read_text()
+        lines = text.splitlines()
+        tree = ast.parse(text)
+        skipped = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                   and "TYPE_CHECKING" in ast.unparse(node.test) for n in ast.walk(node)}
+        in_function = {id(n) for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                       for n in ast.walk(node) if n is not node}
+        for node in ast.walk(tree):
+            if id(node) in skipped or id(node) not in in_function or not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            own = node.level > 0 or (node.module or "").split(".")[0] == "hf_bomerge" if isinstance(node, ast.ImportFrom) \
+                else any(a.name.split(".")[0] == "hf_bomerge" for a in node.names)
+            if own and "#" not in lines[node.lineno - 1]:
+                bare.append(f"{path.relative_to(PACKAGE).as_posix()}:{node.lineno}: {lines[node.lineno - 1].strip()}")
+    assert not bare, "function-level imports without a comment saying why (hoist them or comment them):\n" + "\n".join(bare)

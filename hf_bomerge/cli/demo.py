@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from ..demo import build_trajectory
 from ..errors import BOMergeError
 from ..objectives import objective_class
 from . import options, search
@@ -28,8 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     options.from_args(args)  # every value and combination checked before the model is trained
-    from .. import api
-    from ..demo import build_trajectory
+    from .. import api  # heavy (torch): after the options are checked
 
     if objective_class(args.objective).layout != "loss":
         raise BOMergeError("The demo searches on held-out loss; --objective METRIC needs a SOURCE and a "

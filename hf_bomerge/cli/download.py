@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from . import main as cli_main
 from . import options
 
 
@@ -37,6 +38,4 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str]) -> int:
     """`hf-bomerge download ...` through the command line's registry."""
-    from . import main as cli_main
-
     return cli_main(["download", *argv])

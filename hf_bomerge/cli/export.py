@@ -17,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import api
+    from .. import api  # the pipeline (torch): not for --help
 
     result = api.from_study(args.study_name, args.storage, token=args.token, cache_dir=args.cache_dir,
                             progress=not args.quiet)

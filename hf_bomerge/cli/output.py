@@ -48,8 +48,8 @@ def save(result, args, default_name: str, claim: bool = True):
     """Write (and push) the merge through `export.export_once`: for a search, exactly one worker writes once
     the budget is spent; the others say where it went. None on a process that does not write (not the main
     one under `accelerate launch`)."""
-    from ..objectives import parallel
-    from ..publish.export import export_once
+    from ..objectives import parallel  # heavy (torch): only when a merge is written
+    from ..publish.export import export_once  # heavy (torch): only when a merge is written
 
     if not parallel.is_main():  # under `accelerate launch`, only the main process writes
         return None
@@ -57,7 +57,7 @@ def save(result, args, default_name: str, claim: bool = True):
                        private=args.private or None, revision=args.hub_revision, commit_message=args.commit_message,
                        claim=claim, overwrite=args.overwrite, max_shard_size=args.max_shard_size, progress=not args.quiet)
     if done.writer is not None:
-        from ..searching.study import safe_url
+        from ..searching.study import safe_url  # optuna: only for a search's study
 
         w = done.writer
         print(f"hf-bomerge: the budget of {result.workspace.budget} trials of study {result.study} is spent and its merge "

@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import api
+    from .. import api  # the pipeline (torch): not for --help
 
     result = api.from_recipe(args.recipe, token=args.token, cache_dir=args.cache_dir, progress=not args.quiet)
     return finish(result, args, default_name=Path(args.recipe).resolve().parent.name + "-reproduced")

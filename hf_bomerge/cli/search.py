@@ -6,8 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
+from .. import __version__
 from ..errors import BOMergeError, OptionError
-from . import options
+from . import options, recipe
 from .output import add_common_options, add_output_options, finish
 
 DESCRIPTION = ("Merge intermediate checkpoints of one pretraining run with weights found by Bayesian "
@@ -68,8 +69,6 @@ def add_device_options(g) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.recipe:
-        from . import recipe
-
         flags = options.given(args)
         clash = (["SOURCE"] if args.source else []) + [f for k, f in flags.items() if k in options.OPTIONS or k in
                                                        ("storage", "study_name", "no_eval", "dry_run")]
@@ -84,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     specs = options.from_args(args)  # every value and combination checked: before torch is imported
     if args.dry_run:
         return dry_run(args, specs)
-    from .. import api
+    from .. import api  # the pipeline (torch): after the options are checked
 
     where = dict(token=args.token, cache_dir=args.cache_dir, progress=not args.quiet)
     if specs.fixed is not None:
@@ -97,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
 
 def dry_run(args: argparse.Namespace, specs: options.Run) -> int:
     """Resolve the revisions, estimate downloads, memory and disk, and stop (nothing is downloaded)."""
-    from .. import api
+    from .. import api  # the pipeline (torch): after the options are checked
 
     fixed = specs.fixed is not None
     plan = api.plan(args.source, args.revisions, max_checkpoints=args.max_checkpoints, token=args.token,
@@ -127,6 +126,4 @@ def dry_run(args: argparse.Namespace, specs: options.Run) -> int:
 
 
 def _version() -> str:
-    from .. import __version__
-
     return __version__

@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..searching.study import show_study
+    from ..searching.study import show_study  # optuna: not for --help
 
     report = show_study(args.storage, args.study_name, args.cache_dir)
     print(json.dumps(report) if args.json else format_study(report))

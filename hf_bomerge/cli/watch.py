@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..defaults import DEFAULT_MAX_SHARD_SIZE
 from ..searching.watch import TRIALS  # a light module: the pipeline is imported when a round runs
+from . import main as cli_main
 from . import options
 from .search import add_data_options, add_device_options, add_search_options
 
@@ -73,8 +74,6 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`hf-bomerge watch ...` (also `python -m hf_bomerge.cli.watch ...`)."""
-    from . import main as cli_main
-
     return cli_main(["watch", *(sys.argv[1:] if argv is None else argv)])
 
 

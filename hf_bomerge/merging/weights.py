@@ -162,7 +162,7 @@ def _wma(n: int, ema_alpha: float, **_) -> list[float]:
 
 def _wsm_rule(method: str):
     def fn(n: int, ema_alpha: float, names=None, window=None, tokens_per_step=None, **_) -> list[float]:
-        from ..sources.revisions import progress_values
+        from ..sources.revisions import progress_values  # the sources package imports torch; the CLI options need this light
 
         if names is None or len(names) != n:
             raise WeightsError(f"--method {method} weighs the revisions by their training progress; it needs "

@@ -25,6 +25,8 @@ from safetensors.torch import load_file, save_file
 
 from ..defaults import DEFAULT_MAX_EVAL_TOKENS  # noqa: F401  (re-exported)
 from ..errors import DataError
+from ..sources import check_dataset_access, local_cause
+from ..sources.offline import cached_default_config
 from ..specs import DEFAULT_DATASET, DEFAULT_DATASET_CONFIG, HeldOutSpec  # noqa: F401  (re-exported)
 
 _LOCAL_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -47,21 +49,15 @@ def load_split(spec: HeldOutSpec, token: str | bool | None = None, streaming: bo
             return datasets.load_dataset(builder, data_files=str(path), split="train")
         if path.is_dir():
             return datasets.load_dataset(str(path), split="train")
-        from ..sources import check_dataset_access
-
         check_dataset_access(spec.dataset, token)
         config = spec.config
         if config is None and datasets.config.HF_DATASETS_OFFLINE:
-            from ..sources.offline import cached_default_config
-
             config = cached_default_config(spec.dataset)
         with _quiet(datasets):  # "Using the latest cached version…" offline: nothing a user can act on
             return datasets.load_dataset(spec.dataset, config, split=spec.split, token=token, streaming=streaming)
     except DataError:
         raise
     except Exception as err:
-        from ..sources import local_cause
-
         if local_cause(err):
             raise DataError(f"Could not load the held-out dataset {spec.label}: {local_cause(err)}") from err
         raise DataError(f"Could not load the held-out dataset {spec.label}: {str(err) or type(err).__name__}. "

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from .base import Objective, register
+from .confirm import split_blocks
 
 if TYPE_CHECKING:
     import torch
@@ -40,7 +41,6 @@ class HeldOutLoss(Objective):
         return cls(evaluator.blocks_for(data), evaluator.batch_size, confirm_fraction)
 
     def __init__(self, blocks: torch.Tensor, batch_size: int, confirm_fraction: float = 0.0):
-        from .confirm import split_blocks
         from .heldout import blocks_digest  # torch: imported where a model is scored, not for --help
 
         self.blocks, self.confirm = split_blocks(blocks, confirm_fraction)
@@ -49,15 +49,15 @@ class HeldOutLoss(Objective):
         self.identity = f"{blocks_digest(blocks)}/{confirm_fraction:g}"
 
     def __call__(self, model: torch.nn.Module) -> float:
-        from . import parallel
-        from .heldout import nll_sums
+        from . import parallel  # torch: imported where a model is scored, not for --help
+        from .heldout import nll_sums  # torch: imported where a model is scored, not for --help
 
         total, count = parallel.reduce_sums(*nll_sums(model, self.blocks, self.batch_size, *parallel.world()))
         return total / count
 
     def confirm_scores(self, model: torch.nn.Module) -> list[float]:
         """Each confirm block's loss (computed whole on every process: the confirm part is small)."""
-        from .heldout import block_losses
+        from .heldout import block_losses  # torch: imported where a model is scored, not for --help
 
         return block_losses(model, self.confirm, self.batch_size)
 

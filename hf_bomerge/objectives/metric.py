@@ -28,13 +28,13 @@ class MetricObjective(Objective):
 
     @classmethod
     def key(cls, spec: str) -> str:
-        from .tasks import objective_key
+        from .tasks import objective_key  # torch (tasks): the objectives' registry stays light for --help
 
         return objective_key(spec)
 
     @classmethod
     def check(cls, spec: str) -> None:
-        from .tasks import Metric
+        from .tasks import Metric  # torch (tasks): the objectives' registry stays light for --help
 
         Metric.load(spec)
 
@@ -44,7 +44,7 @@ class MetricObjective(Objective):
 
     @classmethod
     def build(cls, evaluator, data, spec: str, confirm_fraction: float) -> MetricObjective:
-        from .tasks import Metric, choice_set
+        from .tasks import Metric, choice_set  # torch (tasks): the objectives' registry stays light for --help
 
         pairs = choice_set(data, evaluator.tokenizer, evaluator.tokenizer_folder, evaluator.context,
                            evaluator.max_eval_tokens, evaluator.cache_dir, evaluator.token)
@@ -54,8 +54,8 @@ class MetricObjective(Objective):
                  confirm_fraction: float = 0.0):
         import torch
 
-        from .heldout import blocks_digest
-        from .tasks import split_questions
+        from .heldout import blocks_digest  # torch: imported where a model is scored, not for --help
+        from .tasks import split_questions  # torch (tasks): the objectives' registry stays light for --help
 
         self.metric, self.name, self.batch_tokens = metric, metric.name, batch_tokens
         self.pairs, self.confirm = split_questions(pairs, confirm_fraction)
@@ -65,13 +65,13 @@ class MetricObjective(Objective):
         self.identity = f"{digest}/{confirm_fraction:g}"
 
     def __call__(self, model: torch.nn.Module) -> float:
-        from .tasks import predict
+        from .tasks import predict  # torch (tasks): the objectives' registry stays light for --help
 
         return self.metric(predict(model, self.pairs, self.batch_tokens), self.pairs["answers"].tolist())
 
     def confirm_scores(self, model: torch.nn.Module) -> list[int]:
         """The prediction for each confirm question."""
-        from .tasks import predict
+        from .tasks import predict  # torch (tasks): the objectives' registry stays light for --help
 
         return predict(model, self.confirm, self.batch_tokens)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DataError
+from .confirm import confirm_indices
 from .heldout import HeldOutSpec, cached_tensors, content_fingerprint, load_split, tokenizer_fingerprint
 
 COLUMNS = ("question", "choices", "answer")
@@ -136,8 +137,6 @@ def split_questions(pairs: dict[str, torch.Tensor], fraction: float) -> tuple[di
     >>> confirm["ids"].flatten().tolist(), confirm["item"].tolist(), len(search["answers"])
     ([6, 7, 14, 15], [0, 0, 1, 1], 6)
     """
-    from .confirm import confirm_indices
-
     picked = confirm_indices(len(pairs["answers"]), fraction)
     if not picked:
         return pairs, None

@@ -17,9 +17,13 @@ from typing import TYPE_CHECKING
 
 from ..errors import OutputError
 from ..merging.engine import DTYPES, dtype_name
-from ..merging.writer import DEFAULT_MAX_SHARD_SIZE, export_merge, replace_dir
+from ..merging.writer import DEFAULT_MAX_SHARD_SIZE, export_merge, output_infos, replace_dir
+from ..plan import free_space, human
 from ..reading.checkpoints import CheckpointSet
 from ..sources import SIDE_FILES
+from .card import render_card
+from .plot import LAYER_PLOT_FILE, PLOT_FILE, plot_layer_weights, plot_search
+from .push import push_folder
 
 if TYPE_CHECKING:  # a result writes itself through this module (`MergeResult.save_pretrained`)
     from ..result import MergeResult
@@ -56,8 +60,8 @@ def export_once(result: MergeResult, output: str | Path, *, repo_id: str | None 
     storage = workers = None
     study, budget = result.study, result.workspace.budget
     if claim and result.workspace.storage and study:  # a search's study (a fixed merge never imports Optuna)
-        from ..searching import workers
-        from ..searching.study import open_storage
+        from ..searching import workers  # optuna: a fixed merge never imports it
+        from ..searching.study import open_storage  # optuna: a fixed merge never imports it
 
         storage = open_storage(result.workspace.storage)
     owned = storage is not None
@@ -87,7 +91,7 @@ def _write_again(storage, result: MergeResult, winner: dict, output: Path) -> bo
     """A finished study run again alone (this process ran none of its trials) whose output folder is gone."""
     import optuna
 
-    from ..searching import workers
+    from ..searching import workers  # optuna: a fixed merge never imports it
 
     if not winner.get("done") or output.exists():
         return False
@@ -106,9 +110,6 @@ def save_pretrained(result: MergeResult, output: str | Path, *, overwrite: bool 
     >>> result.save_pretrained("pythia-160m-bomerge")   # doctest: +SKIP
     """
     import yaml
-
-    from .card import render_card
-    from .plot import LAYER_PLOT_FILE, PLOT_FILE, plot_layer_weights, plot_search
 
     target = Path(output).expanduser().resolve()
     _check_output(target, result, overwrite)
@@ -176,9 +177,6 @@ def _alive(pid: int) -> bool:
 
 def _check_free_space(target: Path, ckpts: CheckpointSet, dtype: str | None) -> None:
     """Refuse before writing when the output's own file system has no room for the merged weights."""
-    from ..merging.writer import output_infos
-    from ..plan import free_space, human
-
     needed = sum(i.nbytes for i in output_infos(ckpts, DTYPES[dtype] if dtype else None))
     free = free_space(target.parent)
     if needed > free:
@@ -196,10 +194,6 @@ def push_to_hub(result: MergeResult, repo_id: str, *, token: str | None = None, 
 
     >>> result.push_to_hub("me/pythia-160m-bomerge", private=True)   # doctest: +SKIP
     """
-    from .card import render_card
-    from .plot import LAYER_PLOT_FILE, PLOT_FILE
-    from .push import push_folder
-
     folder = folder or result.output
     if folder is None or not Path(folder).is_dir():
         folder = save_pretrained(result, Path(tempfile.mkdtemp(prefix="bomerge-push-")) / repo_id.split("/")[-1])

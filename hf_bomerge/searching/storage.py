@@ -85,6 +85,6 @@ def safe_url(storage) -> str:
 
 def default_storage(cache_dir=None) -> str:
     """The study storage when --storage is not given: an SQLite file under the cache dir."""
-    from ..sources import default_cache_dir
+    from ..sources import default_cache_dir  # the sources package imports torch: only when no storage is given
 
     return f"sqlite:///{Path(cache_dir or default_cache_dir()) / 'studies.db'}"

@@ -18,6 +18,7 @@ import optuna
 
 from ..errors import StudyError
 from ..merging.layers import LayerWeights
+from ..objectives import objective_class
 from . import workers
 from .storage import GRACE_S, default_storage, open_storage, safe_url
 from .weight_spaces import MAX_SIMPLEX, SEARCHES, SIMPLEX_FLOOR, SearchSpace, make_space, same_weights  # noqa: F401 - re-exported
@@ -57,8 +58,6 @@ def default_study_name(inputs: dict) -> str:
 
 def direction(objective: str) -> str:
     """The study's direction for the objective named `objective` (`Objective.higher_is_better`)."""
-    from ..objectives import objective_class
-
     return "maximize" if objective_class(objective).higher_is_better else "minimize"
 
 

@@ -24,7 +24,10 @@ from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..cli.options import OPTIONS, search_specs
+from ..defaults import DEFAULT_MAX_SHARD_SIZE
 from ..errors import WatchError
+from ..publish.watchplot import plot_watch
 
 LEDGER, PLOT, LOCK = "watch.jsonl", "watch.png", ".watch.lock"
 TRIALS = 12  # per round: a round is one window's study, warm-started (`hf-bomerge watch --trials`)
@@ -99,8 +102,7 @@ def _say(message: str, quiet: bool) -> None:
 def _round(source: str, output: Path, names: list[str], previous: dict | None, *, window: int, trials: int,
            push_to_hub: str | None, private: bool | None, token, max_shard_size, quiet: bool,
            search_kwargs: dict) -> dict:
-    from .. import api
-    from ..defaults import DEFAULT_MAX_SHARD_SIZE
+    from .. import api  # the pipeline (torch): only when a round runs
 
     chosen, latest = names[-window:], names[-1]
     seeds = [(WARM_LABEL, shifted(previous["weights"], len(chosen)))] if previous else []
@@ -118,8 +120,6 @@ def _round(source: str, output: Path, names: list[str], previous: dict | None, *
         _say(f"pushed {latest} to {url}", quiet)
     record = {**result.summary(), "latest": latest}
     _append_ledger(output, record)  # after the folder (and push): a line means the round is complete
-    from ..publish.watchplot import plot_watch
-
     plot_watch(read_ledger(output), output / PLOT)
     _say(f"round {latest}: merged loss {result.loss:.5f}, latest alone {result.baselines.get(latest, float('nan')):.5f}",
          quiet)
@@ -137,7 +137,7 @@ def watch_once(source: str, output: str | Path, *, latest: str | None = None, wi
 
     >>> watch_once("./out", "./out-merges", latest="checkpoint-3000", dataset="heldout.jsonl")  # doctest: +SKIP
     """
-    from ..sources import arrivals
+    from ..sources import arrivals  # the sources package (torch): only when a watch runs, not for --help
 
     output = Path(output).expanduser().resolve()
     _check(window, trials, search_kwargs)
@@ -180,9 +180,8 @@ def watch(source: str, output: str | Path, *, window: int = 4, trials: int = TRI
 
     >>> watch("EleutherAI/pythia-160m", "pythia-watch", window=4, poll=600)         # doctest: +SKIP
     """
-    from ..publish.watchplot import plot_watch
-    from ..sources import arrivals
-    from ..sources.revisions import progress_key
+    from ..sources import arrivals  # the sources package (torch): only when a watch runs, not for --help
+    from ..sources.revisions import progress_key  # the sources package (torch): only when a watch runs, not for --help
 
     output = Path(output).expanduser().resolve()
     _check(window, trials, search_kwargs)
@@ -221,8 +220,6 @@ def watch(source: str, output: str | Path, *, window: int = 4, trials: int = TRI
 
 def _check(window: int, trials: int, search_kwargs: dict) -> None:
     """Refuse a window or search option no round can use, before anything is read."""
-    from ..cli.options import OPTIONS, search_specs
-
     if window < 2:
         raise WatchError(f"--window must be at least 2 (a merge needs two revisions), got {window}.")
     search_specs("watch", trials=trials, **{k: v for k, v in search_kwargs.items() if k in OPTIONS})

@@ -25,7 +25,7 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar
 
-from ..errors import StudyError
+from ..errors import RevisionError, StudyError
 from ..merging import schedules as S
 from ..merging import weights as W
 from ..merging.layers import LayerGroups, LayerWeights
@@ -348,8 +348,7 @@ def space_for(search: str, names: Sequence[str], lambda_min: float = 0.0) -> Sea
     >>> space.kind, space.unit[1]
     ('schedule', 0.125)
     """
-    from ..errors import RevisionError
-    from ..sources.revisions import progress_values
+    from ..sources.revisions import progress_values  # the sources package imports torch; specs need this light
 
     kind = auto_kind(len(names)) if search == "auto" and len(names) >= 2 else search
     progress = None

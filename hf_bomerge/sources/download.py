@@ -16,6 +16,8 @@ from pathlib import Path
 
 from ..cli.options import DEFAULTS
 from ..errors import HubError
+from ..objectives.heldout import HeldOutSpec, load_split
+from ..prepare import _bar, quiet_libraries, resolve, tokenizer_folder, tokenizer_source
 from ..specs import EvalSpec
 from . import offline
 
@@ -45,9 +47,6 @@ def download(source: str, revisions: str = DEFAULTS["revisions"], *,
     >>> print(done.command)                                                                   # doctest: +SKIP
     HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 hf-bomerge EleutherAI/pythia-160m --revisions step140000,…
     """
-    from ..objectives.heldout import HeldOutSpec, load_split
-    from ..prepare import _bar, quiet_libraries, resolve, tokenizer_folder, tokenizer_source
-
     if offline.is_offline():
         raise HubError("hf-bomerge download fetches from the Hub, but HF_HUB_OFFLINE=1 is set: run it on a machine "
                        "with a connection, without HF_HUB_OFFLINE.")

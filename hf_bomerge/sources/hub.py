@@ -17,7 +17,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from ..errors import CorruptFileError, HubError
+from ..errors import CorruptFileError, DataError, HubError
 from ..reading.formats import ST_DTYPES, TensorInfo
 from ..reading.layout import unsafe_reason, weight_layout
 from . import offline
@@ -223,8 +223,6 @@ def check_dataset_access(dataset: str, token: str | bool | None) -> None:
     dataset already in a shared cache (the tokenized blocks, or `datasets`' own cache, which it falls back to
     when the Hub refuses) must not serve someone who may not read it, e.g. a Space's user. Offline, local
     paths and network trouble pass (loading the dataset reports the latter)."""
-    from ..errors import DataError
-
     if offline.is_offline() or Path(dataset).expanduser().exists():
         return
     try:
