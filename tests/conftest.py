@@ -9,6 +9,7 @@ reach the real Hub; HF_HOME is a fresh folder for this session (no user token, n
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import shutil
 import sys
@@ -55,6 +56,15 @@ def trajectory() -> Path:
     from hf_bomerge.demo import build_trajectory
 
     return build_trajectory(quiet=True)
+
+
+@pytest.fixture()
+def source(trajectory: Path, tmp_path: Path) -> Path:
+    """The demo run's last 3 revisions as a local folder of checkpoints (a copy: a test may change it)."""
+    steps = json.loads((trajectory / "trajectory.json").read_text())["revisions"][-3:]
+    for s in steps:
+        shutil.copytree(trajectory / s, tmp_path / "ckpts" / s)
+    return tmp_path / "ckpts"
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import pytest
@@ -15,14 +14,6 @@ import torch
 from hf_bomerge import api
 from hf_bomerge.cli import main
 from hf_bomerge.plan import PlanError
-
-
-@pytest.fixture()
-def source(trajectory: Path, tmp_path: Path) -> Path:
-    steps = json.loads((trajectory / "trajectory.json").read_text())["revisions"][-3:]
-    for s in steps:
-        shutil.copytree(trajectory / s, tmp_path / "ckpts" / s)
-    return tmp_path / "ckpts"
 
 
 def _plan(source: Path, **kwargs):

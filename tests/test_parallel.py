@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,14 +15,6 @@ import torch
 # two real processes on a machine without GPUs come from --multi_gpu (hf_bomerge.objectives.parallel then picks gloo)
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-
-
-@pytest.fixture()
-def source(trajectory: Path, tmp_path: Path) -> Path:
-    steps = json.loads((trajectory / "trajectory.json").read_text())["revisions"][-3:]
-    for s in steps:
-        shutil.copytree(trajectory / s, tmp_path / "ckpts" / s)
-    return tmp_path / "ckpts"
 
 
 def _run(launcher: list[str], source: Path, trajectory: Path, tmp: Path, name: str) -> subprocess.CompletedProcess:
