@@ -328,7 +328,10 @@ class Recipe:
             return value
 
         source = get("source", lambda v: isinstance(v, str) and v, "a Hub repo id or a path")
-        kind = get("source_kind", lambda v: v in ("hub", "folder", "git"), "hub, folder or git", "hub")
+        from .sources import SOURCES  # the registered kinds (imports torch): only where a recipe is read
+
+        kinds = [cls.kind for cls in SOURCES]
+        kind = get("source_kind", lambda v: v in kinds, " or ".join(kinds), "hub")
         revisions = get("revisions", lambda v: isinstance(v, list) and v and all(
             isinstance(r, Mapping) and isinstance(r.get("name"), str) and r["name"] and "," not in r["name"]
             and isinstance(r.get("sha"), str) and _PIN.fullmatch(r["sha"]) for r in v),

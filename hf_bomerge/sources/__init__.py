@@ -32,7 +32,10 @@ __all__ = ["MERGE_SUFFIX", "SIDE_FILES", "SOURCES", "TOKENIZER_FILES", "Arrival"
 
 def source_class(kind: str) -> type[Source]:
     """The registered class of `kind` (what a recipe or a result records as `source_kind`)."""
-    return next(cls for cls in SOURCES if cls.kind == kind)
+    found = next((cls for cls in SOURCES if cls.kind == kind), None)
+    if found is None:
+        raise HubError(f"Unknown source kind {kind!r}; this hf-bomerge reads {', '.join(c.kind for c in SOURCES)}.")
+    return found
 
 
 def open_source(source: str, token: str | bool | None = None, cache_dir: str | Path | None = None) -> Source:
