@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .cli.options import DEFAULTS, OPTIONS, merge_specs, search_specs
+from .duplicates import dedupe
 from .merging import weights as W
 from .merging.engine import rule_from_config
 from .merging.layers import LayerGroups
@@ -38,19 +39,23 @@ if TYPE_CHECKING:  # the study (Optuna, SQLAlchemy) is imported where used: a fi
 logger = logging.getLogger("hf_bomerge")
 
 
+D = DEFAULTS  # every option's default, read from the specs' fields (`hf_bomerge.cli.options`)
+
+
 def plan(source: str, revisions: str = DEFAULTS["revisions"], *, max_checkpoints: int = DEFAULTS["max_checkpoints"],
-         token: str | bool | None = None, cache_dir: str | Path | None = None, **kwargs) -> Plan:
-    """What a run would download, hold in memory and write, from listings and config.json alone.
+         token: str | bool | None = None, cache_dir: str | Path | None = None,
+         on_duplicate: str = D["on_duplicate"], **kwargs) -> Plan:
+    """What a run would download, hold in memory and write, from listings and config.json alone (revisions
+    serving identical weights counted once, as a run merges them: `plan.duplicates`).
 
     >>> print(plan("EleutherAI/pythia-1b", "step100000..step143000").describe())   # doctest: +SKIP
     """
     src, names, pins, note = resolve(source, revisions, max_checkpoints, token, cache_dir)
+    names, pins, found = dedupe(src, names, pins, on_duplicate)
     result = run_plan(src, names, pins, cache_dir=cache_dir, **kwargs)
-    result.source, result.shas, result.note = src.id, list(pins), note
+    result.source, result.shas, result.note, result.duplicates = src.id, list(pins), note, found.as_dict()
     return result
 
-
-D = DEFAULTS  # every option's default, read from the specs' fields (`hf_bomerge.cli.options`)
 
 
 def search(source: str, revisions: str = D["revisions"], *, dataset: str | None = D["dataset"],
@@ -68,7 +73,7 @@ def search(source: str, revisions: str = D["revisions"], *, dataset: str | None 
            on_trial: Callable[[Trial, int, int], None] | None = None,
            confirm_fraction: float = D["confirm_fraction"], fallback: bool = D["fallback"], sampler=None,
            extra_seeds: Sequence[tuple[str, Sequence[float]]] = (), tokenizer: str | None = D["tokenizer"],
-           layer_groups: int = D["layer_groups"]) -> MergeResult:
+           layer_groups: int = D["layer_groups"], on_duplicate: str = D["on_duplicate"]) -> MergeResult:
     """Search merge weights for `revisions` of `source` with a GP on held-out loss (minimized), or on an
     `evaluate` metric `objective` (a name or a local path; maximized) of multiple-choice questions.
 
@@ -172,13 +177,14 @@ def search_with(source: SourceSpec, evaluation: EvalSpec = EvalSpec(),
 
 def _prepare(source: SourceSpec, token, cache_dir, progress: bool, planning: dict, heldout=()) -> Prepared:
     return prepare(source.source, source.revisions, source.max_checkpoints, token, cache_dir, progress, source.shas,
-                   {**planning, "store_dtype": source.dtype}, heldout=heldout, tokenizer=source.tokenizer)
+                   {**planning, "store_dtype": source.dtype}, heldout=heldout, tokenizer=source.tokenizer,
+                   on_duplicate=source.on_duplicate)
 
 
 def _pins(prep: Prepared, source: SourceSpec, **fields) -> Recipe:
     """The revisions as resolved and downloaded, pinned to their commits, with the copy rule the model decided."""
     return Recipe(prep.source.id, list(prep.names), list(prep.shas), source_kind=prep.source.kind,
-                  dtype=source.dtype, copied=sorted(prep.ckpts.copied), **fields)
+                  dtype=source.dtype, copied=sorted(prep.ckpts.copied), duplicates=prep.duplicates, **fields)
 
 
 def _confirm(result: MergeResult, evaluate, baselines: dict[str, list[float]], fallback: bool,
@@ -224,7 +230,7 @@ def merge(source: str, revisions: str = D["revisions"], *, weights: Sequence[flo
           max_memory: str | int | None = D["max_memory"], device_map: str | None = D["device_map"],
           progress: bool = True, objective: str = D["objective"], shas: Sequence[str] | None = None,
           tokenizer: str | None = D["tokenizer"], window: float | None = D["window"],
-          tokens_per_step: float | None = D["tokens_per_step"]) -> MergeResult:
+          tokens_per_step: float | None = D["tokens_per_step"], on_duplicate: str = D["on_duplicate"]) -> MergeResult:
     """A fixed merge (explicit `weights` or `method` sma/ema/wma/wsm-linear/wsm-cosine/wsm-sqrt), no search;
     evaluated on the held-out loss or the metric `objective` (as in `search`) unless `evaluate=False`. The
     keywords are those of `SourceSpec`, `FixedSpec` and `EvalSpec`, checked as the command line's are

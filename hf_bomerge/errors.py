@@ -57,3 +57,8 @@ class RecipeError(BOMergeError):
 class OptionError(BOMergeError):
     """A value no run accepts, or options that cannot go together: refused when the specs are built, before
     anything heavy is imported (`hf_bomerge.cli.options`)."""
+
+
+class DuplicateError(RevisionError):
+    """Revisions serve identical weights and `--on-duplicate error` was asked, or fewer than two distinct
+    payloads remain once they are merged once."""

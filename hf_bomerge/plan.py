@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .duplicates import Duplicates
 from .errors import BOMergeError
 from .estimate import estimate
 
@@ -50,6 +51,7 @@ class Plan:
     source: str = ""
     shas: list[str] | None = None
     note: str | None = None
+    duplicates: dict | None = None  # `Duplicates.as_dict()`: revisions merged once, as they serve the same weights
     config: dict | None = field(default=None, repr=False)  # the latest revision's config.json
     estimate: object | None = None  # an `estimate.Estimate` of the trial time, when one was calibrated
     stored_bytes: int = 0  # the bytes `params` are stored in (their mean itemsize: stored_bytes / params)
@@ -178,6 +180,8 @@ class Plan:
                                               "streamed" else ")"))
         if self.estimate is not None:
             lines.append(self.estimate.describe())
+        if self.duplicates:
+            lines += [f"  duplicate {s}" for s in Duplicates.from_dict(self.duplicates).sentences()]
         return "\n".join(lines)
 
     def as_dict(self) -> dict:

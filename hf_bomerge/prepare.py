@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .duplicates import Duplicates, dedupe
 from .errors import BOMergeError, CorruptFileError, HubError
 from .merging.engine import DTYPES
 from .merging.writer import parse_size
@@ -35,6 +36,7 @@ class Prepared:
     token: str | bool | None = None  # the user's token (or False/None): the held-out data is loaded with it too
     rescore_mode: str = "resident"  # the plan's for the re-score in the saved dtype
     plan: Plan | None = None
+    duplicates: Duplicates = Duplicates()  # revisions left out before the download: they served the same weights
 
 
 def resolve(source: str, revisions: str, max_checkpoints: int, token, cache_dir,
@@ -77,11 +79,13 @@ def has_bf16() -> bool:
 
 def prepare(source: str, revisions: str, max_checkpoints: int, token, cache_dir, progress: bool,
              shas: Sequence[str] | None = None, planning: dict | None = None, heldout: Sequence = (),
-             tokenizer: str | None = None) -> Prepared:
+             tokenizer: str | None = None, on_duplicate: str = "merge-once") -> Prepared:
     """Resolve the revisions (or take the pinned `shas` of a recipe), check the plan fits, download them.
 
     `heldout`: the `HeldOutSpec`s the run will load (the objective's first), checked up front when offline;
-    `tokenizer`: a repo id or folder whose tokenizer is used instead of the checkpoints' own.
+    `tokenizer`: a repo id or folder whose tokenizer is used instead of the checkpoints' own. Revisions serving
+    identical weights are merged once (`hf_bomerge.duplicates`; `on_duplicate="error"` refuses them), before
+    the plan and the download. A recipe's pinned revisions are merged as recorded.
     """
     if not progress:
         quiet_libraries()
@@ -90,6 +94,9 @@ def prepare(source: str, revisions: str, max_checkpoints: int, token, cache_dir,
         check_offline(source, revisions, max_checkpoints, token, cache_dir, shas, heldout if evaluate else (),
                       tokenizer, evaluate)
     src, names, pins, note = resolve(source, revisions, max_checkpoints, token, cache_dir, shas)
+    found = Duplicates()
+    if shas is None:
+        names, pins, found = dedupe(src, names, pins, on_duplicate)
     plan = None
     if planning is not None:
         plan = run_plan(src, names, pins, cache_dir=cache_dir, **planning)
@@ -123,7 +130,7 @@ def prepare(source: str, revisions: str, max_checkpoints: int, token, cache_dir,
                        "include one).", src.id)
     phase.warn_if_early(ckpts, names)
     return Prepared(src, names, pins, folders, found, note, ckpts, plan.mode if plan else "resident", token,
-                    plan.rescore_mode or plan.mode if plan else "resident", plan)
+                    plan.rescore_mode or plan.mode if plan else "resident", plan, found)
 
 
 def has_tokenizer(folder: Path) -> bool:

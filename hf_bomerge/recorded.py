@@ -91,7 +91,8 @@ def result_of(prep: Prepared, recipe: Recipe, *, storage: str | None = None, bud
     return MergeResult(source=recipe.source, revisions=list(recipe.revisions), shas=list(recipe.shas),
                        weights=list(recipe.weights), source_kind=recipe.source_kind, dtype=recipe.dtype,
                        copied=list(recipe.copied or []), layer_weights=recipe.layer_weights,
-                       layer_groups=recipe.layer_groups, license=prep.source.license(), workspace=workspace,
+                       layer_groups=recipe.layer_groups, duplicates=recipe.duplicates,
+                       license=prep.source.license(), workspace=workspace,
                        **fields)
 
 

@@ -8,15 +8,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .duplicates import Duplicates
 from .merging.layers import LayerGroups, LayerWeights
 from .objectives import objective_class
 from .objectives.confirm import Confirmation
 from .specs import Recipe
 
-# 2: schema 1 + `eval_dtype`, `confirm` and `layer_weights` (README, the --json row).
-SCHEMA = 2
+# 2: schema 1 + `eval_dtype`, `confirm` and `layer_weights` (README, the --json row); 3: schema 2 + `duplicates`.
+SCHEMA = 3
 JSON_KEYS = ("source", "revisions", "shas", "weights", "objective", "loss", "baselines", "generalization",
-             "trials", "study", "output", "eval_dtype", "confirm", "layer_weights")
+             "trials", "study", "output", "eval_dtype", "confirm", "layer_weights", "duplicates")
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,8 @@ class MergeResult:
     # weighted by each group's parameter count, and `layer_groups` the rule tensor name -> group.
     layer_weights: dict[str, list[float]] | None = None
     layer_groups: dict | None = None
+    # Revisions asked for but merged once with another: they served identical weights (`hf_bomerge.duplicates`).
+    duplicates: Duplicates = field(default_factory=Duplicates)
     # Not part of --json: what describes the merge in its card and recipe.
     source_kind: str = "hub"
     search: str | None = None
@@ -105,6 +108,7 @@ class MergeResult:
         if isinstance(self.confirm, dict):
             higher = objective_class(self.objective).higher_is_better
             object.__setattr__(self, "confirm", Confirmation.from_dict(self.confirm, higher))
+        object.__setattr__(self, "duplicates", Duplicates.from_dict(self.duplicates))
         object.__setattr__(self, "generalization", {k: g if isinstance(g, Generalization) else Generalization(**g)
                                                     for k, g in self.generalization.items()})
 
@@ -123,6 +127,7 @@ class MergeResult:
         out = {"schema": SCHEMA, **{k: getattr(self, k) for k in JSON_KEYS}}
         out["confirm"] = self.confirm.as_dict() if self.confirm is not None else None
         out["generalization"] = {k: g.as_dict() for k, g in self.generalization.items()}
+        out["duplicates"] = self.duplicates.as_dict()
         return out
 
     def recipe(self) -> Recipe:
@@ -130,7 +135,8 @@ class MergeResult:
         a layered merge adds `layer_weights` and the grouping rule `layer_groups` (`weights` is their mean)."""
         layered = self.layer_weights is not None
         return Recipe(self.source, list(self.revisions), list(self.shas), list(self.weights), self.source_kind,
-                      self.dtype, sorted(self.copied), self.layer_weights, self.layer_groups if layered else None)
+                      self.dtype, sorted(self.copied), self.layer_weights, self.layer_groups if layered else None,
+                      self.duplicates)
 
     def save_pretrained(self, output: str | Path, **kwargs) -> Path:
         """Write the merged model to `output` and return the folder (see `hf_bomerge.publish.export.save_pretrained`)."""

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .defaults import DEFAULT_CONFIRM_FRACTION, DEFAULT_MAX_EVAL_TOKENS, VERSION
+from .duplicates import ON_DUPLICATE, Duplicates
 from .errors import OptionError, RecipeError, StudyError
 from .fields import DEVICE_MAPS, EVAL_DTYPES, one_of, option, positive
 from .merging import weights as W
@@ -92,8 +93,12 @@ class SourceSpec:
     dtype: str | None = option(None, "every merged tensor in this dtype", choices=EVAL_DTYPES,
                                shown="each tensor keeps its checkpoints' dtype")
     trust_remote_code: bool = option(False, "run the repo's own model code", action="store_true")
+    on_duplicate: str = option("merge-once", "revisions serving identical weights (same content ids, found before "
+                               "any download): merge-once keeps the latest name of each group, error refuses",
+                               choices=ON_DUPLICATE)
 
     def __post_init__(self):
+        one_of("--on-duplicate", self.on_duplicate, ON_DUPLICATE, optional=False)
         if not isinstance(self.revisions, str) or not self.revisions.strip():
             raise OptionError(f"--revisions must name revisions (A..B, R1,R2,... or last:N), got "
                               f"{reprlib.repr(self.revisions)}.")
@@ -301,6 +306,7 @@ class Recipe:
     copied: list[str] | None = None
     layer_weights: dict[str, list[float]] | None = None
     layer_groups: dict | None = None
+    duplicates: Duplicates = field(default_factory=Duplicates)  # revisions left out: they served the same weights
 
     def as_dict(self) -> dict:
         recipe = {"hf_bomerge_version": VERSION, "source": self.source, "source_kind": self.source_kind,
@@ -310,6 +316,8 @@ class Recipe:
             recipe["copied"] = sorted(self.copied)
         if self.layer_weights is not None or self.layer_groups is not None:
             recipe.update(layer_weights=self.layer_weights, layer_groups=self.layer_groups)
+        if self.duplicates:
+            recipe["duplicates"] = self.duplicates.as_dict()
         return recipe
 
     @classmethod
@@ -349,7 +357,9 @@ class Recipe:
                    None if layer_weights is None else dict(layer_weights),
                    get("layer_groups", lambda v: v is None or isinstance(v, Mapping) and all(
                        type(v.get(k)) is int and v[k] >= 1 for k in ("groups", "layers")),
-                       "a map with whole numbers `groups` and `layers` (at least 1)", None))
+                       "a map with whole numbers `groups` and `layers` (at least 1)", None),
+                   Duplicates.from_dict(get("duplicates", lambda v: v is None or isinstance(v, Mapping),
+                                            "a map of `identical` and `partial`", None)))
 
     @classmethod
     def load(cls, path: str | Path) -> Recipe:

@@ -101,6 +101,8 @@ def format_summary(result) -> str:
                 du = sign * (result.loss - result.baselines["uniform"])
                 lines += [f"and {'better' if du < 0 else 'not better'} than the uniform average by {abs(du):.5f}"]
     lines += _confirmation(result)
+    if result.duplicates:
+        lines += ["", *result.duplicates.sentences()]
     for name, row in result.generalization.items():
         lines += ["", f"generalization (loss) on {name}: merged {row['merged']:.5f}, best single "
                   f"({row['best_single_revision']}) {row['best_single']:.5f}, uniform {row['uniform']:.5f}"]

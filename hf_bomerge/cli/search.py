@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser, *, source: bool = True) -> None:
     if source:
         p.add_argument("source", nargs="?", help="Hub repo id ORG/NAME, a local folder or git repository")
     p.add_argument("--version", action="version", version=f"hf-bomerge {_version()}")
-    options.add(p.add_argument_group("revisions"), "revisions", "max_checkpoints")
+    options.add(p.add_argument_group("revisions"), "revisions", "max_checkpoints", "on_duplicate")
     add_data_options(p.add_argument_group("held-out data"))
     g = p.add_argument_group("search")
     add_search_options(g)
@@ -103,7 +103,7 @@ def dry_run(args: argparse.Namespace, specs: options.Run) -> int:
                     cache_dir=args.cache_dir, device=args.device, eval_dtype=args.eval_dtype,
                     batch_size=args.batch_size, block_size=args.block_size, max_memory=args.max_memory,
                     evaluate=not (fixed and args.no_eval), device_map=args.device_map,
-                    store_dtype=args.dtype)
+                    store_dtype=args.dtype, on_duplicate=args.on_duplicate)
     if not fixed:  # a search: calibrate the time of a trial on the device (seconds; nothing downloaded)
         plan.estimate_time(trials=args.trials, max_eval_tokens=args.max_eval_tokens, batch_size=args.batch_size,
                            block_size=args.block_size, eval_dtype=args.eval_dtype,

@@ -80,6 +80,7 @@ def render_card(result: MergeResult, repo_id: str | None = None, license: str | 
         layer_groups=result.layer_groups,
         layer_plot=layer_plot,
         note=result.note,
+        duplicates=" ".join(result.duplicates.sentences()),
     )
 
 

@@ -8,6 +8,7 @@ subclass registered with `@register`.
 from __future__ import annotations
 
 import abc
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,8 @@ class Source(abc.ABC):
     - `remember_for_offline()` keeps what a later offline run needs beyond the revisions; `license()`.
     - `card_fields(source_id)` -> how a published card names the source: {"name", "url", "base_model"} (a local
       source is named by its folder, never by a path of this machine).
+    - `content_ids(name, pin)` -> {weight file: content id} without downloading (the default hashes the files
+      of a source whose revisions are on this machine: sha256, remembered by path, size and mtime).
     Derived, the same for every kind: `weight_files`, `weight_sizes`, `parameter_count`, `is_local`.
     """
 
@@ -192,6 +195,27 @@ class Source(abc.ABC):
     def is_local(self, name: str, pin: str) -> bool:
         """Whether the revision's weights are on this machine already (nothing to download)."""
         return True
+
+    def content_ids(self, name: str, pin: str) -> dict[str, str]:
+        """{weight file (the shards, not an index): content id}: equal ids, equal bytes. Here the sha256 of each
+        file of the revision's local folder (a source whose `fetch` downloads must override this)."""
+        folder = self.fetch(name, pin)
+        return {f: file_sha256(folder / f) for f in self.weight_sizes(name, pin)}
+
+
+_HASHES: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256: a file is hashed once a run
+
+
+def file_sha256(path: Path) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+        _HASHES[key] = digest.hexdigest()
+    return _HASHES[key]
 
 
 def candidates(names) -> list[str]:

@@ -68,6 +68,10 @@ class GitSource(Source):
     def listing(self, name: str, pin: str) -> dict[str, int]:
         return {path: size for path, (_, size) in self._tree(name, pin).items()}
 
+    def content_ids(self, name: str, pin: str) -> dict[str, str]:
+        """The git blob ids of the weight files, from `ls-tree` (nothing extracted)."""
+        return {f: self._tree(name, pin)[f][0] for f in self.weight_sizes(name, pin)}
+
     def read(self, name: str, pin: str, file: str) -> bytes:
         blob = self._tree(name, pin).get(file)
         if blob is None:

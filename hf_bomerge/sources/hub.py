@@ -50,6 +50,7 @@ class HubSource(Source):
         self.api = HfApi(token=token)
         self._refs: dict[str, str] | None = None
         self._listings: dict[str, dict[str, int]] = {}
+        self._ids: dict[str, dict[str, str]] = {}  # pin -> {file: LFS sha256, else git blob id}, from the listing
 
     def refs(self) -> dict[str, str]:
         if self._refs is None:  # one listing per run: every later step uses these pins
@@ -98,9 +99,19 @@ class HubSource(Source):
             self._listings[pin] = offline.cached_listing(self.id, pin, self.cache_dir)
         if pin not in self._listings:  # the plan and the download read the same listing
             with hub_errors(self.id, name):
-                tree = self.api.list_repo_tree(self.id, revision=pin)
-                self._listings[pin] = {e.path: e.size for e in tree if isinstance(e, RepoFile)}
+                tree = [e for e in self.api.list_repo_tree(self.id, revision=pin) if isinstance(e, RepoFile)]
+                self._listings[pin] = {e.path: e.size for e in tree}
+                self._ids[pin] = {e.path: (e.lfs.sha256 if e.lfs else None) or e.blob_id for e in tree}
         return self._listings[pin]
+
+    def content_ids(self, name: str, pin: str) -> dict[str, str]:
+        """The weight files' LFS sha256 (else git blob id) from the tree listing; offline, the cache's blob names
+        (a snapshot's files link to blobs/<id>). Nothing is downloaded."""
+        files = self.weight_sizes(name, pin)
+        if offline.is_offline():
+            folder = offline.snapshot(self.id, pin, self.cache_dir)
+            return {f: (folder / f).resolve().name for f in files}
+        return {f: self._ids[pin][f] for f in files}
 
     def config(self, name: str, pin: str) -> dict:
         return json.loads(self.read(name, pin, "config.json"))
