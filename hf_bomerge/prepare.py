@@ -94,9 +94,9 @@ def prepare(source: str, revisions: str, max_checkpoints: int, token, cache_dir,
         check_offline(source, revisions, max_checkpoints, token, cache_dir, shas, heldout if evaluate else (),
                       tokenizer, evaluate)
     src, names, pins, note = resolve(source, revisions, max_checkpoints, token, cache_dir, shas)
-    found = Duplicates()
+    dups = Duplicates()
     if shas is None:
-        names, pins, found = dedupe(src, names, pins, on_duplicate)
+        names, pins, dups = dedupe(src, names, pins, on_duplicate)
     plan = None
     if planning is not None:
         plan = run_plan(src, names, pins, cache_dir=cache_dir, **planning)
@@ -130,7 +130,7 @@ def prepare(source: str, revisions: str, max_checkpoints: int, token, cache_dir,
                        "include one).", src.id)
     phase.warn_if_early(ckpts, names)
     return Prepared(src, names, pins, folders, found, note, ckpts, plan.mode if plan else "resident", token,
-                    plan.rescore_mode or plan.mode if plan else "resident", plan, found)
+                    plan.rescore_mode or plan.mode if plan else "resident", plan, dups)
 
 
 def has_tokenizer(folder: Path) -> bool:

@@ -203,6 +203,17 @@ class Source(abc.ABC):
         return {f: file_sha256(folder / f) for f in self.weight_sizes(name, pin)}
 
 
+def listed_weights(listing) -> list[str]:
+    """The weight files of a listing without reading a shard index: the single file of an unsharded layout, or
+    the files named as its shards are (`model-00001-of-00002.safetensors` beside `model.safetensors.index.json`).
+    A shard's own header (or pickle) names its tensors, so equal shards hold equal tensors whatever the index says."""
+    layout = weight_layout(listing)
+    if layout is None or not layout.endswith(".index.json"):
+        return [] if layout is None else [layout]
+    stem, ext = os.path.splitext(layout.removesuffix(".index.json"))
+    return sorted(f for f in listing if f.startswith(stem + "-") and f.endswith(ext) and "/" not in f)
+
+
 _HASHES: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256: a file is hashed once a run
 
 

@@ -21,7 +21,7 @@ from ..errors import CorruptFileError, DataError, HubError
 from ..reading.formats import ST_DTYPES, TensorInfo
 from ..reading.layout import unsafe_reason, weight_layout
 from . import offline
-from .base import SIDE_FILES, TOKENIZER_FILES, Source, register
+from .base import SIDE_FILES, TOKENIZER_FILES, Source, listed_weights, register
 
 
 @register
@@ -106,8 +106,9 @@ class HubSource(Source):
 
     def content_ids(self, name: str, pin: str) -> dict[str, str]:
         """The weight files' LFS sha256 (else git blob id) from the tree listing; offline, the cache's blob names
-        (a snapshot's files link to blobs/<id>). Nothing is downloaded."""
-        files = self.weight_sizes(name, pin)
+        (a snapshot's files link to blobs/<id>). Nothing is downloaded, not even a shard index: the shards are
+        the listing's files named as the index's layout names them (`listed_weights`)."""
+        files = listed_weights(self.listing(name, pin)) or self.weight_sizes(name, pin)
         if offline.is_offline():
             folder = offline.snapshot(self.id, pin, self.cache_dir)
             return {f: (folder / f).resolve().name for f in files}
