@@ -155,7 +155,7 @@ def test_the_plan_counts_parameters_from_headers_not_names_or_config(trajectory,
     tensors = {k: v.to(torch.float16) for k, v in load_file(trajectory / "main" / "model.safetensors").items()}
     true_count = sum(t.numel() for t in tensors.values())
     run = tmp_path / "run"
-    for step in ("step1", "step2"):
+    for scale, step in ((1.0, "step1"), (0.5, "step2")):  # two distinct payloads (identical ones are merged once)
         folder = run / step
         folder.mkdir(parents=True)
         config = json.loads((trajectory / "main" / "config.json").read_text())
@@ -163,7 +163,7 @@ def test_the_plan_counts_parameters_from_headers_not_names_or_config(trajectory,
         names = sorted(tensors)
         half = {n: "weights-a.safetensors" if i % 2 else "weights-b.safetensors" for i, n in enumerate(names)}
         for shard in set(half.values()):
-            save_file({n: tensors[n] for n in names if half[n] == shard}, folder / shard)
+            save_file({n: tensors[n] * scale for n in names if half[n] == shard}, folder / shard)
         (folder / INDEX).write_text(json.dumps({"weight_map": half}))
     from hf_bomerge.api import plan
 
@@ -478,15 +478,18 @@ def test_the_hub_plan_counts_parameters_from_the_served_headers(test_hub, trajec
     tensors = load_file(trajectory / "main" / "model.safetensors")
     names = sorted(tensors)
     half = {n: "weights-a.safetensors" if i % 2 else "weights-b.safetensors" for i, n in enumerate(names)}
-    files = {}
-    for shard in set(half.values()):
-        save_file({n: tensors[n] for n in names if half[n] == shard}, tmp_path / shard)
-        files[shard] = tmp_path / shard
     config = json.loads((trajectory / "main" / "config.json").read_text())
-    files.update({INDEX: json.dumps({"weight_map": half}), "config.json": json.dumps({**config, "dtype": "float64"})})
-    test_hub.add_model_repo("odd/shard-names", {"step1": files, "step2": files})
+    branches = {}
+    for scale, step in ((1.0, "step1"), (0.5, "step2")):  # two distinct payloads (identical ones are merged once)
+        files = {INDEX: json.dumps({"weight_map": half}), "config.json": json.dumps({**config, "dtype": "float64"})}
+        for shard in set(half.values()):
+            save_file({n: tensors[n] * scale for n in names if half[n] == shard}, tmp_path / f"{step}-{shard}")
+            files[shard] = tmp_path / f"{step}-{shard}"
+        branches[step] = files
+    test_hub.add_model_repo("odd/shard-names", branches)
     planned = plan("odd/shard-names", "step1,step2", device="cpu", cache_dir=tmp_path / "cache")
     assert planned.params == sum(t.numel() for t in tensors.values())
     assert planned.stored_bytes == sum(t.numel() * t.element_size() for t in tensors.values())
-    assert planned.download_bytes == 2 * sum((tmp_path / s).stat().st_size for s in set(half.values()))
+    assert planned.download_bytes == sum((tmp_path / f"{step}-{s}").stat().st_size for step in branches
+                                         for s in set(half.values()))
     assert not list((tmp_path / "cache").rglob("*.safetensors"))  # planned from headers: nothing downloaded
