@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from hf_bomerge.cli import main
 
 JSON_KEYS = {"schema", "source", "revisions", "shas", "weights", "objective", "loss", "baselines",
-             "generalization", "trials", "study", "output", "eval_dtype", "confirm", "layer_weights"}
+             "generalization", "trials", "study", "output", "eval_dtype", "confirm", "layer_weights", "duplicates"}
 
 
 def hf_bomerge(*args: str, cache: Path) -> subprocess.CompletedProcess:
@@ -45,7 +45,7 @@ def hub_run(test_hub, tmp_path_factory):
 @pytest.mark.e2e
 def test_json_summary_has_the_contract_shape(hub_run, test_hub):
     tmp, proc, summary = hub_run
-    assert set(summary) == JSON_KEYS and summary["schema"] == 2
+    assert set(summary) == JSON_KEYS and summary["schema"] == 3  # 3 = 2 + "duplicates"
     assert summary["layer_weights"] is None  # global weights: no depth groups
     assert summary["source"] == test_hub.repo_id
     assert summary["revisions"] == test_hub.step_branches[-4:]  # training order, oldest first
