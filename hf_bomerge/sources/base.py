@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,8 +95,6 @@ class Source(abc.ABC):
 
     def config(self, name: str, pin: str) -> dict:
         """The revision's config.json ({} when it has none)."""
-        import json
-
         return json.loads(self.read(name, pin, "config.json")) if "config.json" in self.listing(name, pin) else {}
 
     def missing(self, name: str, pin: str) -> list[str]:
@@ -150,13 +149,16 @@ class Source(abc.ABC):
         """The revision's weight files, as names in its top folder: the layout transformers would load, and
         for a sharded checkpoint its index followed by the shards the index names, each checked to be a file
         beside the index (`layout.shard_names`) before anything reads it."""
-        layout = weight_layout(self.listing(name, pin))
-        if layout is None:
-            raise HubError(f"Revision {name} ({pin[:12]}) of {self.id} has no transformers weights "
-                           f"({', '.join(WEIGHT_LAYOUTS)}); choose revisions that hold checkpoints.")
-        if not layout.endswith(".index.json"):
-            return [layout]
-        return [layout, *shard_names(self.read(name, pin, layout), layout, f"Revision {name} of {self.id}")]
+        known = vars(self).setdefault("_weight_files", {})  # a pin's files never change: one read of its index
+        if (name, pin) not in known:
+            layout = weight_layout(self.listing(name, pin))
+            if layout is None:
+                raise HubError(f"Revision {name} ({pin[:12]}) of {self.id} has no transformers weights "
+                               f"({', '.join(WEIGHT_LAYOUTS)}); choose revisions that hold checkpoints.")
+            shards = (shard_names(self.read(name, pin, layout), layout, f"Revision {name} of {self.id}")
+                      if layout.endswith(".index.json") else [])
+            known[name, pin] = [layout, *shards]
+        return list(known[name, pin])
 
     def weight_sizes(self, name: str, pin: str) -> dict[str, int]:
         """{weight file: bytes} of the files that hold the revision's tensors (the index's shards, not the index);
