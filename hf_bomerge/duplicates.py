@@ -1,13 +1,13 @@
 """Revisions that serve the same weights, found from content ids before any download.
 
-Each revision's weight files (an index's shards, not the index) are named by content id: the LFS sha256 or git
-blob id the Hub's tree listing returns, the HF cache's blob name offline, the git blob id of a local repository,
-a sha256 of the file for a plain folder (`Source.content_ids`). Two revisions whose whole payload is the same
-multiset of ids serve identical weights: the group is merged ONCE, under the LATEST name in training order (a
-duplicated branch is almost always an earlier step re-uploaded with a later model, as on pythia-2.8b, where
-step100000 … step140000 serve `main`'s file; the latest name is the one whose training progress the weights can
-have). The others are named in one warning and recorded (`--json`'s "duplicates", the recipe, the card).
-`--on-duplicate error` refuses instead. A revision sharing only some shards with another (pythia-12b's
+Each revision's weight files (an index's shards, not the index) are named by content id: the LFS sha256 or git blob
+id the Hub's tree listing returns, the HF cache's blob name offline, the git blob id of a local repository, for a
+plain folder a sampled id, confirmed by a sha256 where two agree (`Source.all_content_ids`). Two revisions whose
+whole payload is the same multiset of ids serve identical weights: the group is merged ONCE, under the LATEST name
+in training order (a duplicated branch is almost always an earlier step re-uploaded with a later model, as on
+pythia-2.8b, where step100000 … step140000 serve `main`'s file; the latest name is the one whose training progress
+the weights can have). The others are named in one warning and recorded (`--json`'s "duplicates", the recipe, the
+card). `--on-duplicate error` refuses instead. A revision sharing only some shards with another (pythia-12b's
 step50000 and main's first shard) is named with those shards, and kept.
 
 >>> d = Duplicates({"main": ["step110000"]}, [{"revisions": ["step50000", "main"], "shards": ["a.safetensors"]}])
@@ -86,7 +86,7 @@ def find(ids: Sequence[dict[str, str]], names: Sequence[str]) -> Duplicates:
 def dedupe(src, names: Sequence[str], pins: Sequence[str], on_duplicate: str = "merge-once"):
     """`names`, `pins` with each identical payload once (the latest name kept), and the `Duplicates` found; one
     warning names them. `on_duplicate="error"` raises instead; fewer than two distinct payloads always raises."""
-    found = find([src.content_ids(n, p) for n, p in zip(names, pins)], list(names))
+    found = find(src.all_content_ids(list(names), list(pins)), list(names))
     if not found:
         return list(names), list(pins), found
     said = " ".join(found.sentences())

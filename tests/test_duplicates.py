@@ -160,3 +160,19 @@ def test_hub_duplicates_from_the_tree_listing_nothing_of_the_dropped_downloaded(
 
 def test_dedupe_error_class():
     assert issubclass(DuplicateError, Exception)
+
+
+def test_a_folder_reads_samples_and_confirms_look_alikes_with_a_full_hash(tmp_path):
+    """Files equal in every sampled block but one byte apart are not duplicates; equal files are."""
+    from hf_bomerge.sources import FolderSource
+
+    data = bytearray(range(256)) * (1 << 14)  # 4 MiB
+    changed = bytearray(data)
+    changed[len(data) // 2 + 12345] ^= 1  # between the sampled blocks
+    for name, payload in (("step1", data), ("step2", changed), ("step3", data)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "pytorch_model.bin").write_bytes(payload)
+    source = FolderSource(tmp_path)
+    ids = source.all_content_ids(["step1", "step2", "step3"], ["a", "b", "c"])
+    assert ids[0] == ids[2] and ids[0] != ids[1]
+    assert not ids[0]["pytorch_model.bin"].startswith("sampled:")  # look-alikes were hashed whole

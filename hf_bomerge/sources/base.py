@@ -65,7 +65,8 @@ class Source(abc.ABC):
     - `card_fields(source_id)` -> how a published card names the source: {"name", "url", "base_model"} (a local
       source is named by its folder, never by a path of this machine).
     - `content_ids(name, pin)` -> {weight file: content id} without downloading (the default hashes the files
-      of a source whose revisions are on this machine: sha256, remembered by path, size and mtime).
+      of a source whose revisions are on this machine: sha256, remembered by path, size and mtime);
+      `all_content_ids(names, pins)` all of them at once (a folder reads samples, and hashes only look-alikes).
     Derived, the same for every kind: `weight_files`, `weight_sizes`, `parameter_count`, `is_local`.
     """
 
@@ -204,6 +205,10 @@ class Source(abc.ABC):
         folder = self.fetch(name, pin)
         return {f: file_sha256(folder / f) for f in self.weight_sizes(name, pin)}
 
+    def all_content_ids(self, names: list[str], pins: list[str]) -> list[dict[str, str]]:
+        """`content_ids` of each revision (what the duplicates check compares)."""
+        return [self.content_ids(n, p) for n, p in zip(names, pins)]
+
 
 def listed_weights(listing) -> list[str]:
     """The weight files of a listing without reading a shard index: the single file of an unsharded layout, or
@@ -217,6 +222,18 @@ def listed_weights(listing) -> list[str]:
 
 
 _HASHES: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256: a file is hashed once a run
+
+
+def sampled_id(path: Path, blocks: int = 16, size: int = 1 << 16) -> str:
+    """A cheap content id of a local file: its size and `blocks` blocks spread over it. Two checkpoints of one run
+    differ there; equal sampled ids are only candidates, confirmed with `file_sha256`."""
+    total = path.stat().st_size
+    digest = hashlib.sha256(str(total).encode())
+    with open(path, "rb") as f:
+        for k in range(blocks):
+            f.seek(max(0, (total - size) * k // max(blocks - 1, 1)))
+            digest.update(f.read(size))
+    return "sampled:" + digest.hexdigest()
 
 
 def file_sha256(path: Path) -> str:
