@@ -163,3 +163,43 @@ def test_sampler_and_storage_are_injectable():
     with pytest.raises(StudyError, match="sampler"):
         run_search(sum, make_space("pairwise", 2), ["a", "b"], trials=2, storage=optuna.storages.InMemoryStorage(),
                    study_name="x", inputs={}, progress=False, sampler="tpe")
+
+
+@pytest.mark.parametrize(("window", "after", "waiting"), [("ask-new", 6, 0), ("ask-queued", 2, 3), ("tell", 3, 2)])
+def test_an_interrupt_between_the_objective_and_the_storage_leaves_no_trial_running(window, after, waiting):
+    """Ctrl-C/SIGTERM landing while Optuna writes a trial (in `ask` once the trial is RUNNING, or in `tell`) is
+    held to the next safe point: no trial stays RUNNING, a finished one is kept, a queued seed is queued again."""
+    import os
+    import signal
+
+    class Interrupting(optuna.storages.InMemoryStorage):
+        armed = False
+
+        def create_new_trial(self, study_id, template_trial=None):
+            trial_id = super().create_new_trial(study_id, template_trial)
+            if window == "ask-new" and self.armed and template_trial is None:
+                os.kill(os.getpid(), signal.SIGINT)
+            return trial_id
+
+        def set_trial_state_values(self, trial_id, state, values=None):
+            done = super().set_trial_state_values(trial_id, state, values)
+            if self.armed and (window, state) in (("ask-queued", optuna.trial.TrialState.RUNNING),
+                                                  ("tell", optuna.trial.TrialState.COMPLETE)):
+                os.kill(os.getpid(), signal.SIGINT)
+            return done
+
+    storage = Interrupting()
+    calls = []
+
+    def loss(w):
+        calls.append(w)
+        storage.armed = len(calls) == after
+        return sum(x * x for x in w)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_search(loss, make_space("simplex", 3), ["a", "b", "c"], trials=10, storage=storage, study_name="i",
+                   inputs={}, seed=0, progress=False)
+    states = [t.state for t in optuna.load_study(study_name="i", storage=storage).trials]
+    assert optuna.trial.TrialState.RUNNING not in states
+    assert states.count(optuna.trial.TrialState.COMPLETE) == after  # one interrupted in `tell` is kept
+    assert states.count(optuna.trial.TrialState.WAITING) == waiting  # the 5 seeds not yet run, in order

@@ -19,7 +19,7 @@ import optuna
 from ..errors import StudyError
 from ..merging.layers import LayerWeights
 from ..objectives import objective_class
-from . import workers
+from . import interrupts, workers
 from .storage import GRACE_S, default_storage, open_storage, safe_url
 from .weight_spaces import MAX_SIMPLEX, SEARCHES, SIMPLEX_FLOOR, SearchSpace, make_space, same_weights  # noqa: F401 - re-exported
 
@@ -177,8 +177,14 @@ def run_search(evaluate: Callable[[list[float]], float], space: SearchSpace, lab
     ran: list[Trial] = []
     current: dict = {}
 
+    points = interrupts.SafePoints()
+
     def run_trial(trial: optuna.Trial) -> float:
         current.update(number=trial.number, set_aside=None)
+        with points.inside():
+            return _run_trial(trial)
+
+    def _run_trial(trial: optuna.Trial) -> float:
         if not workers.within_budget(study, trial.number, trials):
             _set_aside(trial, "over the budget")
         trial.set_user_attr(workers.STARTED, {"trial": trial.number, "worker": workers.worker_id()})
@@ -224,7 +230,8 @@ def run_search(evaluate: Callable[[list[float]], float], space: SearchSpace, lab
             continue
         current.clear()
         try:
-            study.optimize(run_trial, n_trials=1, catch=(workers.SetAside,))
+            with points.installed():
+                study.optimize(run_trial, n_trials=1, catch=(workers.SetAside,))
         except KeyboardInterrupt:  # Ctrl-C/SIGTERM: Optuna failed the trial; queue it again for the resume
             if "number" in current:
                 workers.requeue_set_aside(study, current["number"])
