@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .cli.options import DEFAULTS, OPTIONS, merge_specs, search_specs
-from .duplicates import dedupe
 from .merging import weights as W
 from .merging.engine import rule_from_config
 from .merging.layers import LayerGroups
@@ -50,8 +49,8 @@ def plan(source: str, revisions: str = DEFAULTS["revisions"], *, max_checkpoints
 
     >>> print(plan("EleutherAI/pythia-1b", "step100000..step143000").describe())   # doctest: +SKIP
     """
-    src, names, pins, note = resolve(source, revisions, max_checkpoints, token, cache_dir)
-    names, pins, found = dedupe(src, names, pins, on_duplicate)
+    src, names, pins, note, found = resolve(source, revisions, max_checkpoints, token, cache_dir,
+                                            on_duplicate=on_duplicate)
     result = run_plan(src, names, pins, cache_dir=cache_dir, **kwargs)
     result.source, result.shas, result.note, result.duplicates = src.id, list(pins), note, found.as_dict()
     return result

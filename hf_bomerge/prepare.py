@@ -18,7 +18,7 @@ from .plan import Plan, make_plan
 from .reading import phase
 from .reading.checkpoints import CheckpointSet, check_same_tokenizer
 from .sources import Source, default_cache_dir, offline, open_source, tokenizer_files
-from .sources.revisions import resolve_revisions
+from .sources.revisions import resolve_revisions, thin_selection
 
 logger = logging.getLogger("hf_bomerge")
 
@@ -40,14 +40,24 @@ class Prepared:
 
 
 def resolve(source: str, revisions: str, max_checkpoints: int, token, cache_dir,
-             shas: Sequence[str] | None = None):
-    """The source, the chosen revision names (oldest first), their pins, and the thinning note."""
+            shas: Sequence[str] | None = None, on_duplicate: str | None = "merge-once"):
+    """The source, the chosen revision names (oldest first), their pins, the thinning note and the duplicates.
+
+    Revisions serving identical weights are left out first (`hf_bomerge.duplicates`; `on_duplicate=None` keeps
+    them), then a range is thinned to `max_checkpoints`: eight distinct checkpoints, not eight names of which
+    some serve the same bytes."""
     src = open_source(source, token=token, cache_dir=cache_dir)
     if shas is not None:  # pinned: used directly, once the source confirms they still read as recorded
         src.verify_pins(revisions.split(","), list(shas))
-        return src, revisions.split(","), list(shas), None
-    resolved = resolve_revisions(revisions, src.refs(), max_checkpoints)
-    return src, resolved.names, [r.sha for r in resolved.revisions], resolved.note
+        return src, revisions.split(","), list(shas), None, Duplicates()
+    resolved = resolve_revisions(revisions, src.refs(), 0)
+    names, pins, dups = resolved.names, [r.sha for r in resolved.revisions], Duplicates()
+    if on_duplicate is not None:
+        names, pins, dups = dedupe(src, names, pins, on_duplicate)
+    kept, thinned = thin_selection(revisions, names, max_checkpoints)
+    pins = [pins[names.index(n)] for n in kept]
+    note = "; ".join(n for n in (resolved.note, thinned) if n) or None
+    return src, kept, pins, note, dups
 
 
 def run_plan(src: Source, names: Sequence[str], pins: Sequence[str], *, device: str | None = None,
@@ -93,10 +103,7 @@ def prepare(source: str, revisions: str, max_checkpoints: int, token, cache_dir,
     if offline.is_offline():
         check_offline(source, revisions, max_checkpoints, token, cache_dir, shas, heldout if evaluate else (),
                       tokenizer, evaluate)
-    src, names, pins, note = resolve(source, revisions, max_checkpoints, token, cache_dir, shas)
-    dups = Duplicates()
-    if shas is None:
-        names, pins, dups = dedupe(src, names, pins, on_duplicate)
+    src, names, pins, note, dups = resolve(source, revisions, max_checkpoints, token, cache_dir, shas, on_duplicate)
     plan = None
     if planning is not None:
         plan = run_plan(src, names, pins, cache_dir=cache_dir, **planning)
@@ -170,7 +177,8 @@ def check_offline(source: str, revisions: str, max_checkpoints: int, token, cach
     names: Sequence[str] | str = revisions
     if not Path(source).expanduser().exists():
         try:
-            src, names, pins, _ = resolve(source, revisions, max_checkpoints, token, cache_dir, shas)
+            src, names, pins, *_ = resolve(source, revisions, max_checkpoints, token, cache_dir, shas,
+                                           on_duplicate=None)  # what is missing, before any content is read
         except offline.OfflineError:
             problems.append(f"the revisions {revisions!r} of {source} (no branch of it is cached)")
         except BOMergeError as err:

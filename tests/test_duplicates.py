@@ -92,6 +92,17 @@ def test_dry_run_shows_them(dup_folder, capsys):
     assert f"would merge {len(names) - 1} revisions" in out
 
 
+def test_a_thinned_range_keeps_distinct_checkpoints(dup_folder, capsys):
+    """--max-checkpoints counts distinct payloads: the duplicate is left out before the range is thinned, so a
+    range of 4 names serving 3 payloads is not thinned to 3 of which two are the same bytes."""
+    names = sorted(p.name for p in dup_folder.iterdir())  # 3 revisions + step610, a copy of the latest
+    code = main([str(dup_folder), "--revisions", f"{names[0]}..step610", "--max-checkpoints", "3", "--method",
+                 "sma", "--no-eval", "--dry-run"])
+    out = capsys.readouterr().out
+    assert code == 0 and "would merge 3 revisions" in out and "kept 3 of" not in out, out
+    assert f"duplicate {names[-2]} and step610 serve identical weights" in out
+
+
 def test_fewer_than_two_distinct_payloads_is_an_error(source, tmp_path, capsys):
     only = sorted(p.name for p in source.iterdir())[-1]
     shutil.copytree(source / only, tmp_path / "two" / "step1")

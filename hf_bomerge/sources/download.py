@@ -52,7 +52,7 @@ def download(source: str, revisions: str = DEFAULTS["revisions"], *,
                        "with a connection, without HF_HUB_OFFLINE.")
     if not progress:
         quiet_libraries()
-    src, names, pins, note = resolve(source, revisions, max_checkpoints, token, cache_dir)
+    src, names, pins, note, _ = resolve(source, revisions, max_checkpoints, token, cache_dir)  # duplicates once
     if note:
         print(note, file=sys.stderr)
     folders = [src.fetch(name, pin) for name, pin in _bar(list(zip(names, pins)), "download", progress)]

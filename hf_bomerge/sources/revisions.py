@@ -145,12 +145,24 @@ def select_revisions(spec: str, available: Sequence[str], max_checkpoints: int =
         names, notes = _select_last(spec, pool)
     else:
         return _select_named(spec, listed(spec), pool), None
-    if max_checkpoints and len(names) > max_checkpoints:
-        kept, unit = _thin(names, max_checkpoints)
-        notes.append(f"kept {max_checkpoints} of {len(names)} revisions evenly spaced by {unit}: "
-                     f"{', '.join(kept)} (--max-checkpoints 0 keeps all)")
-        names = kept
-    return names, "; ".join(notes) or None
+    names, note = thin_selection(spec, names, max_checkpoints)
+    return names, "; ".join([*notes, *([note] if note else [])]) or None
+
+
+def thin_selection(spec: str, names: list[str], max_checkpoints: int) -> tuple[list[str], str | None]:
+    """The `max_checkpoints` (0 = all) of a range's or last:N's `names` that `select_revisions` keeps, and the
+    note; an explicit list is never thinned. A run thins after leaving out revisions that serve the same weights.
+
+    >>> thin_selection("step1..", ["step1", "step2", "step3", "step4", "step5"], 3)[0]
+    ['step1', 'step3', 'step5']
+    >>> thin_selection("step1,step2,step3", ["step1", "step2", "step3"], 2)[0]
+    ['step1', 'step2', 'step3']
+    """
+    if not max_checkpoints or len(names) <= max_checkpoints or not (".." in spec or spec.strip().startswith("last:")):
+        return names, None
+    kept, unit = _thin(names, max_checkpoints)
+    return kept, (f"kept {max_checkpoints} of {len(names)} revisions evenly spaced by {unit}: {', '.join(kept)} "
+                  "(--max-checkpoints 0 keeps all)")
 
 
 def _grammar_error(spec: str) -> RevisionError:
