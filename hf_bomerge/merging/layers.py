@@ -41,6 +41,17 @@ def block_index(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def group_key(name: str) -> str | None:
+    """The part of a tensor's name that puts it in its depth group (`LayerGroups.group_of`): its block
+    (`.layers.3.`), else its embedding (`.embed_in.`), else None (the head).
+
+    >>> group_key("gpt_neox.layers.3.mlp.dense_h_to_4h.weight"), group_key("model.embed_tokens.weight")
+    ('.layers.3.', '.embed_tokens.')
+    """
+    match = _BLOCK.search(name) or _EMBEDDING.search(name)
+    return match.group(0) if match else None
+
+
 @dataclass(frozen=True)
 class LayerGroups:
     """The rule tensor name -> group: `groups` (G) groups of consecutive blocks out of `layers` blocks, between

@@ -22,6 +22,8 @@ from ..plan import free_space, human
 from ..reading.checkpoints import CheckpointSet
 from ..sources import SIDE_FILES
 from .card import render_card
+from .mergekit import CONFIG_FILE as MERGEKIT_FILE
+from .mergekit import mergekit_config
 from .plot import LAYER_PLOT_FILE, PLOT_FILE, plot_layer_weights, plot_search
 from .push import push_folder
 
@@ -100,7 +102,7 @@ def _write_again(storage, result: MergeResult, winner: dict, output: Path) -> bo
 
 def save_pretrained(result: MergeResult, output: str | Path, *, overwrite: bool = False, dtype: str | None = None,
                     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE, progress: bool = True) -> Path:
-    """Write the merged model (sharded safetensors, config, tokenizer, card, recipe) to `output`.
+    """Write the merged model (sharded safetensors, config, tokenizer, card, recipe, mergekit config) to `output`.
 
     Everything is written to a temporary sibling folder that is renamed when complete, so `output` never
     holds half a model. An existing folder is replaced only with `overwrite=True` or when it holds an
@@ -131,6 +133,7 @@ def save_pretrained(result: MergeResult, output: str | Path, *, overwrite: bool 
         _copy_side_files(inputs.folders[-1], inputs.tokenizer_folder, staging, result.dtype)
         (staging / RECIPE_FILE).write_text(yaml.safe_dump(result.recipe().as_dict(), sort_keys=False))
         (staging / RESULT_FILE).write_text(json.dumps(result.summary(), indent=2) + "\n")
+        (staging / MERGEKIT_FILE).write_text(mergekit_config(result, ckpts))
         if result.trace:
             plot_search(result.trace, result.revisions, result.weights, staging / PLOT_FILE, result.objective)
         if result.layer_weights:

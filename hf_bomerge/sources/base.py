@@ -64,6 +64,8 @@ class Source(abc.ABC):
     - `remember_for_offline()` keeps what a later offline run needs beyond the revisions; `license()`.
     - `card_fields(source_id)` -> how a published card names the source: {"name", "url", "base_model"} (a local
       source is named by its folder, never by a path of this machine).
+    - `mergekit_model(source_id, sha, folder)` -> how a mergekit config names the revision (default: the local
+      folder its files were read from) and a note for the config's header, or None.
     - `content_ids(name, pin)` -> {weight file: content id} without downloading (the default hashes the files
       of a source whose revisions are on this machine: sha256, remembered by path, size and mtime);
       `all_content_ids(names, pins)` all of them at once (a folder reads samples, and hashes only look-alikes).
@@ -117,6 +119,10 @@ class Source(abc.ABC):
     @classmethod
     def card_fields(cls, source_id: str) -> dict:
         return {"name": Path(source_id).name, "url": None, "base_model": None}
+
+    @classmethod
+    def mergekit_model(cls, source_id: str, sha: str, folder: Path) -> tuple[str, str | None]:
+        return str(Path(folder).absolute()), None
 
     def readiness(self, name: str, pin: str) -> str:
         files = self.listing(name, pin)

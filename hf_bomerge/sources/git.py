@@ -36,6 +36,14 @@ class GitSource(Source):
     def open(cls, spec: str, token: str | bool | None = None, cache_dir: str | Path | None = None) -> GitSource:
         return cls(Path(spec).expanduser(), cache_dir)
 
+    @classmethod
+    def mergekit_model(cls, source_id: str, sha: str, folder: Path) -> tuple[str, str | None]:
+        """A branch has no folder mergekit could read: the folder hf-bomerge extracted its commit into."""
+        return str(Path(folder).absolute()), (
+            f"The revisions of the git repository {source_id} are read from the folders hf-bomerge extracted "
+            "their commits into (its cache, one folder per commit); if the cache was cleared, running hf-bomerge "
+            "on bomerge_recipe.yaml extracts them again.")
+
     def __init__(self, path: str | Path, cache_dir: str | Path | None = None):
         self.path = Path(path).resolve()
         self.id = str(self.path)

@@ -43,6 +43,10 @@ class HubSource(Source):
     def card_fields(cls, source_id: str) -> dict:
         return {"name": source_id, "url": f"https://huggingface.co/{source_id}", "base_model": source_id}
 
+    @classmethod
+    def mergekit_model(cls, source_id: str, sha: str, folder: Path) -> tuple[str, str | None]:
+        return f"{source_id}@{sha}", None  # mergekit downloads the pinned commit itself (through HF_ENDPOINT)
+
     def __init__(self, repo_id: str, token: str | bool | None = None, cache_dir: str | Path | None = None):
         self.id = repo_id
         self.token = token
