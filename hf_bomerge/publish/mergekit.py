@@ -41,7 +41,7 @@ def mergekit_config(result, ckpts: CheckpointSet) -> str:
     """
     kind = source_class(result.source_kind)
     refs = [kind.mergekit_model(result.source, sha, c.folder) for sha, c in zip(result.shas, ckpts.checkpoints)]
-    rules, differ = _weight_rules(ckpts, result.merge_weights())
+    rules, differ = weight_rules(ckpts, result.merge_weights())
     store = DTYPES[result.dtype] if result.dtype else None
     dtypes = _dtypes(ckpts, store)
     differ += _cast(ckpts, store) if dtypes else []
@@ -53,6 +53,9 @@ def mergekit_config(result, ckpts: CheckpointSet) -> str:
               "writes the tensors of this folder's weights (checked against mergekit 0.1.5). The revisions:",
               *(f"  {ref}: {name} @ {sha}" for (ref, _), name, sha in zip(refs, result.revisions, result.shas)),
               *textwrap.wrap(" ".join(dict.fromkeys(note for _, note in refs if note)), 110)]
+    if len(refs) == 2:  # measured: docs/reference.md, Output
+        header += ["Two revisions: hf-bomerge sums θ₀ + w₁·(θ₁ − θ₀), mergekit w₀·θ₀ + w₁·θ₁, so a few elements may differ",
+                   "by 1 unit in the last place of their dtype."]
     if differ:
         header += [NOT_EXACT, *(f"  {name}: {why}" for name, why in differ)]
     return "".join(f"# {line}\n" for line in header) + yaml.safe_dump(config, sort_keys=False)
@@ -69,7 +72,7 @@ def _weight(rules: list[tuple[str | None, tuple[float, ...]]], i: int):
     return [{"filter": f, "value": v[i]} if f is not None else {"value": v[i]} for f, v in rules]
 
 
-def _weight_rules(ckpts: CheckpointSet, weights) -> tuple[list, list[tuple[str, str]]]:
+def weight_rules(ckpts: CheckpointSet, weights) -> tuple[list, list[tuple[str, str]]]:
     """[(filter or None, weight vector)] giving each floating-point tensor its weights in mergekit's first-match
     order, and the copied tensors mergekit cannot rebuild from any weights (name, why)."""
     n, differ, target = len(ckpts), [], {}
@@ -92,7 +95,7 @@ def _weight_rules(ckpts: CheckpointSet, weights) -> tuple[list, list[tuple[str, 
         keys = {k: target[name] for name in target if ckpts.is_merged(name) and (k := group_key(name))}
     rules = [*copied.items(), *keys.items(), (None, default)]
     exact: dict[str, tuple] = {}
-    while wrong := [name for name, want in target.items() if _first_match(exact_first(exact, rules), name) != want]:
+    while wrong := [name for name, want in target.items() if first_match(exact_first(exact, rules), name) != want]:
         exact.update((name, target[name]) for name in wrong)
     return exact_first(exact, rules), differ
 
@@ -108,7 +111,7 @@ def exact_first(exact: dict[str, tuple], rules: list) -> list:
     return [*sorted(exact.items(), key=lambda kv: (-len(kv[0]), kv[0])), *rules]
 
 
-def _first_match(rules: list, name: str) -> tuple | None:
+def first_match(rules: list, name: str) -> tuple | None:
     """mergekit's rule (`config.evaluate_setting`): the first filter that is a substring of the name, or None."""
     return next((v for f, v in rules if f is None or f == "*" or f in name), None)
 
@@ -123,7 +126,8 @@ def _copy_weights(ckpts: CheckpointSet, name: str, n: int) -> tuple[tuple[float,
         for weights in ((0.0,) * (n - 1) + (1.0,), (1.0 / n,) * n):
             if _same_bits(_linear(tensors, weights), latest):
                 return weights, None
-        return (0.0,) * (n - 1) + (1.0,), "copied from the latest revision here; mergekit sums it with weights"
+        why = "copied from the latest revision here; no weights make mergekit's sum equal it bit for bit"
+        return (0.0,) * (n - 1) + (1.0,), why
     finally:
         ckpts.release(name)
 
