@@ -90,6 +90,26 @@ def test_mergekit_rebuilds_a_folder_merge_bit_for_bit(trajectory, tmp_path):
 
 
 @pytest.mark.e2e
+def test_a_git_merge_names_the_folders_its_commits_were_extracted_into(trajectory, tmp_path):
+    from testhub import make_git_repo
+
+    steps = json.loads((trajectory / "trajectory.json").read_text())["revisions"][-3:]
+    run = _pythia_named(trajectory, steps, tmp_path / "run")
+    shas = make_git_repo(tmp_path / "repo", {s: {p.name: p for p in (run / s).iterdir()} for s in steps}, lfs=False)
+    _cli(str(tmp_path / "repo"), "--revisions", ",".join(steps), "--weights", "0.1,0.3,0.6", "--output",
+         str(tmp_path / "merged"), cache=tmp_path / "cache")
+    text = (tmp_path / "merged" / CONFIG_FILE).read_text()
+    folders = [Path(m["model"]) for m in yaml.safe_load(text)["models"]]
+    assert [f.name for f in folders] == [shas[s] for s in steps]  # one extracted folder per commit, in the cache
+    assert all(f.is_relative_to(tmp_path / "cache") for f in folders)
+    assert all((f / "pytorch_model.bin").read_bytes() == (run / s / "pytorch_model.bin").read_bytes()
+               for f, s in zip(folders, steps))
+    assert "extracted" in text.split("merge_method:")[0]  # the header says where they come from
+    _mergekit(tmp_path / "merged", tmp_path / "rebuilt")
+    assert _differences(tmp_path / "merged", tmp_path / "rebuilt") == {}
+
+
+@pytest.mark.e2e
 def test_mergekit_downloads_a_hub_merge_by_its_commits_and_rebuilds_it(test_hub, trajectory, tmp_path):
     steps = test_hub.step_branches[-2:]
     run = _pythia_named(trajectory, steps, tmp_path / "run")
