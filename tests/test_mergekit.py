@@ -155,11 +155,10 @@ def test_mergekit_rebuilds_a_layered_merge_in_another_dtype(trajectory, tmp_path
 
 
 def test_each_tensor_gets_its_weights_by_mergekits_own_filter_rule(tmp_path):
-    """Names whose natural filters collide (a copied `attn.bias` inside `attn.bias_proj`, `h.1.` inside `h.11.`,
-    an embedding named like a block): the rules still give every tensor its own weights, read back with mergekit's
-    own `evaluate_setting`."""
+    """Names whose natural filters collide (a copied `attn.bias` inside `attn.bias_proj`, `h.1.` beside `h.11.`)
+    and a tied `lm_head.weight` (in the head group by its name, merged with the embedding's weights): the rules
+    still give every tensor the weights hf-bomerge applies, read back with mergekit's own `evaluate_setting`."""
     from mergekit.config import ConditionalParameter, evaluate_setting
-    from safetensors.torch import save_file
 
     from hf_bomerge.merging.layers import LayerGroups, LayerWeights
 
@@ -167,13 +166,15 @@ def test_each_tensor_gets_its_weights_by_mergekits_own_filter_rule(tmp_path):
                                                                         "mlp.weight")), "ln_f.weight"]
     for k, step in enumerate(("step1", "step2")):
         (tmp_path / step).mkdir()
-        save_file({n: torch.full((2,), float(k)) for n in names}, tmp_path / step / "model.safetensors")
+        state = {n: torch.full((2,), float(k)) for n in names}
+        torch.save({**state, "lm_head.weight": state["wte.weight"]}, tmp_path / step / "pytorch_model.bin")
     ckpts = CheckpointSet([tmp_path / "step1", tmp_path / "step2"], copied=[f"h.{i}.attn.bias" for i in range(12)])
+    assert ckpts.aliases == {"lm_head.weight": "wte.weight"}
     rule = LayerGroups(groups=3, layers=12)
     weights = LayerWeights(rule, tuple((0.1 * g, 1 - 0.1 * g) for g in range(len(rule))))
     rules, differ = weight_rules(ckpts, weights)
     assert differ == []
     per_model = [[ConditionalParameter(filter=f, value=v[i]) for f, v in rules] for i in range(2)]  # as the YAML
-    for name in names:
-        want = (0.0, 1.0) if name.endswith("attn.bias") else tuple(weights.for_tensor(name))
+    for name in [*names, "lm_head.weight"]:
+        want = (0.0, 1.0) if name.endswith("attn.bias") else tuple(weights.for_tensor(name.replace("lm_head", "wte")))
         assert tuple(evaluate_setting(name, p, validate=float) for p in per_model) == want, name
