@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from hf_bomerge.errors import WatchError
 from hf_bomerge.searching.watch import _claim, read_ledger, shifted, watch_once
@@ -168,6 +169,8 @@ def test_watch_folder_waits_for_partial_revision_survives_kill_and_resumes(traje
         assert record["output"] == str(folder)
         assert (folder / "model.safetensors").is_file() and (folder / "README.md").is_file()
         assert json.loads((folder / "bomerge_result.json").read_text())["weights"] == record["weights"]
+        mergekit = yaml.safe_load((folder / "mergekit_config.yml").read_text())  # each round, for mergekit too
+        assert [m["parameters"]["weight"][-1]["value"] for m in mergekit["models"]] == record["weights"]  # unfiltered
         assert record["trials"] == 40
     assert (out / "watch.png").stat().st_size > 0
     assert not list(out.glob(".*.partial"))
