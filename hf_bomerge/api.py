@@ -159,7 +159,7 @@ def search_with(source: SourceSpec, evaluation: EvalSpec = EvalSpec(),
                 eval_dtype=str(evaluator.eval_dtype).removeprefix("torch."))
         if evaluator.confirm_size:
             result = _confirm(result, evaluate, {k: seeds[k] for k in result.baselines if k in seeds},
-                              search.fallback, evaluator.objective)
+                              search.fallback, evaluator.objective, evaluation.max_eval_tokens)
         result = dataclasses.replace(result, generalization=_generalization(
             evaluate, extra, result.merge_weights(), outcome, prep.names, result.objective))
         if result.generalization:
@@ -187,12 +187,13 @@ def _pins(prep: Prepared, source: SourceSpec, **fields) -> Recipe:
 
 
 def _confirm(result: MergeResult, evaluate, baselines: dict[str, list[float]], fallback: bool,
-             objective: Objective) -> MergeResult:
+             objective: Objective, max_eval_tokens: int = 0) -> MergeResult:
     """`result` with the merge and the baselines scored on the confirm part; with `fallback`, the best baseline
     instead of a merge that is not better there."""
     check = confirm(evaluate(result.merge_weights(), CONFIRM, True),
                     {k: evaluate(w, CONFIRM, True) for k, w in baselines.items()},
-                    objective.statistic, objective.higher_is_better)
+                    objective.statistic, objective.higher_is_better, unit=objective.confirm_unit,
+                    max_eval_tokens=max_eval_tokens)
     if not fallback or check.merge_wins:
         return dataclasses.replace(result, confirm=check)
     logger.warning("the merge is not better than %s on the confirm part: --fallback exports %s instead",

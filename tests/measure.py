@@ -36,22 +36,70 @@ def reference_merge(folders: list[Path], weights: list[float], out: Path, copied
     return out
 
 
-def document_blocks(texts: list[str], tokenizer, block: int, max_tokens: int = 16384) -> torch.Tensor:
-    """Rows as documents (the tokenizer's own special tokens, then EOS), concatenated, cut into full blocks."""
-    ids: list[int] = []
+def documents(texts: list[str], tokenizer, max_tokens: int = 16384) -> list[list[int]]:
+    """Rows as documents (the tokenizer's own special tokens, then EOS), the first `max_tokens` tokens in all."""
+    docs, total = [], 0
     for text in texts:
-        if isinstance(text, str) and text.strip() and len(ids) < max_tokens:
-            ids += tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
-    return torch.tensor(ids[: min(len(ids), max_tokens) // block * block]).view(-1, block)
+        if isinstance(text, str) and text.strip() and total < max_tokens:
+            doc = (tokenizer(text)["input_ids"] + [tokenizer.eos_token_id])[: max_tokens - total]
+            docs.append(doc)
+            total += len(doc)
+    return docs
+
+
+def document_blocks(texts: list[str], tokenizer, block: int, max_tokens: int = 16384) -> torch.Tensor:
+    """Rows as documents, concatenated, cut into full blocks."""
+    ids = [t for doc in documents(texts, tokenizer, max_tokens) for t in doc]
+    return torch.tensor(ids[: len(ids) // block * block]).view(-1, block)
+
+
+def split_by_document(docs: list[list[int]], block: int) -> tuple[torch.Tensor, list[list[int]], torch.Tensor]:
+    """A search's default 3:1 split, by document: documents 3, 7, 11, … are the confirm part; with fewer than 8
+    documents, the documents cut into runs of `block` tokens and the last quarter of the runs. Returns the search
+    part's full blocks, the confirm documents (or runs), and their blocks (concatenated, the last one padded)."""
+    if len(docs) >= 8:
+        search = [d for i, d in enumerate(docs) if i % 4 != 3]
+        held = [d for i, d in enumerate(docs) if i % 4 == 3]
+    else:
+        runs = [d[i:i + block] for d in docs for i in range(0, len(d), block)]
+        search, held = runs[: len(runs) - len(runs) // 4], runs[len(runs) - len(runs) // 4:]
+    ids = [t for d in search for t in d]
+    flat = [t for d in held for t in d]
+    flat += [0] * (-len(flat) % block)
+    return torch.tensor(ids[: len(ids) // block * block]).view(-1, block), held, torch.tensor(flat).view(-1, block)
+
+
+def confirm_document_losses(model, held: list[list[int]], blocks: torch.Tensor) -> list[tuple[float, int]]:
+    """(NLL sum, tokens scored) of each confirm document with transformers' own `labels=` loss: the document's
+    tokens are the labels, every other position -100 (a document's first token in a block is not predicted)."""
+    block = blocks.size(1)
+    starts = [0]
+    for d in held:
+        starts.append(starts[-1] + len(d))
+    out = []
+    with torch.no_grad():
+        for j in range(len(held)):
+            total, count = 0.0, 0
+            for b in range(starts[j] // block, (starts[j + 1] - 1) // block + 1):
+                labels = torch.full((block,), -100)
+                lo, hi = max(starts[j], b * block) - b * block, min(starts[j + 1], (b + 1) * block) - b * block
+                labels[lo:hi] = blocks[b, lo:hi]
+                n = int((labels[1:] != -100).sum())
+                if n:
+                    total += model(input_ids=blocks[b][None], labels=labels[None]).loss.item() * n
+                    count += n
+            out.append((total, count))
+    return out
 
 
 def heldout_loss(folder: Path, dataset: str, split: str = "train", block_size: int | None = None,
                  max_tokens: int = 16384, trust_remote_code: bool = False, dtype=torch.float32,
                  part: str = "all") -> float:
-    """The held-out loss of a saved model measured without hf-bomerge: `datasets` rows packed by
-    `document_blocks`, transformers' own `labels=` loss of each block, averaged (all blocks are full).
-    `dataset` is a Hub id or a local .jsonl file (its column `text`). `part`: all blocks, or the search part
-    (blocks 0, 1, 2, 4, 5, 6, …) or the confirm part (blocks 3, 7, 11, …) of a search's default 3:1 split."""
+    """The held-out loss of a saved model measured without hf-bomerge: `datasets` rows as documents,
+    transformers' own `labels=` loss. `dataset` is a Hub id or a local .jsonl file (its column `text`). `part`:
+    "all" (every document packed into full blocks, the mean of their losses: a fixed merge's number), or a
+    search's default 3:1 split by document (`split_by_document`): "search" (its full blocks), "confirm" (the
+    mean over the confirm documents' tokens)."""
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -62,8 +110,15 @@ def heldout_loss(folder: Path, dataset: str, split: str = "train", block_size: i
         rows = datasets.load_dataset("json", data_files=dataset, split="train")
     else:
         rows = datasets.load_dataset(dataset, split=split)
-    blocks = document_blocks(rows["text"], tokenizer, block, max_tokens)
-    if part != "all":
-        blocks = blocks[[i for i in range(len(blocks)) if (i % 4 == 3) == (part == "confirm")]]
+    docs = documents(rows["text"], tokenizer, max(max_tokens, block))
+    if part == "confirm":
+        _, held, blocks = split_by_document(docs, block)
+        sums = confirm_document_losses(model, held, blocks)
+        return sum(t for t, _ in sums) / sum(n for _, n in sums)
+    if part == "search":
+        blocks = split_by_document(docs, block)[0]
+    else:
+        ids = [t for d in docs for t in d]
+        blocks = torch.tensor(ids[: len(ids) // block * block]).view(-1, block)
     with torch.no_grad():
         return sum(model(input_ids=b[None], labels=b[None]).loss.item() for b in blocks) / len(blocks)

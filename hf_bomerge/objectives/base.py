@@ -33,14 +33,19 @@ class Objective(abc.ABC):
       `--json`'s `objective`, the study and the card record, and what `objective_class` is asked with later.
     - `higher_is_better`: the direction. The study's direction, the best trial, the confirm verdict, `--fallback`
       and every "better"/"worse" follow it.
-    - wording: `unit` after a value (" nats/token"), `confirm_units` what the confirm part resamples ("blocks"),
+    - wording: `unit` after a value (" nats/token"), `confirm_units` what the confirm part resamples ("documents"),
       `header(name)` a column or axis ("loss (nats/token)"), `describe(name)` the card's phrase, `layout` which
       card table fits ("loss": with perplexity; "score": the value alone), `perplexity(value)` or None.
 
     Computed (instance level, from `build`): `__call__(model)` the search part's value; `confirm_scores(model)`
     per-unit outcomes of the confirm part, reduced by `statistic(outcomes, indices)` (a bootstrap draw repeats
-    indices); `confirm_size` units (0: no confirm part); `tokens`/`questions` how much it reads; `identity` a digest
-    of exactly what it reads (a study resumed on other data is refused).
+    indices); `confirm_size` units (0: no confirm part), `confirm_unit` what one is ("documents", "runs" of one long
+    text, "questions"); `tokens`/`questions` how much it reads; `identity` a digest of exactly what it reads (a
+    study resumed on other data is refused).
+
+    The confirm units are what the bootstrap resamples, so they must be independent of each other as far as the
+    data allows: whole documents (never blocks of one document), questions. Units that share a document share a
+    unit. An interval is reported only from `confirm.MIN_UNITS` (20) units or more.
     """
 
     higher_is_better: ClassVar[bool]
@@ -53,6 +58,7 @@ class Objective(abc.ABC):
     questions: int = 0
     identity: str = ""
     confirm_size: int = 0
+    confirm_unit: str = "units"
 
     @classmethod
     @abc.abstractmethod

@@ -20,7 +20,7 @@ from ..prepare import Prepared, has_bf16
 from ..reading.checkpoints import CheckpointSet, check_remote_code
 from ..specs import EvalSpec, SourceSpec
 from . import Objective, objective_class, parallel
-from .heldout import HeldOutSpec, heldout_blocks, tokenizer_fingerprint
+from .heldout import HeldOutSpec, heldout_documents, pack, tokenizer_fingerprint
 from .loss import HeldOutLoss
 
 logger = logging.getLogger("hf_bomerge")
@@ -134,9 +134,13 @@ class Evaluator:
         merger = StreamedMerger if mode == "streamed" else ResidentMerger
         self.merger = merger(self.model, self.prep.ckpts, self.store)  # also makes the model's parameters the rule
 
+    def documents_for(self, spec: HeldOutSpec) -> list[list[int]]:
+        return heldout_documents(spec, self.tokenizer, self.tokenizer_folder, self.block_size, self.max_eval_tokens,
+                                 self.cache_dir, self.token)
+
     def blocks_for(self, spec: HeldOutSpec) -> torch.Tensor:
-        return heldout_blocks(spec, self.tokenizer, self.tokenizer_folder, self.block_size, self.max_eval_tokens,
-                              self.cache_dir, self.token)
+        """Every document of `spec` packed into full blocks (what `--eval-dataset` and a fixed merge score)."""
+        return pack(self.documents_for(spec), self.block_size)
 
     @property
     def confirm_size(self) -> int:

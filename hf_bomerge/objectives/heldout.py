@@ -15,7 +15,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import islice
 from pathlib import Path
 
@@ -117,28 +117,63 @@ def hub_texts(spec: HeldOutSpec, token: str | bool | None = None) -> Iterator[st
         raise DataError(f"The dataset {spec.label} has no non-empty text in column {spec.text_column!r}.")
 
 
-PROTOCOL = 2  # bump when the tokenization or packing changes: cached blocks and studies of another one differ
+PROTOCOL = 3  # bump when the tokenization or packing changes: cached blocks and studies of another one differ
+# 3: documents kept apart (the confirm part takes whole documents; `confirm.split_documents`)
+
+
+def tokenize_documents(texts: Iterable[str], tokenizer, block_size: int, max_tokens: int) -> list[list[int]]:
+    """Each text as a document (the tokenizer's own special tokens, then EOS), in order, up to `max_tokens` in all
+    (at least one block; the last document is cut there). `texts` is read in growing chunks only until the cap is
+    reached (at most about twice what it needs)."""
+    wanted = max(max_tokens, block_size)
+    eos = tokenizer.eos_token_id
+    docs: list[list[int]] = []
+    total, texts, chunk = 0, iter(texts), 64
+    while total < wanted and (batch := list(islice(texts, chunk))):
+        for doc in tokenizer(batch)["input_ids"]:
+            if eos is not None and (not doc or doc[-1] != eos):
+                doc = [*doc, eos]
+            if doc and total < wanted:
+                docs.append(doc[: wanted - total])
+                total += len(docs[-1])
+        chunk *= 2
+    if total < block_size:
+        raise DataError(f"The held-out text has {total} tokens, fewer than one block of {block_size}; "
+                        "use a larger split or a smaller --block-size.")
+    return docs
+
+
+def pack(docs: Sequence[Sequence[int]], block_size: int) -> torch.Tensor:
+    """The documents concatenated and cut into [n_blocks, block_size] (the remainder dropped: every block full).
+
+    >>> pack([[1, 2, 3], [4, 5]], 2).tolist()
+    [[1, 2], [3, 4]]
+    """
+    ids = [t for doc in docs for t in doc]
+    n = len(ids) // block_size
+    return torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)
+
+
+def pack_units(docs: Sequence[Sequence[int]], block_size: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(blocks, owner): the documents concatenated into blocks, the last one padded with `pad` after its text (a
+    causal model's earlier positions never see it), and each token's document index (-1: padding). Every token
+    of every document is scored, in the same context the packing of the search part gives.
+
+    >>> blocks, owner = pack_units([[1, 2, 3], [4, 5]], 4, 0)
+    >>> blocks.tolist(), owner.tolist()
+    ([[1, 2, 3, 4], [5, 0, 0, 0]], [[0, 0, 0, 1], [1, -1, -1, -1]])
+    """
+    ids = [t for doc in docs for t in doc]
+    who = [i for i, doc in enumerate(docs) for _ in doc]
+    fill = -len(ids) % block_size
+    shape = (-1, block_size)
+    return (torch.tensor(ids + [pad] * fill, dtype=torch.long).view(shape),
+            torch.tensor(who + [-1] * fill, dtype=torch.long).view(shape))
 
 
 def tokenize_blocks(texts: Iterable[str], tokenizer, block_size: int, max_tokens: int) -> torch.Tensor:
-    """Tokenize each text as a document (the tokenizer's own special tokens, then EOS), concatenate, and cut
-    the first `max_tokens` into [n_blocks, block_size] (the remainder is dropped, so every block is full).
-    `texts` is read in growing chunks only until the cap is reached (at most about twice what it needs)."""
-    wanted = max(max_tokens, block_size)
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    texts, chunk = iter(texts), 64
-    while len(ids) < wanted and (batch := list(islice(texts, chunk))):
-        for doc in tokenizer(batch)["input_ids"]:
-            ids.extend(doc)
-            if eos is not None and (not doc or doc[-1] != eos):
-                ids.append(eos)
-        chunk *= 2
-    n_blocks = min(len(ids), wanted) // block_size
-    if n_blocks == 0:
-        raise DataError(f"The held-out text has {len(ids)} tokens, fewer than one block of {block_size}; "
-                        "use a larger split or a smaller --block-size.")
-    return torch.tensor(ids[: n_blocks * block_size], dtype=torch.long).view(n_blocks, block_size)
+    """The protocol users compare with: `tokenize_documents`, concatenated, cut into full blocks (`pack`)."""
+    return pack(tokenize_documents(texts, tokenizer, block_size, max_tokens), block_size)
 
 
 def tokenizer_fingerprint(folder: Path) -> str:
@@ -165,18 +200,32 @@ def content_fingerprint(spec: HeldOutSpec, split=None, token: str | bool | None 
     return "datasets:" + str(getattr(split, "_fingerprint", None) or spec.label)
 
 
-def heldout_blocks(spec: HeldOutSpec, tokenizer, tokenizer_folder: Path, block_size: int, max_tokens: int,
-                   cache_dir: Path, token: str | bool | None = None) -> torch.Tensor:
-    """Tokenized, packed blocks for `spec`. A Hub split is streamed (its access checked, `load_split`) and read
-    only as far as `max_tokens` needs, every time: a cache key from its content would need that same read, and
-    it would save only the tokenizing. A local file's blocks are cached on disk (safetensors, keyed by the file's
-    bytes, the tokenizer, the block size, the token cap and the protocol) so a rerun does not re-tokenize."""
+def heldout_documents(spec: HeldOutSpec, tokenizer, tokenizer_folder: Path, block_size: int, max_tokens: int,
+                      cache_dir: Path, token: str | bool | None = None) -> list[list[int]]:
+    """The tokenized documents of `spec` (`tokenize_documents`). A Hub split is streamed (its access checked,
+    `load_split`) and read only as far as `max_tokens` needs, every time: a cache key from its content would need
+    that same read, and it would save only the tokenizing. A local file's documents are cached on disk
+    (safetensors, keyed by the file's bytes, the tokenizer, the block size, the token cap and the protocol) so a
+    rerun does not re-tokenize."""
     if not Path(spec.dataset).expanduser().exists():
-        return tokenize_blocks(hub_texts(spec, token), tokenizer, block_size, max_tokens)
+        return tokenize_documents(hub_texts(spec, token), tokenizer, block_size, max_tokens)
     key = [content_fingerprint(spec), spec.text_column, tokenizer_fingerprint(tokenizer_folder),
            block_size, max_tokens, PROTOCOL]
-    build = lambda: {"blocks": tokenize_blocks(load_texts(spec), tokenizer, block_size, max_tokens)}
-    return cached_tensors(Path(cache_dir) / "heldout", key, build)["blocks"]
+
+    def build() -> dict[str, torch.Tensor]:
+        docs = tokenize_documents(load_texts(spec), tokenizer, block_size, max_tokens)
+        return {"ids": torch.tensor([t for d in docs for t in d], dtype=torch.long),
+                "lengths": torch.tensor([len(d) for d in docs], dtype=torch.long)}
+
+    stored = cached_tensors(Path(cache_dir) / "heldout", key, build)
+    return [d.tolist() for d in stored["ids"].split(stored["lengths"].tolist())]
+
+
+def heldout_blocks(spec: HeldOutSpec, tokenizer, tokenizer_folder: Path, block_size: int, max_tokens: int,
+                   cache_dir: Path, token: str | bool | None = None) -> torch.Tensor:
+    """Every document of `spec` packed into full blocks (`pack`): what a fixed merge and `--eval-dataset` score."""
+    return pack(heldout_documents(spec, tokenizer, tokenizer_folder, block_size, max_tokens, cache_dir, token),
+                block_size)
 
 
 def blocks_digest(blocks: torch.Tensor) -> str:
@@ -226,17 +275,22 @@ def nll_sums(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 4, 
 
 
 @torch.no_grad()
-def block_losses(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> list[float]:
-    """The mean next-token NLL of each block (all blocks have the same length, so their mean is the loss)."""
+def unit_sums(model: torch.nn.Module, blocks: torch.Tensor, owner: torch.Tensor, batch_size: int = 4
+              ) -> list[tuple[float, int]]:
+    """(Σ next-token NLL, tokens) of each document of a `pack_units` packing: each predicted token counts for the
+    document it belongs to (padding for none). Their ratio over all documents is the mean token NLL."""
     model.eval()
     device = next(model.parameters()).device
-    out: list[float] = []
-    for batch in blocks.split(batch_size):
-        batch = batch.to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        nll = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
-        out += nll.double().mean(-1).tolist()
-    return out
+    units = int(owner.max()) + 1 if owner.numel() else 0
+    sums = torch.zeros(units + 1, dtype=torch.float64)
+    counts = torch.zeros(units + 1, dtype=torch.long)
+    for batch, who in zip(blocks.split(batch_size), owner.split(batch_size)):
+        logits = model(input_ids=batch.to(device), use_cache=False).logits[:, :-1].float()
+        nll = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:].to(device), reduction="none").double().cpu()
+        target = torch.where(who[:, 1:] >= 0, who[:, 1:], units).reshape(-1)  # padding: the spare last slot
+        sums.index_add_(0, target, nll.reshape(-1))
+        counts.index_add_(0, target, torch.ones_like(target))
+    return [(float(t), int(c)) for t, c in zip(sums[:units], counts[:units])]
 
 
 def perplexity(loss: float) -> float:

@@ -60,6 +60,7 @@ class MetricObjective(Objective):
         self.metric, self.name, self.batch_tokens = metric, metric.name, batch_tokens
         self.pairs, self.confirm = split_questions(pairs, confirm_fraction)
         self.confirm_size = len(self.confirm["answers"]) if self.confirm else 0
+        self.confirm_unit = "questions"
         self.tokens, self.questions = int(self.pairs["lengths"].sum()), len(self.pairs["answers"])
         digest = blocks_digest(torch.cat([pairs["ids"].reshape(-1), pairs["answers"].reshape(-1)]))
         self.identity = f"{digest}/{confirm_fraction:g}"
