@@ -9,7 +9,6 @@ import random
 
 import pytest
 import torch
-
 from measure import confirm_document_losses, documents, split_by_document
 
 from hf_bomerge.api import _confirm
