@@ -14,9 +14,11 @@ from .objectives import objective_class
 from .objectives.confirm import Confirmation
 from .specs import Recipe
 
-# 2: schema 1 + `eval_dtype`, `confirm` and `layer_weights` (README, the --json row); 3: schema 2 + `duplicates`.
-SCHEMA = 3
-JSON_KEYS = ("source", "revisions", "shas", "weights", "objective", "loss", "baselines", "generalization",
+# 2: schema 1 + `eval_dtype`, `confirm` and `layer_weights` (README, the --json row); 3: schema 2 + `duplicates`;
+# 4: `loss_part` names what `loss` covers; `confirm` split by document: `units`/`unit` (was `blocks`), `verdict`,
+# `max_eval_tokens`, and `interval` null from fewer than 20 units (docs/reference.md).
+SCHEMA = 4
+JSON_KEYS = ("source", "revisions", "shas", "weights", "objective", "loss", "loss_part", "baselines", "generalization",
              "trials", "study", "output", "eval_dtype", "confirm", "layer_weights", "duplicates")
 
 
@@ -113,6 +115,12 @@ class MergeResult:
                                                     for k, g in self.generalization.items()})
 
     @property
+    def loss_part(self) -> str | None:
+        """What `loss` covers: "search" (a search's search part: the confirm part has its own number), "all"
+        (every held-out document: a fixed merge, or a search without a confirm part), None without a loss."""
+        return None if self.loss is None else "search" if self.confirm else "all"
+
+    @property
     def dataset_is_hub(self) -> bool:
         return self.dataset_id is not None
 
@@ -125,7 +133,7 @@ class MergeResult:
     def summary(self) -> dict:
         """The `--json` object."""
         out = {"schema": SCHEMA, **{k: getattr(self, k) for k in JSON_KEYS}}
-        out["confirm"] = self.confirm.as_dict() if self.confirm is not None else None
+        out["confirm"] = {**self.confirm.as_dict(), "verdict": self.confirm.verdict} if self.confirm else None
         out["generalization"] = {k: g.as_dict() for k, g in self.generalization.items()}
         out["duplicates"] = self.duplicates.as_dict()
         return out

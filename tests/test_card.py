@@ -41,6 +41,7 @@ def test_card_renders_parses_back_and_is_byte_stable(tmp_path, search, revisions
     again = ModelCard.load(tmp_path / "README.md")
     assert again.data.base_model == "EleutherAI/pythia-160m" and again.data.base_model_relation == "merge"
     assert again.data.license == "apache-2.0" and again.data.library_name == "transformers"
+    assert again.data.pipeline_tag == "text-generation"  # the Hub's widget and search need it
     assert {"hf-bomerge", "merge", "checkpoint-merging"} <= set(again.data.tags)
     metrics = {(e.dataset_type, e.metric_type): e.metric_value for e in again.data.eval_results}
     assert metrics[("Salesforce/wikitext", "loss")] == 2.5
@@ -105,3 +106,33 @@ def test_a_local_source_is_named_by_its_folder_not_its_path():
     text = render_card(result, repo_id="me/merged").content
     assert "/home/someone" not in text and "`run-7`" in text
     assert "huggingface.co/" not in text.split("---")[-1].split("## Use it")[0]  # no invented link to a local run
+
+
+def test_the_card_and_the_summary_say_a_loss_in_the_words_of_a_win(tmp_path):
+    """A merge that wins on the search part but loses on the confirm part and out of domain: the card and the CLI
+    summary say both, in the same words; the loss names the part it covers."""
+    from hf_bomerge.cli.output import format_summary
+
+    revisions = ["step142000", "step143000"]
+    lost = dataclasses.replace(
+        _result(revisions, [0.35, 0.65], "pairwise"),
+        generalization={"ood.jsonl": {"merged": 3.4, "best_single": 3.3, "uniform": 3.2,
+                                      "best_single_revision": "step143000"}},
+        confirm={"loss": 2.9, "baselines": {"step142000": 3.0, "step143000": 2.8, "uniform": 2.85},
+                 "best_baseline": "step143000", "interval": [0.05, 0.15], "units": 40, "unit": "documents",
+                 "max_eval_tokens": 16384})
+    text = format_summary(lost)
+    card = render_card(lost, repo_id="me/merged").text
+    for said in (text, card):
+        assert "Salesforce/wikitext:wikitext-2-raw-v1@validation, search part" in said
+        assert ("On the confirm part (40 documents the search never saw): the merge is worse than the best baseline "
+                "(step143000) by 0.10000 nats/token; its paired bootstrap 95% interval over documents [+0.05000, "
+                "+0.15000] excludes 0; it is worse than the uniform average by 0.05000 nats/token.") in said
+        assert ("On ood.jsonl (loss; not used by the search): the merge is worse than the best single checkpoint "
+                "(step143000) by 0.10000 nats/token and worse than the uniform average by 0.20000 nats/token.") in said
+        assert ("the merge is better than the best single checkpoint (step142000) by 0.50000 nats/token and better "
+                "than the uniform average by 0.20000 nats/token.") in said
+    assert lost.summary()["loss_part"] == "search" and lost.summary()["confirm"]["verdict"] == "not better"
+    fixed = dataclasses.replace(lost, confirm=None, generalization={}, search=None)
+    assert fixed.summary()["loss_part"] == "all" and "every document" in format_summary(fixed)
+    assert "every document" in render_card(fixed).text

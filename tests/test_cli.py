@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from hf_bomerge.cli import main
 
-JSON_KEYS = {"schema", "source", "revisions", "shas", "weights", "objective", "loss", "baselines",
+JSON_KEYS = {"schema", "source", "revisions", "shas", "weights", "objective", "loss", "loss_part", "baselines",
              "generalization", "trials", "study", "output", "eval_dtype", "confirm", "layer_weights", "duplicates"}
 
 
@@ -45,8 +45,9 @@ def hub_run(test_hub, tmp_path_factory):
 @pytest.mark.e2e
 def test_json_summary_has_the_contract_shape(hub_run, test_hub):
     tmp, proc, summary = hub_run
-    assert set(summary) == JSON_KEYS and summary["schema"] == 3  # 3 = 2 + "duplicates"
+    assert set(summary) == JSON_KEYS and summary["schema"] == 4  # 4: loss_part, confirm by document
     assert summary["layer_weights"] is None  # global weights: no depth groups
+    assert summary["loss_part"] == "search" and summary["confirm"]["unit"] in ("documents", "runs")
     assert summary["source"] == test_hub.repo_id
     assert summary["revisions"] == test_hub.step_branches[-4:]  # training order, oldest first
     assert summary["shas"] == [test_hub.shas[r] for r in summary["revisions"]]

@@ -36,10 +36,10 @@ def test_find_groups_identical_payloads_and_names_shared_shards():
     assert not find([{"a": "1"}, {"a": "2"}], ["s1", "s2"])
 
 
-def test_the_result_records_them_in_json_schema_3():
+def test_the_result_records_them_in_json_since_schema_3():
     dup = Duplicates({"step3": ["step1"]})
     r = MergeResult("org/m", ["step2", "step3"], ["a" * 40, "b" * 40], [0.5, 0.5], duplicates=dup.as_dict())
-    assert r.duplicates == dup and SCHEMA == 3 and JSON_KEYS[-1] == "duplicates"
+    assert r.duplicates == dup and SCHEMA == 4 and JSON_KEYS[-1] == "duplicates"
     assert r.summary()["duplicates"] == {"identical": {"step3": ["step1"]}, "partial": []}
     assert r.recipe().as_dict()["duplicates"]["identical"] == {"step3": ["step1"]}
 

@@ -109,7 +109,7 @@ def test_list_run_and_publish(space, test_hub, tmp_path):
     assert result["revisions"] == test_hub.step_branches[-2:] and result["trials"] == 5
     # The Space reports what the CLI does, the confirm part included (the numbers themselves are checked
     # against independent measurements in test_cli.py and test_reported_numbers.py).
-    assert result["eval_dtype"] == "float32" and result["confirm"]["blocks"] >= 2
+    assert result["eval_dtype"] == "float32" and result["confirm"]["units"] >= 2
     models = [r[0] for r in _rows(baselines)]
     assert models == ["this merge", *test_hub.step_branches[-2:], "uniform", "ema"]
     assert _rows(general)[0][0] == f"{test_hub.dataset_id}@ood"

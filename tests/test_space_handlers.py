@@ -88,7 +88,7 @@ def _result(folder: Path):
     return types.SimpleNamespace(output=str(folder), loss=2.0, baselines={"step3000": 2.5, "step4000": 2.25,
                                                                           "uniform": 2.1}, revisions=REVS,
                                  weights=[0.4, 0.6], search="pairwise", trials=3, dataset="org/data",
-                                 generalization={}, summary=lambda: summary)
+                                 generalization={}, summary=lambda: summary, objective="loss", confirm=None)
 
 
 def test_tokens_come_from_sign_in_first():
@@ -262,18 +262,27 @@ def test_the_worker_sends_trials_as_plain_data():
         "number": 3, "weights": [0.25, 0.75], "loss": 2.5, "seed": None, "complete": 4, "budget": 10}
 
 
-def test_the_summary_gives_the_confirm_parts_verdict_plainly(tmp_path):
+def test_the_summary_says_every_comparison_both_ways(tmp_path):
+    """A loss to a baseline is said in the words a win is said in (on the search part and the confirm part)."""
     result = _result(tmp_path / "out")
     assert H.confirm_summary(result) == ""  # no confirm part (turned off): nothing claimed
-    confirmed = Confirmation(2.2, {"step4000": 2.15, "uniform": 2.18}, "step4000", (0.01, 0.09), 16)
-    base = result
-    result = types.SimpleNamespace(**{**vars(base), "confirm": confirmed})
+    text = H.summary(result)  # 2.0 against the best single 2.25 and uniform 2.1, on every document
+    assert "On org/data, every document: the merge is better than the best single checkpoint (step4000) by " \
+           "0.25000 nats/token and better than the uniform average by 0.10000 nats/token." in text
+    confirmed = Confirmation(2.2, {"step4000": 2.15, "uniform": 2.18}, "step4000", (0.01, 0.09), 32,
+                             unit="documents", max_eval_tokens=16384)
+    result = types.SimpleNamespace(**{**vars(result), "confirm": confirmed})
     text = H.summary(result)
-    assert "search part" in text and "16 held-out blocks the search never saw" in text
-    assert "**the merge is NOT better than `step4000`.**" in text and "Δ +0.05000" in text
+    assert "every document" not in text and "org/data, search part" in text
+    assert ("On the confirm part (32 documents the search never saw): the merge is worse than the best baseline "
+            "(step4000) by 0.05000 nats/token; its paired bootstrap 95% interval over documents [+0.01000, "
+            "+0.09000] excludes 0; it is worse than the uniform average by 0.02000 nats/token.") in text
     result.confirm = dataclasses.replace(confirmed, loss=2.1, interval=(-0.09, 0.02))
-    assert "the merge is better, but the interval includes 0." in H.summary(result)
-    result.confirm = dataclasses.replace(confirmed, loss=2.1, interval=(-0.09, -0.01))
-    assert "the merge is better." in H.summary(result)
+    assert ("the merge is better than the best baseline (step4000) by 0.05000 nats/token; its paired bootstrap 95% "
+            "interval over documents [-0.09000, +0.02000] includes 0; it is better than the uniform average by "
+            "0.08000 nats/token.") in H.summary(result)
+    result.confirm = dataclasses.replace(confirmed, loss=2.1, interval=None, units=8)
+    assert ("better than the best baseline (step4000) by 0.05000 nats/token; not enough held-out data for an "
+            "interval (8 documents, 20 needed): raise --max-eval-tokens (now 16384) to about") in H.summary(result)
     result.confirm = dataclasses.replace(confirmed, exported="step4000")  # --fallback kept the baseline
     assert "The output holds `step4000` (fallback), not the searched merge." in H.summary(result)

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import sys
 
+from ..comparisons import comparisons, loss_part
 from ..defaults import DEFAULT_MAX_SHARD_SIZE
 from ..objectives import objective_class
 from . import options
@@ -80,6 +81,8 @@ def report(result, args) -> None:
 
 
 def format_summary(result) -> str:
+    """The merge's weights, its numbers on every set it was scored on, and then every comparison, said the same
+    way whether the merge wins or loses (`hf_bomerge.comparisons`)."""
     lines = [f"merged {len(result.revisions)} revisions of {result.source} -> {result.output}", "", "weights:"]
     lines += [f"  {name:<24} {w:9.5f}" for name, w in zip(result.revisions, result.weights)]
     if result.layer_weights:
@@ -89,55 +92,39 @@ def format_summary(result) -> str:
                   for group, vector in result.layer_weights.items()]
     if result.loss is not None:
         lines += ["", *_scores(result)]
-        kind = objective_class(result.objective)
-        sign, unit = -1 if kind.higher_is_better else 1, kind.unit
-        singles = {k: v for k, v in result.baselines.items() if k in result.revisions}
-        if singles:
-            best = (max if kind.higher_is_better else min)(singles, key=singles.get)
-            delta = sign * (result.loss - singles[best])
-            verdict = "better than" if delta < 0 else "NOT better than"
-            lines += ["", f"the merge is {verdict} the best single checkpoint ({best}) by {abs(delta):.5f}{unit}"]
-            if "uniform" in result.baselines:
-                du = sign * (result.loss - result.baselines["uniform"])
-                lines += [f"and {'better' if du < 0 else 'not better'} than the uniform average by {abs(du):.5f}"]
     lines += _confirmation(result)
-    if result.duplicates:
-        lines += ["", *result.duplicates.sentences()]
     for name, row in result.generalization.items():
         lines += ["", f"generalization (loss) on {name}: merged {row['merged']:.5f}, best single "
                   f"({row['best_single_revision']}) {row['best_single']:.5f}, uniform {row['uniform']:.5f}"]
+    if result.duplicates:
+        lines += ["", *result.duplicates.sentences()]
+    said = comparisons(result)
+    if said:
+        lines += ["", *said]
+    c = result.confirm
+    if c and c.exported != "merge":
+        lines.append(f"--fallback: the output holds {c.exported}, not the searched merge")
+    elif c and c.verdict == "not better":
+        lines.append("pass --fallback to export that baseline instead")
     return "\n".join(lines)
 
 
 def _confirmation(result) -> list[str]:
-    """The confirm part, never seen by the search: the plain verdict and the interval."""
+    """The confirm part's numbers, never seen by the search."""
     c = result.confirm
     if not c:
         return []
-    kind = objective_class(result.objective)
-    best, delta, said = c.best_baseline, c.delta, c.verdict
-    phrase = {"better": "better than", "better, interval includes 0": "better than (but the interval includes 0)",
-              "not better": "NOT better than"}[said]
-    per = kind.unit or f" {result.objective}"
-    lines = ["", f"on the confirm part ({c.blocks} {kind.confirm_units} the search never saw):",
-             *(f"  {k:<24} {v:9.5f}" for k, v in {"merged": c.loss, **c.baselines}.items()),
-             f"the merge is {phrase} the best baseline ({best}): {delta:+.5f}{per}, "
-             f"95% interval [{c.interval[0]:+.5f}, {c.interval[1]:+.5f}]"]
-    if c.exported != "merge":
-        lines.append(f"--fallback: the output holds {c.exported}, not the searched merge")
-    elif said == "not better":
-        lines.append("pass --fallback to export that baseline instead")
-    return lines
+    return ["", f"on the confirm part ({c.units} {c.unit} the search never saw):",
+            *(f"  {k:<24} {v:9.5f}" for k, v in {"merged": c.loss, **c.baselines}.items())]
 
 
 def _scores(result) -> list[str]:
     """The merge and the baselines on the objective: loss with perplexity, or the metric."""
     kind = objective_class(result.objective)
-    where = f"{result.dataset}, search part" if result.confirm else result.dataset
     read = f"{result.eval_questions} questions" if result.eval_questions else f"{result.eval_tokens} tokens"
     dtype = f", computed in {result.eval_dtype}" if result.eval_dtype else ""
     title = result.objective if kind.layout == "loss" else kind.header(result.objective)
     ppl = {k: kind.perplexity(v) for k, v in {"merged": result.loss, **result.baselines}.items()}
-    return [f"held-out {title} on {where} ({read}{dtype}):",
+    return [f"held-out {title} on {result.dataset}, {loss_part(result)} ({read}{dtype}):",
             *(f"  {k:<24} {v:9.5f}" + (f"  (ppl {ppl[k]:.3f})" if ppl[k] is not None else "")
               for k, v in {"merged": result.loss, **result.baselines}.items())]

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from ..comparisons import comparisons, loss_part
 from ..objectives import objective_class
 from ..sources import source_class
 
@@ -38,6 +39,7 @@ def render_card(result: MergeResult, repo_id: str | None = None, license: str | 
         evals.append(_eval(model_name, _parse_label(name), "loss", row["merged"]))
     data = ModelCardData(
         library_name="transformers",
+        pipeline_tag="text-generation",  # every merge here is a causal LM (AutoModelForCausalLM)
         base_model=named["base_model"],
         base_model_relation="merge" if named["base_model"] else None,
         tags=["hf-bomerge", "merge", "checkpoint-merging"],
@@ -70,6 +72,8 @@ def render_card(result: MergeResult, repo_id: str | None = None, license: str | 
                 f"{result.eval_tokens} tokens" + (f", computed in {result.eval_dtype}" if result.eval_dtype else "")),
         objective_text=kind.describe(result.objective),
         loss=result.loss,
+        loss_part=loss_part(result) if result.loss is not None else None,
+        comparisons=comparisons(result),
         ppl=kind.perplexity(result.loss) if result.loss is not None else None,
         baselines=[{"name": k, "loss": v, "ppl": kind.perplexity(v)} for k, v in result.baselines.items()],
         generalization=result.generalization,
@@ -85,14 +89,12 @@ def render_card(result: MergeResult, repo_id: str | None = None, license: str | 
 
 
 def _confirm_terms(result: MergeResult) -> dict:
-    """How the confirm section speaks: blocks and nats for the loss, questions and the metric otherwise."""
+    """The confirm table's column: the loss in nats, or the metric."""
     c = result.confirm
     if not c:
         return {}
     kind = objective_class(result.objective)
-    return dict(confirm_units=kind.confirm_units, confirm_header=kind.header(result.objective),
-                confirm_unit=kind.unit.strip() or result.objective,
-                confirm_verdict=c.verdict)
+    return dict(confirm_header=kind.header(result.objective))
 
 
 def _dataset(label: str | None, dataset_id: str | None, config: str | None, split: str | None) -> dict:

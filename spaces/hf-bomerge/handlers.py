@@ -26,6 +26,7 @@ import pandas as pd
 from space_limits import REPO_ID, Limits, PlanError, PlanRefused, hub_id, plan_markdown, plan_run  # noqa: F401 - re-exported
 
 from hf_bomerge.cli.options import DEFAULTS, SPEC_DEFAULTS  # noqa: F401 - the app's defaults, as the CLI's
+from hf_bomerge.comparisons import comparisons, loss_part
 from hf_bomerge.errors import BOMergeError
 from hf_bomerge.searching.weight_spaces import SEARCHES
 from hf_bomerge.sources import open_source
@@ -330,33 +331,23 @@ def generalization_table(result) -> pd.DataFrame:
 
 
 def summary(result) -> str:
-    singles = {k: v for k, v in result.baselines.items() if k in result.revisions}
+    """The merge's number, then every comparison said the same way whether the merge wins or loses (the CLI
+    summary's and the card's sentences, `hf_bomerge.comparisons`)."""
     weights = " · ".join(f"`{n}` {w:.3f}" for n, w in zip(result.revisions, result.weights))
-    part = ", search part" if getattr(result, "confirm", None) else ""
     text = (f"**Merged held-out loss {result.loss:.5f}** ({result.search} search, {result.trials} trials on "
-            f"{result.dataset}{part}).")
-    if singles:
-        best = min(singles, key=singles.get)
-        text += f" Best single checkpoint: `{best}` {singles[best]:.5f} (Δ {result.loss - singles[best]:+.5f})."
-    return f"{text}{confirm_summary(result)}\n\nWeights (oldest first): {weights}"
+            f"{result.dataset}, {loss_part(result)}).")
+    said = " ".join(comparisons(result))
+    return f"{text} {said}{confirm_summary(result)}\n\nWeights (oldest first): {weights}"
 
 
 def confirm_summary(result) -> str:
-    """The number the search never saw: the merge against the best baseline on the confirm part."""
+    """What the confirm part changed: the baseline `--fallback` kept instead of the merge."""
     c = getattr(result, "confirm", None)
     if not c:
         return ""
-    said = c.verdict
-    best = c.best_baseline
-    line = (f"On the confirm part ({c.blocks} held-out blocks the search never saw): merge {c.loss:.5f}, "
-            f"best baseline `{best}` {c.baselines[best]:.5f}, Δ {c.delta:+.5f} "
-            f"(95% interval [{c.interval[0]:+.5f}, {c.interval[1]:+.5f}]): ")
-    line += {"better": "the merge is better.", "better, interval includes 0":
-             "the merge is better, but the interval includes 0.",
-             "not better": f"**the merge is NOT better than `{best}`.**"}[said]
     if c.exported != "merge":
-        line += f" The output holds `{c.exported}` (fallback), not the searched merge."
-    return "\n\n" + line
+        return f"\n\nThe output holds `{c.exported}` (fallback), not the searched merge."
+    return ""
 
 
 def card_preview(folder: str | Path) -> str:
