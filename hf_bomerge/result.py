@@ -102,7 +102,8 @@ class MergeResult:
     dtype: str | None = None  # --dtype: every merged tensor in this dtype (None: each in the checkpoints' own)
     copied: list[str] = field(default_factory=list)  # float tensors copied from the latest revision, not weighted
     license: str | None = None
-    note: str | None = None  # one sentence the card adds after its opening paragraph (the demo cites a benchmark)
+    note: str | None = None  # one paragraph the card adds after its opening one (the demo cites another run's)
+    source_name: str | None = None  # the card's words for the source, where its id says nothing (the demo's hash)
     trace: list = field(default_factory=list, repr=False)  # the study's trials, for the card's plot
     workspace: Workspace = field(default_factory=Workspace, repr=False, compare=False)
 

@@ -168,7 +168,11 @@ def test_demo_json(tmp_path):
     singles = [summary["baselines"][r] for r in summary["revisions"]]
     assert summary["loss"] < min(singles)  # the demo's promise: better than the best single checkpoint
     assert "better than the best single checkpoint" in proc.stderr
-    assert "benchmarks/reproduce.py" in (tmp_path / "demo" / "README.md").read_text()  # the card cites it
+    card = (tmp_path / "demo" / "README.md").read_text()
+    assert "Not this run's numbers: a separate benchmark (benchmarks/reproduce.py" in card  # cited, and labelled
+    assert "checkpoints of\nthe hf-bomerge demo run: a 231k-parameter GPT-NeoX" in card  # named, not by a hash
+    assert Path(summary["source"]).name not in card  # the demo's cache folder is a hash of its build
+    assert "pipeline_tag: text-generation" in card and "On the confirm part (" in card
 
 
 def test_trainer_output_folder_never_opens_its_pickles(trajectory, tmp_path):

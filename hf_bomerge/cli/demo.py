@@ -14,12 +14,17 @@ from .output import finish
 
 DEMO_REVISIONS = "last:4"
 DESCRIPTION = __doc__.split(": ", 1)[1]
-# What benchmarks/reproduce.py measured on this model and data (benchmarks/README.md, "Reproducing the papers").
-NOTE = ("Trained for 1200 steps with two seeds (benchmarks/reproduce.py in the hf-bomerge repository), the same "
-        "model and data gave this: merging the last 8 constant-learning-rate checkpoints (SMA, EMA, WMA or the GP "
-        "search) beat a fork annealed to zero over the last 200 steps by 0.007 to 0.023 nats/token on held-out code "
-        "the search never saw, while averaging a window that reached into the first 400 steps was worse there than "
-        "its latest checkpoint in 3 of 4 cases.")
+# The card's source: the run this merge is of, by what it is (its cache folder is only a hash of the build).
+SOURCE_NAME = ("the hf-bomerge demo run: a 231k-parameter GPT-NeoX trained by `hf-bomerge demo` on this machine "
+               "on CPython's standard library, 600 steps at a constant learning rate")
+# What benchmarks/reproduce.py measured on ANOTHER run (benchmarks/README.md, "Reproducing the papers"): labelled so
+# that no reader takes it for this merge's numbers, which are the card's tables.
+NOTE = ("Not this run's numbers: a separate benchmark (benchmarks/reproduce.py in the hf-bomerge repository) trained "
+        "the same architecture on the same data for 1200 steps with two seeds, and there merging the last 8 "
+        "constant-learning-rate checkpoints (SMA, EMA, WMA or the GP search) beat a fork annealed to zero over the "
+        "last 200 steps by 0.007 to 0.023 nats/token on held-out code the search never saw, while averaging a window "
+        "that reached into the first 400 steps was worse there than its latest checkpoint in 3 of 4 cases. This "
+        "merge's own numbers are in the tables below.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,4 +47,5 @@ def run(args: argparse.Namespace) -> int:
                         storage=args.storage, study_name=args.study_name, dtype=args.dtype,
                         confirm_fraction=args.confirm_fraction, fallback=args.fallback,
                         layer_groups=args.layer_groups)
-    return finish(dataclasses.replace(result, note=NOTE), args, default_name="pythia-tiny-demo-bomerge")
+    return finish(dataclasses.replace(result, note=NOTE, source_name=SOURCE_NAME), args,
+                  default_name="pythia-tiny-demo-bomerge")

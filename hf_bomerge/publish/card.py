@@ -55,6 +55,7 @@ def render_card(result: MergeResult, repo_id: str | None = None, license: str | 
         model_name=model_name,
         repo_id=repo_id or model_name,
         source=named["name"],
+        source_name=result.source_name,
         source_url=named["url"],
         revisions=[{"name": n, "sha": s, "weight": w} for n, s, w in zip(result.revisions, result.shas, result.weights)],
         searched=result.search is not None,
