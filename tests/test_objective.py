@@ -89,7 +89,8 @@ def test_metric_search_maximizes_and_is_at_least_every_baseline(metric_run):
     assert "held-out mc_accuracy (higher is better)" in err and "search part (72 questions, computed in float32)" in err
     assert "on the confirm part (24 questions the search never saw)" in err
     confirm = summary["confirm"]
-    assert confirm["units"] == 24 and confirm["unit"] == "questions" and set(confirm["baselines"]) == set(summary["baselines"])
+    assert confirm["units"] == 24 and confirm["unit"] == "questions"
+    assert set(confirm["baselines"]) == set(summary["baselines"])
     best = confirm["baselines"][confirm["best_baseline"]]
     assert best == max(confirm["baselines"].values())  # higher is better: the best baseline is the highest
     lo, hi = confirm["interval"]
