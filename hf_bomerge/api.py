@@ -60,7 +60,7 @@ def plan(source: str, revisions: str = DEFAULTS["revisions"], *, max_checkpoints
 def search(source: str, revisions: str = D["revisions"], *, dataset: str | None = D["dataset"],
            dataset_config: str | None = D["dataset_config"], split: str | None = D["split"],
            text_column: str = D["text_column"], eval_datasets: Sequence[str] = D["eval_datasets"],
-           max_eval_tokens: int = D["max_eval_tokens"], block_size: int | None = D["block_size"],
+           max_eval_tokens: int | None = D["max_eval_tokens"], block_size: int | None = D["block_size"],
            batch_size: int = D["batch_size"], eval_dtype: str | None = D["eval_dtype"], search: str = D["search"],
            trials: int = D["trials"], lambda_min: float = D["lambda_min"], seed: int | None = D["seed"],
            ema_alpha: float = D["ema_alpha"], max_checkpoints: int = D["max_checkpoints"],
@@ -159,7 +159,7 @@ def search_with(source: SourceSpec, evaluation: EvalSpec = EvalSpec(),
                 eval_dtype=str(evaluator.eval_dtype).removeprefix("torch."))
         if evaluator.confirm_size:
             result = _confirm(result, evaluate, {k: seeds[k] for k in result.baselines if k in seeds},
-                              search.fallback, evaluator.objective, evaluation.max_eval_tokens)
+                              search.fallback, evaluator.objective, evaluator.max_eval_tokens)
         result = dataclasses.replace(result, generalization=_generalization(
             evaluate, extra, result.merge_weights(), outcome, prep.names, result.objective))
         if result.generalization:
@@ -223,7 +223,7 @@ def merge(source: str, revisions: str = D["revisions"], *, weights: Sequence[flo
           allow_extrapolation: bool = D["allow_extrapolation"], max_checkpoints: int = D["max_checkpoints"],
           evaluate: bool = True, dataset: str | None = D["dataset"], dataset_config: str | None = D["dataset_config"],
           split: str | None = D["split"], text_column: str = D["text_column"],
-          max_eval_tokens: int = D["max_eval_tokens"], block_size: int | None = D["block_size"],
+          max_eval_tokens: int | None = D["max_eval_tokens"], block_size: int | None = D["block_size"],
           batch_size: int = D["batch_size"], eval_dtype: str | None = D["eval_dtype"],
           device: str | None = D["device"], token: str | bool | None = None, cache_dir: str | Path | None = None,
           trust_remote_code: bool = D["trust_remote_code"], dtype: str | None = D["dtype"],

@@ -36,10 +36,15 @@ class Estimate:
     flops_per_token: float
     flop_rate: float
     calibration: str
+    max_eval_tokens: int = 0  # the held-out cap the estimate assumes (the device's default unless given)
+    block_size: int = 0
 
     def describe(self) -> str:
         return (f"  time      ~{_duration(self.trial_s)} per trial on this device (re-merge {_duration(self.merge_s)}, "
-                f"forward over {self.search_tokens} held-out tokens {_duration(self.forward_s)}); "
+                f"forward over {self.search_tokens} held-out tokens {_duration(self.forward_s)}; cap "
+                f"{self.max_eval_tokens} tokens in blocks of {self.block_size}"
+                + (f", about {self.confirm_tokens} of them, whole documents, kept for the confirm part"
+                   if self.confirm_tokens else "") + "); "
                 f"~{_duration(self.search_s)} for {self.trials} trials and the confirm scoring "
                 f"(calibrated by {self.calibration}; downloads, model load and export not included)")
 
@@ -182,6 +187,7 @@ def estimate(config: dict, params: int, *, n_checkpoints: int, device: str, eval
                   math.floor(i * confirm_fraction + 1e-9)) if confirm_fraction > 0 else 0
     if confirm < 2 or confirm >= blocks:
         confirm = 0
+    # whole documents go to the confirm part: about `confirm_fraction` of the tokens, whatever the documents' lengths
     search_tokens, confirm_tokens = (blocks - confirm) * block, confirm * block
     hidden = shape(config)[0]
     # CPU: one block of up to 1024 tokens (GEMMs as efficient as the real batch's, a few seconds); GPU: a real batch
@@ -198,4 +204,4 @@ def estimate(config: dict, params: int, *, n_checkpoints: int, device: str, eval
     confirm_s = (n_checkpoints + 3) * (merge_s + fpt * confirm_tokens / rate) if confirm_tokens else 0.0
     trial_s = merge_s + forward_s
     return Estimate(merge_s, forward_s, trial_s, trials * trial_s + confirm_s, trials, search_tokens, confirm_tokens,
-                    fpt, rate, f"{how} timed on {device} in {str(dtype).removeprefix('torch.')}")
+                    fpt, rate, f"{how} timed on {device} in {str(dtype).removeprefix('torch.')}", max_eval_tokens, block)

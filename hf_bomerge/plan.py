@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .defaults import max_eval_tokens_for
 from .duplicates import Duplicates
 from .errors import BOMergeError
 from .estimate import estimate
@@ -191,7 +192,7 @@ class Plan:
         out.pop("config")
         return out
 
-    def estimate_time(self, *, trials: int, max_eval_tokens: int, batch_size: int, block_size: int | None,
+    def estimate_time(self, *, trials: int, max_eval_tokens: int | None, batch_size: int, block_size: int | None,
                       eval_dtype: str | None, confirm_fraction: float = 0.25) -> None:
         """Calibrate the time of a trial on this plan's device (`estimate.estimate`, a few seconds; nothing is
         downloaded) and keep it in `self.estimate` (shown by `describe`, in `as_dict` under "estimate")."""
@@ -200,7 +201,8 @@ class Plan:
         stored = max(1, round(self.stored_bytes / max(self.params, 1)))
         self.estimate = estimate(self.config, self.params, n_checkpoints=len(self.revisions), device=self.device,
                                  eval_dtype=eval_dtype, stored_itemsize=stored, batch_size=batch_size,
-                                 block_size=block_size, max_eval_tokens=max_eval_tokens, trials=trials,
+                                 block_size=block_size, trials=trials,
+                                 max_eval_tokens=max_eval_tokens_for(self.device, max_eval_tokens),
                                  confirm_fraction=confirm_fraction)
 
 

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .defaults import DEFAULT_CONFIRM_FRACTION, DEFAULT_MAX_EVAL_TOKENS, VERSION
+from .defaults import DEFAULT_CONFIRM_FRACTION, DEFAULT_MAX_EVAL_TOKENS, DEFAULT_MAX_EVAL_TOKENS_CUDA, VERSION
 from .duplicates import ON_DUPLICATE, Duplicates
 from .errors import OptionError, RecipeError, StudyError
 from .fields import DEVICE_MAPS, EVAL_DTYPES, one_of, option, positive
@@ -121,9 +121,10 @@ class EvalSpec:
                             "(maximized) graded on multiple-choice rows: --dataset with columns question, choices "
                             "(list) and answer (index or text); each choice scored by its log-likelihood",
                             metavar="loss|METRIC")
-    max_eval_tokens: int = option(DEFAULT_MAX_EVAL_TOKENS, "cap on the tokens evaluated: the held-out text for "
+    max_eval_tokens: int | None = option(None, "cap on the tokens evaluated: the held-out text for "
                                   "loss; for a metric, the first questions whose question+choice sequences (all "
-                                  "choices) fit in it", type=int)
+                                  "choices) fit in it", type=int,
+                                  shown=f"{DEFAULT_MAX_EVAL_TOKENS} on CPU, {DEFAULT_MAX_EVAL_TOKENS_CUDA} on CUDA")
     block_size: int | None = option(None, "tokens per block", type=int, shown="min(model context, 2048)")
     batch_size: int = option(4, "blocks per forward pass (a metric: as many question+choice sequences as fit in "
                              "batch-size x block-size tokens)", type=int)
@@ -142,7 +143,7 @@ class EvalSpec:
         if not 0.0 <= self.confirm_fraction < 1.0:
             raise OptionError(f"--confirm-fraction must be in [0, 1), got {self.confirm_fraction}; 0.25 keeps "
                                "every 4th held-out block for the confirm part, 0 turns it off.")
-        positive("--max-eval-tokens", self.max_eval_tokens)
+        positive("--max-eval-tokens", self.max_eval_tokens, optional=True)
         positive("--block-size", self.block_size, optional=True)
         positive("--batch-size", self.batch_size)
         one_of("--eval-dtype", self.eval_dtype, EVAL_DTYPES)

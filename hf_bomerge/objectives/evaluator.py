@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..defaults import max_eval_tokens_for
 from ..errors import BOMergeError
 from ..merging.engine import DTYPES, dtype_name
 from ..merging.mergers import ResidentMerger, StreamedMerger
@@ -62,7 +63,8 @@ class Evaluator:
     >>> evaluator([0.3, 0.7])                                                     # doctest: +SKIP
     """
 
-    def __init__(self, prep: Prepared, *, dataset: HeldOutSpec, max_eval_tokens: int, block_size: int | None = None,
+    def __init__(self, prep: Prepared, *, dataset: HeldOutSpec, max_eval_tokens: int | None,
+                 block_size: int | None = None,
                  batch_size: int = 4, eval_dtype: str | None = None, device: str | None = None,
                  trust_remote_code: bool = False, cache_dir: Path, store_dtype: str | None = None,
                  device_map: str | dict | None = None, objective: str = "loss", confirm_fraction: float = 0.0):
@@ -80,6 +82,7 @@ class Evaluator:
         self.tokenizer = AutoTokenizer.from_pretrained(prep.tokenizer_folder, trust_remote_code=trust_remote_code)
         self.context = getattr(self.model.config, "max_position_embeddings", 2048) or 2048
         self.block_size = min(block_size or 2048, self.context)
+        max_eval_tokens = max_eval_tokens_for(self.device, max_eval_tokens)  # the device's default when None
         self.batch_size, self.max_eval_tokens, self.cache_dir = batch_size, max_eval_tokens, cache_dir
         self.tokenizer_folder, self.token = prep.tokenizer_folder, prep.token  # data loads with the models' token
         self.objective: Objective = objective_class(objective).build(self, dataset, objective, confirm_fraction)
