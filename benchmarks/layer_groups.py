@@ -76,10 +76,11 @@ def run(seeds: list[int], budgets: list[int], groups: int) -> list[dict]:
                 for budget in sorted(budgets):
                     best = min((t for t in outcome.trials if t.number < budget), key=lambda t: t.loss)
                     w = (LayerWeights.from_dict(rule, best.layer_weights) if best.layer_weights else best.weights)
-                    c = confirm(scored(w, CONFIRM), base_confirm)
+                    c = confirm(scored(w, CONFIRM), base_confirm, evaluator.objective.statistic)
                     rows.append({"seed": seed, "method": method, "budget": budget, "search": best.loss,
                                  "confirm": c.loss, "best_baseline": c.best_baseline,
-                                 "confirm_baseline": c.baselines[c.best_baseline], "interval": list(c.interval),
+                                 "confirm_baseline": c.baselines[c.best_baseline],
+                                 "interval": list(c.interval) if c.interval else None,
                                  "ood": scored(w, ood), "ood_uniform": scored(seeds_w["uniform"], ood),
                                  "weights": best.weights, "layer_weights": best.layer_weights, "trial": best.number,
                                  "search_seconds": seconds})

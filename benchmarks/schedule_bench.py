@@ -121,8 +121,9 @@ class Objective:
     def confirm_and_ood(self, weights) -> tuple[float, float]:
         key = tuple(round(w, 12) for w in weights)
         if key not in self._cache:
-            blocks = self.ev(list(weights), CONFIRM)
-            self._cache[key] = (sum(blocks) / len(blocks), self.ev(list(weights), self.ood_spec))
+            units = self.ev(list(weights), CONFIRM)  # per confirm document (or run): (NLL sum, tokens)
+            confirmed = self.ev.objective.statistic(units, range(len(units)))
+            self._cache[key] = (confirmed, self.ev(list(weights), self.ood_spec))
         return self._cache[key]
 
 
@@ -182,8 +183,9 @@ def report(runs: list[Run], bases: dict, args, seconds: float, obj: Objective, m
     target = statistics.median(simplex40)
     blocks = len(obj.ev.objective.blocks), obj.ev.confirm_size
     lines = [f"Window: {len(obj.names)} checkpoints ({', '.join(obj.names)}) of the search "
-             f"bench's trajectory; {args.max_eval_tokens} held-out tokens split {blocks[0]} search / {blocks[1]} "
-             f"confirm blocks (every 4th); ood = English prose. {args.seeds} seeds per row; loss = mean token NLL "
+             f"bench's trajectory; {args.max_eval_tokens} held-out tokens split {blocks[0]} search blocks / "
+             f"{blocks[1]} confirm {obj.ev.objective.confirm_unit}; ood = English prose. {args.seeds} seeds per row; "
+             "loss = mean token NLL "
              "(nats); median over seeds (min–max). The pick = the trial with the lowest search loss so far.", "",
              f"Target C* = the simplex GP's median confirm loss at 40 trials = {target:.4f}.", "",
              "| space | sampler | budget | search loss | confirm loss | ood loss | trials to confirm ≤ C*: median "
@@ -225,7 +227,7 @@ def main(args, build_trajectory, sampler_for, machine, out: Path, log) -> None:
     names = args.schedule_revisions.split(",") if getattr(args, "schedule_revisions", None) else None
     obj = Objective(root, out / "schedule_bench", args.max_eval_tokens, args.batch_size, names)
     log(f"window {obj.names[0]}..{obj.names[-1]}: {len(obj.ev.objective.blocks)} search and "
-        f"{obj.ev.confirm_size} confirm blocks")
+        f"{obj.ev.confirm_size} confirm {obj.ev.objective.confirm_unit}")
     bases = baselines(obj)
     runs = []
     for kind, sampler in combos(args):
