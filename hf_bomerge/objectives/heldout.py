@@ -157,7 +157,7 @@ def pack(docs: Sequence[Sequence[int]], block_size: int) -> torch.Tensor:
 def pack_units(docs: Sequence[Sequence[int]], block_size: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(blocks, owner): the documents concatenated into blocks, the last one padded with `pad` after its text (a
     causal model's earlier positions never see it), and each token's document index (-1: padding). Every token
-    of every document is scored, in the same context the packing of the search part gives.
+    of every document is scored, in packed context as the search part's tokens are.
 
     >>> blocks, owner = pack_units([[1, 2, 3], [4, 5]], 4, 0)
     >>> blocks.tolist(), owner.tolist()
