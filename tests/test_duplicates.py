@@ -60,7 +60,7 @@ def _run(args, capsys):
 
 def _check_written(out: str, err: str, output: Path, dropped: str, kept: str, n: int) -> None:
     summary = json.loads(out.strip().splitlines()[-1])
-    assert summary["schema"] == 3 and summary["duplicates"]["identical"] == {kept: [dropped]}
+    assert summary["schema"] == 4 and summary["duplicates"]["identical"] == {kept: [dropped]}
     assert dropped not in summary["revisions"] and len(summary["revisions"]) == n
     assert f"{dropped} and {kept} serve identical weights" in err  # the warning (and the summary)
     recipe = yaml.safe_load((output / "bomerge_recipe.yaml").read_text())

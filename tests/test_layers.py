@@ -157,7 +157,7 @@ def test_layered_search_json_card_and_recipe_rebuild_it_bit_for_bit(trajectory, 
                 "--storage", storage, "--json", "--quiet", cache=cache)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary["schema"] == 3
+    assert summary["schema"] == 4
     groups = summary["layer_weights"]
     assert list(groups) == ["embeddings", "block 0", "block 1", "head"]
     assert all(abs(sum(v) - 1.0) < 1e-9 and len(v) == 4 for v in groups.values())
