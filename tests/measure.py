@@ -54,14 +54,17 @@ def document_blocks(texts: list[str], tokenizer, block: int, max_tokens: int = 1
 
 
 def split_by_document(docs: list[list[int]], block: int) -> tuple[torch.Tensor, list[list[int]], torch.Tensor]:
-    """A search's default 3:1 split, by document: documents 3, 7, 11, … are the confirm part; with fewer than 8
-    documents, the documents cut into runs of `block` tokens and the last quarter of the runs. Returns the search
+    """A search's default 3:1 split, by document: documents 3, 7, 11, … are the confirm part; when that gives
+    fewer than 20 where runs give 20 (or no document is picked), the documents cut into contiguous runs (`block` tokens at most, short
+    enough for 20 confirm runs, at least 64) and the last quarter of the runs. Returns the search
     part's full blocks, the confirm documents (or runs), and their blocks (concatenated, the last one padded)."""
-    if len(docs) >= 8:
+    by_doc = len(docs) // 4 if len(docs) >= 8 else 0  # confirm documents 3, 7, 11, ...
+    size = min(block, max(64, sum(map(len, docs)) // 4 // 20))  # runs short enough for 20 confirm runs
+    runs = [d[i:i + size] for d in docs for i in range(0, len(d), size)]
+    if by_doc >= 20 or (by_doc and len(runs) // 4 < 20):
         search = [d for i, d in enumerate(docs) if i % 4 != 3]
         held = [d for i, d in enumerate(docs) if i % 4 == 3]
     else:
-        runs = [d[i:i + block] for d in docs for i in range(0, len(d), block)]
         search, held = runs[: len(runs) - len(runs) // 4], runs[len(runs) - len(runs) // 4:]
     ids = [t for d in search for t in d]
     flat = [t for d in held for t in d]

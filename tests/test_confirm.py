@@ -32,6 +32,20 @@ def test_split_takes_whole_documents_deterministic_and_disjoint():
     assert [t for r in search for t in r] == list(range(40)) + list(range(100, 108))  # 15 runs: 3 confirm
 
 
+def test_long_texts_at_the_cpu_default_cap_still_give_an_interval():
+    """Three long texts filling the CPU default (16384 tokens, 2048-token blocks): 3 documents cannot give 20
+    confirm units, so the texts are cut into runs short enough for 20, the confirm part the last ones, in order."""
+    docs = [list(range(k * 10_000, k * 10_000 + 6000)) for k in range(2)] + [list(range(50_000, 54_384))]
+    search, held, unit = split_documents(docs, 0.25, 2048)
+    flat = [t for d in docs for t in d]
+    assert unit == "runs" and len(held) >= MIN_UNITS and 64 <= len(held[0]) <= 2048
+    assert [t for r in search for t in r] + [t for r in held for t in r] == flat  # contiguous, nothing interleaved
+    scores = [(1.0 * len(r), len(r)) for r in held]
+    ratio = HeldOutLoss.statistic  # Σ NLL sums / Σ tokens over the drawn units (it reads nothing of its object)
+    c = confirm(scores, {"b": [(1.1 * len(r), len(r)) for r in held]}, statistic=lambda o, i: ratio(None, o, i))
+    assert c.interval is not None and c.merge_is_better
+
+
 def test_the_confirm_part_is_the_documents_an_independent_split_picks(trajectory):
     """Whole documents (here: the lines of a .txt file) go to one part; the units and their losses are what an
     independent split by document (tests/measure.py) and transformers' own `labels=` loss give."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from ..defaults import DEFAULT_CONFIRM_FRACTION  # noqa: F401  (re-exported)
 
 MIN_UNITS = 20  # fewer confirm units: the bootstrap's percentiles are too coarse and too optimistic to report
+MIN_RUN = 64  # tokens: a run of one long text shorter than this says more about its neighbours than about itself
 BOOTSTRAP_SAMPLES = 2000
 Statistic = Callable[[Sequence, Sequence[int]], float]  # (per-unit outcomes, unit indices) -> objective value
 
@@ -34,26 +35,32 @@ def confirm_indices(n: int, fraction: float) -> list[int]:
 
 def split_documents(docs: Sequence[Sequence[int]], fraction: float, run: int) -> tuple[list, list, str]:
     """(search documents, confirm documents, what a confirm unit is). Whole documents go to one part: every
-    document `confirm_indices` picks (every 4th for 0.25) is a confirm document. When the documents are too few
-    for that (one long text), they are cut into contiguous runs of `run` tokens and the last runs, as many as the
-    rule picks from the runs, are the confirm part: one contiguous stretch, never interleaved with the search's.
+    document `confirm_indices` picks (every 4th for 0.25) is a confirm document, when that gives `MIN_UNITS` of
+    them. When the documents are too few for that (long texts), the documents are cut into contiguous runs (of
+    `run` tokens at most, shorter where that makes `MIN_UNITS` confirm runs, never under `MIN_RUN`) and the last
+    runs, as many as the rule picks from the runs, are the confirm part: one contiguous stretch at the end, never
+    interleaved with the search's. Below `MIN_UNITS` either way, documents are kept where there are any.
 
     >>> split_documents([[i] for i in range(8)], 0.25, 2)
     ([[0], [1], [2], [4], [5], [6]], [[3], [7]], 'documents')
     >>> split_documents([list(range(8))], 0.25, 1)
     ([[0], [1], [2], [3], [4], [5]], [[6], [7]], 'runs')
+    >>> search, held, unit = split_documents([list(range(16384))], 0.25, 2048)  # one long text, 2048-token blocks
+    >>> len(held), len(held[0]), unit
+    (20, 204, 'runs')
     """
-    picked = confirm_indices(len(docs), fraction)
     if fraction <= 0:
         return list(docs), [], "documents"
-    if picked:
-        kept = set(picked)
-        return [d for i, d in enumerate(docs) if i not in kept], [docs[i] for i in picked], "documents"
-    runs = [doc[i:i + run] for doc in docs for i in range(0, len(doc), run)]
-    k = len(confirm_indices(len(runs), fraction))
-    if not k:
-        return list(docs), [], "documents"
-    return runs[:-k], runs[-k:], "runs"
+    picked = confirm_indices(len(docs), fraction)
+    if len(picked) < MIN_UNITS:
+        total = sum(len(d) for d in docs)
+        size = max(1, min(run, max(MIN_RUN, int(total * fraction) // MIN_UNITS)))
+        runs = [doc[i:i + size] for doc in docs for i in range(0, len(doc), size)]
+        k = len(confirm_indices(len(runs), fraction))
+        if k >= MIN_UNITS or (k and not picked):
+            return runs[:-k], runs[-k:], "runs"
+    kept = set(picked)
+    return [d for i, d in enumerate(docs) if i not in kept], [docs[i] for i in picked], "documents"
 
 
 def too_few(units: int, unit: str, tokens: int) -> str:
