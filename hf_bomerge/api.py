@@ -68,13 +68,15 @@ def search(source: str, revisions: str = D["revisions"], *, dataset: str | None 
            token: str | bool | None = None, cache_dir: str | Path | None = None,
            trust_remote_code: bool = D["trust_remote_code"], dtype: str | None = D["dtype"],
            max_memory: str | int | None = D["max_memory"], device_map: str | None = D["device_map"],
-           progress: bool = True, objective: str = D["objective"],
-           on_trial: Callable[[Trial, int, int], None] | None = None,
+           progress: bool = True, objective: str = D["objective"], lm_eval_tasks: str | None = D["lm_eval_tasks"],
+           lm_eval_metric: str | None = D["lm_eval_metric"], on_trial: Callable[[Trial, int, int], None] | None = None,
            confirm_fraction: float = D["confirm_fraction"], fallback: bool = D["fallback"], sampler=None,
            extra_seeds: Sequence[tuple[str, Sequence[float]]] = (), tokenizer: str | None = D["tokenizer"],
            layer_groups: int = D["layer_groups"], on_duplicate: str = D["on_duplicate"]) -> MergeResult:
-    """Search merge weights for `revisions` of `source` with a GP on held-out loss (minimized), or on an
-    `evaluate` metric `objective` (a name or a local path; maximized) of multiple-choice questions.
+    """Search merge weights for `revisions` of `source` with a GP on held-out loss (minimized), on lm-eval tasks
+    (`objective="lm-eval:TASK[,TASK...]"`, local task YAMLs in `lm_eval_tasks`, the task's metric or
+    `lm_eval_metric`, in lm-eval's direction), or on an `evaluate` metric `objective` (a name or a local path;
+    maximized) of multiple-choice questions.
 
     The keywords are those of `SourceSpec`, `EvalSpec` (`dataset` as `DATASET[:CONFIG][@SPLIT]` or a file) and
     `SearchSpec` (`search` is its `space`), checked as the command line's are (`options.search_specs`); the rest
@@ -120,12 +122,12 @@ def search_with(source: SourceSpec, evaluation: EvalSpec = EvalSpec(),
     """
     from .searching.study import default_storage, default_study_name, run_search, set_study_attr  # optuna: only for a search
 
-    objective_class(evaluation.objective).check(evaluation.objective)  # before any download: fail fast
+    objective_class(evaluation.objective).check(evaluation.objective, evaluation)  # before any download: fail fast
     cache = Path(cache_dir or default_cache_dir())
     progress = progress and parallel.is_main()
     with parallel.main_process_first():  # downloads and the tokenized held-out cache, once
         extra = [HeldOutSpec.parse(e, evaluation.data.text_column) for e in search.eval_datasets]
-        prep = _prepare(source, token, cache_dir, progress, evaluation.planning(), [evaluation.data, *extra])
+        prep = _prepare(source, token, cache_dir, progress, evaluation.planning(), [*_read(evaluation), *extra])
         space = space_for("simplex" if search.layer_groups else search.space, prep.names, search.lambda_min)
         evaluator = Evaluator.from_spec(evaluation, prep, cache, source)
     rule = None
@@ -180,6 +182,11 @@ def _prepare(source: SourceSpec, token, cache_dir, progress: bool, planning: dic
                    on_duplicate=source.on_duplicate)
 
 
+def _read(evaluation: EvalSpec) -> list[HeldOutSpec]:
+    """The held-out set the objective scores ([] for one that reads its own data, such as lm-eval's tasks)."""
+    return [evaluation.data] if objective_class(evaluation.objective).reads_dataset else []
+
+
 def _pins(prep: Prepared, source: SourceSpec, **fields) -> Recipe:
     """The revisions as resolved and downloaded, pinned to their commits, with the copy rule the model decided."""
     return Recipe(prep.source.id, list(prep.names), list(prep.shas), source_kind=prep.source.kind,
@@ -228,7 +235,8 @@ def merge(source: str, revisions: str = D["revisions"], *, weights: Sequence[flo
           device: str | None = D["device"], token: str | bool | None = None, cache_dir: str | Path | None = None,
           trust_remote_code: bool = D["trust_remote_code"], dtype: str | None = D["dtype"],
           max_memory: str | int | None = D["max_memory"], device_map: str | None = D["device_map"],
-          progress: bool = True, objective: str = D["objective"], shas: Sequence[str] | None = None,
+          progress: bool = True, objective: str = D["objective"], lm_eval_tasks: str | None = D["lm_eval_tasks"],
+          lm_eval_metric: str | None = D["lm_eval_metric"], shas: Sequence[str] | None = None,
           tokenizer: str | None = D["tokenizer"], window: float | None = D["window"],
           tokens_per_step: float | None = D["tokens_per_step"], on_duplicate: str = D["on_duplicate"]) -> MergeResult:
     """A fixed merge (explicit `weights` or `method` sma/ema/wma/wsm-linear/wsm-cosine/wsm-sqrt), no search;
@@ -255,11 +263,11 @@ def merge_with(source: SourceSpec, fixed: FixedSpec = FixedSpec(), evaluation: E
     >>> merge_with(SourceSpec("EleutherAI/pythia-160m", "last:4"), FixedSpec(method="ema"), None)  # doctest: +SKIP
     """
     if evaluation is not None:
-        objective_class(evaluation.objective).check(evaluation.objective)  # before any download
+        objective_class(evaluation.objective).check(evaluation.objective, evaluation)  # before any download
     progress = progress and parallel.is_main()
     planning = (evaluation or EvalSpec()).planning(evaluate=evaluation is not None)
     with parallel.main_process_first():
-        prep = _prepare(source, token, cache_dir, progress, planning, [evaluation.data] if evaluation else [])
+        prep = _prepare(source, token, cache_dir, progress, planning, _read(evaluation) if evaluation else [])
     weights = fixed.weights_for(prep.names)
     if evaluation is None:
         rule_from_config(prep.ckpts, prep.folders[-1], source.trust_remote_code)

@@ -62,3 +62,7 @@ class OptionError(BOMergeError):
 class DuplicateError(RevisionError):
     """Revisions serve identical weights and `--on-duplicate error` was asked, or fewer than two distinct
     payloads remain once they are merged once."""
+
+
+class MissingExtraError(BOMergeError):
+    """An optional part of hf-bomerge (an extra such as `lm-eval`) is asked for and is not installed."""

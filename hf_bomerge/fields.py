@@ -1,5 +1,5 @@
 """How a spec field declares its command-line option (`option`), and the checks its value gets (`positive`,
-`one_of`): one small module that imports nothing heavy, for `hf_bomerge.specs` (`hf_bomerge.cli.options` reads the
+`one_of`, `text`): one small module that imports nothing heavy, for `hf_bomerge.specs` (`hf_bomerge.cli.options` reads the
 declarations).
 
 >>> positive("--batch-size", 0)
@@ -46,3 +46,8 @@ def positive(flag: str, value, allow_zero: bool = False, optional: bool = False)
 def one_of(flag: str, value, choices: Sequence[str], optional: bool = True) -> None:
     if not (optional and value is None) and value not in choices:
         raise OptionError(f"Unknown {flag} {value!r}; choose one of {', '.join(choices)}.")
+
+
+def text(flag: str, value, optional: bool = True) -> None:
+    if not (optional and value is None) and not (isinstance(value, str) and value.strip()):
+        raise OptionError(f"{flag} takes a non-empty text, got {value!r}.")

@@ -30,7 +30,7 @@ from typing import Any
 from .defaults import DEFAULT_CONFIRM_FRACTION, DEFAULT_MAX_EVAL_TOKENS, DEFAULT_MAX_EVAL_TOKENS_CUDA, VERSION
 from .duplicates import ON_DUPLICATE, Duplicates
 from .errors import OptionError, RecipeError, StudyError
-from .fields import DEVICE_MAPS, EVAL_DTYPES, one_of, option, positive
+from .fields import DEVICE_MAPS, EVAL_DTYPES, one_of, option, positive, text
 from .merging import weights as W
 from .searching.weight_spaces import SEARCHES
 
@@ -108,19 +108,23 @@ class SourceSpec:
 
 @dataclass(frozen=True)
 class EvalSpec:
-    """How a merge is scored: the held-out data, the objective (`loss`, or an `evaluate` metric's name or path)
-    and the numerics of the forward passes; `confirm_fraction` of the held-out blocks are kept from a search (a
-    fixed merge is scored on all of them: there is no search to keep them from).
+    """How a merge is scored: the held-out data, the objective (`loss`, `lm-eval:TASKS` with `lm_eval_tasks` and
+    `lm_eval_metric`, or an `evaluate` metric's name or path) and the numerics of the forward passes;
+    `confirm_fraction` of the held-out units are kept from a search (a fixed merge is scored on all of them).
 
     >>> EvalSpec(HeldOutSpec("notes.txt", None, "train")).objective
     'loss'
     """
 
     data: HeldOutSpec = HeldOutSpec()
-    objective: str = option("loss", "loss (mean token NLL, minimized), or an `evaluate` metric name or local path "
-                            "(maximized) graded on multiple-choice rows: --dataset with columns question, choices "
-                            "(list) and answer (index or text); each choice scored by its log-likelihood",
-                            metavar="loss|METRIC")
+    objective: str = option("loss", "loss (mean token NLL, minimized); lm-eval:TASK[,TASK...] (lm-evaluation-harness "
+                            "tasks, each scored by lm-eval with its own metric and direction; the lm-eval extra); "
+                            "or an `evaluate` metric name or local path (maximized) graded on multiple-choice rows: "
+                            "--dataset with columns question, choices (list) and answer (index or text); each "
+                            "choice scored by its log-likelihood", metavar="loss|lm-eval:TASKS|METRIC")
+    lm_eval_tasks: str | None = option(None, "lm-eval: a folder of task YAMLs (--include_path)", metavar="DIR")
+    lm_eval_metric: str | None = option(None, "lm-eval: the metric searched on, METRIC or METRIC,FILTER (its "
+                                        "direction is lm-eval's)", metavar="METRIC", shown="the first task's first")
     max_eval_tokens: int | None = option(None, "cap on the tokens evaluated: the held-out text for "
                                   "loss; for a metric, the first questions whose question+choice sequences (all "
                                   "choices) fit in it", type=int,
@@ -149,7 +153,9 @@ class EvalSpec:
         one_of("--eval-dtype", self.eval_dtype, EVAL_DTYPES)
         one_of("--device-map", self.device_map, DEVICE_MAPS)
         if not isinstance(self.objective, str) or not self.objective:
-            raise OptionError(f"--objective must be loss or a metric's name or path, got {self.objective!r}.")
+            raise OptionError(f"--objective must be loss, lm-eval:TASKS or a metric's name or path: {self.objective!r}.")
+        text("--lm-eval-tasks", self.lm_eval_tasks)
+        text("--lm-eval-metric", self.lm_eval_metric)
     @classmethod
     def from_options(cls, dataset: str | None = None, dataset_config: str | None = None, split: str | None = None,
                      text_column: str = "text", **options) -> EvalSpec:

@@ -92,7 +92,7 @@ SEARCH_ONLY = ("search", "trials", "lambda_min", "layer_groups", "seed", "confir
                "eval_datasets", "storage", "study_name")
 FIXED_ONLY = ("window", "tokens_per_step", "allow_extrapolation", "no_eval")
 EVAL_ONLY = ("dataset", "dataset_config", "split", "text_column", "max_eval_tokens", "block_size", "batch_size",
-             "eval_dtype", "objective")
+             "eval_dtype", "objective", "lm_eval_tasks", "lm_eval_metric")
 
 
 def add(container, *keywords: str, **overrides: Mapping) -> None:

@@ -53,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser, *, source: bool = True) -> None:
 def add_data_options(g) -> None:
     """The held-out data and the numerics of its forward passes (search, demo, watch)."""
     options.add(g, "dataset", "dataset_config", "split", "text_column", "eval_datasets", "max_eval_tokens",
-                "block_size", "batch_size", "eval_dtype", "objective")
+                "block_size", "batch_size", "eval_dtype", "objective", "lm_eval_tasks", "lm_eval_metric")
 
 
 def add_search_options(g, **overrides) -> None:

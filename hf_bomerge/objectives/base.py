@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, ClassVar
 if TYPE_CHECKING:
     import torch
 
-    from ..specs import HeldOutSpec
+    from ..specs import EvalSpec, HeldOutSpec
     from .evaluator import Evaluator
 
 
@@ -28,14 +28,17 @@ class Objective(abc.ABC):
     """What a merge is scored by.
 
     Known from the name (class level):
-    - `claims(spec)`: whether `--objective SPEC` names this kind; `check(spec)` fails fast (before any download)
-      when it cannot be used; `key(spec)` what identifies it in a study's inputs. An instance's `name` is what
-      `--json`'s `objective`, the study and the card record, and what `objective_class` is asked with later.
+    - `claims(spec)`: whether `--objective SPEC` names this kind; `check(spec, evaluation)` fails fast (before any
+      download) when it cannot be used with the `EvalSpec` `evaluation`; `key(spec)` what identifies it in a
+      study's inputs. An instance's `name` is what `--json`'s `objective`, the study and the card record, and what
+      `objective_class` is asked with later (so it must say the direction: lm-eval's names end in /max or /min).
     - `higher_is_better`: the direction. The study's direction, the best trial, the confirm verdict, `--fallback`
       and every "better"/"worse" follow it.
     - wording: `unit` after a value (" nats/token"), `confirm_units` what the confirm part resamples ("documents"),
       `header(name)` a column or axis ("loss (nats/token)"), `describe(name)` the card's phrase, `layout` which
       card table fits ("loss": with perplexity; "score": the value alone), `perplexity(value)` or None.
+    - `reads_dataset`: whether it scores `--dataset` (False: it reads data of its own, such as lm-eval's tasks; the
+      held-out set is then neither checked offline nor reported, and the instance's `dataset` labels what it read).
 
     Computed (instance level, from `build`): `__call__(model)` the search part's value; `confirm_scores(model)`
     per-unit outcomes of the confirm part, reduced by `statistic(outcomes, indices)` (a bootstrap draw repeats
@@ -52,6 +55,7 @@ class Objective(abc.ABC):
     unit: ClassVar[str] = ""
     confirm_units: ClassVar[str] = "units"
     layout: ClassVar[str] = "score"
+    reads_dataset: ClassVar[bool] = True
 
     name: str
     tokens: int = 0
@@ -59,6 +63,7 @@ class Objective(abc.ABC):
     identity: str = ""
     confirm_size: int = 0
     confirm_unit: str = "units"
+    dataset: str = ""  # what it read, when not `--dataset` (`reads_dataset` False)
 
     @classmethod
     @abc.abstractmethod
@@ -69,7 +74,7 @@ class Objective(abc.ABC):
         return spec
 
     @classmethod
-    def check(cls, spec: str) -> None:
+    def check(cls, spec: str, evaluation: EvalSpec | None = None) -> None:
         """Raise a `BOMergeError` saying what to do when `spec` cannot be used (before anything is downloaded)."""
 
     @classmethod

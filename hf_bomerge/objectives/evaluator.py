@@ -67,11 +67,12 @@ class Evaluator:
                  block_size: int | None = None,
                  batch_size: int = 4, eval_dtype: str | None = None, device: str | None = None,
                  trust_remote_code: bool = False, cache_dir: Path, store_dtype: str | None = None,
-                 device_map: str | dict | None = None, objective: str = "loss", confirm_fraction: float = 0.0):
+                 device_map: str | dict | None = None, objective: str = "loss", confirm_fraction: float = 0.0,
+                 spec: EvalSpec | None = None):
         from transformers import AutoTokenizer
 
         check_remote_code(prep.folders[-1], trust_remote_code)
-        self.prep, self.trust_remote_code = prep, trust_remote_code
+        self.prep, self.trust_remote_code, self.spec = prep, trust_remote_code, spec  # spec: the objective's options
         self.device = device or parallel.device() or ("cuda" if torch.cuda.is_available() else "cpu")
         if device_map and parallel.world()[1] > 1:
             raise BOMergeError("--device-map spreads one model over several devices; under `accelerate launch` "
@@ -97,12 +98,11 @@ class Evaluator:
     @classmethod
     def from_spec(cls, spec: EvalSpec, prep: Prepared, cache_dir: Path, source: SourceSpec) -> Evaluator:
         """The evaluator an `EvalSpec` describes, on the downloaded checkpoints `prep` of `source`."""
-        evaluator = cls(prep, dataset=spec.data, max_eval_tokens=spec.max_eval_tokens, block_size=spec.block_size,
-                        batch_size=spec.batch_size, eval_dtype=spec.eval_dtype, device=spec.device,
-                        trust_remote_code=source.trust_remote_code, cache_dir=cache_dir, store_dtype=source.dtype,
-                        device_map=spec.device_map, objective=spec.objective, confirm_fraction=spec.confirm_fraction)
-        evaluator.spec = spec
-        return evaluator
+        return cls(prep, dataset=spec.data, max_eval_tokens=spec.max_eval_tokens, block_size=spec.block_size,
+                   batch_size=spec.batch_size, eval_dtype=spec.eval_dtype, device=spec.device,
+                   trust_remote_code=source.trust_remote_code, cache_dir=cache_dir, store_dtype=source.dtype,
+                   device_map=spec.device_map, objective=spec.objective, confirm_fraction=spec.confirm_fraction,
+                   spec=spec)
 
     def inputs(self) -> dict:
         """Everything about the evaluation that changes the objective's value (the exact tokens read included)."""
@@ -113,8 +113,8 @@ class Evaluator:
     def described(self) -> dict:
         """What the result, its card and `--json` say about the data and numerics (`MergeResult` fields)."""
         data = self.spec.data
-        is_hub = not Path(data.dataset).expanduser().exists()
-        return {"dataset": data.label, "dataset_id": data.dataset if is_hub else None,
+        is_hub = not (self.objective.dataset or Path(data.dataset).expanduser().exists())
+        return {"dataset": self.objective.dataset or data.label, "dataset_id": data.dataset if is_hub else None,
                 "dataset_config": data.config if is_hub else None, "dataset_split": data.split if is_hub else None,
                 "eval_tokens": self.eval_tokens, "eval_questions": self.eval_questions,
                 "eval_dtype": str(self.eval_dtype).removeprefix("torch."), "objective": self.objective.name}

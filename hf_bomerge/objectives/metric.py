@@ -33,7 +33,7 @@ class MetricObjective(Objective):
         return objective_key(spec)
 
     @classmethod
-    def check(cls, spec: str) -> None:
+    def check(cls, spec: str, evaluation=None) -> None:
         from .tasks import Metric  # torch (tasks): the objectives' registry stays light for --help
 
         Metric.load(spec)
