@@ -37,6 +37,9 @@ def tasks(trajectory: Path, tmp_path_factory) -> Path:
     with open(folder / "ppl.jsonl", "w") as f:
         for text in texts[:12]:
             f.write(json.dumps({"text": text[:400]}) + "\n")
+    with open(folder / "cloze.jsonl", "w") as f:  # the next word of a held-out text, or another text's: close calls
+        for row in cloze_rows(texts):
+            f.write(json.dumps(row) + "\n")
     (folder / "tiny_mc.yaml").write_text(textwrap.dedent(f"""\
         task: tiny_mc
         dataset_path: json
@@ -52,6 +55,8 @@ def tasks(trajectory: Path, tmp_path_factory) -> Path:
           - metric: acc
           - metric: acc_norm
         """))
+    (folder / "tiny_cloze.yaml").write_text((folder / "tiny_mc.yaml").read_text().replace(
+        "tiny_mc", "tiny_cloze").replace("mc.jsonl", "cloze.jsonl"))
     (folder / "tiny_ppl.yaml").write_text(textwrap.dedent(f"""\
         task: tiny_ppl
         dataset_path: json
@@ -67,6 +72,21 @@ def tasks(trajectory: Path, tmp_path_factory) -> Path:
           - metric: bits_per_byte
         """))
     return folder
+
+
+def cloze_rows(texts: list[str], n: int = 48) -> list[dict]:
+    """`n` questions: eight words of a held-out text, then its next word or the next word of another text."""
+    spans = []
+    for k, text in enumerate(texts):
+        words = [w for w in text.split(" ") if w.strip() and "\n" not in w]
+        spans += [(words[j - 8:j], words[j]) for j in range(8 + k % 5, len(words), 97)]
+    rows = []
+    for i in range(n):
+        context, word = spans[(i * 37) % len(spans)]
+        other = next(w for c, w in spans[(i * 53 + 11) % len(spans):] + spans if w != word)
+        choices = [word, other] if i % 2 == 0 else [other, word]
+        rows.append({"question": " ".join(context), "choices": choices, "answer": i % 2})
+    return rows
 
 
 def offline_env() -> dict:
@@ -164,3 +184,23 @@ def test_without_the_extra_the_objective_names_the_install_line(trajectory, task
     assert 'pip install -e ".[lm-eval]"' in proc.stderr and "hf-bomerge[lm-eval]" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
     assert not (tmp_path / "cache" / "heldout").exists()  # nothing read or tokenized
+
+
+@pytest.mark.e2e
+def test_the_hand_written_scorer_agrees_with_lm_eval_on_the_same_questions(trajectory, tasks, tmp_path):
+    """The `evaluate`-metric objective (kept: it needs no lm-eval and takes any `evaluate` metric) scores each
+    choice as lm-eval does: the same questions give the same accuracy, for each revision and a merge."""
+    rows = [json.loads(line) for line in (tasks / "cloze.jsonl").open()]
+    questions = tmp_path / "questions.jsonl"  # lm-eval's " " between question and choice, as a trailing space
+    questions.write_text("".join(json.dumps({**r, "question": r["question"] + " "}) + "\n" for r in rows))
+    metric = str(Path(__file__).parent / "assets" / "metrics" / "mc_accuracy")
+    common = dict(progress=False, device="cpu", cache_dir=tmp_path / "cache")
+    steps, seen = demo_steps(trajectory, 3), set()
+    for weights in ([1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.5, 0.2, 0.3]):
+        hand = hf_bomerge.merge(str(trajectory), steps, weights=weights, objective=metric, dataset=str(questions),
+                                **common)
+        lm = hf_bomerge.merge(str(trajectory), steps, weights=weights, objective="lm-eval:tiny_cloze",
+                              lm_eval_tasks=str(tasks), **common)
+        assert hand.eval_questions == 48 and hand.loss == lm.loss, weights
+        seen.add(hand.loss)
+    assert len(seen) > 1  # the revisions differ on these questions: equal numbers are not a coincidence
