@@ -20,7 +20,7 @@ from .cli.options import DEFAULTS, OPTIONS, merge_specs, search_specs
 from .merging import weights as W
 from .merging.engine import rule_from_config
 from .merging.layers import LayerGroups
-from .objectives import Objective, objective_class, parallel
+from .objectives import Objective, check_evaluation, objective_class, parallel
 from .objectives.confirm import confirm
 from .objectives.evaluator import CONFIRM, Evaluator
 from .objectives.heldout import HeldOutSpec
@@ -122,7 +122,7 @@ def search_with(source: SourceSpec, evaluation: EvalSpec = EvalSpec(),
     """
     from .searching.study import default_storage, default_study_name, run_search, set_study_attr  # optuna: only for a search
 
-    objective_class(evaluation.objective).check(evaluation.objective, evaluation)  # before any download: fail fast
+    check_evaluation(evaluation)  # before any download: fail fast
     cache = Path(cache_dir or default_cache_dir())
     progress = progress and parallel.is_main()
     with parallel.main_process_first():  # downloads and the tokenized held-out cache, once
@@ -263,7 +263,7 @@ def merge_with(source: SourceSpec, fixed: FixedSpec = FixedSpec(), evaluation: E
     >>> merge_with(SourceSpec("EleutherAI/pythia-160m", "last:4"), FixedSpec(method="ema"), None)  # doctest: +SKIP
     """
     if evaluation is not None:
-        objective_class(evaluation.objective).check(evaluation.objective, evaluation)  # before any download
+        check_evaluation(evaluation)  # before any download
     progress = progress and parallel.is_main()
     planning = (evaluation or EvalSpec()).planning(evaluate=evaluation is not None)
     with parallel.main_process_first():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -15,7 +16,9 @@ from pathlib import Path
 import pytest
 
 import hf_bomerge
-from hf_bomerge.objectives import objective_class
+from hf_bomerge.errors import OptionError
+from hf_bomerge.objectives import check_evaluation, objective_class
+from hf_bomerge.specs import EvalSpec, HeldOutSpec
 
 QUESTIONS = [("import", ["os", "banana"]), ("return", ["None", "zzq"]), ("for i in", ["range(10):", "qq"]),
              ("if x is not", ["None:", "Nine"]), ("class Foo(object):", ["pass", "zz"]), ("def", ["__init__(self):", "}}"]),
@@ -114,6 +117,18 @@ def test_the_name_carries_the_direction():
     assert not objective_class("lm-eval:tiny_ppl/word_perplexity/min").higher_is_better
     assert objective_class("lm-eval:arc_easy,piqa/acc/max").describe("lm-eval:arc_easy,piqa/acc/max") == (
         "the mean acc of the lm-eval tasks arc_easy, piqa (maximized)")
+
+
+@pytest.mark.parametrize("evaluation, refused", [
+    (dict(objective="loss", lm_eval_metric="acc"), "--lm-eval-metric"),
+    (dict(objective="accuracy", lm_eval_tasks="."), "--lm-eval-tasks"),
+    (dict(objective="lm-eval:tiny_mc", data=HeldOutSpec("notes.txt", None, "train")), "--dataset"),
+    (dict(objective="lm-eval:tiny_mc", lm_eval_tasks="/no/such/folder"), "/no/such/folder"),
+    (dict(objective="lm-eval:,"), "names no task"),
+])
+def test_options_an_objective_would_ignore_are_refused_before_any_download(evaluation, refused):
+    with pytest.raises(OptionError, match=re.escape(refused)):
+        check_evaluation(EvalSpec(**evaluation))
 
 
 @pytest.mark.e2e

@@ -2,10 +2,10 @@
 loss, lm-evaluation-harness tasks, and any `evaluate` metric of multiple-choice questions). A new objective is one
 class with `@register`."""
 
-from .base import OBJECTIVES, Objective, objective_class, register
+from .base import OBJECTIVES, Objective, check_evaluation, objective_class, register
 from .lmeval import LMEvalMinimized, LMEvalObjective
 from .loss import HeldOutLoss
 from .metric import MetricObjective
 
 __all__ = ["OBJECTIVES", "HeldOutLoss", "LMEvalMinimized", "LMEvalObjective", "MetricObjective", "Objective",
-           "objective_class", "register"]
+           "check_evaluation", "objective_class", "register"]

@@ -17,6 +17,8 @@ import abc
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar
 
+from ..errors import OptionError
+
 if TYPE_CHECKING:
     import torch
 
@@ -37,6 +39,7 @@ class Objective(abc.ABC):
     - wording: `unit` after a value (" nats/token"), `confirm_units` what the confirm part resamples ("documents"),
       `header(name)` a column or axis ("loss (nats/token)"), `describe(name)` the card's phrase, `layout` which
       card table fits ("loss": with perplexity; "score": the value alone), `perplexity(value)` or None.
+    - `options`: the `EvalSpec` fields only this kind reads (`check_evaluation` refuses them for another kind).
     - `reads_dataset`: whether it scores `--dataset` (False: it reads data of its own, such as lm-eval's tasks; the
       held-out set is then neither checked offline nor reported, and the instance's `dataset` labels what it read).
 
@@ -56,6 +59,7 @@ class Objective(abc.ABC):
     confirm_units: ClassVar[str] = "units"
     layout: ClassVar[str] = "score"
     reads_dataset: ClassVar[bool] = True
+    options: ClassVar[tuple[str, ...]] = ()
 
     name: str
     tokens: int = 0
@@ -120,3 +124,19 @@ def objective_class(spec: str | None) -> type[Objective]:
     `hf_bomerge.objectives` registers the built-ins (the loss, and any `evaluate` metric for other names)."""
     spec = spec or "loss"
     return next(cls for cls in OBJECTIVES if cls.claims(spec))
+
+
+def check_evaluation(evaluation: EvalSpec) -> None:
+    """Fail fast (before any download) when the objective of `evaluation` cannot be used, or when an option is
+    given that it would ignore: another objective's own option, or `--dataset` for one that reads its own data."""
+    spec = evaluation.objective
+    cls = objective_class(spec)
+    ignored = [o for other in OBJECTIVES for o in other.options
+               if o not in cls.options and getattr(evaluation, o, None) is not None]
+    if not cls.reads_dataset and evaluation.data != type(evaluation.data)():
+        ignored.insert(0, "dataset")
+    if ignored:
+        flags = ", ".join("--" + o.replace("_", "-") for o in dict.fromkeys(ignored))
+        raise OptionError(f"--objective {spec} does not read {flags}: it would be ignored. Drop it, or choose the "
+                          "objective it belongs to (`hf-bomerge --help` says which options each one takes).")
+    cls.check(spec, evaluation)

@@ -71,6 +71,7 @@ class LMEvalObjective(Objective):
     higher_is_better = True
     confirm_units = "documents"
     reads_dataset = False
+    options = ("lm_eval_tasks", "lm_eval_metric")
 
     @classmethod
     def claims(cls, spec: str) -> bool:
