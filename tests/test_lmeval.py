@@ -219,3 +219,18 @@ def test_the_hand_written_scorer_agrees_with_lm_eval_on_the_same_questions(traje
         assert hand.eval_questions == 48 and hand.loss == lm.loss, weights
         seen.add(hand.loss)
     assert len(seen) > 1  # the revisions differ on these questions: equal numbers are not a coincidence
+
+
+@pytest.mark.e2e
+def test_numbers_rescored_in_the_saved_dtype_are_the_reloaded_models(trajectory, tasks, tmp_path):
+    """A search in bfloat16 reports its numbers again in the saved float16, on a model loaded anew: lm-eval must
+    score that model, not the one the search ran on (compared with a fixed merge evaluated in float16)."""
+    common = dict(objective="lm-eval:tiny_ppl", lm_eval_tasks=str(tasks), progress=False, device="cpu",
+                  cache_dir=tmp_path / "cache")
+    found = hf_bomerge.search(str(trajectory), demo_steps(trajectory, 2), trials=3, confirm_fraction=0.0,
+                              eval_dtype="bfloat16", **common)
+    assert found.eval_dtype == "float16"
+    fixed = hf_bomerge.merge(str(trajectory), demo_steps(trajectory, 2), weights=found.weights,
+                             eval_dtype="float16", **common)
+    assert found.loss == pytest.approx(fixed.loss, rel=1e-6)
+    assert found.loss != pytest.approx(min(t.loss for t in found.trace if t.loss is not None), rel=1e-4)
