@@ -52,7 +52,7 @@ def comparisons(result: MergeResult) -> list[str]:
     """One sentence per set the merge was scored on: the objective's set (its search part, or every document of a
     fixed merge), the confirm part (with its interval, or why there is none) and each `--eval-dataset`."""
     kind = objective_class(result.objective)
-    unit, higher = kind.unit or f" {result.objective}", kind.higher_is_better
+    unit, higher = kind.unit or f" {kind.metric(result.objective)}", kind.higher_is_better
     lines = []
     if result.loss is not None and result.baselines:
         parts = _against(result.loss, result.baselines, result.revisions, unit, higher)

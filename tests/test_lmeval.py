@@ -171,7 +171,7 @@ def test_a_search_on_an_lm_eval_task_follows_its_metric_and_confirms_per_documen
     assert ppl.confirm.blocks == 3 and not ppl.confirm.higher_is_better
     assert ppl.confirm.best_baseline == min(ppl.confirm.baselines, key=ppl.confirm.baselines.get)
     card = (acc.save_pretrained(tmp_path / "out", progress=False) / "README.md").read_text()
-    assert "acc of the lm-eval task tiny_mc (maximized)" in card
+    assert "acc of the lm-eval task tiny_mc (maximized)" in card and "type: acc\n" in card
 
 
 @pytest.mark.e2e

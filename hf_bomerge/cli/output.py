@@ -121,7 +121,7 @@ def _confirmation(result) -> list[str]:
 def _scores(result) -> list[str]:
     """The merge and the baselines on the objective: loss with perplexity, or the metric."""
     kind = objective_class(result.objective)
-    read = f"{result.eval_questions} questions" if result.eval_questions else f"{result.eval_tokens} tokens"
+    read = f"{result.eval_questions} {kind.confirm_units}" if result.eval_questions else f"{result.eval_tokens} tokens"
     dtype = f", computed in {result.eval_dtype}" if result.eval_dtype else ""
     title = result.objective if kind.layout == "loss" else kind.header(result.objective)
     ppl = {k: kind.perplexity(v) for k, v in {"merged": result.loss, **result.baselines}.items()}

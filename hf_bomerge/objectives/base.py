@@ -36,7 +36,8 @@ class Objective(abc.ABC):
       `objective_class` is asked with later (so it must say the direction: lm-eval's names end in /max or /min).
     - `higher_is_better`: the direction. The study's direction, the best trial, the confirm verdict, `--fallback`
       and every "better"/"worse" follow it.
-    - wording: `unit` after a value (" nats/token"), `confirm_units` what the confirm part resamples ("documents"),
+    - wording: `metric(name)` what tables and the card's model-index call the number, `unit` after a value
+      (" nats/token"), `confirm_units` what the confirm part resamples ("documents"),
       `header(name)` a column or axis ("loss (nats/token)"), `describe(name)` the card's phrase, `layout` which
       card table fits ("loss": with perplexity; "score": the value alone), `perplexity(value)` or None.
     - `options`: the `EvalSpec` fields only this kind reads (`check_evaluation` refuses them for another kind).
@@ -87,6 +88,10 @@ class Objective(abc.ABC):
 
     @classmethod
     def describe(cls, name: str) -> str:
+        return name
+
+    @classmethod
+    def metric(cls, name: str) -> str:
         return name
 
     @classmethod

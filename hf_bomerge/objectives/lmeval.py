@@ -25,6 +25,7 @@ import json
 import logging
 import math
 from collections.abc import Sequence
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -107,11 +108,16 @@ class LMEvalObjective(Objective):
                 f"({'maximized' if cls.higher_is_better else 'minimized'})")
 
     @classmethod
+    def metric(cls, name: str) -> str:
+        return parse(name)[1] or name
+
+    @classmethod
     def build(cls, evaluator, data, spec: str, confirm_fraction: float) -> LMEvalObjective:
         evaluation = getattr(evaluator, "spec", None)
         cls.check(spec, evaluation)
         folder = getattr(evaluation, "lm_eval_tasks", None)
-        loaded = load_tasks(parse(spec)[0], Path(folder).expanduser() if folder else None)
+        with quiet_lm_eval():
+            loaded = load_tasks(parse(spec)[0], Path(folder).expanduser() if folder else None)
         metric, higher = choose_metric(loaded["tasks"], getattr(evaluation, "lm_eval_metric", None) or parse(spec)[1])
         kind = LMEvalObjective if higher else LMEvalMinimized
         return kind(loaded, metric, evaluator.tokenizer, evaluator.batch_size, confirm_fraction)
@@ -172,13 +178,8 @@ class LMEvalObjective(Objective):
 
         for task in self.tasks.values():  # the few-shot sampler draws from a generator: the same examples each run
             task.set_fewshot_seed(seed=FEWSHOT_SEED)
-        quiet = logging.getLogger("lm_eval")
-        level = quiet.level
-        quiet.setLevel(logging.ERROR)  # its notices, once per trial, say nothing new
-        try:
+        with quiet_lm_eval():
             return evaluate(self._lm_of(model), self.loaded, samples=docs, log_samples=samples, bootstrap_iters=0)
-        finally:
-            quiet.setLevel(level)
 
     def _lm_of(self, model):
         """lm-eval's `HFLM` around `model` (a new one when the evaluator loaded another model, in the saved dtype)."""
@@ -201,6 +202,19 @@ class LMEvalMinimized(LMEvalObjective):
     @classmethod
     def claims(cls, spec: str) -> bool:
         return spec.startswith(PREFIX) and parse(spec)[2] == "min"
+
+
+@contextmanager
+def quiet_lm_eval():
+    """lm-eval's warnings and notices off (its defaults for a YAML's unset aggregation, once per trial its
+    model-object notice): they say nothing a user of hf-bomerge can act on. Its errors still show."""
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def task_manager(folder: Path | None, names: Sequence[str]):

@@ -32,7 +32,7 @@ def render_card(result: MergeResult, repo_id: str | None = None, license: str | 
     if result.loss is not None and result.dataset:
         # The number the search never saw, when there is one: the confirm part's.
         value = result.confirm.loss if result.confirm else result.loss
-        evals.append(_eval(model_name, heldout, result.objective, value))
+        evals.append(_eval(model_name, heldout, kind.metric(result.objective), value))
         if kind.perplexity(value) is not None:
             evals.append(_eval(model_name, heldout, "perplexity", kind.perplexity(value)))
     for name, row in result.generalization.items():
@@ -65,11 +65,11 @@ def render_card(result: MergeResult, repo_id: str | None = None, license: str | 
         eval_tokens=result.eval_tokens,
         eval_questions=result.eval_questions,
         eval_dtype=result.eval_dtype,
-        objective=result.objective,
+        objective=kind.metric(result.objective),
         header=kind.header(result.objective),
         unit=kind.unit,
         direction="higher is better" if kind.higher_is_better else "lower is better",
-        amount=(f"{result.eval_questions} multiple-choice questions" if result.eval_questions else
+        amount=(f"{result.eval_questions} {kind.confirm_units}" if result.eval_questions else
                 f"{result.eval_tokens} tokens" + (f", computed in {result.eval_dtype}" if result.eval_dtype else "")),
         objective_text=kind.describe(result.objective),
         loss=result.loss,
