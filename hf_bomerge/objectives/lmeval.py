@@ -4,8 +4,8 @@ Each trial is scored by lm-eval itself on the live merged model: its `HFLM` wrap
 trial), and the tasks (their prompts, documents, filters, metrics and aggregations) are loaded once and reused.
 The metric is the task's own (`--lm-eval-metric`, default the first task's first), and so is its direction
 (lm-eval's `higher_is_better`), which the recorded name carries (`lm-eval:TASKS/METRIC/max` or `/min`), so the
-study, the card and a resumed result know it without loading lm-eval. Several tasks: the unweighted mean of
-their metric. Every 4th document of each task (for `--confirm-fraction 0.25`) is kept for the confirm part;
+study, the card and a resumed result know it without loading lm-eval. Several tasks (or a group's): the unweighted
+mean of their metric. Every 4th document of each task (for `--confirm-fraction 0.25`) is kept for the confirm part;
 its per-document values (lm-eval's logged samples) are aggregated again with the task's own aggregation on every
 bootstrap draw. `--lm-eval-tasks DIR` adds local task YAMLs (lm-eval's include path); offline, a task reads
 cached datasets or local files (`dataset_path: json` with `data_files`).
@@ -120,18 +120,20 @@ class LMEvalObjective(Objective):
             loaded = load_tasks(parse(spec)[0], Path(folder).expanduser() if folder else None)
         metric, higher = choose_metric(loaded["tasks"], getattr(evaluation, "lm_eval_metric", None) or parse(spec)[1])
         kind = LMEvalObjective if higher else LMEvalMinimized
-        return kind(loaded, metric, evaluator.tokenizer, evaluator.batch_size, confirm_fraction)
+        return kind(parse(spec)[0], loaded, metric, evaluator.tokenizer, evaluator.batch_size, confirm_fraction)
 
-    def __init__(self, loaded: dict, metric: str, tokenizer, batch_size: int, confirm_fraction: float = 0.0):
+    def __init__(self, names: Sequence[str], loaded: dict, metric: str, tokenizer, batch_size: int,
+                 confirm_fraction: float = 0.0):
+        """`names` as asked (a group stays one name), `loaded` lm-eval's loaded tasks: its leaf tasks are scored."""
         self.loaded, self.tasks = loaded, loaded["tasks"]
         self.metric, _, self.filter = metric.partition(",")
         self.tokenizer, self.batch_size = tokenizer, batch_size
-        self.name = f"{PREFIX}{','.join(self.tasks)}/{self.metric}/{'max' if self.higher_is_better else 'min'}"
-        self.dataset = f"lm-eval {', '.join(self.tasks)}"
+        self.name = f"{PREFIX}{','.join(names)}/{self.metric}/{'max' if self.higher_is_better else 'min'}"
+        self.dataset = f"lm-eval {', '.join(names)}"
         sizes = {t: len(task.eval_docs) for t, task in self.tasks.items()}
         kept = {t: confirm_docs(n, confirm_fraction) for t, n in sizes.items()}
-        self.confirm = {t: docs for t, docs in kept.items() if docs} if all(kept.values()) else {}
-        self.search = ({t: [i for i in range(sizes[t]) if i not in set(self.confirm[t])] for t in sizes}
+        self.confirm = kept if all(kept.values()) else {}
+        self.search = ({t: sorted(set(range(sizes[t])) - set(self.confirm[t])) for t in sizes}
                        if self.confirm else None)  # None: every document, as `lm_eval` scores them
         self.confirm_size = sum(map(len, self.confirm.values()))
         self.questions = sum(sizes.values()) - self.confirm_size
