@@ -96,11 +96,11 @@ def offline_env() -> dict:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
-def lm_eval_cli(output: Path, tasks: Path, names: str, tmp: Path) -> dict:
+def lm_eval_cli(output: Path, tasks: Path, names: str, tmp: Path, *extra: str) -> dict:
     """`lm_eval --model hf` on the saved folder in a fresh process, offline: {task: its results}."""
     cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
            f"pretrained={output},dtype=float32", "--tasks", names, "--include_path", str(tasks), "--device", "cpu",
-           "--batch_size", "4", "--output_path", str(tmp / "lm_eval_out")]
+           "--batch_size", "4", "--output_path", str(tmp / "lm_eval_out"), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=offline_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     found = sorted((tmp / "lm_eval_out").rglob("results_*.json"))
@@ -157,7 +157,8 @@ def test_a_fixed_merge_scores_what_the_lm_eval_cli_measures_on_the_saved_folder(
 @pytest.mark.e2e
 def test_a_search_on_an_lm_eval_task_follows_its_metric_and_confirms_per_document(trajectory, tasks, tmp_path):
     """A search maximizes accuracy and minimizes word perplexity, each the best of its trials; every 4th document
-    is kept for the confirm part, whose interval the result reports; the card says what was scored."""
+    is kept for the confirm part, whose number is what the `lm_eval` CLI measures on those documents of the saved
+    merge (its own weighted perplexity, recomputed here from per-document values); the card says what was scored."""
     common = dict(lm_eval_tasks=str(tasks), trials=4, confirm_fraction=0.25, progress=False, device="cpu",
                   cache_dir=tmp_path / "cache")
     acc = hf_bomerge.search(str(trajectory), demo_steps(trajectory, 2), objective="lm-eval:tiny_mc", **common)
@@ -170,6 +171,9 @@ def test_a_search_on_an_lm_eval_task_follows_its_metric_and_confirms_per_documen
     assert ppl.objective == "lm-eval:tiny_ppl/word_perplexity/min" and ppl.loss == min(values)
     assert ppl.confirm.blocks == 3 and not ppl.confirm.higher_is_better
     assert ppl.confirm.best_baseline == min(ppl.confirm.baselines, key=ppl.confirm.baselines.get)
+    saved = ppl.save_pretrained(tmp_path / "ppl", progress=False)
+    measured = lm_eval_cli(saved, tasks, "tiny_ppl", tmp_path, "--samples", '{"tiny_ppl": [3, 7, 11]}')
+    assert ppl.confirm.loss == pytest.approx(measured["tiny_ppl"]["word_perplexity,none"], rel=1e-5)
     card = (acc.save_pretrained(tmp_path / "out", progress=False) / "README.md").read_text()
     assert "acc of the lm-eval task tiny_mc (maximized)" in card and "type: acc\n" in card
 
