@@ -238,3 +238,19 @@ def test_numbers_rescored_in_the_saved_dtype_are_the_reloaded_models(trajectory,
                              eval_dtype="float16", **common)
     assert found.loss == pytest.approx(fixed.loss, rel=1e-6)
     assert found.loss != pytest.approx(min(t.loss for t in found.trace if t.loss is not None), rel=1e-4)
+
+
+@pytest.mark.e2e
+def test_a_task_with_a_function_has_the_same_identity_in_every_process(tasks, tmp_path):
+    """A study resumes only on the same inputs: a task whose YAML names a Python function (`!function`) must give
+    the same digest in a fresh process (a function's repr holds its address, which changes)."""
+    folder = tmp_path / "fn_tasks"
+    folder.mkdir()
+    (folder / "utils.py").write_text("def keep(dataset):\n    return dataset\n")
+    (folder / "tiny_fn.yaml").write_text((tasks / "tiny_mc.yaml").read_text().replace("tiny_mc", "tiny_fn")
+                                         + "process_docs: !function utils.keep\n")
+    code = ("import sys; from pathlib import Path; from hf_bomerge.objectives.lmeval import load_tasks, tasks_digest;"
+            "print(tasks_digest(load_tasks(['tiny_fn'], Path(sys.argv[1]))['tasks'], 'acc'))")
+    digests = [subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True,
+                              env=offline_env(), timeout=300).stdout.strip() for _ in range(2)]
+    assert digests[0] == digests[1] and len(digests[0]) == 16

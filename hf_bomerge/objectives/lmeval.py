@@ -275,8 +275,15 @@ def tasks_digest(tasks: dict, metric: str) -> str:
     """A digest of the tasks' configurations and documents, and the metric: what a study resumes on."""
     h = hashlib.sha256(metric.encode())
     for name, task in tasks.items():
-        h.update(json.dumps([name, task.dump_config()], sort_keys=True, default=str).encode())
+        h.update(json.dumps([name, task.dump_config()], sort_keys=True, default=_plain).encode())
         for doc in task.eval_docs:
-            h.update(json.dumps(doc, sort_keys=True, default=str).encode())
+            h.update(json.dumps(doc, sort_keys=True, default=_plain).encode())
     return h.hexdigest()[:16]
+
+
+def _plain(value) -> str:
+    """A config's function (`!function utils.process_docs`) by its name: its repr holds an address that changes
+    with every process, and the digest must not."""
+    name = getattr(value, "__qualname__", None)
+    return f"{getattr(value, '__module__', '')}.{name}" if name else str(value)
 
