@@ -77,7 +77,7 @@ def tasks(trajectory: Path, tmp_path_factory) -> Path:
     return folder
 
 
-def cloze_rows(texts: list[str], n: int = 48) -> list[dict]:
+def cloze_rows(texts: list[str], n: int = 80) -> list[dict]:
     """`n` questions: eight words of a held-out text, then its next word or the next word of another text."""
     spans = []
     for k, text in enumerate(texts):
@@ -161,21 +161,23 @@ def test_a_search_on_an_lm_eval_task_follows_its_metric_and_confirms_per_documen
     merge (its own weighted perplexity, recomputed here from per-document values); the card says what was scored."""
     common = dict(lm_eval_tasks=str(tasks), trials=4, confirm_fraction=0.25, progress=False, device="cpu",
                   cache_dir=tmp_path / "cache")
-    acc = hf_bomerge.search(str(trajectory), demo_steps(trajectory, 2), objective="lm-eval:tiny_mc", **common)
+    acc = hf_bomerge.search(str(trajectory), demo_steps(trajectory, 2), objective="lm-eval:tiny_cloze", **common)
     values = [t.loss for t in acc.trace if t.loss is not None]
-    assert acc.objective == "lm-eval:tiny_mc/acc/max" and acc.loss == max(values)
-    assert acc.eval_questions == 18 and acc.confirm.blocks == 6 and acc.dataset == "lm-eval tiny_mc"
-    assert acc.confirm.higher_is_better and all(v * 6 == round(v * 6) for v in acc.confirm.baselines.values())
+    assert acc.objective == "lm-eval:tiny_cloze/acc/max" and acc.loss == max(values)
+    assert acc.eval_questions == 60 and acc.dataset == "lm-eval tiny_cloze"
+    assert (acc.confirm.units, acc.confirm.unit, acc.confirm.higher_is_better) == (20, "documents", True)
+    assert acc.confirm.interval is not None  # 20 documents: the bootstrap's interval is reported
+    assert all(v * 20 == round(v * 20) for v in acc.confirm.baselines.values())
     ppl = hf_bomerge.search(str(trajectory), demo_steps(trajectory, 3), objective="lm-eval:tiny_ppl", **common)
     values = [t.loss for t in ppl.trace if t.loss is not None]
     assert ppl.objective == "lm-eval:tiny_ppl/word_perplexity/min" and ppl.loss == min(values)
-    assert ppl.confirm.blocks == 3 and not ppl.confirm.higher_is_better
+    assert ppl.confirm.units == 3 and ppl.confirm.interval is None and not ppl.confirm.higher_is_better
     assert ppl.confirm.best_baseline == min(ppl.confirm.baselines, key=ppl.confirm.baselines.get)
     saved = ppl.save_pretrained(tmp_path / "ppl", progress=False)
     measured = lm_eval_cli(saved, tasks, "tiny_ppl", tmp_path, "--samples", '{"tiny_ppl": [3, 7, 11]}')
     assert ppl.confirm.loss == pytest.approx(measured["tiny_ppl"]["word_perplexity,none"], rel=1e-5)
     card = (acc.save_pretrained(tmp_path / "out", progress=False) / "README.md").read_text()
-    assert "acc of the lm-eval task tiny_mc (maximized)" in card and "type: acc\n" in card
+    assert "acc of the lm-eval task tiny_cloze (maximized)" in card and "type: acc\n" in card
 
 
 @pytest.mark.e2e
@@ -220,7 +222,7 @@ def test_the_hand_written_scorer_agrees_with_lm_eval_on_the_same_questions(traje
                                 **common)
         lm = hf_bomerge.merge(str(trajectory), steps, weights=weights, objective="lm-eval:tiny_cloze",
                               lm_eval_tasks=str(tasks), **common)
-        assert hand.eval_questions == 48 and hand.loss == lm.loss, weights
+        assert hand.eval_questions == 80 and hand.loss == lm.loss, weights
         seen.add(hand.loss)
     assert len(seen) > 1  # the revisions differ on these questions: equal numbers are not a coincidence
 

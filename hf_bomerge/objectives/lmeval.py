@@ -23,7 +23,6 @@ import difflib
 import hashlib
 import json
 import logging
-import math
 from collections.abc import Sequence
 from contextlib import contextmanager
 from functools import partial
@@ -32,6 +31,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import DataError, MissingExtraError, OptionError
 from .base import Objective, register
+from .confirm import confirm_indices
 
 if TYPE_CHECKING:
     import torch
@@ -50,17 +50,6 @@ def parse(name: str) -> tuple[list[str], str | None, str | None]:
     tasks, *rest = name.removeprefix(PREFIX).split("/")
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     return names, (rest[0] if rest else None), (rest[1] if len(rest) > 1 else None)
-
-
-def confirm_docs(n: int, fraction: float) -> list[int]:
-    """The documents of a task kept for the confirm part: the rule of the other objectives (every i where
-    ⌊(i+1)·f⌋ > ⌊i·f⌋: every 4th for 0.25), none when fewer than 2 would be kept or no search document is left.
-
-    >>> confirm_docs(8, 0.25), confirm_docs(4, 0.25), confirm_docs(8, 0.0)
-    ([3, 7], [], [])
-    """
-    picked = [i for i in range(n) if math.floor((i + 1) * fraction + 1e-9) > math.floor(i * fraction + 1e-9)]
-    return picked if fraction > 0 and 2 <= len(picked) < n else []
 
 
 @register
@@ -131,11 +120,11 @@ class LMEvalObjective(Objective):
         self.name = f"{PREFIX}{','.join(names)}/{self.metric}/{'max' if self.higher_is_better else 'min'}"
         self.dataset = f"lm-eval {', '.join(names)}"
         sizes = {t: len(task.eval_docs) for t, task in self.tasks.items()}
-        kept = {t: confirm_docs(n, confirm_fraction) for t, n in sizes.items()}
+        kept = {t: confirm_indices(n, confirm_fraction) for t, n in sizes.items()}  # every 4th, as elsewhere
         self.confirm = kept if all(kept.values()) else {}
         self.search = ({t: sorted(set(range(sizes[t])) - set(self.confirm[t])) for t in sizes}
                        if self.confirm else None)  # None: every document, as `lm_eval` scores them
-        self.confirm_size = sum(map(len, self.confirm.values()))
+        self.confirm_size, self.confirm_unit = sum(map(len, self.confirm.values())), "documents"
         self.questions = sum(sizes.values()) - self.confirm_size
         self.aggregate = {t: task.aggregation()[self.metric] for t, task in self.tasks.items()}
         self.identity = f"{tasks_digest(self.tasks, metric)}/{confirm_fraction:g}"
