@@ -200,7 +200,7 @@ def _confirm(result: MergeResult, evaluate, baselines: dict[str, list[float]], f
     check = confirm(evaluate(result.merge_weights(), CONFIRM, True),
                     {k: evaluate(w, CONFIRM, True) for k, w in baselines.items()},
                     objective.statistic, objective.higher_is_better, unit=objective.confirm_unit,
-                    max_eval_tokens=max_eval_tokens)
+                    max_eval_tokens=max_eval_tokens, remedy=objective.remedy())
     if not fallback or check.merge_wins:
         return dataclasses.replace(result, confirm=check)
     logger.warning("the merge is not better than %s on the confirm part: --fallback exports %s instead",

@@ -55,8 +55,8 @@ def document_blocks(texts: list[str], tokenizer, block: int, max_tokens: int = 1
 
 def split_by_document(docs: list[list[int]], block: int) -> tuple[torch.Tensor, list[list[int]], torch.Tensor]:
     """A search's default 3:1 split, by document: documents 3, 7, 11, … are the confirm part; when that gives
-    fewer than 20 where runs give 20 (or no document is picked), the documents cut into contiguous runs (`block` tokens at most, short
-    enough for 20 confirm runs, at least 64) and the last quarter of the runs. Returns the search
+    fewer than 20 where runs give 20 (or no document is picked), the documents cut into contiguous runs (`block`
+    tokens at most, short enough for 20 confirm runs, at least 64) and the last quarter of the runs. Returns the search
     part's full blocks, the confirm documents (or runs), and their blocks (concatenated, the last one padded)."""
     by_doc = len(docs) // 4 if len(docs) >= 8 else 0  # confirm documents 3, 7, 11, ...
     size = min(block, max(64, sum(map(len, docs)) // 4 // 20))  # runs short enough for 20 confirm runs

@@ -180,7 +180,8 @@ def test_run_shows_each_pushed_trial_then_the_result(ctx, monkeypatch, tmp_path)
     assert [a for a, k in progress[1:]] == [((1, 3),), ((2, 3),), ((3, 3),)]
     assert set(last) == set(first)  # the last yield is an API client's result: every output, none skipped
     assert last["status_md"].startswith("Done in") and last["result_state"] is result
-    assert "Merged held-out loss 2.00000" in last["summary_md"] and "`step4000` 2.25000" in last["summary_md"]
+    assert "Merged held-out loss 2.00000" in last["summary_md"]  # and how it compares, against step4000's 2.25
+    assert "better than the best single checkpoint (step4000) by 0.25000 nats/token" in last["summary_md"]
     assert list(last["baselines_df"]["model"]) == ["this merge", "step3000", "step4000", "uniform"]
     assert "base_model: org/model" in last["card_md"] and "bomerge_search.png" not in last["card_md"]
     assert last["result_json"] == {"schema": 1, "loss": 2.0} and last["search_plot"] is None

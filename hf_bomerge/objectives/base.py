@@ -99,6 +99,12 @@ class Objective(abc.ABC):
         return None
 
     @classmethod
+    def remedy(cls) -> str:
+        """What gives the confirm part more units, when they are too few for an interval ("" for the held-out
+        cap: the message then says how far to raise --max-eval-tokens)."""
+        return ""
+
+    @classmethod
     @abc.abstractmethod
     def build(cls, evaluator: Evaluator, data: HeldOutSpec, spec: str, confirm_fraction: float) -> Objective:
         """The objective of `spec` on `data`, with the evaluator's tokenizer, block and batch sizes and cache."""

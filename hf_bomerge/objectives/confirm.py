@@ -63,15 +63,21 @@ def split_documents(docs: Sequence[Sequence[int]], fraction: float, run: int) ->
     return [d for i, d in enumerate(docs) if i not in kept], [docs[i] for i in picked], "documents"
 
 
-def too_few(units: int, unit: str, tokens: int) -> str:
-    """What the summary and the card say instead of an interval from fewer than `MIN_UNITS` units.
+def too_few(units: int, unit: str, tokens: int, remedy: str = "") -> str:
+    """What the summary and the card say instead of an interval from fewer than `MIN_UNITS` units; `remedy` is
+    the objective's (`Objective.remedy`), else the held-out cap to raise.
 
     >>> too_few(8, "documents", 16384)
     'not enough held-out data for an interval (8 documents, 20 needed): raise --max-eval-tokens (now 16384) to about 40960'
     """
+    return f"not enough held-out data for an interval ({units} {unit}, {MIN_UNITS} needed): " + (
+        remedy or raise_cap(units, tokens))
+
+
+def raise_cap(units: int, tokens: int) -> str:
+    """The cap that would give about `MIN_UNITS` units, scaled from `units` read under `tokens`."""
     wanted = math.ceil(tokens * MIN_UNITS / max(units, 1) / 4096) * 4096
-    return (f"not enough held-out data for an interval ({units} {unit}, {MIN_UNITS} needed): raise --max-eval-tokens "
-            f"(now {tokens}) to about {wanted}")
+    return f"raise --max-eval-tokens (now {tokens}) to about {wanted}"
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,7 @@ class Confirmation:
     exported: str = "merge"
     unit: str = "units"
     max_eval_tokens: int = 0  # the cap the held-out data was read under (what `too_few` says to raise)
+    remedy: str = ""  # what gives more units, when the objective's data is not capped by --max-eval-tokens
 
     @property
     def verdict(self) -> str:
@@ -111,7 +118,7 @@ class Confirmation:
     @property
     def no_interval(self) -> str | None:
         """Why there is no interval (too few units, and the flag that fixes it), or None."""
-        return None if self.interval else too_few(self.units, self.unit, self.max_eval_tokens)
+        return None if self.interval else too_few(self.units, self.unit, self.max_eval_tokens, self.remedy)
 
     @property
     def delta(self) -> float:
@@ -121,7 +128,7 @@ class Confirmation:
     def as_dict(self) -> dict:
         return {"loss": self.loss, "baselines": self.baselines, "best_baseline": self.best_baseline,
                 "interval": list(self.interval) if self.interval else None, "units": self.units, "unit": self.unit,
-                "exported": self.exported, "max_eval_tokens": self.max_eval_tokens}
+                "exported": self.exported, "max_eval_tokens": self.max_eval_tokens, "remedy": self.remedy}
 
     @classmethod
     def from_dict(cls, data: dict, higher_is_better: bool = False) -> Confirmation:
@@ -130,7 +137,7 @@ class Confirmation:
         interval = tuple(data["interval"]) if data.get("interval") and units >= MIN_UNITS else None
         return cls(data["loss"], dict(data["baselines"]), data["best_baseline"], interval, units,
                    higher_is_better, data.get("exported", "merge"), data.get("unit", "blocks"),
-                   data.get("max_eval_tokens", 0))
+                   data.get("max_eval_tokens", 0), data.get("remedy", ""))
 
     def __getitem__(self, key: str):
         return self.as_dict()[key]
@@ -160,8 +167,8 @@ def mean(values: Sequence[float], idx: Sequence[int]) -> float:
 
 
 def confirm(merged: Sequence, baselines: dict[str, Sequence], statistic: Statistic = mean,
-            higher_is_better: bool = False, seed: int = 0, unit: str = "units", max_eval_tokens: int = 0
-            ) -> Confirmation:
+            higher_is_better: bool = False, seed: int = 0, unit: str = "units", max_eval_tokens: int = 0,
+            remedy: str = "") -> Confirmation:
     """Per-unit outcomes (same units, same order) of the merge and of each baseline -> a `Confirmation`: e.g.
     per-unit values with `mean` (lower is better), per-document (NLL sum, tokens) with the loss's ratio, or
     per-question predictions with a metric's `statistic` (higher is better). Each bootstrap draw resamples the
@@ -187,4 +194,4 @@ def confirm(merged: Sequence, baselines: dict[str, Sequence], statistic: Statist
         draws.sort()
         interval = draws[int(0.025 * BOOTSTRAP_SAMPLES)], draws[int(0.975 * BOOTSTRAP_SAMPLES) - 1]
     return Confirmation(statistic(merged, every), value, best, interval, n, higher_is_better, unit=unit,
-                        max_eval_tokens=max_eval_tokens)
+                        max_eval_tokens=max_eval_tokens, remedy=remedy)

@@ -89,6 +89,11 @@ class LMEvalObjective(Objective):
         return f"{parse(name)[1] or 'score'} ({'higher' if cls.higher_is_better else 'lower'} is better)"
 
     @classmethod
+    def remedy(cls) -> str:
+        return ("choose tasks with more documents (every 4th is a confirm document; --max-eval-tokens does not cap "
+                "a task), or raise --confirm-fraction")
+
+    @classmethod
     def describe(cls, name: str) -> str:
         tasks, metric, _ = parse(name)
         plural = "s" if len(tasks) > 1 else ""

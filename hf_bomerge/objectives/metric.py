@@ -39,6 +39,10 @@ class MetricObjective(Objective):
         Metric.load(spec)
 
     @classmethod
+    def remedy(cls) -> str:
+        return "add questions to the --dataset file (every 4th is a confirm question), or raise --confirm-fraction"
+
+    @classmethod
     def describe(cls, name: str) -> str:
         return f"{name} of multiple-choice questions (maximized)"
 
