@@ -15,7 +15,7 @@
    850, 1250 — WSD's last stable one — and 1600), with the search's held-out set = the other half of the held-out
    documents. On the fresh documents: the merge's gain over the latest checkpoint, over uniform and over the
    confirm part's best baseline (with a bootstrap interval over documents), and whether the verdict agreed.
-Writes the markdown to stdout and benchmarks/out/phase_bench.md, the numbers to benchmarks/out/phase_bench.json.
+Writes the markdown to stdout and benchmarks/out/phase_bench-SEEDS.md, the numbers to phase_bench-SEEDS.json.
 """
 
 from __future__ import annotations
@@ -228,6 +228,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=8, help="checkpoints per window (default 8)")
     parser.add_argument("--trials", type=int, default=20, help="the GP's budget, seeds included (default 20)")
     parser.add_argument("--no-search", action="store_true", help="the calibration scan only")
+    parser.add_argument("--scan-seeds", default=None, help="seeds to scan (default: all of --seeds; '' for none)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # 2 threads on a loaded 2-core box ran a training step ~10× slower (measured)
     import transformers
@@ -237,17 +238,20 @@ def main() -> None:
     logging.getLogger("hf_bomerge").setLevel(logging.ERROR)  # the phase notes would flood the scan
     start = time.perf_counter()
     scans, rows = {}, []
+    scanned = args.seeds if args.scan_seeds is None else args.scan_seeds
     for seed in [int(s) for s in args.seeds.split(",")]:
         p = phase_train.params(args.steps, args.interval, args.decay_start, seed)
         root = phase_train.build(OUT / "phase", p, log)
         fresh = Fresh(root, root / "constant" / f"step{args.steps}")
-        scans[seed] = scan(root, fresh, args)
+        if str(seed) in scanned.split(","):
+            scans[seed] = scan(root, fresh, args)
         if not args.no_search:
             rows += searches(root, fresh, args, seed)
     text = report(scans, rows, args, time.perf_counter() - start)
     OUT.mkdir(exist_ok=True)
-    (OUT / "phase_bench.md").write_text(text + "\n")
-    (OUT / "phase_bench.json").write_text(json.dumps({"scans": scans, "searches": rows}, indent=1) + "\n")
+    name = f"phase_bench-{args.seeds.replace(',', '_')}"
+    (OUT / f"{name}.md").write_text(text + "\n")
+    (OUT / f"{name}.json").write_text(json.dumps({"scans": scans, "searches": rows}, indent=1) + "\n")
     print(text)
 
 

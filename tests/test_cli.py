@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from hf_bomerge.cli import main
 
 JSON_KEYS = {"schema", "source", "revisions", "shas", "weights", "objective", "loss", "loss_part", "baselines",
-             "generalization", "trials", "study", "output", "eval_dtype", "confirm", "layer_weights", "duplicates"}
+             "generalization", "trials", "study", "output", "eval_dtype", "confirm", "layer_weights", "duplicates",
+             "phase"}
 
 
 def hf_bomerge(*args: str, cache: Path) -> subprocess.CompletedProcess:
