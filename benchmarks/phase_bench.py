@@ -145,6 +145,22 @@ def scan(root: Path, fresh: Fresh, args) -> list[dict]:
     return rows
 
 
+def coarse(root: Path, fresh: Fresh, args) -> list[dict]:
+    """Windows of 5 checkpoints spaced 4 and 6 intervals apart, ending at the last step: where drift, not noise,
+    dominates each update (the early check's cosine rises with spacing)."""
+    rows = []
+    for schedule in phase_train.SCHEDULES:
+        for every in (4, 6):
+            revs = window(args.steps, 5, every * args.interval)
+            folders = [root / schedule / r for r in revs]
+            latest = fresh.mean(fresh.losses(folders[-1:], [1.0]))
+            sma = fresh.mean(fresh.losses(folders, W.uniform(len(folders))))
+            rows.append({"schedule": schedule, "window": f"{revs[0]}..{revs[-1]} every {every * args.interval}",
+                         "latest": latest, "sma": sma, "gain": latest - sma, **measured_phase(root, schedule, revs)})
+            log(f"coarse {schedule} {rows[-1]['window']}: {rows[-1]}")
+    return rows
+
+
 def searches(root: Path, fresh: Fresh, args, seed: int) -> list[dict]:
     rows = []
     for schedule in phase_train.SCHEDULES:
@@ -228,6 +244,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=8, help="checkpoints per window (default 8)")
     parser.add_argument("--trials", type=int, default=20, help="the GP's budget, seeds included (default 20)")
     parser.add_argument("--no-search", action="store_true", help="the calibration scan only")
+    parser.add_argument("--coarse-only", action="store_true", help="only the coarsely spaced scan windows")
     parser.add_argument("--scan-seeds", default=None, help="seeds to scan (default: all of --seeds; '' for none)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # 2 threads on a loaded 2-core box ran a training step ~10× slower (measured)
@@ -244,12 +261,12 @@ def main() -> None:
         root = phase_train.build(OUT / "phase", p, log)
         fresh = Fresh(root, root / "constant" / f"step{args.steps}")
         if str(seed) in scanned.split(","):
-            scans[seed] = scan(root, fresh, args)
+            scans[seed] = ([] if args.coarse_only else scan(root, fresh, args)) + coarse(root, fresh, args)
         if not args.no_search:
             rows += searches(root, fresh, args, seed)
     text = report(scans, rows, args, time.perf_counter() - start)
     OUT.mkdir(exist_ok=True)
-    name = f"phase_bench-{args.seeds.replace(',', '_')}"
+    name = f"phase_bench-{args.seeds.replace(',', '_')}" + ("-coarse" if args.coarse_only else "")
     (OUT / f"{name}.md").write_text(text + "\n")
     (OUT / f"{name}.json").write_text(json.dumps({"scans": scans, "searches": rows}, indent=1) + "\n")
     print(text)

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 
 STAGES = ("stable", "decay", "early")
 DECAY_NOTE = ("The window lies in a learning-rate decay ({evidence}): merging gains are expected to be small there, "
-              "since the decay already did what averaging does (the stable-phase gain largely disappears in the "
-              "final decay: Curci et al., ACL 2026 Industry; Nemotron 3 Super, arXiv 2604.12374). Compare the merge "
-              "with the latest checkpoint; a window from the constant-learning-rate phase gains more.")
+              "and an average over much of the decay can be worse than its latest checkpoint, since the decay "
+              "already did what averaging does (the stable-phase gain largely disappears in the final decay: Curci "
+              "et al., ACL 2026 Industry; Nemotron 3 Super, arXiv 2604.12374). Compare the merge with the latest "
+              "checkpoint; a window from the constant-learning-rate phase gains more.")
 EARLY_NOTE = ("The window reaches into early training, where merging can hurt (PMA): the weights still drift one way "
               "there ({evidence}). Prefer later revisions, or check the merge against the latest checkpoint.")
 JUMP_NOTE = ("{revision} jumps relative to its neighbours: {evidence}. It may serve another revision's files (as "
