@@ -1,16 +1,18 @@
 """Merging across learning-rate phases (issue 23, items 3 and 6; benchmarks/README.md, "Merging across LR phases").
 
-    python benchmarks/phase_bench.py                 # seeds 0 and 1: about 25 minutes on 2 shared CPU cores
-    python benchmarks/phase_bench.py --seeds 0       # one training seed
+    python benchmarks/phase_bench.py                 # seeds 0 and 1, the scan on seed 0: 30–45 min from scratch
+    python benchmarks/phase_bench.py --seeds 0       # one training seed (3–10 min of it training, 14 min the rest)
+    python benchmarks/phase_bench.py --seeds 0,1 --coarse-only --no-search   # only the widely spaced windows
 
 1. Trains (benchmarks/phase_train.py, cached under benchmarks/out/phase/) the demo's tiny GPT-NeoX three times
    from the same seed: a constant learning rate, a cosine to 10% (Pythia's) and WSD (constant, then linear to 0
    over the last 20%), 1600 steps, a checkpoint every 50 with a trainer_state.json logging the learning rate.
-2. Calibration scan: for windows of `--window` checkpoints ending every 100 steps, what hf_bomerge.reading.phase
-   measures (the fitted update-norm ratio, the logged learning-rate ratio, the largest cosine of consecutive
-   updates, the stage it gives with and without the learning-rate log) beside the uniform average's gain over the
-   window's latest checkpoint on FRESH documents (held-out documents no search sees), measured independently: a
-   float64 merge in plain torch and transformers' own forward.
+2. Calibration scan (on the first seed; `--scan-seeds`): for windows of `--window` checkpoints ending every 100
+   steps, and of 5 spaced 200 and 300 steps, what hf_bomerge.reading.phase measures (the fitted update-norm
+   ratio, the logged learning-rate ratio, the largest cosine of consecutive updates, the stage it gives with and
+   without the learning-rate log) beside the uniform average's gain over the window's latest checkpoint on FRESH
+   documents (held-out documents no search sees), measured independently: a float64 merge in plain torch and
+   transformers' own forward.
 3. The product: for each schedule, `hf_bomerge.search` (the GP, its confirm verdict) on three windows (ending at
    850, 1250 — WSD's last stable one — and 1600), with the search's held-out set = the other half of the held-out
    documents. On the fresh documents: the merge's gain over the latest checkpoint, over uniform and over the

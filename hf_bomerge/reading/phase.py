@@ -10,14 +10,14 @@ HF Trainer wrote one):
   from step 250 on, 50 steps apart). Above `ALIGNED` the window warns, unless it lies in a decay (below).
 - **A learning-rate decay** (cosine, WSD; Pythia's late checkpoints lie in a cosine decay to 10%): the merge gain
   of the stable phase largely disappears there (0.002–0.08 nats/token for the uniform average over the latest
-  checkpoint in the decays trained here, 0.09–0.14 at a constant rate from step 350 on), and an average spanning much of the decay
-  loses to its latest checkpoint. Adam's update size follows the learning rate and barely moves at a constant one:
-  the fitted norm of the sampled updates, window end over start, stayed within 0.98–1.09 over the constant-LR
-  run's 8-checkpoint windows (early ones included) and 0.84–0.97 over its windows spaced 200–300 steps, and fell to
-  0.14–0.87 over the decays. So the window is a decay below `SHRUNK` (evenly spaced revisions only) — or, where
-  every revision's trainer_state.json logs the learning rate, where that falls below `LR_DECAYED` times its start.
-  A decay's steady direction also raises the cosine above (0.13–0.29 for decay windows spaced 200–300 steps):
-  a decaying window is never called early.
+  checkpoint in the decays trained here, 0.09–0.14 at a constant rate from step 350 on), and an average spanning
+  much of the decay loses to its latest checkpoint. Adam's update size follows the learning rate and barely moves
+  at a constant one: the fitted norm of the sampled updates, window end over start, stayed within 0.98–1.09 over
+  the constant-LR run's 8-checkpoint windows (early ones included) and 0.84–0.97 over its windows spaced 200–300
+  steps, and fell to 0.14–0.87 over the decays. So the window is a decay below `SHRUNK` (evenly spaced revisions
+  only) — or, where every revision's trainer_state.json logs the learning rate, where that falls below `LR_DECAYED`
+  times its start. A decay's steady direction also raises the cosine above (0.13–0.29 for decay windows spaced
+  200–300 steps): a decaying window is never called early.
 - **A discontinuity**: a revision whose sampled tensor is much farther from its neighbours than they are from each
   other (pythia-12b's step50000 serves the final model's first shard, EleutherAI/pythia#206). For an interior
   revision j the score is min(‖θⱼ − θⱼ₋₁‖, ‖θⱼ₊₁ − θⱼ‖) / ‖θⱼ₊₁ − θⱼ₋₁‖ (about 0.5 for a steady drift, 1 for noise
