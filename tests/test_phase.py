@@ -177,3 +177,28 @@ def test_a_revision_that_jumps_is_named_with_its_evidence(trajectory, run_with_i
 
     clean = merged(trajectory, "step250..step600", caplog, tmp_path)
     assert clean.phase.jumps == [] and "jumps" not in caplog.text
+
+
+def test_a_swapped_shard_is_found_even_where_the_evenly_spaced_samples_miss_it(trajectory, run_with_init, caplog,
+                                                                                 tmp_path):
+    from safetensors.torch import save_file
+
+    names = [f"step{s}" for s in range(400, 601, 50)]
+    init = _state(run_with_init / "step0")
+    run = tmp_path / "sharded"
+    for name in names:  # two shards: the head alone in the second (the largest matrix: no evenly spaced sample)
+        state = {k: v.contiguous() for k, v in _state(trajectory / name).items()}
+        if name == "step500":  # serves another checkpoint's second shard
+            state["lm_head.weight"] = init["lm_head.weight"].contiguous()
+        shutil.copytree(trajectory / name, run / name, ignore=shutil.ignore_patterns("pytorch_model.bin"))
+        files = {"model-00001-of-00002.safetensors": {k: v for k, v in state.items() if k != "lm_head.weight"},
+                 "model-00002-of-00002.safetensors": {"lm_head.weight": state["lm_head.weight"]}}
+        for file, part in files.items():
+            save_file(part, run / name / file, metadata={"format": "pt"})
+        index = {"metadata": {"total_size": sum(v.nbytes for v in state.values())},
+                 "weight_map": {k: f for f, part in files.items() for k in part}}
+        (run / name / "model.safetensors.index.json").write_text(json.dumps(index))
+    ckpts = CheckpointSet([run / n for n in names], names)
+    assert "lm_head.weight" not in phase.sample_names(ckpts)[:phase.SAMPLE_TENSORS]
+    result = merged(run, "step400..step600", caplog, tmp_path)
+    assert [(j.revision, j.tensor) for j in result.phase.jumps] == [("step500", "lm_head.weight")]
