@@ -112,7 +112,7 @@ def sample_names(ckpts, k: int = SAMPLE_TENSORS) -> list[str]:
     picked = [matrices[round(i * (len(matrices) - 1) / (k - 1))] for i in range(k)] if k > 1 else matrices[-1:]
     where = ckpts.reference.file_index
     covered = {where(n) for n in picked}
-    for name in sorted(names, key=lambda n: ckpts.infos[n].numel):
+    for name in sorted(names, key=lambda n: (len(ckpts.infos[n].shape) != 2, ckpts.infos[n].numel)):  # a matrix
         if where(name) not in covered:
             picked.append(name)
             covered.add(where(name))
