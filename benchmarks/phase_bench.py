@@ -184,9 +184,9 @@ def searches(root: Path, fresh: Fresh, args, seed: int) -> list[dict]:
             lo, hi = fresh.interval(merged, best)
             rows.append({"seed": seed, "schedule": schedule, "window": f"{revs[0]}..{revs[-1]}",
                          "stage": result.phase.stage if result.phase else None,
-                         "verdict": c.verdict if c else None, "confirm_units": c.blocks if c else 0,
+                         "verdict": c.verdict if c else None, "confirm_units": c.units if c else 0,
                          "best_baseline": c.best_baseline if c else None, "confirm_delta": c.delta if c else None,
-                         "confirm_interval": list(c.interval) if c else None,
+                         "confirm_interval": list(c.interval) if c and c.interval else None,
                          "fresh_vs_latest": fresh.mean(latest) - fresh.mean(merged),
                          "fresh_vs_uniform": fresh.mean(uniform) - fresh.mean(merged),
                          "fresh_vs_best": fresh.mean(best) - fresh.mean(merged), "fresh_interval": [lo, hi],
