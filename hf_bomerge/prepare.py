@@ -17,6 +17,7 @@ from .objectives.heldout import load_split
 from .plan import Plan, make_plan
 from .reading import phase
 from .reading.checkpoints import CheckpointSet, check_same_tokenizer
+from .reading.verdict import WindowPhase
 from .sources import Source, default_cache_dir, offline, open_source, tokenizer_files
 from .sources.revisions import resolve_revisions, thin_selection
 
@@ -37,6 +38,7 @@ class Prepared:
     rescore_mode: str = "resident"  # the plan's for the re-score in the saved dtype
     plan: Plan | None = None
     duplicates: Duplicates = Duplicates()  # revisions left out before the download: they served the same weights
+    phase: WindowPhase | None = None  # where in training the window lies, and revisions that jump (`reading.phase`)
 
 
 def resolve(source: str, revisions: str, max_checkpoints: int, token, cache_dir,
@@ -135,9 +137,9 @@ def prepare(source: str, revisions: str, max_checkpoints: int, token, cache_dir,
     if found is None:
         logger.warning("No tokenizer in %s: the merge is written without one (pass --tokenizer REPO_OR_PATH to "
                        "include one).", src.id)
-    phase.warn_if_early(ckpts, names)
+    window = phase.check(ckpts, names, folders)
     return Prepared(src, names, pins, folders, found, note, ckpts, plan.mode if plan else "resident", token,
-                    plan.rescore_mode or plan.mode if plan else "resident", plan, dups)
+                    plan.rescore_mode or plan.mode if plan else "resident", plan, dups, window)
 
 
 def has_tokenizer(folder: Path) -> bool:

@@ -92,7 +92,7 @@ def result_of(prep: Prepared, recipe: Recipe, *, storage: str | None = None, bud
                        weights=list(recipe.weights), source_kind=recipe.source_kind, dtype=recipe.dtype,
                        copied=list(recipe.copied or []), layer_weights=recipe.layer_weights,
                        layer_groups=recipe.layer_groups, duplicates=recipe.duplicates,
-                       license=prep.source.license(), workspace=workspace,
+                       license=prep.source.license(), workspace=workspace, phase=prep.phase,
                        **fields)
 
 

@@ -12,14 +12,15 @@ from .duplicates import Duplicates
 from .merging.layers import LayerGroups, LayerWeights
 from .objectives import objective_class
 from .objectives.confirm import Confirmation
+from .reading.verdict import WindowPhase
 from .specs import Recipe
 
 # 2: schema 1 + `eval_dtype`, `confirm` and `layer_weights` (README, the --json row); 3: schema 2 + `duplicates`;
 # 4: `loss_part` names what `loss` covers; `confirm` split by document: `units`/`unit` (was `blocks`), `verdict`,
-# `max_eval_tokens`, and `interval` null from fewer than 20 units (docs/reference.md).
+# `max_eval_tokens`, and `interval` null from fewer than 20 units (docs/reference.md); `phase` (the window's stage).
 SCHEMA = 4
 JSON_KEYS = ("source", "revisions", "shas", "weights", "objective", "loss", "loss_part", "baselines", "generalization",
-             "trials", "study", "output", "eval_dtype", "confirm", "layer_weights", "duplicates")
+             "trials", "study", "output", "eval_dtype", "confirm", "layer_weights", "phase", "duplicates")
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,8 @@ class MergeResult:
     layer_groups: dict | None = None
     # Revisions asked for but merged once with another: they served identical weights (`hf_bomerge.duplicates`).
     duplicates: Duplicates = field(default_factory=Duplicates)
+    # Where in training the window lies (stable, decay, early) and revisions that jump (`hf_bomerge.reading.phase`).
+    phase: WindowPhase | None = None
     # Not part of --json: what describes the merge in its card and recipe.
     source_kind: str = "hub"
     search: str | None = None
@@ -112,6 +115,7 @@ class MergeResult:
             higher = objective_class(self.objective).higher_is_better
             object.__setattr__(self, "confirm", Confirmation.from_dict(self.confirm, higher))
         object.__setattr__(self, "duplicates", Duplicates.from_dict(self.duplicates))
+        object.__setattr__(self, "phase", WindowPhase.from_dict(self.phase))
         object.__setattr__(self, "generalization", {k: g if isinstance(g, Generalization) else Generalization(**g)
                                                     for k, g in self.generalization.items()})
 
@@ -137,6 +141,7 @@ class MergeResult:
         out["confirm"] = {**self.confirm.as_dict(), "verdict": self.confirm.verdict} if self.confirm else None
         out["generalization"] = {k: g.as_dict() for k, g in self.generalization.items()}
         out["duplicates"] = self.duplicates.as_dict()
+        out["phase"] = self.phase.as_dict() if self.phase is not None else None
         return out
 
     def recipe(self) -> Recipe:

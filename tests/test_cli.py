@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from hf_bomerge.cli import main
 
 JSON_KEYS = {"schema", "source", "revisions", "shas", "weights", "objective", "loss", "loss_part", "baselines",
-             "generalization", "trials", "study", "output", "eval_dtype", "confirm", "layer_weights", "duplicates"}
+             "generalization", "trials", "study", "output", "eval_dtype", "confirm", "layer_weights", "duplicates",
+             "phase"}
 
 
 def hf_bomerge(*args: str, cache: Path) -> subprocess.CompletedProcess:
@@ -46,6 +47,7 @@ def hub_run(test_hub, tmp_path_factory):
 def test_json_summary_has_the_contract_shape(hub_run, test_hub):
     tmp, proc, summary = hub_run
     assert set(summary) == JSON_KEYS and summary["schema"] == 4  # 4: loss_part, confirm by document
+    assert summary["phase"]["stage"] in ("stable", "decay", "early") and summary["phase"]["jumps"] == []
     assert summary["layer_weights"] is None  # global weights: no depth groups
     assert summary["loss_part"] == "search" and summary["confirm"]["unit"] in ("documents", "runs")
     assert summary["source"] == test_hub.repo_id

@@ -98,6 +98,7 @@ def format_summary(result) -> str:
                   f"({row['best_single_revision']}) {row['best_single']:.5f}, uniform {row['uniform']:.5f}"]
     if result.duplicates:
         lines += ["", *result.duplicates.sentences()]
+    lines += _phase(result)
     said = comparisons(result)
     if said:
         lines += ["", *said]
@@ -107,6 +108,12 @@ def format_summary(result) -> str:
     elif c and c.verdict == "not better":
         lines.append("pass --fallback to export that baseline instead")
     return "\n".join(lines)
+
+
+def _phase(result) -> list[str]:
+    """Where in training the window lies, when it matters (a decay, early training), and revisions that jump."""
+    said = result.phase.sentences() if result.phase else []
+    return ["", *said] if said else []
 
 
 def _confirmation(result) -> list[str]:

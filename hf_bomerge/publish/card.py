@@ -86,6 +86,7 @@ def render_card(result: MergeResult, repo_id: str | None = None, license: str | 
         layer_plot=layer_plot,
         note=result.note,
         duplicates=" ".join(result.duplicates.sentences()),
+        phase=" ".join(result.phase.sentences()) if result.phase else None,
     )
 
 

@@ -84,6 +84,10 @@ class Checkpoint:
                 return f"{path} {describe_change(stamp, now)}"
         return None
 
+    def file_index(self, name: str) -> int:
+        """Which of `files` holds the tensor `name`."""
+        return self._where[name][0]
+
     def get(self, name: str) -> torch.Tensor:
         """The tensor `name`, in its stored dtype, on CPU (a view of the file's private mapping)."""
         index, offset = self._where[name]
