@@ -43,14 +43,15 @@ D = DEFAULTS  # every option's default, read from the specs' fields (`hf_bomerge
 
 def plan(source: str, revisions: str = DEFAULTS["revisions"], *, max_checkpoints: int = DEFAULTS["max_checkpoints"],
          token: str | bool | None = None, cache_dir: str | Path | None = None,
-         on_duplicate: str = D["on_duplicate"], **kwargs) -> Plan:
+         on_duplicate: str = D["on_duplicate"], config: str | None = D["config"], key_map: str | None = D["key_map"],
+         **kwargs) -> Plan:
     """What a run would download, hold in memory and write, from listings and config.json alone (revisions
     serving identical weights counted once, as a run merges them: `plan.duplicates`).
 
     >>> print(plan("EleutherAI/pythia-1b", "step100000..step143000").describe())   # doctest: +SKIP
     """
     src, names, pins, note, found = resolve(source, revisions, max_checkpoints, token, cache_dir,
-                                            on_duplicate=on_duplicate)
+                                            on_duplicate=on_duplicate, options={"config": config, "key_map": key_map})
     result = run_plan(src, names, pins, cache_dir=cache_dir, **kwargs)
     result.source, result.shas, result.note, result.duplicates = src.id, list(pins), note, found.as_dict()
     return result
@@ -72,7 +73,8 @@ def search(source: str, revisions: str = D["revisions"], *, dataset: str | None 
            lm_eval_metric: str | None = D["lm_eval_metric"], on_trial: Callable[[Trial, int, int], None] | None = None,
            confirm_fraction: float = D["confirm_fraction"], fallback: bool = D["fallback"], sampler=None,
            extra_seeds: Sequence[tuple[str, Sequence[float]]] = (), tokenizer: str | None = D["tokenizer"],
-           layer_groups: int = D["layer_groups"], on_duplicate: str = D["on_duplicate"]) -> MergeResult:
+           layer_groups: int = D["layer_groups"], on_duplicate: str = D["on_duplicate"],
+           config: str | None = D["config"], key_map: str | None = D["key_map"]) -> MergeResult:
     """Search merge weights for `revisions` of `source` with a GP on held-out loss (minimized), on lm-eval tasks
     (`objective="lm-eval:TASK[,TASK...]"`, local task YAMLs in `lm_eval_tasks`, the task's metric or
     `lm_eval_metric`, in lm-eval's direction), or on an `evaluate` metric `objective` (a name or a local path;
@@ -179,7 +181,7 @@ def search_with(source: SourceSpec, evaluation: EvalSpec = EvalSpec(),
 def _prepare(source: SourceSpec, token, cache_dir, progress: bool, planning: dict, heldout=()) -> Prepared:
     return prepare(source.source, source.revisions, source.max_checkpoints, token, cache_dir, progress, source.shas,
                    {**planning, "store_dtype": source.dtype}, heldout=heldout, tokenizer=source.tokenizer,
-                   on_duplicate=source.on_duplicate)
+                   on_duplicate=source.on_duplicate, options=source.source_options())
 
 
 def _read(evaluation: EvalSpec) -> list[HeldOutSpec]:
@@ -238,7 +240,8 @@ def merge(source: str, revisions: str = D["revisions"], *, weights: Sequence[flo
           progress: bool = True, objective: str = D["objective"], lm_eval_tasks: str | None = D["lm_eval_tasks"],
           lm_eval_metric: str | None = D["lm_eval_metric"], shas: Sequence[str] | None = None,
           tokenizer: str | None = D["tokenizer"], window: float | None = D["window"],
-          tokens_per_step: float | None = D["tokens_per_step"], on_duplicate: str = D["on_duplicate"]) -> MergeResult:
+          tokens_per_step: float | None = D["tokens_per_step"], on_duplicate: str = D["on_duplicate"],
+          config: str | None = D["config"], key_map: str | None = D["key_map"]) -> MergeResult:
     """A fixed merge (explicit `weights` or `method` sma/ema/wma/wsm-linear/wsm-cosine/wsm-sqrt), no search;
     evaluated on the held-out loss or the metric `objective` (as in `search`) unless `evaluate=False`. The
     keywords are those of `SourceSpec`, `FixedSpec` and `EvalSpec`, checked as the command line's are

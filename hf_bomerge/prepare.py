@@ -42,13 +42,15 @@ class Prepared:
 
 
 def resolve(source: str, revisions: str, max_checkpoints: int, token, cache_dir,
-            shas: Sequence[str] | None = None, on_duplicate: str | None = "merge-once"):
-    """The source, the chosen revision names (oldest first), their pins, the thinning note and the duplicates.
+            shas: Sequence[str] | None = None, on_duplicate: str | None = "merge-once",
+            options: dict | None = None):
+    """The source (opened with `options`: `SourceSpec.config`, `key_map`), the chosen revision names (oldest
+    first), their pins, the thinning note and the duplicates.
 
     Revisions serving identical weights are left out first (`hf_bomerge.duplicates`; `on_duplicate=None` keeps
     them), then a range is thinned to `max_checkpoints`: eight distinct checkpoints, not eight names of which
     some serve the same bytes."""
-    src = open_source(source, token=token, cache_dir=cache_dir)
+    src = open_source(source, token=token, cache_dir=cache_dir, **(options or {}))
     if shas is not None:  # pinned: used directly, once the source confirms they still read as recorded
         src.verify_pins(revisions.split(","), list(shas))
         return src, revisions.split(","), list(shas), None, Duplicates()
@@ -91,13 +93,14 @@ def has_bf16() -> bool:
 
 def prepare(source: str, revisions: str, max_checkpoints: int, token, cache_dir, progress: bool,
              shas: Sequence[str] | None = None, planning: dict | None = None, heldout: Sequence = (),
-             tokenizer: str | None = None, on_duplicate: str = "merge-once") -> Prepared:
+             tokenizer: str | None = None, on_duplicate: str = "merge-once", options: dict | None = None) -> Prepared:
     """Resolve the revisions (or take the pinned `shas` of a recipe), check the plan fits, download them.
 
     `heldout`: the `HeldOutSpec`s the run will load (the objective's first), checked up front when offline;
     `tokenizer`: a repo id or folder whose tokenizer is used instead of the checkpoints' own. Revisions serving
     identical weights are merged once (`hf_bomerge.duplicates`; `on_duplicate="error"` refuses them), before
-    the plan and the download. A recipe's pinned revisions are merged as recorded.
+    the plan and the download. A recipe's pinned revisions are merged as recorded. `options`: the source's
+    (`SourceSpec.source_options`).
     """
     if not progress:
         quiet_libraries()
@@ -105,7 +108,8 @@ def prepare(source: str, revisions: str, max_checkpoints: int, token, cache_dir,
     if offline.is_offline():
         check_offline(source, revisions, max_checkpoints, token, cache_dir, shas, heldout if evaluate else (),
                       tokenizer, evaluate)
-    src, names, pins, note, dups = resolve(source, revisions, max_checkpoints, token, cache_dir, shas, on_duplicate)
+    src, names, pins, note, dups = resolve(source, revisions, max_checkpoints, token, cache_dir, shas, on_duplicate,
+                                           options)
     plan = None
     if planning is not None:
         plan = run_plan(src, names, pins, cache_dir=cache_dir, **planning)

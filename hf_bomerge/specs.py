@@ -76,8 +76,10 @@ class HeldOutSpec:
 class SourceSpec:
     """The checkpoints to merge: `source` (a Hub repo id, a folder of checkpoints or a git repository) and
     `revisions` (`last:K`, `A..B`, `A,B,C`), at most `max_checkpoints` (0: no limit); `shas` pins them to
-    commits; `tokenizer` (a repo id or folder) when the source has none; `dtype` forces every merged tensor to
-    one dtype (None: each keeps its checkpoints' dtype); `trust_remote_code` runs the repo's own model code.
+    commits; `tokenizer` (a repo id or folder) when the source has none; `config` and `key_map` describe a folder
+    of distributed checkpoints (the model to evaluate with, the names of the run's tensors in it); `dtype` forces
+    every merged tensor to one dtype (None: each keeps its checkpoints' dtype); `trust_remote_code` runs the
+    repo's own model code.
 
     >>> SourceSpec("EleutherAI/pythia-160m", "last:4").max_checkpoints
     8
@@ -96,6 +98,13 @@ class SourceSpec:
     on_duplicate: str = option("merge-once", "revisions serving identical weights (same content ids, found before "
                                "any download): merge-once keeps the latest name of each group, error refuses",
                                choices=ON_DUPLICATE)
+    config: str | None = option(None, "distributed checkpoints (DCP): the HF config (a folder or config.json) of "
+                                "the model the run trains, to evaluate and save the merge with", metavar="PATH",
+                                shown="the checkpoint folder's config.json")
+    key_map: str | None = option(None, "distributed checkpoints (DCP): rules from the run's tensor names to the "
+                                 "config's (a file of `RUN_NAME = HF_NAME` lines, or accelerate, torchtitan-llama, "
+                                 "identity)", metavar="FILE_OR_NAME",
+                                 shown="accelerate for model.* keys, torchtitan-llama for torchtitan names")
 
     def __post_init__(self):
         one_of("--on-duplicate", self.on_duplicate, ON_DUPLICATE, optional=False)
@@ -104,6 +113,10 @@ class SourceSpec:
                               f"{reprlib.repr(self.revisions)}.")
         positive("--max-checkpoints", self.max_checkpoints, allow_zero=True)
         one_of("--dtype", self.dtype, MERGE_DTYPES)
+
+    def source_options(self) -> dict:
+        """The keywords a kind of source may take (`Source.options`; None: not given)."""
+        return {"config": self.config, "key_map": self.key_map}
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,8 @@ def add_output_options(p: argparse.ArgumentParser, *, dtype: bool = False) -> No
         options.add(g, "dtype")
     g.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="largest weight file written "
                    "(default: %(default)s)")
+    g.add_argument("--save-dcp", action="store_true", help="also write the merge as a distributed checkpoint in the "
+                   "run's own names (OUTPUT/dcp/, model state only), to resume training from (DCP sources)")
     g.add_argument("--push-to-hub", metavar="REPO_ID", help="publish the merged model to this Hub repo")
     g.add_argument("--private", action="store_true", help="create the Hub repo private")
     g.add_argument("--hub-revision", metavar="BRANCH", help="push to this branch (created if missing)")
@@ -56,7 +58,8 @@ def save(result, args, default_name: str, claim: bool = True):
         return None
     done = export_once(result, args.output or default_name, repo_id=args.push_to_hub, token=args.token,
                        private=args.private or None, revision=args.hub_revision, commit_message=args.commit_message,
-                       claim=claim, overwrite=args.overwrite, max_shard_size=args.max_shard_size, progress=not args.quiet)
+                       claim=claim, overwrite=args.overwrite, max_shard_size=args.max_shard_size, progress=not args.quiet,
+                       save_dcp=getattr(args, "save_dcp", False))
     if done.writer is not None:
         from ..searching.study import safe_url  # optuna: only for a search's study
 

@@ -42,6 +42,7 @@ def add_arguments(p: argparse.ArgumentParser, *, source: bool = True) -> None:
         g.add_argument("--no-eval", action="store_true", help="fixed merges: skip the held-out evaluation")
         g.add_argument("--recipe", metavar="FILE", help="the same as `hf-bomerge recipe FILE`")
     options.add(g, "tokenizer")
+    options.add(p.add_argument_group("distributed checkpoints (DCP)"), "config", "key_map")
     add_output_options(p, dtype=True)
     g = p.add_argument_group("other")
     add_device_options(g)

@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add_data_options(p.add_argument_group("held-out data (as for a run)"))
     g = p.add_argument_group("search (as for a run; each round is one study)")
     add_search_options(g, trials=dict(default=TRIALS, help="COMPLETE trials per round, seeds included"))
-    options.add(g, "ema_alpha", "tokenizer", "on_duplicate")
+    options.add(g, "ema_alpha", "tokenizer", "on_duplicate", "config", "key_map")
     g = p.add_argument_group("other")
     options.add(g, "dtype")
     g.add_argument("--max-shard-size", help=f"largest weight file written (default: {DEFAULT_MAX_SHARD_SIZE})")

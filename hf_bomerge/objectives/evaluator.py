@@ -18,7 +18,7 @@ from ..errors import BOMergeError
 from ..merging.engine import DTYPES, dtype_name
 from ..merging.mergers import ResidentMerger, StreamedMerger
 from ..prepare import Prepared, has_bf16
-from ..reading.checkpoints import CheckpointSet, check_remote_code
+from ..reading.checkpoints import CheckpointSet, check_remote_code, weight_layout
 from ..specs import EvalSpec, SourceSpec
 from . import Objective, objective_class, parallel
 from .heldout import HeldOutSpec, heldout_documents, pack, tokenizer_fingerprint
@@ -127,8 +127,12 @@ class Evaluator:
 
         hf_logging.set_verbosity_error()  # legacy Pythia buffers are "unexpected keys": expected here
         placement = self._placement(dtype, mode) if self.device_map else {}
-        self.model = AutoModelForCausalLM.from_pretrained(
-            self.prep.folders[-1], dtype=dtype, trust_remote_code=self.trust_remote_code, **placement)
+        if has_weights(self.prep.folders[-1]):
+            self.model = AutoModelForCausalLM.from_pretrained(
+                self.prep.folders[-1], dtype=dtype, trust_remote_code=self.trust_remote_code, **placement)
+        else:
+            self.model = model_from_config(self.prep.folders[-1], self.prep.ckpts, dtype, self.trust_remote_code,
+                                           placement)
         if not placement:
             self.model.to(self.device)
         _check_placement(self.model)
@@ -186,6 +190,31 @@ class Evaluator:
         share = plan.model_memory(plan.params * dtype.itemsize, mode)
         return {"device_map": self.device_map,
                 "max_memory": {(int(d[5:]) if d.startswith("cuda:") else d): b for d, b in share.items()}}
+
+
+def has_weights(folder: Path) -> bool:
+    """Whether `folder` holds transformers weights (a distributed checkpoint's view holds only its config)."""
+    return weight_layout({p.name for p in Path(folder).iterdir()}) is not None
+
+
+def model_from_config(folder: Path, ckpts: CheckpointSet, dtype: torch.dtype, trust_remote_code: bool,
+                      placement: dict) -> torch.nn.Module:
+    """The model `folder`'s config builds, its state read tensor by tensor from the latest checkpoint (a
+    distributed checkpoint has no transformers weights to `from_pretrained`). Non-persistent buffers (rotary
+    `inv_freq`) are the config's, as `from_pretrained` makes them."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if placement:
+        raise BOMergeError("--device-map is not supported for distributed checkpoints yet; evaluate on one device.")
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    state = model.state_dict()
+    with torch.no_grad():
+        for name in ckpts.infos:
+            if name in state:
+                state[name].copy_(ckpts.reference.get(name))
+                ckpts.reference.release(name)
+    return model
 
 
 def _check_placement(model: torch.nn.Module) -> None:

@@ -22,6 +22,7 @@ from ..plan import free_space, human
 from ..reading.checkpoints import CheckpointSet
 from ..sources import SIDE_FILES
 from .card import render_card
+from .dcpsave import DCP_FOLDER, check_dcp_source, write_dcp
 from .mergekit import CONFIG_FILE as MERGEKIT_FILE
 from .mergekit import mergekit_config
 from .plot import LAYER_PLOT_FILE, PLOT_FILE, plot_layer_weights, plot_search
@@ -101,13 +102,15 @@ def _write_again(storage, result: MergeResult, winner: dict, output: Path) -> bo
 
 
 def save_pretrained(result: MergeResult, output: str | Path, *, overwrite: bool = False, dtype: str | None = None,
-                    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE, progress: bool = True) -> Path:
+                    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE, progress: bool = True,
+                    save_dcp: bool = False) -> Path:
     """Write the merged model (sharded safetensors, config, tokenizer, card, recipe, mergekit config) to `output`.
 
     Everything is written to a temporary sibling folder that is renamed when complete, so `output` never
     holds half a model. An existing folder is replaced only with `overwrite=True` or when it holds an
     earlier result of the same study. Each merged tensor keeps its checkpoints' dtype unless `dtype` (or the
-    result's `dtype`) names one.
+    result's `dtype`) names one. `save_dcp`: also the merge as a distributed checkpoint in the run's names, in
+    `dcp/` (a DCP source only; `publish.dcpsave`).
 
     >>> result.save_pretrained("pythia-160m-bomerge")   # doctest: +SKIP
     """
@@ -118,6 +121,8 @@ def save_pretrained(result: MergeResult, output: str | Path, *, overwrite: bool 
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(target)
     inputs = result.workspace
+    if save_dcp:
+        check_dcp_source(inputs.folders[-1])
     ckpts = CheckpointSet(inputs.folders, result.revisions, copied=result.copied or None)
     ckpts.check_unchanged(since=inputs.stamps)  # the files the numbers came from, not a rewrite of them
     result = dataclasses.replace(result, dtype=dtype or result.dtype, output=str(target))  # what the folder holds
@@ -131,6 +136,8 @@ def save_pretrained(result: MergeResult, output: str | Path, *, overwrite: bool 
             export_merge(ckpts, result.merge_weights(), staging, dtype=DTYPES[result.dtype] if result.dtype else None,
                          max_shard_size=max_shard_size, progress=bar)
         _copy_side_files(inputs.folders[-1], inputs.tokenizer_folder, staging, result.dtype)
+        if save_dcp:
+            write_dcp(staging, inputs.folders[-1], staging / DCP_FOLDER)
         (staging / RECIPE_FILE).write_text(yaml.safe_dump(result.recipe().as_dict(), sort_keys=False))
         (staging / RESULT_FILE).write_text(json.dumps(result.summary(), indent=2) + "\n")
         (staging / MERGEKIT_FILE).write_text(mergekit_config(result, ckpts))

@@ -14,7 +14,6 @@ import ctypes.util
 import json
 import logging
 import mmap
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,8 +21,17 @@ from pathlib import Path
 import torch
 
 from ..errors import ChangedFileError, CheckpointError
-from .formats import ST_DTYPES, TensorInfo, load_bin, map_file, read_safetensors_header  # noqa: F401 - re-exported
-from .layout import WEIGHT_LAYOUTS, find_weight_files  # noqa: F401 - re-exported
+from .dcp import POINTER, DcpCheckpoint
+from .formats import (  # noqa: F401 - re-exported
+    ST_DTYPES,
+    TensorInfo,
+    describe_change,
+    file_stamp,
+    load_bin,
+    map_file,
+    read_safetensors_header,
+)
+from .layout import WEIGHT_LAYOUTS, find_weight_files, weight_layout  # noqa: F401 - re-exported
 
 _log = logging.getLogger(__name__)
 
@@ -140,26 +148,6 @@ class Checkpoint:
         return out
 
 
-def file_stamp(path: Path) -> tuple:
-    """What identifies a file's contents cheaply: (device, inode, size, mtime in ns); None fields if it is gone."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return (None, None, None, None)
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def describe_change(before, after) -> str:
-    before, after = tuple(before), tuple(after)
-    if after[2] is None:
-        return "was removed"
-    if after[:2] != before[:2]:
-        return "was replaced by another file"
-    if after[2] < before[2]:
-        return f"was truncated from {before[2]} to {after[2]} bytes"
-    return "was rewritten in place"
-
-
 _PAGE = mmap.PAGESIZE
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform == "linux" else None
 
@@ -202,6 +190,13 @@ def is_merged(info: TensorInfo) -> bool:
     return info.dtype.is_floating_point and not info.name.endswith(LEGACY_BUFFER_SUFFIXES)
 
 
+def open_checkpoint(folder: str | Path, label: str | None = None) -> Checkpoint | DcpCheckpoint:
+    """A transformers checkpoint folder, or the view a distributed-checkpoint source wrote (`dcp.POINTER`)."""
+    folder = Path(folder)
+    is_view = (folder / POINTER).is_file() and weight_layout({p.name for p in folder.iterdir()}) is None
+    return DcpCheckpoint(folder, label) if is_view else Checkpoint(folder, label)
+
+
 class CheckpointSet:
     """N checkpoints of one model, validated to share tensor names and shapes; the last is the reference.
 
@@ -215,7 +210,7 @@ class CheckpointSet:
         if not folders:
             raise CheckpointError("No checkpoints to merge.")
         labels = list(labels) if labels is not None else [Path(f).name for f in folders]
-        self.checkpoints = [Checkpoint(f, label) for f, label in zip(folders, labels)]
+        self.checkpoints = [open_checkpoint(f, label) for f, label in zip(folders, labels)]
         self.reference = self.checkpoints[-1]
         self._validate()
         skipped = sorted({name for c in self.checkpoints for name in c.skipped})

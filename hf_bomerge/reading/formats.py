@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import mmap
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,3 +134,23 @@ def map_file(path: Path) -> mmap.mmap:
     eyes, but a write only ever changes this process's copy of a page, never the file."""
     with open(path, "rb") as f:
         return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+
+
+def file_stamp(path: Path) -> tuple:
+    """What identifies a file's contents cheaply: (device, inode, size, mtime in ns); None fields if it is gone."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (None, None, None, None)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def describe_change(before, after) -> str:
+    before, after = tuple(before), tuple(after)
+    if after[2] is None:
+        return "was removed"
+    if after[:2] != before[:2]:
+        return "was replaced by another file"
+    if after[2] < before[2]:
+        return f"was truncated from {before[2]} to {after[2]} bytes"
+    return "was rewritten in place"

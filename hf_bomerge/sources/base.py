@@ -48,7 +48,8 @@ class Source(abc.ABC):
     a run does not change the run). Every other method takes a revision's name (for messages) and its pin.
 
     Each kind implements:
-    - `claims(spec)` / `open(spec, token, cache_dir)`: whether a SOURCE string names this kind, and the source.
+    - `claims(spec)` / `open(spec, token, cache_dir, **options)`: whether a SOURCE string names this kind, and the
+      source; `options` names the keywords of `SourceSpec` a kind takes (a DCP folder's `config`, `key_map`).
     - `refs()` -> {revision name: pin}: a pin is a commit id, or for plain folders a fingerprint of the weight
       files' names, sizes and mtimes; two pins are equal only if the revision's contents are.
     - `listing(name, pin)` -> {file: bytes} of the revision's top folder, without downloading anything.
@@ -73,6 +74,7 @@ class Source(abc.ABC):
     """
 
     kind: ClassVar[str]
+    options: ClassVar[frozenset[str]] = frozenset()  # keywords `open` takes beyond token and cache_dir
     refetches: ClassVar[bool] = False  # whether `fetch(force=True)` downloads a corrupt file again
     id: str
 

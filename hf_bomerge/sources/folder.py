@@ -13,7 +13,7 @@ from ..errors import CheckpointError, CorruptFileError, HubError, UnsafeFileErro
 from ..reading.formats import is_complete_safetensors
 from ..reading.layout import WEIGHT_LAYOUTS, find_weight_files, shard_names, weight_layout
 from .base import Arrival, Source, candidates, file_sha256, register, sampled_id
-from .revisions import progress_key
+from .dcp import holds_dcp
 
 
 def is_git_repository(path: Path) -> bool:
@@ -33,7 +33,7 @@ class FolderSource(Source):
     @classmethod
     def claims(cls, spec: str) -> bool:
         path = Path(spec).expanduser()
-        return path.is_dir() and not is_git_repository(path)
+        return path.is_dir() and not is_git_repository(path) and not holds_dcp(path)
 
     @classmethod
     def open(cls, spec: str, token: str | bool | None = None, cache_dir: str | Path | None = None) -> FolderSource:
@@ -127,12 +127,23 @@ def folder_incomplete(folder: Path, settle: float = 0.0) -> str:
     for weight in weights:
         if not _whole(weight):
             return f"{weight.name} is still being written"
-    if progress_key(folder.name) and folder.name.startswith("checkpoint-") and "trainer_state.json" not in files:
+    if trainer_saving(files):
         return "no trainer_state.json yet (the Trainer is still saving)"
     newest = max(max(p.stat().st_mtime, p.stat().st_ctime) for p in files.values())
     if time.time() - newest < settle:
         return "changed less than a moment ago"
     return ""
+
+
+# What only an HF Trainer writes into a checkpoint (before `trainer_state.json`, its last file). A folder without
+# them is a plain accelerate or PyTorch loop's, which never writes `trainer_state.json`: its weights, complete and
+# unchanged for `settle` seconds, are all there is to wait for.
+TRAINER_FILES = ("training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json")
+
+
+def trainer_saving(files) -> bool:
+    """Whether the folder is a Trainer checkpoint whose last file, `trainer_state.json`, is not written yet."""
+    return "trainer_state.json" not in files and any(f in TRAINER_FILES or f.startswith("rng_state_") for f in files)
 
 
 def _whole(path: Path) -> bool:
