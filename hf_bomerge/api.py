@@ -181,7 +181,7 @@ def search_with(source: SourceSpec, evaluation: EvalSpec = EvalSpec(),
 def _prepare(source: SourceSpec, token, cache_dir, progress: bool, planning: dict, heldout=()) -> Prepared:
     return prepare(source.source, source.revisions, source.max_checkpoints, token, cache_dir, progress, source.shas,
                    {**planning, "store_dtype": source.dtype}, heldout=heldout, tokenizer=source.tokenizer,
-                   on_duplicate=source.on_duplicate, options=source.source_options())
+                   on_duplicate=source.on_duplicate, options={"config": source.config, "key_map": source.key_map})
 
 
 def _read(evaluation: EvalSpec) -> list[HeldOutSpec]:

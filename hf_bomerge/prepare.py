@@ -100,7 +100,7 @@ def prepare(source: str, revisions: str, max_checkpoints: int, token, cache_dir,
     `tokenizer`: a repo id or folder whose tokenizer is used instead of the checkpoints' own. Revisions serving
     identical weights are merged once (`hf_bomerge.duplicates`; `on_duplicate="error"` refuses them), before
     the plan and the download. A recipe's pinned revisions are merged as recorded. `options`: the source's
-    (`SourceSpec.source_options`).
+    (`SourceSpec.config`, `key_map`).
     """
     if not progress:
         quiet_libraries()

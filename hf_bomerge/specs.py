@@ -98,13 +98,10 @@ class SourceSpec:
     on_duplicate: str = option("merge-once", "revisions serving identical weights (same content ids, found before "
                                "any download): merge-once keeps the latest name of each group, error refuses",
                                choices=ON_DUPLICATE)
-    config: str | None = option(None, "distributed checkpoints (DCP): the HF config (a folder or config.json) of "
-                                "the model the run trains, to evaluate and save the merge with", metavar="PATH",
-                                shown="the checkpoint folder's config.json")
-    key_map: str | None = option(None, "distributed checkpoints (DCP): rules from the run's tensor names to the "
-                                 "config's (a file of `RUN_NAME = HF_NAME` lines, or accelerate, torchtitan-llama, "
-                                 "identity)", metavar="FILE_OR_NAME",
-                                 shown="accelerate for model.* keys, torchtitan-llama for torchtitan names")
+    config: str | None = option(None, "DCP checkpoints: the HF config (folder or config.json) of the model the run "
+                                "trains", metavar="PATH", shown="the checkpoint folder's config.json")
+    key_map: str | None = option(None, "DCP checkpoints: a file of `RUN_NAME = HF_NAME` rules, or accelerate, "
+                                 "torchtitan-llama, identity", metavar="FILE_OR_NAME", shown="from the run's names")
 
     def __post_init__(self):
         one_of("--on-duplicate", self.on_duplicate, ON_DUPLICATE, optional=False)
@@ -113,10 +110,6 @@ class SourceSpec:
                               f"{reprlib.repr(self.revisions)}.")
         positive("--max-checkpoints", self.max_checkpoints, allow_zero=True)
         one_of("--dtype", self.dtype, MERGE_DTYPES)
-
-    def source_options(self) -> dict:
-        """The keywords a kind of source may take (`Source.options`; None: not given)."""
-        return {"config": self.config, "key_map": self.key_map}
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,7 @@ def test_revisions_still_being_written_are_not_ready(trajectory, tmp_path):
 
     trainer = run / "checkpoint-700"  # a Trainer checkpoint before its trainer_state.json
     shutil.copytree(trajectory / "step600", trainer)
+    (trainer / "training_args.bin").write_bytes(b"")  # what the Trainer writes beside the weights, before the state
     assert "trainer_state.json" in folder_incomplete(trainer)
     (trainer / "trainer_state.json").write_text("{}")
     assert folder_incomplete(trainer) == ""
