@@ -14,7 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="Hub repo id ORG/NAME (or a local folder / git repository)")
     options.add(p, "revisions", "max_checkpoints", "dataset", "dataset_config", "split", "eval_datasets")
     p.add_argument("--no-eval", action="store_true", help="the later run is a fixed merge with --no-eval: no dataset")
-    options.add(p, "tokenizer")
+    options.add(p, "tokenizer", "config", "key_map")
     p.add_argument("--token", help="Hub token (default: HF_TOKEN or the login cache); never printed")
     p.add_argument("--cache-dir", help="the cache the offline run will use (default: the HF cache)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     done = download(args.source, args.revisions, max_checkpoints=args.max_checkpoints, dataset=args.dataset,
                     dataset_config=args.dataset_config, split=args.split, eval_datasets=args.eval_dataset,
                     evaluate=not args.no_eval, tokenizer=args.tokenizer, token=args.token,
-                    cache_dir=args.cache_dir, progress=not args.quiet)
+                    cache_dir=args.cache_dir, progress=not args.quiet, config=args.config, key_map=args.key_map)
     print(f"downloaded {len(done.revisions)} revisions of {done.source} ({', '.join(done.revisions)})"
           + (f" and the datasets {', '.join(done.datasets)}" if done.datasets else "")
           + ". Run offline (same HF_HOME / --cache-dir) with:", file=sys.stderr)

@@ -27,6 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="a local folder must be unchanged this many seconds before it is read (default 2)")
     p.add_argument("--push-to-hub", metavar="REPO_ID", help="push each round to the branch <latest>-bomerge")
     p.add_argument("--private", action="store_true", help="create the Hub repo private")
+    p.add_argument("--save-dcp", action="store_true", help="also write each round's merge as a distributed "
+                   "checkpoint in the run's own names (<latest>/dcp/, model state only; DCP sources)")
     p.add_argument("--token", help="Hub token (default: HF_TOKEN or the login cache); never printed")
     add_data_options(p.add_argument_group("held-out data (as for a run)"))
     g = p.add_argument_group("search (as for a run; each round is one study)")
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     options.from_args(args, options.WATCH)  # every value and combination checked before anything is read or loaded
     common = dict(window=args.window, trials=args.trials, push_to_hub=args.push_to_hub, token=args.token,
                   private=args.private or None, settle=args.settle, max_shard_size=args.max_shard_size,
-                  quiet=args.quiet, storage=args.storage, cache_dir=args.cache_dir,
+                  quiet=args.quiet, storage=args.storage, cache_dir=args.cache_dir, save_dcp=args.save_dcp,
                   **{options.OPTIONS[k].keyword: getattr(args, options.OPTIONS[k].dest)
                      for k in options.WATCH if k != "trials"})
 

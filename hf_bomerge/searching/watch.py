@@ -101,7 +101,7 @@ def _say(message: str, quiet: bool) -> None:
 
 def _round(source: str, output: Path, names: list[str], previous: dict | None, *, window: int, trials: int,
            push_to_hub: str | None, private: bool | None, token, max_shard_size, quiet: bool,
-           search_kwargs: dict) -> dict:
+           search_kwargs: dict, save_dcp: bool = False) -> dict:
     from .. import api  # the pipeline (torch): only when a round runs
 
     chosen, latest = names[-window:], names[-1]
@@ -111,7 +111,7 @@ def _round(source: str, output: Path, names: list[str], previous: dict | None, *
     result = api.search(source, ",".join(chosen), max_checkpoints=0, trials=trials, extra_seeds=seeds,
                         token=token, progress=not quiet, **search_kwargs)
     folder = result.save_pretrained(output / latest, max_shard_size=max_shard_size or DEFAULT_MAX_SHARD_SIZE,
-                                    progress=not quiet)
+                                    progress=not quiet, save_dcp=save_dcp)
     result = dataclasses.replace(result, output=str(folder))
     if push_to_hub:
         url = result.push_to_hub(push_to_hub, token=token, private=private, revision=f"{latest}-bomerge",
@@ -129,7 +129,7 @@ def _round(source: str, output: Path, names: list[str], previous: dict | None, *
 def watch_once(source: str, output: str | Path, *, latest: str | None = None, window: int = 4, trials: int = TRIALS,
                push_to_hub: str | None = None, private: bool | None = None, token: str | bool | None = None,
                settle: float = 2.0, wait: float = 600.0, poll: float = 2.0, max_shard_size=None,
-               quiet: bool = True, **search_kwargs) -> dict:
+               quiet: bool = True, save_dcp: bool = False, **search_kwargs) -> dict:
     """One round: merge the `window` revisions ending at `latest` (default: the newest complete one) and
     record it in `output`; returns the ledger record (the `--json` fields plus `"latest"`). A round already
     in the ledger is not done again. `latest` still being written is waited for, up to `wait` seconds.
@@ -167,13 +167,13 @@ def watch_once(source: str, output: str | Path, *, latest: str | None = None, wi
             raise WatchError(f"{target} is the first revision of {source}: a merge needs at least 2.")
         return _round(source, output, [a.name for a in upto], ledger[-1] if ledger else None, window=window,
                       trials=trials, push_to_hub=push_to_hub, private=private, token=token,
-                      max_shard_size=max_shard_size, quiet=quiet, search_kwargs=search_kwargs)
+                      max_shard_size=max_shard_size, quiet=quiet, search_kwargs=search_kwargs, save_dcp=save_dcp)
 
 
 def watch(source: str, output: str | Path, *, window: int = 4, trials: int = TRIALS, poll: float = 60.0,
           stop_after: int | None = None, push_to_hub: str | None = None, private: bool | None = None,
           token: str | bool | None = None, settle: float = 2.0, max_shard_size=None, quiet: bool = False,
-          on_round: Callable[[dict], None] | None = None, **search_kwargs) -> list[dict]:
+          on_round: Callable[[dict], None] | None = None, save_dcp: bool = False, **search_kwargs) -> list[dict]:
     """Merge each new revision's window until stopped (Ctrl-C) or after `stop_after` rounds; returns the
     rounds this call did. Resumes after the ledger's last round: every revision after it gets its round,
     in training order; one still being written is waited for (and the ones after it with it).
@@ -206,7 +206,8 @@ def watch(source: str, output: str | Path, *, window: int = 4, trials: int = TRI
                     break
                 record = _round(source, output, [a.name for a in seen[: i + 1]], ledger[-1] if ledger else None,
                                 window=window, trials=trials, push_to_hub=push_to_hub, private=private, token=token,
-                                max_shard_size=max_shard_size, quiet=quiet, search_kwargs=search_kwargs)
+                                max_shard_size=max_shard_size, quiet=quiet, search_kwargs=search_kwargs,
+                                save_dcp=save_dcp)
                 ledger.append(record)
                 done.append(record)
                 if on_round is not None:

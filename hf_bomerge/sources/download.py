@@ -40,7 +40,8 @@ def download(source: str, revisions: str = DEFAULTS["revisions"], *,
              max_checkpoints: int = DEFAULTS["max_checkpoints"], dataset: str | None = None,
              dataset_config: str | None = None, split: str | None = None, eval_datasets: Sequence[str] = (),
              evaluate: bool = True, tokenizer: str | None = None, token: str | bool | None = None,
-             cache_dir: str | Path | None = None, progress: bool = True) -> Downloaded:
+             cache_dir: str | Path | None = None, progress: bool = True, config: str | None = None,
+             key_map: str | None = None) -> Downloaded:
     """Fetch the revisions (pinned), their tokenizer and the held-out datasets into the caches.
 
     >>> done = download("EleutherAI/pythia-160m", "last:4", dataset="Salesforce/wikitext")   # doctest: +SKIP
@@ -52,7 +53,8 @@ def download(source: str, revisions: str = DEFAULTS["revisions"], *,
                        "with a connection, without HF_HUB_OFFLINE.")
     if not progress:
         quiet_libraries()
-    src, names, pins, note, _ = resolve(source, revisions, max_checkpoints, token, cache_dir)  # duplicates once
+    src, names, pins, note, _ = resolve(source, revisions, max_checkpoints, token, cache_dir,  # duplicates once
+                                        options={"config": config, "key_map": key_map})
     if note:
         print(note, file=sys.stderr)
     folders = [src.fetch(name, pin) for name, pin in _bar(list(zip(names, pins)), "download", progress)]
@@ -73,6 +75,7 @@ def download(source: str, revisions: str = DEFAULTS["revisions"], *,
     if len(names) > 8:
         args += ["--max-checkpoints", "0"]
     args += offline.dataset_args(specs, evaluate) + (["--tokenizer", tokenizer] if tokenizer else [])
+    args += [a for flag, value in (("--config", config), ("--key-map", key_map)) if value for a in (flag, value)]
     if cache_dir:
         args += ["--cache-dir", str(cache_dir)]
     return Downloaded(src.id, list(names), list(pins), fetched, tokenizer, f"{OFFLINE_ENV} {shlex.join(args)}")
