@@ -146,6 +146,8 @@ def test_fixed_merge_matches_float64_reference_and_never_reads_the_optimizer(run
         assert torch.allclose(saved[name].double(), reference, rtol=0, atol=2e-7 * reference.abs().max().item() + 1e-9), name
     assert (out / "tokenizer.json").is_file()
     assert not (out / "dcp").exists()
+    cached = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]  # no consolidated copy: only the views
+    assert cached and all(p.suffix == ".json" for p in cached), cached
 
 
 def test_fixed_merge_loss_equals_transformers_and_a_search_runs(runs, tmp_path, capsys):
@@ -305,3 +307,16 @@ def test_crafted_offsets_are_refused(runs, tmp_path, change, error, words):
     entries, storage = read_metadata(folder)
     with pytest.raises(error, match=words):
         tensor_chunks(folder, key, entries[key], storage)
+
+
+def test_plan_and_recipe(runs, tmp_path, capsys):
+    fsdp = str(runs["fsdp"])
+    assert main([fsdp, "--revisions", "last:2", "--dry-run", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert plan["params"] == sum(v.numel() for v in runs["states"][4].values())  # from the metadata alone
+    assert plan["download_bytes"] == 0
+    out = tmp_path / "merged"
+    common = ["--quiet", "--cache-dir", str(tmp_path / "cache")]
+    assert main([fsdp, "--revisions", "last:2", "--method", "sma", "--no-eval", "--output", str(out), *common]) == 0
+    assert main(["recipe", str(out / "bomerge_recipe.yaml"), "--output", str(tmp_path / "again"), *common]) == 0
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "again" / "model.safetensors").read_bytes()
