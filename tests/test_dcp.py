@@ -320,3 +320,23 @@ def test_plan_and_recipe(runs, tmp_path, capsys):
     assert main([fsdp, "--revisions", "last:2", "--method", "sma", "--no-eval", "--output", str(out), *common]) == 0
     assert main(["recipe", str(out / "bomerge_recipe.yaml"), "--output", str(tmp_path / "again"), *common]) == 0
     assert (out / "model.safetensors").read_bytes() == (tmp_path / "again" / "model.safetensors").read_bytes()
+
+
+def test_a_watch_round_waits_for_metadata_then_merges(runs, tmp_path):
+    from hf_bomerge.errors import WatchError
+    from hf_bomerge.searching.watch import watch_once
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["fsdp"], run)
+    meta = run / "checkpoint-4" / "pytorch_model_fsdp_0" / ".metadata"
+    saved = meta.read_bytes()
+    meta.unlink()  # rank 0 is still writing: DCP writes .metadata last
+    kwargs = dict(latest="checkpoint-4", window=2, trials=3, settle=0, poll=0.1, dataset=str(runs["heldout"]),
+                  block_size=64, max_eval_tokens=512, device="cpu", cache_dir=str(tmp_path / "cache"),
+                  save_dcp=True)
+    with pytest.raises(WatchError, match=r"checkpoint-4: no \.metadata yet"):
+        watch_once(str(run), run / "bomerge", wait=0.3, **kwargs)
+    meta.write_bytes(saved)
+    record = watch_once(str(run), run / "bomerge", wait=5, **kwargs)
+    assert record["latest"] == "checkpoint-4" and record["revisions"] == ["checkpoint-3", "checkpoint-4"]
+    assert (run / "bomerge" / "checkpoint-4" / "dcp" / ".metadata").is_file()

@@ -12,6 +12,7 @@ can load with `dcp.load` (a sharded load reads only each rank's part).
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 from ..errors import OptionError
@@ -46,4 +47,6 @@ def write_dcp(model_folder: Path, view: Path, out: Path) -> None:
         if name in spec.get("transforms", {}):
             tensor = rope_from_hf(tensor, spec["transforms"][name][1]).contiguous()
         state[key] = tensor
-    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(out), single_file_per_rank=True), no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+        warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(out), single_file_per_rank=True), no_dist=True)

@@ -115,7 +115,7 @@ def tensor_chunks(folder: Path, key: str, entry, storage: dict) -> tuple[TensorI
     """The validated shape, dtype and chunks of the tensor `key` (its metadata `entry`): every file a plain file in
     `folder`, every byte range inside it, the chunks tiling the tensor exactly."""
     from torch.distributed.checkpoint.filesystem import _StorageInfo
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
 
     path = folder / METADATA
     if not isinstance(entry, TensorStorageMetadata):
@@ -125,16 +125,18 @@ def tensor_chunks(folder: Path, key: str, entry, storage: dict) -> tuple[TensorI
     dtype = getattr(entry.properties, "dtype", None)
     if dtype not in _KNOWN_DTYPES:
         raise CorruptFileError(f"{path}: tensor {key!r} has dtype {dtype!r}, which hf-bomerge does not read.")
-    by_offset = {(k.fqn, tuple(k.offset)): v for k, v in storage.items()
-                 if getattr(k, "fqn", None) == key and getattr(k, "offset", None) is not None}
+    by_offset = {tuple(k.offset): v for k, v in storage.items()
+                 if isinstance(k, MetadataIndex) and k.fqn == key and isinstance(k.offset, tuple)}
     chunks, sizes = [], {}
     for c in entry.chunks if isinstance(entry.chunks, list) else ():
+        if not isinstance(c, ChunkStorageMetadata):
+            raise CorruptFileError(f"{path}: a chunk of {key!r} is a {type(c).__name__}, not chunk metadata.")
         start = _ints(c.offsets, f"a chunk offset of {key!r}", path)
         box = _ints(c.sizes, f"a chunk size of {key!r}", path)
         if len(start) != len(shape) or len(box) != len(shape) or any(s + b > n for s, b, n in zip(start, box, shape)):
             raise CorruptFileError(f"{path}: a chunk of {key!r} (offsets {list(start)}, sizes {list(box)}) lies "
                                    f"outside the tensor's shape {list(shape)}: the metadata is corrupt or crafted.")
-        info = by_offset.get((key, start))
+        info = by_offset.get(start)
         if not isinstance(info, _StorageInfo):
             raise CorruptFileError(f"{path}: the chunk of {key!r} at {list(start)} has no storage entry.")
         file, offset, length = info.relative_path, info.offset, info.length

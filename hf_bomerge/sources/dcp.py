@@ -77,7 +77,8 @@ class DcpSource(Source):
     @classmethod
     def claims(cls, spec: str) -> bool:
         path = Path(spec).expanduser()
-        return path.is_dir() and not (path / ".git").exists() and holds_dcp(path)
+        is_git = (path / ".git").exists() or (path / "HEAD").is_file() and (path / "refs").is_dir()
+        return path.is_dir() and not is_git and holds_dcp(path)
 
     @classmethod
     def open(cls, spec: str, token: str | bool | None = None, cache_dir: str | Path | None = None,
@@ -133,7 +134,14 @@ class DcpSource(Source):
         return out
 
     def _selection(self, name: str) -> tuple[Path, dict, dict]:
-        """(the DCP folder, {HF name: run key}, {HF name: transform}) of a revision."""
+        """(the DCP folder, {HF name: run key}, {HF name: transform}) of a revision (read once per source: a
+        complete DCP checkpoint does not change)."""
+        known = vars(self).setdefault("_selected", {})
+        if name not in known:
+            known[name] = self._select(name)
+        return known[name]
+
+    def _select(self, name: str) -> tuple[Path, dict, dict]:
         folder = dcp_folder(self.path / name)
         if folder is None:
             raise HubError(f"Revision {name} of {self.id} holds no distributed checkpoint.")
