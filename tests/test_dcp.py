@@ -146,6 +146,7 @@ def test_fixed_merge_matches_float64_reference_and_never_reads_the_optimizer(run
         assert torch.allclose(saved[name].double(), reference, rtol=0, atol=2e-7 * reference.abs().max().item() + 1e-9), name
     assert (out / "tokenizer.json").is_file()
     assert not (out / "dcp").exists()
+    assert "which mergekit does not read" in (out / "mergekit_config.yml").read_text().replace("\n# ", " ")
     cached = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]  # no consolidated copy: only the views
     assert cached and all(p.suffix == ".json" for p in cached), cached
 

@@ -85,6 +85,14 @@ class DcpSource(Source):
              config: str | None = None, key_map: str | None = None) -> DcpSource:
         return cls(spec, cache_dir, config, key_map)
 
+    @classmethod
+    def mergekit_model(cls, source_id: str, sha: str, folder: Path) -> tuple[str, str | None]:
+        """mergekit reads transformers folders, not DCP: the entry names the revision's view, and the note says so."""
+        return str(Path(folder).absolute()), (
+            f"The revisions of {source_id} are distributed checkpoints (torch.distributed.checkpoint), which mergekit "
+            "does not read: these entries name the views hf-bomerge made of them (config and tokenizer only). To run "
+            "mergekit, consolidate each revision into a transformers folder first and point its entry there.")
+
     def __init__(self, path: str | Path, cache_dir=None, config: str | None = None, key_map: str | None = None):
         self.path = Path(path).resolve()
         self.id = str(self.path)
