@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from hf_bomerge.cli import main
-from hf_bomerge.errors import CorruptFileError, UnsafeFileError
+from hf_bomerge.errors import CorruptFileError, OptionError, UnsafeFileError
 from hf_bomerge.reading.dcp import read_metadata
 from hf_bomerge.reading.keymap import BUILTIN, parse_key_map, select
 from hf_bomerge.sources import arrivals, folder_incomplete, open_source
@@ -237,8 +237,10 @@ def test_key_map_rules():
     got = select(rules, ["layers.7.attention.wk.weight", "optimizer.state.x", "output.weight"], "run")
     assert got == {"model.layers.7.self_attn.k_proj.weight": ("layers.7.attention.wk.weight", "rope:num_key_value_heads"),
                    "lm_head.weight": ("output.weight", None)}
-    with pytest.raises(Exception, match="line 1"):
+    with pytest.raises(OptionError, match="line 1"):
         parse_key_map("a.* = b", "bad map")
+    with pytest.raises(OptionError, match="line 2"):
+        parse_key_map("a = b\nno equals sign here", "bad map")
 
 
 def test_watch_readiness_waits_for_metadata(runs, tmp_path):
@@ -341,3 +343,28 @@ def test_a_watch_round_waits_for_metadata_then_merges(runs, tmp_path):
     record = watch_once(str(run), run / "bomerge", wait=5, **kwargs)
     assert record["latest"] == "checkpoint-4" and record["revisions"] == ["checkpoint-3", "checkpoint-4"]
     assert (run / "bomerge" / "checkpoint-4" / "dcp" / ".metadata").is_file()
+
+
+def test_hostile_metadata_through_the_command_line(runs, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    shutil.copytree(runs["titan"], run)
+    _hostile(run / "step-3", pickle.dumps(_System()))
+    code = main([str(run), "--revisions", "step-3,step-4", "--weights", "0.5,0.5", "--no-eval", "--config",
+                 str(runs["config"]), "--output", str(tmp_path / "x"), "--quiet", "--cache-dir", str(tmp_path / "c")])
+    assert code == 2 and "unpickling it could run code" in capsys.readouterr().err
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "x").exists()
+
+
+def test_a_key_map_file(runs, tmp_path, capsys):
+    rules = tmp_path / "titan.keymap"
+    rules.write_text("# torchtitan Llama, as a file\n" + BUILTIN["torchtitan-llama"])
+    common = ["--revisions", "step-3,step-4", "--weights", "0.25,0.75", "--no-eval", "--config", str(runs["config"]),
+              "--quiet", "--cache-dir", str(tmp_path / "c")]
+    assert main([str(runs["titan"]), *common, "--key-map", str(rules), "--output", str(tmp_path / "file")]) == 0
+    assert main([str(runs["titan"]), *common, "--output", str(tmp_path / "builtin")]) == 0
+    assert (tmp_path / "file" / "model.safetensors").read_bytes() == (
+        tmp_path / "builtin" / "model.safetensors").read_bytes()
+    rules.write_text("tok_embeddings.weight model.embed_tokens.weight\n")
+    assert main([str(runs["titan"]), *common, "--key-map", str(rules), "--output", str(tmp_path / "bad")]) == 2
+    assert "line 1" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -69,9 +69,9 @@ def parse_key_map(text: str, where: str) -> list[Rule]:
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
-        run, eq, rest = line.partition("=")
-        hf, *transform = rest.split()
-        if not eq or not run.strip() or len(transform) > 1 or run.count("*") != hf.count("*") or (
+        run, _, rest = line.partition("=")
+        hf, *transform = rest.split() or [""]
+        if not hf or not run.strip() or len(transform) > 1 or run.count("*") != hf.count("*") or (
                 transform and not re.fullmatch(r"rope:[A-Za-z_]+", transform[0])):
             raise OptionError(f"{where}, line {number}: {line!r} is not a key-map rule `RUN_NAME = HF_NAME "
                               "[rope:CONFIG_FIELD]` with as many `*` on each side.")
