@@ -4,6 +4,7 @@ torchtitan's rotary layout; hostile metadata refused; readiness for `watch`."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -117,6 +118,7 @@ def dcp_load(folder: Path, like: dict, prefix: str = "") -> dict:
     return state
 
 
+@pytest.mark.e2e
 def test_really_sharded_by_two_ranks(runs):
     folder = runs["fsdp"] / "checkpoint-4" / "pytorch_model_fsdp_0"
     assert sorted(p.name for p in folder.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
@@ -125,6 +127,7 @@ def test_really_sharded_by_two_ranks(runs):
     assert [list(c.offsets) for c in chunks] == [[0, 0], [512, 0]]
 
 
+@pytest.mark.e2e
 def test_fixed_merge_matches_float64_reference_and_never_reads_the_optimizer(runs, tmp_path):
     fsdp = tmp_path / "fsdp"
     shutil.copytree(runs["fsdp"], fsdp)
@@ -151,6 +154,7 @@ def test_fixed_merge_matches_float64_reference_and_never_reads_the_optimizer(run
     assert cached and all(p.suffix == ".json" for p in cached), cached
 
 
+@pytest.mark.e2e
 def test_fixed_merge_loss_equals_transformers_and_a_search_runs(runs, tmp_path, capsys):
     out = tmp_path / "merged"
     args = [str(runs["fsdp"]), "--revisions", "last:3", "--dataset", str(runs["heldout"]), "--block-size", "64",
@@ -165,6 +169,7 @@ def test_fixed_merge_loss_equals_transformers_and_a_search_runs(runs, tmp_path, 
     assert len(found["weights"]) == 3 and found["trials"] == 5
 
 
+@pytest.mark.e2e
 def test_torchtitan_folder_with_builtin_map_gives_the_original_logits(runs, tmp_path):
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
@@ -185,6 +190,7 @@ def test_torchtitan_folder_with_builtin_map_gives_the_original_logits(runs, tmp_
     assert all(torch.equal(back[k], titan[k]) for k in titan)
 
 
+@pytest.mark.e2e
 def test_the_rotary_permutation_is_torchtitans(runs):
     """Independent of the key map: torchtitan's rotary (complex products of interleaved pairs, its
     `apply_rotary_emb`) on the torchtitan-layout weights gives the same attention scores as HF Llama's
@@ -215,6 +221,7 @@ def test_the_rotary_permutation_is_torchtitans(runs):
         assert torch.allclose(titan_scores, hf_scores, atol=1e-5)
 
 
+@pytest.mark.e2e
 def test_plain_dcp_without_config_or_map_is_refused(runs, tmp_path, capsys):
     plain = tmp_path / "run"
     shutil.copytree(runs["titan"] / "step-4", plain / "step-4")
@@ -243,6 +250,7 @@ def test_key_map_rules():
         parse_key_map("a = b\nno equals sign here", "bad map")
 
 
+@pytest.mark.e2e
 def test_watch_readiness_waits_for_metadata(runs, tmp_path):
     run = tmp_path / "fsdp"
     shutil.copytree(runs["fsdp"], run)
@@ -274,10 +282,21 @@ class _System:
         return (os.system, ("touch pwned",))
 
 
-def test_hostile_metadata_is_refused(runs, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+@pytest.fixture()
+def one_rank(tmp_path) -> Path:
+    """A small DCP checkpoint saved by one process: a model key beside an optimizer key."""
+    import torch.distributed.checkpoint as dcp
+
     folder = tmp_path / "step-4"
-    shutil.copytree(runs["titan"] / "step-4", folder)
+    with pytest.warns(UserWarning, match="single process"):
+        dcp.save({"layers.0.attention.wq.weight": torch.randn(8, 4), "optimizer.step": torch.ones(3)},
+                 checkpoint_id=str(folder))
+    return folder
+
+
+def test_hostile_metadata_is_refused(one_rank, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    folder = one_rank
     _hostile(folder, pickle.dumps(_System()))
     with pytest.raises(UnsafeFileError, match="os.system|posix.system"):
         read_metadata(folder)
@@ -289,13 +308,12 @@ def test_hostile_metadata_is_refused(runs, tmp_path, monkeypatch):
     ("path", UnsafeFileError, "not a file inside"),
     ("overlap", CorruptFileError, "do not tile"),
 ])
-def test_crafted_offsets_are_refused(runs, tmp_path, change, error, words):
+def test_crafted_offsets_are_refused(one_rank, change, error, words):
     import torch.distributed.checkpoint as dcp
 
     from hf_bomerge.reading.dcp import tensor_chunks
 
-    folder = tmp_path / "step-4"
-    shutil.copytree(runs["titan"] / "step-4", folder)
+    folder = one_rank
     meta = dcp.FileSystemReader(str(folder)).read_metadata()  # our own file: torch's unpickler is fine here
     key = "layers.0.attention.wq.weight"
     index = next(k for k in meta.storage_data if k.fqn == key)
@@ -303,15 +321,17 @@ def test_crafted_offsets_are_refused(runs, tmp_path, change, error, words):
         meta.storage_data[index].length += 10**6
     elif change == "path":
         meta.storage_data[index].relative_path = "../../etc/passwd"
-    else:
+    else:  # two half boxes, both at the top: the volume adds up, the rows 4..8 are missing
         chunks = meta.state_dict_metadata[key].chunks
-        chunks[1].offsets = chunks[0].offsets
+        chunks[0].sizes = torch.Size([4, 4])
+        chunks.append(dataclasses.replace(chunks[0]))
     (folder / ".metadata").write_bytes(pickle.dumps(meta))
     entries, storage = read_metadata(folder)
     with pytest.raises(error, match=words):
         tensor_chunks(folder, key, entries[key], storage)
 
 
+@pytest.mark.e2e
 def test_plan_and_recipe(runs, tmp_path, capsys):
     fsdp = str(runs["fsdp"])
     assert main([fsdp, "--revisions", "last:2", "--dry-run", "--json"]) == 0
@@ -325,6 +345,7 @@ def test_plan_and_recipe(runs, tmp_path, capsys):
     assert (out / "model.safetensors").read_bytes() == (tmp_path / "again" / "model.safetensors").read_bytes()
 
 
+@pytest.mark.e2e
 def test_a_watch_round_waits_for_metadata_then_merges(runs, tmp_path):
     from hf_bomerge.errors import WatchError
     from hf_bomerge.searching.watch import watch_once
@@ -345,6 +366,7 @@ def test_a_watch_round_waits_for_metadata_then_merges(runs, tmp_path):
     assert (run / "bomerge" / "checkpoint-4" / "dcp" / ".metadata").is_file()
 
 
+@pytest.mark.e2e
 def test_hostile_metadata_through_the_command_line(runs, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "run"
@@ -356,6 +378,7 @@ def test_hostile_metadata_through_the_command_line(runs, tmp_path, monkeypatch, 
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "x").exists()
 
 
+@pytest.mark.e2e
 def test_a_key_map_file(runs, tmp_path, capsys):
     rules = tmp_path / "titan.keymap"
     rules.write_text("# torchtitan Llama, as a file\n" + BUILTIN["torchtitan-llama"])
