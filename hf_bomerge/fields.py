@@ -19,6 +19,11 @@ from .errors import OptionError
 
 EVAL_DTYPES = ("float32", "float16", "bfloat16", "float64")
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+# `SourceSpec.config`, `SourceSpec.key_map`: what a folder of distributed checkpoints (DCP) needs
+DCP_CONFIG = dict(help="DCP checkpoints: the HF config (folder or config.json) of the model the run trains",
+                  metavar="PATH", shown="the checkpoint folder's config.json")
+DCP_KEY_MAP = dict(help="DCP checkpoints: a file of `RUN_NAME = HF_NAME` rules, or accelerate, torchtitan-llama, "
+                   "identity", metavar="FILE_OR_NAME", shown="from the run's names")
 
 
 def option(default: Any, help: str, **cli) -> Any:

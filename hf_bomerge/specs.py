@@ -30,7 +30,7 @@ from typing import Any
 from .defaults import DEFAULT_CONFIRM_FRACTION, DEFAULT_MAX_EVAL_TOKENS, DEFAULT_MAX_EVAL_TOKENS_CUDA, VERSION
 from .duplicates import ON_DUPLICATE, Duplicates
 from .errors import OptionError, RecipeError, StudyError
-from .fields import DEVICE_MAPS, EVAL_DTYPES, one_of, option, positive, text
+from .fields import DCP_CONFIG, DCP_KEY_MAP, DEVICE_MAPS, EVAL_DTYPES, one_of, option, positive, text
 from .merging import weights as W
 from .searching.weight_spaces import SEARCHES
 
@@ -76,10 +76,8 @@ class HeldOutSpec:
 class SourceSpec:
     """The checkpoints to merge: `source` (a Hub repo id, a folder of checkpoints or a git repository) and
     `revisions` (`last:K`, `A..B`, `A,B,C`), at most `max_checkpoints` (0: no limit); `shas` pins them to
-    commits; `tokenizer` (a repo id or folder) when the source has none; `config` and `key_map` describe a folder
-    of distributed checkpoints (the model to evaluate with, the names of the run's tensors in it); `dtype` forces
-    every merged tensor to one dtype (None: each keeps its checkpoints' dtype); `trust_remote_code` runs the
-    repo's own model code.
+    commits; `tokenizer` (a repo id or folder) when the source has none; `dtype` forces every merged tensor to
+    one dtype (None: each keeps its checkpoints' dtype); `trust_remote_code` runs the repo's own model code.
 
     >>> SourceSpec("EleutherAI/pythia-160m", "last:4").max_checkpoints
     8
@@ -98,10 +96,8 @@ class SourceSpec:
     on_duplicate: str = option("merge-once", "revisions serving identical weights (same content ids, found before "
                                "any download): merge-once keeps the latest name of each group, error refuses",
                                choices=ON_DUPLICATE)
-    config: str | None = option(None, "DCP checkpoints: the HF config (folder or config.json) of the model the run "
-                                "trains", metavar="PATH", shown="the checkpoint folder's config.json")
-    key_map: str | None = option(None, "DCP checkpoints: a file of `RUN_NAME = HF_NAME` rules, or accelerate, "
-                                 "torchtitan-llama, identity", metavar="FILE_OR_NAME", shown="from the run's names")
+    config: str | None = option(None, **DCP_CONFIG)  # a folder of distributed checkpoints: the model they train
+    key_map: str | None = option(None, **DCP_KEY_MAP)  # ... and how their tensor names map to that model's
 
     def __post_init__(self):
         one_of("--on-duplicate", self.on_duplicate, ON_DUPLICATE, optional=False)
@@ -142,10 +138,8 @@ class EvalSpec:
                                     shown="float32 on CPU, the checkpoint dtype on CUDA")
     device: str | None = option(None, "cpu, cuda, cuda:1", shown="cuda if available")
     device_map: str | None = option(None, "spread the model (and each device's share of the checkpoints) over all "
-                                    "visible GPUs with Accelerate", choices=DEVICE_MAPS,
-                                    shown="the whole model on --device")
-    max_memory: str | int | None = option(None, "memory the run may use per device, e.g. 20GB",
-                                          shown="what is free")
+                                    "visible GPUs with Accelerate", choices=DEVICE_MAPS, shown="the whole model on --device")
+    max_memory: str | int | None = option(None, "memory the run may use per device, e.g. 20GB", shown="what is free")
     confirm_fraction: float = option(DEFAULT_CONFIRM_FRACTION, "held-out blocks kept from the search to confirm "
                                      "the merge on (every 4th: 0.25; 0 = off)", type=float)
 
