@@ -235,7 +235,7 @@ class DcpCheckpoint:
     `folder` is the view a DCP source writes (`POINTER`: {"dcp": the DCP folder, "keys": {HF name: run key},
     "transforms": {HF name: ["rope", heads]}}) beside the config and tokenizer. The same interface as
     `checkpoints.Checkpoint`: `infos`, `get` (a whole tensor, assembled from its chunks and kept until `release`),
-    `release`, `prefetch`, `aliases`, `changed`, `stamps`.
+    `release`, `prefetch`, `aliases`, `file_index`, `changed`, `stamps`.
     """
 
     def __init__(self, folder: str | Path, label: str | None = None):
@@ -279,6 +279,11 @@ class DcpCheckpoint:
 
     def prefetch(self, name: str) -> None:
         advise(self.dcp, self._chunks[name])
+
+    def file_index(self, name: str) -> int:
+        """The index in `files` of the storage file holding the tensor's first chunk (a tensor spans the ranks')."""
+        chunks = self._chunks[name]
+        return self.files.index(self.dcp / chunks[0].file) if chunks else 0
 
     def aliases(self) -> dict[str, str]:
         return {}  # DCP metadata does not say which keys share storage; the source leaves tied copies out
