@@ -191,8 +191,11 @@ def _read(evaluation: EvalSpec) -> list[HeldOutSpec]:
 
 def _pins(prep: Prepared, source: SourceSpec, **fields) -> Recipe:
     """The revisions as resolved and downloaded, pinned to their commits, with the copy rule the model decided."""
+    options = {k: str(Path(v).expanduser().resolve()) if Path(v).expanduser().exists() else v
+               for k, v in (("config", source.config), ("key_map", source.key_map)) if v}  # a built-in map by name
     return Recipe(prep.source.id, list(prep.names), list(prep.shas), source_kind=prep.source.kind,
-                  dtype=source.dtype, copied=sorted(prep.ckpts.copied), duplicates=prep.duplicates, **fields)
+                  dtype=source.dtype, copied=sorted(prep.ckpts.copied), duplicates=prep.duplicates,
+                  source_options=options or None, **fields)
 
 
 def _confirm(result: MergeResult, evaluate, baselines: dict[str, list[float]], fallback: bool,

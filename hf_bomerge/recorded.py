@@ -69,7 +69,8 @@ def rebuild(recipe: Recipe, *, token, cache_dir, progress: bool) -> MergeResult:
     """A recorded merge, pinned to its commits, with its recorded copy rule (and, for a layered merge, its
     per-group weights and grouping rule, checked against these checkpoints): nothing is evaluated."""
     prep = prepare(recipe.source, ",".join(recipe.revisions), 0, token, cache_dir,
-                   progress and parallel.is_main(), recipe.shas, EvalSpec().planning(evaluate=False))
+                   progress and parallel.is_main(), recipe.shas, EvalSpec().planning(evaluate=False),
+                   options=dict(recipe.source_options or {}))
     if recipe.copied is None:  # a recipe from before the rule was recorded: derive it as a fixed merge would
         rule_from_config(prep.ckpts, prep.folders[-1])
     else:
@@ -89,7 +90,8 @@ def result_of(prep: Prepared, recipe: Recipe, *, storage: str | None = None, bud
     and `budget` locate its study)."""
     workspace = Workspace(tuple(prep.folders), prep.tokenizer_folder, prep.ckpts.stamps, storage, budget)
     return MergeResult(source=recipe.source, revisions=list(recipe.revisions), shas=list(recipe.shas),
-                       weights=list(recipe.weights), source_kind=recipe.source_kind, dtype=recipe.dtype,
+                       weights=list(recipe.weights), source_kind=recipe.source_kind,
+                       source_options=recipe.source_options, dtype=recipe.dtype,
                        copied=list(recipe.copied or []), layer_weights=recipe.layer_weights,
                        layer_groups=recipe.layer_groups, duplicates=recipe.duplicates,
                        license=prep.source.license(), workspace=workspace, phase=prep.phase,

@@ -95,6 +95,7 @@ class MergeResult:
     phase: WindowPhase | None = None
     # Not part of --json: what describes the merge in its card and recipe.
     source_kind: str = "hub"
+    source_options: dict[str, str] | None = None  # how the source was opened (a DCP folder's config, key_map)
     search: str | None = None
     dataset: str | None = None  # the held-out set's label, DATASET[:CONFIG]@SPLIT or a file name
     dataset_id: str | None = None  # a Hub dataset id (None for a local file)
@@ -150,7 +151,7 @@ class MergeResult:
         layered = self.layer_weights is not None
         return Recipe(self.source, list(self.revisions), list(self.shas), list(self.weights), self.source_kind,
                       self.dtype, sorted(self.copied), self.layer_weights, self.layer_groups if layered else None,
-                      self.duplicates)
+                      self.duplicates, self.source_options)
 
     def save_pretrained(self, output: str | Path, **kwargs) -> Path:
         """Write the merged model to `output` and return the folder (see `hf_bomerge.publish.export.save_pretrained`)."""

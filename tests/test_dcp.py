@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from hf_bomerge.cli import main
 from hf_bomerge.errors import CorruptFileError, OptionError, UnsafeFileError
@@ -188,6 +189,13 @@ def test_torchtitan_folder_with_builtin_map_gives_the_original_logits(runs, tmp_
     titan = to_titan(runs["states"][4], runs["config_obj"])
     back = dcp_load(out / "dcp", titan)
     assert all(torch.equal(back[k], titan[k]) for k in titan)
+    # the recipe records --config (and the built-in map is found again): it rebuilds the same bytes
+    assert yaml.safe_load((out / "bomerge_recipe.yaml").read_text())["source_options"] == {
+        "config": str(Path(runs["config"]).resolve())}
+    again = tmp_path / "again"
+    assert main(["recipe", str(out / "bomerge_recipe.yaml"), "--output", str(again), "--quiet",
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert (out / "model.safetensors").read_bytes() == (again / "model.safetensors").read_bytes()
 
 
 @pytest.mark.e2e
