@@ -6,7 +6,9 @@ each saved tensor is mapped back to its run key, a `rope` permutation undone, an
 `torch.distributed.checkpoint.save` in one process (`.metadata` and one `__0_0.distcp`), which any number of ranks
 can load with `dcp.load` (a sharded load reads only each rank's part).
 
->>> result.save_pretrained("merged", save_dcp=True)   # doctest: +SKIP   (merged/dcp/.metadata, __0_0.distcp)
+The files: merged/dcp/.metadata and merged/dcp/__0_0.distcp, beside the HF model.
+
+>>> result.save_pretrained("merged", save_dcp=True)   # doctest: +SKIP
 """
 
 from __future__ import annotations
