@@ -399,3 +399,20 @@ def test_a_key_map_file(runs, tmp_path, capsys):
     rules.write_text("tok_embeddings.weight model.embed_tokens.weight\n")
     assert main([str(runs["titan"]), *common, "--key-map", str(rules), "--output", str(tmp_path / "bad")]) == 2
     assert "line 1" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.e2e
+def test_a_trainer_runs_logged_learning_rate_reaches_the_phase_check(runs, tmp_path):
+    """An FSDP Trainer run's checkpoint-N/trainer_state.json (beside pytorch_model_fsdp_0) is read as a folder's is:
+    a logged decay gives the decay note's evidence."""
+    import hf_bomerge
+
+    run = tmp_path / "fsdp"
+    shutil.copytree(runs["fsdp"], run)
+    for k, step in enumerate((2, 3, 4)):
+        history = [{"learning_rate": 1e-3 * (1 - 0.3 * i), "loss": 4.0, "step": i + 1} for i in range(k + 2)]
+        (run / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+    result = hf_bomerge.merge(str(run), "last:3", method="sma", evaluate=False, cache_dir=tmp_path / "cache",
+                              progress=False)
+    rates = result.phase.learning_rates
+    assert result.phase.stage == "decay" and rates and rates[-1] < rates[0] and "trainer_state.json" in result.phase.evidence

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from ..errors import CheckpointError, CorruptFileError, HubError, OptionError, UnsafeFileError
+from ..reading import trainer_state
 from ..reading.dcp import METADATA, POINTER, is_dcp_folder, read_metadata, tensor_chunks
 from ..reading.keymap import load_key_map, resolve_transforms, select
 from .base import SIDE_FILES, Arrival, Source, candidates, default_cache_dir, file_sha256, register, sampled_id
@@ -188,7 +189,8 @@ class DcpSource(Source):
         return (self._side_folder(name) / file).read_bytes()
 
     def fetch(self, name: str, pin: str, force: bool = False) -> Path:
-        """The revision's view in the cache: config, generation config and tokenizer copied, `POINTER` written."""
+        """The revision's view in the cache: config, generation config, tokenizer and the Trainer's
+        `trainer_state.json` copied, `POINTER` written."""
         view = self.cache / name
         pointer = view / POINTER
         if not force and pointer.is_file() and json.loads(pointer.read_text()).get("pin") == pin:
@@ -200,6 +202,9 @@ class DcpSource(Source):
         for f in SIDE_FILES:
             if (side / f).is_file():
                 shutil.copyfile(side / f, staging / f)
+        state = side / trainer_state.NAME  # the Trainer's log: the learning rate the phase check reads
+        if state.is_file() and state.stat().st_size <= trainer_state.MAX_BYTES:
+            shutil.copyfile(state, staging / trainer_state.NAME)
         shutil.copyfile(self._config_file(name), staging / "config.json")
         (staging / POINTER).write_text(json.dumps({"pin": pin, "dcp": str(folder), "keys": keys,
                                                    "transforms": transforms}, indent=1))
