@@ -27,6 +27,7 @@ from .formats import (  # noqa: F401 - re-exported
     TensorInfo,
     describe_change,
     file_stamp,
+    first_change,
     load_bin,
     map_file,
     read_safetensors_header,
@@ -86,11 +87,7 @@ class Checkpoint:
 
     def changed(self) -> str | None:
         """How a weight file differs from when it was opened (rewritten, truncated, replaced), or None."""
-        for path, stamp in self.stamps.items():
-            now = file_stamp(Path(path))
-            if now != stamp:
-                return f"{path} {describe_change(stamp, now)}"
-        return None
+        return first_change(self.stamps)
 
     def file_index(self, name: str) -> int:
         """Which of `files` holds the tensor `name`."""

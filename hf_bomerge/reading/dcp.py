@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, CorruptFileError, UnsafeFileError
-from .formats import ST_DTYPES, TensorInfo, describe_change, file_stamp
+from .formats import ST_DTYPES, TensorInfo, file_stamp, first_change
 from .keymap import rope_to_hf
 from .layout import unsafe_reason
 
@@ -260,11 +260,7 @@ class DcpCheckpoint:
         self._kept: dict[str, torch.Tensor] = {}
 
     def changed(self) -> str | None:
-        for path, stamp in self.stamps.items():
-            now = file_stamp(Path(path))
-            if now != stamp:
-                return f"{path} {describe_change(stamp, now)}"
-        return None
+        return first_change(self.stamps)
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self._kept:

@@ -145,6 +145,15 @@ def file_stamp(path: Path) -> tuple:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+def first_change(stamps: dict[str, tuple]) -> str | None:
+    """How the first file of `stamps` ({path: `file_stamp`}) differs from when it was stamped, or None."""
+    for path, stamp in stamps.items():
+        now = file_stamp(Path(path))
+        if now != stamp:
+            return f"{path} {describe_change(stamp, now)}"
+    return None
+
+
 def describe_change(before, after) -> str:
     before, after = tuple(before), tuple(after)
     if after[2] is None:

@@ -11,6 +11,7 @@ import abc
 import hashlib
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -242,6 +243,16 @@ def sampled_id(path: Path, blocks: int = 16, size: int = 1 << 16) -> str:
             f.seek(max(0, (total - size) * k // max(blocks - 1, 1)))
             digest.update(f.read(size))
     return "sampled:" + digest.hexdigest()
+
+
+def local_content_ids(paths: list[dict[str, Path]]) -> list[dict[str, str]]:
+    """Each revision's {weight file: content id} for files on this machine: a sampled id (`sampled_id`: 1 MiB read
+    per file), and the full sha256 only where two files' sampled ids agree: hashing every checkpoint whole cost
+    more than the merge itself (2.4 s of a 3.65 GB run)."""
+    sampled = [{f: sampled_id(path) for f, path in files.items()} for files in paths]
+    seen = Counter(i for ids in sampled for i in ids.values())
+    return [{f: file_sha256(files[f]) if seen[i] > 1 else i for f, i in ids.items()}
+            for files, ids in zip(paths, sampled)]
 
 
 def file_sha256(path: Path) -> str:

@@ -25,7 +25,7 @@ from ..errors import CheckpointError, CorruptFileError, HubError, OptionError, U
 from ..reading import trainer_state
 from ..reading.dcp import METADATA, POINTER, is_dcp_folder, read_metadata, tensor_chunks
 from ..reading.keymap import load_key_map, resolve_transforms, select
-from .base import SIDE_FILES, Arrival, Source, candidates, default_cache_dir, file_sha256, register, sampled_id
+from .base import SIDE_FILES, Arrival, Source, candidates, default_cache_dir, local_content_ids, register
 
 DCP_SUBFOLDERS = ("pytorch_model_fsdp_0", "model_and_optim", "model")  # accelerate FSDP, OLMo-core, others
 
@@ -230,14 +230,8 @@ class DcpSource(Source):
 
     def all_content_ids(self, names: list[str], pins: list[str]) -> list[dict[str, str]]:
         """Each storage file by a sampled id, and by its sha256 where two samples agree (as a plain folder)."""
-        paths = [{f: dcp_folder(self.path / n) / f for f in self.weight_sizes(n, p)} for n, p in zip(names, pins)]
-        sampled = [{f: sampled_id(path) for f, path in files.items()} for files in paths]
-        seen: dict[str, int] = {}
-        for ids in sampled:
-            for i in ids.values():
-                seen[i] = seen.get(i, 0) + 1
-        return [{f: file_sha256(files[f]) if seen[i] > 1 else i for f, i in ids.items()}
-                for files, ids in zip(paths, sampled)]
+        return local_content_ids([{f: dcp_folder(self.path / n) / f for f in self.weight_sizes(n, p)}
+                                  for n, p in zip(names, pins)])
 
     def content_ids(self, name: str, pin: str) -> dict[str, str]:
         return self.all_content_ids([name], [pin])[0]

@@ -6,13 +6,12 @@ from __future__ import annotations
 import hashlib
 import time
 import zipfile
-from collections import Counter
 from pathlib import Path
 
 from ..errors import CheckpointError, CorruptFileError, HubError, UnsafeFileError
 from ..reading.formats import is_complete_safetensors
 from ..reading.layout import WEIGHT_LAYOUTS, find_weight_files, shard_names, weight_layout
-from .base import Arrival, Source, candidates, file_sha256, register, sampled_id
+from .base import Arrival, Source, candidates, local_content_ids, register
 from .dcp import holds_dcp
 
 
@@ -66,14 +65,8 @@ class FolderSource(Source):
         return self.path / name
 
     def all_content_ids(self, names: list[str], pins: list[str]) -> list[dict[str, str]]:
-        """Each weight file by a sampled id (`sampled_id`: 1 MiB read per file), and by its full sha256 only where
-        two files' sampled ids agree: hashing every checkpoint whole cost more than the merge itself (2.4 s of a
-        3.65 GB run)."""
-        paths = [{f: self.path / n / f for f in self.weight_sizes(n, p)} for n, p in zip(names, pins)]
-        sampled = [{f: sampled_id(path) for f, path in files.items()} for files in paths]
-        seen = Counter(i for ids in sampled for i in ids.values())
-        return [{f: file_sha256(files[f]) if seen[i] > 1 else i for f, i in ids.items()}
-                for files, ids in zip(paths, sampled)]
+        """Each weight file by a sampled id, hashed whole only where two agree (`local_content_ids`)."""
+        return local_content_ids([{f: self.path / n / f for f in self.weight_sizes(n, p)} for n, p in zip(names, pins)])
 
     def verify_pins(self, names: list[str], shas: list[str]) -> None:
         """A folder's pins are fingerprints of its files: a recorded one must still match."""
